@@ -1,0 +1,167 @@
+"""``dataflex-cli``: train with dynamic data selection, export, list components, show versions."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .errors import ConfigError, DataFlexError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Dynamic training-data selection for LLaMA-Factory supervised fine-tuning.",
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"dataflex-cli: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(config: str, overrides: list[str], env: dict[str, str], device_count: int) -> list[str]:
+    """The torchrun command ``llamafactory-cli`` would build, pointed at ``dataflex.launcher``.
+
+    Honours NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (and RDZV_ID, MIN_NNODES,
+    MAX_NNODES, MAX_RESTARTS for elastic jobs). Arguments are passed as a list, so values with
+    spaces survive.
+    """
+    nproc = env.get("NPROC_PER_NODE") or (str(device_count) if device_count > 0 else None)
+    if nproc is None:
+        raise ConfigError("FORCE_TORCHRUN=1 but no accelerator was found: set NPROC_PER_NODE "
+                          "(e.g. NPROC_PER_NODE=2 for two CPU processes)")
+    nnodes = env.get("NNODES", "1")
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    port = env.get("MASTER_PORT") or str(_free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if env.get("RDZV_ID"):
+        rdzv_nnodes = nnodes
+        if env.get("MIN_NNODES") and env.get("MAX_NNODES"):
+            rdzv_nnodes = f"{env['MIN_NNODES']}:{env['MAX_NNODES']}"
+        cmd += ["--nnodes", rdzv_nnodes, "--nproc-per-node", nproc, "--rdzv-id", env["RDZV_ID"],
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}",
+                "--max-restarts", env.get("MAX_RESTARTS", "0")]
+    else:
+        cmd += ["--nnodes", nnodes, "--node_rank", env.get("NODE_RANK", "0"), "--nproc_per_node", nproc,
+                "--master_addr", addr, "--master_port", port]
+    return cmd + ["-m", "dataflex.launcher", config, *overrides]
+
+
+@app.command(context_settings=_EXTRA)
+def train(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="LLaMA-Factory training YAML (plus DataFlex keys)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for configuration errors."),
+) -> None:
+    """Train like `llamafactory-cli train CONFIG [key=value ...]`, with dynamic data selection.
+
+    Multi-process: with FORCE_TORCHRUN=1 (or several visible accelerators) the run is launched with
+    torchrun, honouring NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT.
+    """
+    from .log import setup_logging
+
+    overrides = list(ctx.args)
+    setup_logging()
+    try:
+        from . import integration
+        from .launcher import prepare
+
+        cfg = prepare(config, overrides)
+        plan = integration.launch_plan()
+        if plan["force_torchrun"] or (plan["device_count"] > 1 and not plan["ray_or_kt"]):
+            cmd = torchrun_command(str(config), overrides, dict(os.environ), plan["device_count"])
+            typer.echo(f"[DataFlex] launching: {' '.join(cmd[2:])}", err=True)
+            code = subprocess.run(cmd, env=dict(os.environ)).returncode
+            if code != 0:
+                _fail(f"training failed in a worker process (exit code {code}); see the messages above", code)
+            return
+        integration.run_train(cfg)
+    except (DataFlexError, ValueError, FileNotFoundError) as err:
+        if debug:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "" if isinstance(err, ConfigError) else "  (--debug shows the traceback)"
+        _fail(first + hint)
+
+
+@app.command(context_settings=_EXTRA)
+def export(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="LLaMA-Factory export YAML (model + adapter + export_dir)."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+) -> None:
+    """Merge a LoRA adapter into its base model: hands over to LLaMA-Factory's export unchanged."""
+    try:
+        from .args import read_config
+        from .integration import run_export
+
+        run_export(read_config(config, list(ctx.args)))
+    except (DataFlexError, ValueError, FileNotFoundError) as err:
+        if debug:
+            raise
+        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+
+
+@app.command("list")
+def list_components(
+    components: Optional[Path] = typer.Option(None, "--components", "-c", help="A components YAML (default: packaged)."),
+) -> None:
+    """Show the selectors with their parameters and defaults, and the components of a file."""
+    from .components import PACKAGED_COMPONENTS, load_components, resolve_components_path
+    from .selectors import SELECTORS
+
+    typer.echo("Selectors (component `name:`) and their params:")
+    for name in sorted(SELECTORS):
+        cls = SELECTORS[name]
+        extra = " [needs eval_dataset]" if cls.needs_eval else ""
+        typer.echo(f"\n  {name}: {cls.summary}{extra}")
+        for pname, ptype, default, helptext in cls.Params.describe():
+            typer.echo(f"    {pname:<20} {ptype:<24} default {default!r:<14} {helptext}")
+    try:
+        path = resolve_components_path(str(components) if components else None)
+        specs = load_components(path)
+    except ConfigError as err:
+        _fail(str(err))
+    label = "packaged" if path == PACKAGED_COMPONENTS else "from"
+    typer.echo(f"\nComponents ({label} {path}):")
+    for key, spec in specs.items():
+        typer.echo(f"  {key:<20} name: {spec.selector:<12} params: {spec.params}")
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of DataFlex and the libraries it drives."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    typer.echo(f"dataflex {__version__}")
+    for pkg in ("llamafactory", "transformers", "peft", "torch", "accelerate", "deepspeed"):
+        try:
+            typer.echo(f"{pkg} {pkg_version(pkg)}")
+        except PackageNotFoundError:
+            typer.echo(f"{pkg} (not installed)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The only module that touches LLaMA-Factory internals (0.9.5).
+
+Two patches, applied by :func:`install` in every process (torchrun children re-import
+everything, so the launcher module installs them too):
+
+1. ``llamafactory.hparams.parser._TRAIN_ARGS``: LLaMA-Factory's ``FinetuningArguments`` is
+   replaced by a subclass carrying DataFlex's keys, so they are parsed - and unknown keys are
+   still rejected - by LLaMA-Factory's own ``HfArgumentParser``.
+2. ``llamafactory.train.sft.workflow.CustomSeq2SeqTrainer``: the SFT workflow builds our
+   trainer when ``train_type`` is set, and LLaMA-Factory's own trainer otherwise.
+
+A LLaMA-Factory upgrade that renames these is a change to this file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .args import DataFlexArguments
+
+_INSTALLED = False
+
+
+def _classes():
+    from llamafactory.hparams.finetuning_args import FinetuningArguments
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    return FinetuningArguments, CustomSeq2SeqTrainer
+
+
+def _build_types():
+    FinetuningArguments, CustomSeq2SeqTrainer = _classes()
+    from .trainer import DynamicSelectMixin
+
+    @dataclass
+    class DataFlexFinetuningArguments(FinetuningArguments, DataFlexArguments):
+        """LLaMA-Factory's finetuning arguments plus DataFlex's keys."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.check_dataflex_args()
+
+    class DataFlexSeq2SeqTrainer(DynamicSelectMixin, CustomSeq2SeqTrainer):
+        """LLaMA-Factory's SFT trainer fed by DataFlex's selection schedule."""
+
+    return DataFlexFinetuningArguments, DataFlexSeq2SeqTrainer, CustomSeq2SeqTrainer
+
+
+def install() -> None:
+    """Patch LLaMA-Factory in this process (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    import llamafactory.hparams.parser as parser
+    import llamafactory.train.sft.workflow as workflow
+
+    args_cls, trainer_cls, original = _build_types()
+    parser._TRAIN_ARGS[:] = [args_cls if cls.__name__ == "FinetuningArguments" else cls for cls in parser._TRAIN_ARGS]
+
+    def make_trainer(*args: Any, finetuning_args: Any, **kwargs: Any):
+        cls = trainer_cls if getattr(finetuning_args, "train_type", None) else original
+        return cls(*args, finetuning_args=finetuning_args, **kwargs)
+
+    workflow.CustomSeq2SeqTrainer = make_trainer
+    _INSTALLED = True
+
+
+def known_train_keys() -> set[str]:
+    """Every key LLaMA-Factory's train parser accepts once DataFlex is installed."""
+    import llamafactory.hparams.parser as parser
+
+    install()
+    return {f.name for cls in parser._TRAIN_ARGS for f in dataclasses.fields(cls) if f.init}
+
+
+def run_train(cfg: dict[str, Any]) -> None:
+    """Run LLaMA-Factory's training entry point on an already-validated config dict."""
+    install()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args=cfg)
+
+
+def run_export(cfg: dict[str, Any]) -> None:
+    from llamafactory.train.tuner import export_model
+
+    export_model(args=cfg)
+
+
+def launch_plan() -> dict[str, Any]:
+    """What ``llamafactory-cli train`` would decide about distributed launching, in this environment."""
+    from llamafactory.extras.misc import get_device_count, is_env_enabled, use_kt, use_ray
+
+    return {
+        "force_torchrun": is_env_enabled("FORCE_TORCHRUN"),
+        "device_count": get_device_count(),
+        "ray_or_kt": use_ray() or use_kt(),
+    }
+
+
+def registered_datasets(dataset_dir: str) -> set[str] | None:
+    """Names in ``{dataset_dir}/dataset_info.json``, or None when there is no such file."""
+    import json
+    import os
+
+    path = os.path.join(dataset_dir, "dataset_info.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return set(json.load(fh))

@@ -1,0 +1,336 @@
+"""The dynamic-selection trainer: feeds the schedule's samples to an unchanged HF training loop.
+
+How it hooks in, without copying ``Trainer._inner_training_loop``:
+
+* ``get_train_dataloader`` returns a loader of *slots* - plain integers ``step * GA + micro`` - of
+  length ``total_steps * GA``. Transformers counts steps, skips batches on resume and prefetches
+  from it as usual; a slot carries no data, so prefetching cannot run ahead of a selection.
+* ``get_batch_samples`` (called once per optimizer step, after the previous optimizer step) turns
+  the slots of the coming step into real batches. When the step starts a selection stretch, the
+  selector runs first - with the model exactly as it is after the last optimizer step. All ranks
+  take part; rank 0's decision is broadcast; each rank then collates its share of the step's
+  indices (:func:`dataflex.schedule.rank_micro_batch`).
+* ``training_step`` strips the sample ids that travel with each batch (and traces them when
+  ``DATAFLEX_TRACE_DIR`` is set, for tests and debugging).
+
+The mixin is combined with LLaMA-Factory's trainer class in :mod:`dataflex.integration`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .components import build_selector, get_component
+from .errors import SelectionError
+from .records import fingerprint, load_record, write_record
+from .schedule import Schedule, Stretch, rank_micro_batch
+from .scoring.distributed import all_gather_object, broadcast_object
+from .selectors.base import SelectionContext, SelectionResult, uniform_draw
+
+logger = logging.getLogger("dataflex")
+
+INDEX_KEY = "dataflex_index"
+TRACE_ENV = "DATAFLEX_TRACE_DIR"
+FAULT_ENV = "DATAFLEX_TEST_FAIL_SELECTION"  # test-only: "rank:selection" makes that selection raise
+
+
+def derive_seed(seed: int, *tags: Any) -> int:
+    """A 63-bit seed derived from the run's seed and a purpose, stable across Python runs."""
+    text = ":".join(str(t) for t in (seed, *tags))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def seeded_generator(seed: int, *tags: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, *tags))
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
+
+
+def dataset_digest(dataset: Any) -> dict[str, Any]:
+    """Identify a tokenized dataset cheaply: its size, all row lengths, and a sample of rows."""
+    if dataset is None:
+        return {}
+    if isinstance(dataset, dict):  # several eval sets
+        return {k: dataset_digest(v) for k, v in sorted(dataset.items())}
+    n = len(dataset)
+    h = hashlib.sha256()
+    try:  # Arrow-backed datasets.Dataset: row lengths without materialising the tokens
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(dataset.data.column("input_ids"))
+        h.update(lengths.to_numpy(zero_copy_only=False).astype("int64").tobytes())
+    except Exception:  # noqa: BLE001 - any other dataset type: lengths row by row
+        for i in range(n):
+            h.update(len(dataset[i]["input_ids"]).to_bytes(4, "little"))
+    for i in sorted({(j * max(n - 1, 0)) // 63 for j in range(64)} if n else set()):
+        row = dataset[i]
+        h.update(json.dumps([row.get("input_ids"), row.get("labels")]).encode())
+    return {"size": n, "sha256": h.hexdigest()[:16]}
+
+
+class DynamicSelectMixin:
+    """Mixed in front of a HF ``Trainer`` subclass that has ``finetuning_args`` (LLaMA-Factory's)."""
+
+    # ------------------------------------------------------------------ setup
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        fa, targs = self.finetuning_args, self.args
+        self.df_spec = get_component(fa.components_cfg_file, fa.component_name)
+        self.df_selector = build_selector(self.df_spec)
+        self.df_world = targs.world_size
+        self.df_rank = targs.process_index
+        self.df_per_device = targs.per_device_train_batch_size
+        self.df_ga = targs.gradient_accumulation_steps
+        global_batch = self.df_per_device * self.df_ga * self.df_world
+        self.df_schedule = Schedule.build(
+            fa.warmup_step, fa.update_step, fa.update_times, global_batch, targs.num_train_epochs, targs.max_steps
+        )
+        targs.max_steps = self.df_schedule.total_steps  # the LR schedule spans exactly the schedule
+        self.df_cache_dir = self.df_selector.params.cache_dir or os.path.join(targs.output_dir, "dataflex")
+
+        self.df_train, self.df_collator = self._df_prepare(self.train_dataset, "training")
+        self.df_eval = None
+        if self.eval_dataset is not None:
+            ev = self.eval_dataset
+            if isinstance(ev, dict):  # several eval sets: selectors score against all of them together
+                from datasets import concatenate_datasets
+
+                ev = concatenate_datasets(list(ev.values()))
+            self.df_eval, _ = self._df_prepare(ev, "evaluation")
+
+        self.df_fingerprint = fingerprint(self._df_fingerprint_payload())
+        self.df_stretch: Stretch | None = None
+        self.df_indices: list[int] = []
+        self.df_resuming: bool | None = None
+        self.df_selection_seconds = 0.0
+        self.df_history: list[dict[str, Any]] = []
+        trace_dir = os.environ.get(TRACE_ENV)
+        self.df_trace = Path(trace_dir) / f"trace_rank{self.df_rank}.jsonl" if trace_dir else None
+        if self.df_rank == 0:
+            logger.info(
+                "[DataFlex] component '%s' (selector '%s'), params %s", self.df_spec.key, self.df_spec.selector,
+                {k: v for k, v in self.df_selector.params.to_dict().items() if v is not None},
+            )
+            logger.info("[DataFlex] schedule: %s", self.df_schedule.describe())
+            logger.info("[DataFlex] selection records: %s (run fingerprint %s)", self.df_cache_dir, self.df_fingerprint)
+
+    def _df_prepare(self, dataset: Any, description: str) -> tuple[Any, Any]:
+        """The dataset and collator the training dataloader would use (unused columns removed)."""
+        import datasets
+
+        collator = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(self.data_collator, description=description)
+        return dataset, collator
+
+    def _df_fingerprint_payload(self) -> dict[str, Any]:
+        model = self.model
+        config = getattr(model, "config", None)
+        params = {k: v for k, v in self.df_selector.params.to_dict().items() if k != "cache_dir"}
+        fa = self.finetuning_args
+        return {
+            "model": getattr(config, "_name_or_path", None),
+            "finetuning": [fa.finetuning_type, getattr(fa, "lora_rank", None), getattr(fa, "lora_target", None)],
+            "train": dataset_digest(self.df_train),
+            "eval": dataset_digest(self.df_eval),
+            "component": [self.df_spec.key, self.df_spec.selector, params],
+            "seed": self.args.seed,
+            "global_batch": self.df_schedule.global_batch,
+            "schedule": [self.df_schedule.warmup_step, self.df_schedule.update_step, self.df_schedule.update_times,
+                         self.df_schedule.total_steps],
+        }
+
+    # ------------------------------------------------------------------ hooks into the HF loop
+    def get_train_dataloader(self) -> DataLoader:
+        slots = range(self.df_schedule.total_steps * self.df_ga)
+        return DataLoader(slots, batch_size=1, shuffle=False, collate_fn=_first)
+
+    def num_examples(self, dataloader: DataLoader) -> int:
+        return self.df_schedule.total_steps * self.df_schedule.global_batch
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        slots = []
+        for _ in range(num_batches):
+            try:
+                slots.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not slots:
+            return super().get_batch_samples(iter(()), 0, device)
+        step = slots[0] // self.df_ga
+        if step != self.state.global_step:
+            raise RuntimeError(f"DataFlex: slot for step {step} arrived at global step {self.state.global_step}")
+        if self.df_resuming is None:
+            self.df_resuming = self.state.global_step > 0
+        self._df_ensure_stretch(step)
+        batches = [self._df_make_batch(slot) for slot in slots]
+        return super().get_batch_samples(iter(batches), len(batches), device)
+
+    def training_step(self, model, inputs, *args: Any, **kwargs: Any):
+        ids = inputs.pop(INDEX_KEY, None)
+        if self.df_trace is not None and ids is not None:
+            self.df_trace.parent.mkdir(parents=True, exist_ok=True)
+            with self.df_trace.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": self.state.global_step, "indices": ids.tolist()}) + "\n")
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def train(self, *args: Any, **kwargs: Any):
+        start = time.perf_counter()
+        output = super().train(*args, **kwargs)
+        total = time.perf_counter() - start
+        share = self.df_selection_seconds / total if total > 0 else 0.0
+        if self.df_rank == 0:
+            logger.info(
+                "[DataFlex] %d selection(s) took %.2fs of %.2fs training (%.1f%%)",
+                len(self.df_history), self.df_selection_seconds, total, 100 * share,
+            )
+        output.metrics["dataflex_selections"] = len(self.df_history)
+        output.metrics["dataflex_selection_seconds"] = round(self.df_selection_seconds, 3)
+        output.metrics["dataflex_selection_share"] = round(share, 4)
+        return output
+
+    # ------------------------------------------------------------------ the schedule
+    def _df_make_batch(self, slot: int) -> dict[str, Any]:
+        step, micro = divmod(slot, self.df_ga)
+        offset = (step - self.df_stretch.start_step) * self.df_schedule.global_batch
+        step_indices = self.df_indices[offset : offset + self.df_schedule.global_batch]
+        ids = rank_micro_batch(step_indices, micro, self.df_rank, self.df_per_device, self.df_world)
+        batch = self.df_collator([self.df_train[i] for i in ids])
+        batch[INDEX_KEY] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+    def _df_ensure_stretch(self, step: int) -> None:
+        stretch = self.df_schedule.stretch_at(step)
+        if self.df_stretch == stretch:
+            return
+        if stretch.is_selection:
+            self.df_indices = self._df_select(stretch)
+        else:
+            gen = seeded_generator(self.args.seed, "warmup", stretch.cycle)
+            n = self.df_schedule.samples_for(stretch)
+            self.df_indices, _ = uniform_draw(len(self.df_train), n, gen)
+            if self.df_rank == 0:
+                logger.info("[DataFlex] warm-up cycle %d: %d random samples for steps %d-%d",
+                            stretch.cycle, n, stretch.start_step, stretch.end_step - 1)
+        self.df_stretch = stretch
+
+    def _df_select(self, stretch: Stretch) -> list[int]:
+        step, n = stretch.start_step, self.df_schedule.samples_for(stretch)
+        if self.df_resuming:
+            record = load_record(self.df_cache_dir, step, self.df_fingerprint)
+            if record is not None and len(record["indices"]) == n:
+                if self.df_rank == 0:
+                    logger.info("[DataFlex] selection %d at step %d: reusing %s", stretch.selection + 1, step,
+                                f"step_{step}.json")
+                return list(record["indices"])
+
+        start = time.perf_counter()
+        ctx = self._df_context(stretch, n)
+        result, error = None, None
+        try:
+            fault = os.environ.get(FAULT_ENV)
+            if fault and fault == f"{self.df_rank}:{stretch.selection}":
+                raise RuntimeError(f"injected test fault on rank {self.df_rank}")
+            result = self.df_selector.select(ctx)
+            self._df_check_result(result, n)
+        except Exception as err:  # noqa: BLE001 - reported to every rank below, then re-raised
+            error = f"{type(err).__name__}: {err}"
+            logger.error("[DataFlex] selection failed on rank %d:\n%s", self.df_rank, traceback.format_exc())
+        errors = all_gather_object(error)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            r, e = failed[0]
+            raise SelectionError(
+                f"selection {stretch.selection + 1} at step {step} (selector '{self.df_spec.selector}') failed on rank {r}: {e}"
+            )
+        payload = broadcast_object((result.indices, result.metric) if self.df_rank == 0 else None, src=0)
+        indices, metric = self._df_shuffle(payload[0], payload[1], stretch)
+        seconds = time.perf_counter() - start
+        self.df_selection_seconds += seconds
+        record = {
+            "indices": indices,
+            "metric": metric,
+            "selector": self.df_spec.selector,
+            "component": self.df_spec.key,
+            "selection": stretch.selection,
+            "cycle_selection": stretch.t,
+            "step": step,
+            "num_steps": stretch.num_steps,
+            "fingerprint": self.df_fingerprint,
+            "seconds": round(seconds, 4),
+        }
+        if self.df_rank == 0:
+            write_record(self.df_cache_dir, step, record)
+        unique = len(set(indices))
+        self.df_history.append({"step": step, "seconds": seconds, "unique": unique})
+        if self.df_rank == 0:
+            logger.info(
+                "[DataFlex] selection %d/%d at step %d by '%s': %d samples (%d unique) in %.2fs -> step_%d.json",
+                stretch.selection + 1, self.df_schedule.num_selections, step, self.df_spec.selector, len(indices),
+                unique, seconds, step,
+            )
+        self.log({"dataflex/selection_seconds": round(seconds, 4), "dataflex/unique_samples": unique})
+        return indices
+
+    def _df_context(self, stretch: Stretch, n: int) -> SelectionContext:
+        lr = self.args.learning_rate
+        if getattr(self, "lr_scheduler", None) is not None:
+            try:
+                lr = float(self.lr_scheduler.get_last_lr()[0])
+            except Exception:  # noqa: BLE001 - schedulers without get_last_lr
+                pass
+        return SelectionContext(
+            step=stretch.start_step,
+            selection=stretch.selection,
+            t=stretch.t,
+            T=self.df_schedule.update_times,
+            num_selections=self.df_schedule.num_selections,
+            num_samples=n,
+            train_size=len(self.df_train),
+            generator=seeded_generator(self.args.seed, "select", stretch.selection),
+            seed=self.args.seed,
+            cache_dir=self.df_cache_dir,
+            rank=self.df_rank,
+            world_size=self.df_world,
+            model=self.model,
+            train_dataset=self.df_train,
+            eval_dataset=self.df_eval,
+            collator=self.df_collator,
+            optimizer=self.optimizer,
+            learning_rate=lr,
+            device=self.args.device,
+        )
+
+    def _df_check_result(self, result: SelectionResult, n: int) -> None:
+        if len(result.indices) != n:
+            raise RuntimeError(f"selector returned {len(result.indices)} indices, expected {n}")
+        size = len(self.df_train)
+        bad = [i for i in result.indices if not (isinstance(i, int) and 0 <= i < size)]
+        if bad:
+            raise RuntimeError(f"selector returned index {bad[0]!r} outside the training set [0, {size})")
+
+    def _df_shuffle(self, indices: list[int], metric: dict[str, Any], stretch: Stretch) -> tuple[list[int], dict]:
+        """Consumption order: a seeded permutation, applied to the per-sample metrics too."""
+        perm = torch.randperm(len(indices), generator=seeded_generator(self.args.seed, "order", stretch.selection))
+        perm = perm.tolist()
+        out = {}
+        for key, value in metric.items():
+            if isinstance(value, list) and len(value) == len(indices):
+                out[key] = [value[p] for p in perm]
+            else:
+                out[key] = value
+        return [indices[p] for p in perm], out
