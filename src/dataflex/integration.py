@@ -110,3 +110,41 @@ def registered_datasets(dataset_dir: str) -> set[str] | None:
         return None
     with open(path, encoding="utf-8") as fh:
         return set(json.load(fh))
+
+
+def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Model, tokenizer, tokenized datasets and collator exactly as LLaMA-Factory's SFT workflow
+    builds them for ``cfg`` - without training. Used by benchmarks and tests to score real data.
+    """
+    install()
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.extras.constants import IGNORE_INDEX
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_model, load_tokenizer
+
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    collator = SFTDataCollatorWith4DAttentionMask(
+        template=template,
+        model=model,
+        pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+        block_diag_attn=model_args.block_diag_attn,
+        neat_packing=data_args.neat_packing,
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        compute_dtype=model_args.compute_dtype,
+        **tokenizer_module,
+    )
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "train_dataset": dataset_module.get("train_dataset"),
+        "eval_dataset": dataset_module.get("eval_dataset"),
+        "collator": collator,
+        "training_args": training_args,
+        "finetuning_args": finetuning_args,
+    }

@@ -35,6 +35,7 @@ from .errors import SelectionError
 from .records import fingerprint, load_record, write_record
 from .schedule import Schedule, Stretch, rank_micro_batch
 from .scoring.distributed import all_gather_object, broadcast_object
+from .scoring.engine import ScoringEngine
 from .selectors.base import SelectionContext, SelectionResult, uniform_draw
 
 logger = logging.getLogger("dataflex")
@@ -115,6 +116,7 @@ class DynamicSelectMixin:
         self.df_indices: list[int] = []
         self.df_resuming: bool | None = None
         self.df_selection_seconds = 0.0
+        self.df_scorer: ScoringEngine | None = None
         self.df_history: list[dict[str, Any]] = []
         trace_dir = os.environ.get(TRACE_ENV)
         self.df_trace = Path(trace_dir) / f"trace_rank{self.df_rank}.jsonl" if trace_dir else None
@@ -233,6 +235,8 @@ class DynamicSelectMixin:
         if self.df_resuming:
             record = load_record(self.df_cache_dir, step, self.df_fingerprint)
             if record is not None and len(record["indices"]) == n:
+                if record.get("selector_state"):
+                    self.df_selector.load_state_dict(record["selector_state"])
                 if self.df_rank == 0:
                     logger.info("[DataFlex] selection %d at step %d: reusing %s", stretch.selection + 1, step,
                                 f"step_{step}.json")
@@ -273,6 +277,9 @@ class DynamicSelectMixin:
             "fingerprint": self.df_fingerprint,
             "seconds": round(seconds, 4),
         }
+        state = self.df_selector.state_dict()
+        if state:  # e.g. delta_loss's baseline: restored with the record on resume
+            record["selector_state"] = state
         if self.df_rank == 0:
             write_record(self.df_cache_dir, step, record)
         unique = len(set(indices))
@@ -313,7 +320,15 @@ class DynamicSelectMixin:
             optimizer=self.optimizer,
             learning_rate=lr,
             device=self.args.device,
+            scorer=self._df_get_scorer(),
         )
+
+    def _df_get_scorer(self) -> ScoringEngine:
+        if self.df_scorer is None:
+            self.df_scorer = ScoringEngine(
+                self.model, self.df_collator, self.args.device, rank=self.df_rank, world_size=self.df_world
+            )
+        return self.df_scorer
 
     def _df_check_result(self, result: SelectionResult, n: int) -> None:
         if len(result.indices) != n:

@@ -1,6 +1,6 @@
 """Selectors: one file each, registered by name. Importing this package registers them all."""
 
-from . import random  # noqa: F401  (registers "random")
+from . import delta_loss, loss, random  # noqa: F401  (each registers its selector)
 from .base import SELECTORS, SelectionContext, SelectionResult, Selector, get_selector_class, register
 from .params import Params
 

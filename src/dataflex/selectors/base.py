@@ -128,3 +128,48 @@ def weighted_draw(
         replacement = True
     idx = torch.multinomial(weights, k, replacement=replacement, generator=generator)
     return idx.tolist(), replacement
+
+
+@dataclass
+class ScoringParams(Params):
+    """Parameters shared by selectors that score samples with the model."""
+
+    scoring_batch_size: int = field(
+        default=16, metadata={"help": "Samples per scoring forward pass (grouped by length, per rank)."}
+    )
+    candidate_pool: int | float | None = field(
+        default=None,
+        metadata={"help": "Score only a fresh random pool per selection: a count (int) or a fraction of the "
+                          "training set in (0, 1]. Unset: the whole set."},
+    )
+
+    def check(self) -> None:
+        if self.scoring_batch_size < 1:
+            self.fail("scoring_batch_size", "an integer >= 1")
+        pool = self.candidate_pool
+        if pool is not None:
+            if isinstance(pool, int) and pool < 1:
+                self.fail("candidate_pool", "an integer >= 1 or a fraction in (0, 1]")
+            if isinstance(pool, float) and not 0.0 < pool <= 1.0:
+                self.fail("candidate_pool", "an integer >= 1 or a fraction in (0, 1]")
+
+
+def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[int]:
+    """The training indices to score at this selection: all, or a seeded random pool."""
+    n = ctx.train_size
+    if pool is None:
+        return list(range(n))
+    size = pool if isinstance(pool, int) else max(1, round(pool * n))
+    if size >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=ctx.generator)[:size].tolist())
+
+
+def sampling_probabilities(weights: torch.Tensor, temperature: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
+    """p_i = (w_i + eps)^(1/T) / sum_j (w_j + eps)^(1/T), over the entries with w_i > 0.
+
+    Entries with weight 0 (no score) keep probability 0.
+    """
+    w = weights.double()
+    powered = torch.where(w > 0, (w + eps) ** (1.0 / temperature), torch.zeros_like(w))
+    return powered / powered.sum()
