@@ -62,9 +62,17 @@ def main(argv: list[str] | None = None) -> None:
     if not argv:
         raise SystemExit("usage: python -m dataflex.launcher CONFIG.yaml [key=value ...]")
     setup_logging()
+    from .errors import DataFlexError
     from .integration import run_train
 
-    run_train(prepare(argv[0], argv[1:]))
+    try:
+        run_train(prepare(argv[0], argv[1:]))
+    except DataFlexError as err:
+        # one line per process; the failing rank has already logged the full traceback
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank is not None else ""
+        print(f"{prefix}dataflex-cli: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

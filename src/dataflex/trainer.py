@@ -43,6 +43,8 @@ logger = logging.getLogger("dataflex")
 INDEX_KEY = "dataflex_index"
 TRACE_ENV = "DATAFLEX_TRACE_DIR"
 FAULT_ENV = "DATAFLEX_TEST_FAIL_SELECTION"  # test-only: "rank:selection" makes that selection raise
+PAUSE_ENV = "DATAFLEX_TEST_PAUSE_AT_STEP"  # test-only: block at this step (after touching PAUSE_FILE_ENV)
+PAUSE_FILE_ENV = "DATAFLEX_TEST_PAUSE_FILE"
 
 
 def derive_seed(seed: int, *tags: Any) -> int:
@@ -178,6 +180,9 @@ class DynamicSelectMixin:
             raise RuntimeError(f"DataFlex: slot for step {step} arrived at global step {self.state.global_step}")
         if self.df_resuming is None:
             self.df_resuming = self.state.global_step > 0
+            if self.df_resuming:
+                self._df_restore_selector_state(step)
+        self._df_test_pause(step)
         self._df_ensure_stretch(step)
         batches = [self._df_make_batch(slot) for slot in slots]
         return super().get_batch_samples(iter(batches), len(batches), device)
@@ -204,6 +209,38 @@ class DynamicSelectMixin:
         output.metrics["dataflex_selection_seconds"] = round(self.df_selection_seconds, 3)
         output.metrics["dataflex_selection_share"] = round(share, 4)
         return output
+
+    # ------------------------------------------------------------------ resume
+    def _df_restore_selector_state(self, step: int) -> None:
+        """Bring the selector's state (e.g. delta_loss's baseline) back to what it was at ``step``.
+
+        The state travels inside every selection record, so the record of the last selection
+        before ``step`` holds it.
+        """
+        earlier = [s for s in self.df_schedule.selections if s.start_step < step]
+        if not earlier:
+            return
+        last = earlier[-1]
+        record = load_record(self.df_cache_dir, last.start_step, self.df_fingerprint)
+        if record is None:
+            if self.df_rank == 0:
+                logger.warning("[DataFlex] resuming at step %d without the record of selection %d (step_%d.json): "
+                               "the selector starts without its earlier state", step, last.selection + 1,
+                               last.start_step)
+            return
+        if record.get("selector_state"):
+            self.df_selector.load_state_dict(record["selector_state"])
+        if self.df_rank == 0:
+            logger.info("[DataFlex] resuming at step %d: selector state restored from step_%d.json", step,
+                        last.start_step)
+
+    def _df_test_pause(self, step: int) -> None:
+        if os.environ.get(PAUSE_ENV) == str(step):
+            marker = os.environ.get(PAUSE_FILE_ENV)
+            if marker and self.df_rank == 0:
+                Path(marker).write_text(str(os.getpid()))
+            while True:  # a test kills the process here (SIGKILL)
+                time.sleep(1)
 
     # ------------------------------------------------------------------ the schedule
     def _df_make_batch(self, slot: int) -> dict[str, Any]:
@@ -251,15 +288,15 @@ class DynamicSelectMixin:
                 raise RuntimeError(f"injected test fault on rank {self.df_rank}")
             result = self.df_selector.select(ctx)
             self._df_check_result(result, n)
+        except SelectionError as err:  # already gathered from every rank by the scoring engine
+            error = str(err)
         except Exception as err:  # noqa: BLE001 - reported to every rank below, then re-raised
-            error = f"{type(err).__name__}: {err}"
+            error = f"failed on rank {self.df_rank}: {type(err).__name__}: {err}"
             logger.error("[DataFlex] selection failed on rank %d:\n%s", self.df_rank, traceback.format_exc())
-        errors = all_gather_object(error)
-        failed = [(r, e) for r, e in enumerate(errors) if e]
-        if failed:
-            r, e = failed[0]
+        errors = [e for e in all_gather_object(error) if e]
+        if errors:
             raise SelectionError(
-                f"selection {stretch.selection + 1} at step {step} (selector '{self.df_spec.selector}') failed on rank {r}: {e}"
+                f"selection {stretch.selection + 1} at step {step} (selector '{self.df_spec.selector}') {errors[0]}"
             )
         payload = broadcast_object((result.indices, result.metric) if self.df_rank == 0 else None, src=0)
         indices, metric = self._df_shuffle(payload[0], payload[1], stretch)
