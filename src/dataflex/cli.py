@@ -146,6 +146,30 @@ def list_components(
 
 
 @app.command()
+def report(
+    output_dir: Path = typer.Argument(..., help="output_dir of a `dataflex-cli train` run."),
+    export_dataset: Optional[Path] = typer.Option(
+        None, "--export-dataset", help="Write the selected samples here as dataset files + dataset_info.json."),
+    name: str = typer.Option("dataflex_selected", "--name", help="Dataset name to register the export under."),
+    repeats: bool = typer.Option(False, "--repeats", help="Export a sample once per time it was chosen."),
+    top: int = typer.Option(10, "--top", help="How many of the most chosen samples to list."),
+) -> None:
+    """Summarise what a run selected; optionally export the selection as a dataset (static selection)."""
+    from .report import export_subset, load_run, summary
+
+    try:
+        run, records = load_run(output_dir)
+        typer.echo(summary(run, records, top=top))
+        if export_dataset is not None:
+            names = export_subset(run, records, export_dataset, name=name, repeats=repeats)
+            typer.echo(f"\nExported to {export_dataset}: dataset {', '.join(names)}")
+            typer.echo(f"Train on it with: llamafactory-cli train YOUR.yaml dataset={','.join(names)} "
+                       f"dataset_dir={export_dataset}")
+    except ConfigError as err:
+        _fail(str(err))
+
+
+@app.command()
 def version() -> None:
     """Print the versions of DataFlex and the libraries it drives."""
     from importlib.metadata import PackageNotFoundError

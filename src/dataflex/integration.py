@@ -15,12 +15,15 @@ A LLaMA-Factory upgrade that renames these is a change to this file only.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from .args import DataFlexArguments
 
 _INSTALLED = False
+# What the last get_dataset call loaded: {"train": {"dataset_dir", "parts": [[name, start, end], ...]}}
+_DATA_SOURCES: dict[str, Any] = {}
 
 
 def _classes():
@@ -45,6 +48,9 @@ def _build_types():
     class DataFlexSeq2SeqTrainer(DynamicSelectMixin, CustomSeq2SeqTrainer):
         """LLaMA-Factory's SFT trainer fed by DataFlex's selection schedule."""
 
+        def df_data_sources(self) -> dict[str, Any] | None:
+            return _DATA_SOURCES.get("train")
+
     return DataFlexFinetuningArguments, DataFlexSeq2SeqTrainer, CustomSeq2SeqTrainer
 
 
@@ -64,7 +70,48 @@ def install() -> None:
         return cls(*args, finetuning_args=finetuning_args, **kwargs)
 
     workflow.CustomSeq2SeqTrainer = make_trainer
+    workflow.get_dataset = _tracking_get_dataset(workflow.get_dataset)
     _INSTALLED = True
+
+
+def _tracking_get_dataset(get_dataset):
+    """Wrap LLaMA-Factory's get_dataset to remember which rows of the train set come from which
+    dataset (for `dataflex-cli report`). Only possible for a plain concatenation: with
+    interleaving, val_size splitting, streaming or a pre-tokenized set the mapping is left unknown.
+    """
+    import llamafactory.data.loader as loader
+
+    def wrapped(template, model_args, data_args, training_args, stage, **kwargs):
+        sizes: list[tuple[str, int]] = []
+        original = loader._load_single_dataset
+
+        def recording(dataset_attr, *args, **kw):
+            ds = original(dataset_attr, *args, **kw)
+            try:
+                sizes.append((dataset_attr.dataset_name, len(ds)))
+            except TypeError:  # streaming: no length
+                pass
+            return ds
+
+        loader._load_single_dataset = recording
+        try:
+            module = get_dataset(template, model_args, data_args, training_args, stage, **kwargs)
+        finally:
+            loader._load_single_dataset = original
+        _DATA_SOURCES.pop("train", None)
+        names = list(data_args.dataset or [])
+        train = module.get("train_dataset")
+        plain = (data_args.mix_strategy == "concat" and not data_args.streaming and data_args.tokenized_path is None
+                 and (data_args.val_size or 0) < 1e-6 and len(sizes) >= len(names))
+        if plain and train is not None and sum(n for _, n in sizes[: len(names)]) == len(train):
+            parts, start = [], 0
+            for name, (_, n) in zip(names, sizes):
+                parts.append([name, start, start + n])
+                start += n
+            _DATA_SOURCES["train"] = {"dataset_dir": os.path.abspath(data_args.dataset_dir), "parts": parts}
+        return module
+
+    return wrapped
 
 
 def known_train_keys() -> set[str]:

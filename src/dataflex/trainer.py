@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from .components import build_selector, get_component
 from .errors import SelectionError
-from .records import fingerprint, load_record, write_record
+from .records import atomic_write_json, fingerprint, load_record, write_record
 from .schedule import Schedule, Stretch, rank_micro_batch
 from .scoring.distributed import all_gather_object, broadcast_object
 from .scoring.engine import ScoringEngine
@@ -83,6 +83,18 @@ def dataset_digest(dataset: Any) -> dict[str, Any]:
     return {"size": n, "sha256": h.hexdigest()[:16]}
 
 
+def selection_log(seconds: float, unique: int, metric: dict[str, Any]) -> dict[str, float]:
+    """Scalars logged through the trainer (so tensorboard / wandb show them) after a selection."""
+    logs = {"dataflex/selection_seconds": round(seconds, 4), "dataflex/unique_samples": unique}
+    for key, values in metric.items():
+        if isinstance(values, list) and values and all(isinstance(v, float) for v in values):
+            t = torch.tensor(values, dtype=torch.float64)
+            logs[f"dataflex/{key}_mean"] = round(float(t.mean()), 6)
+            logs[f"dataflex/{key}_min"] = round(float(t.min()), 6)
+            logs[f"dataflex/{key}_max"] = round(float(t.max()), 6)
+    return logs
+
+
 class DynamicSelectMixin:
     """Mixed in front of a HF ``Trainer`` subclass that has ``finetuning_args`` (LLaMA-Factory's)."""
 
@@ -123,12 +135,40 @@ class DynamicSelectMixin:
         trace_dir = os.environ.get(TRACE_ENV)
         self.df_trace = Path(trace_dir) / f"trace_rank{self.df_rank}.jsonl" if trace_dir else None
         if self.df_rank == 0:
+            self._df_write_manifest()
             logger.info(
                 "[DataFlex] component '%s' (selector '%s'), params %s", self.df_spec.key, self.df_spec.selector,
                 {k: v for k, v in self.df_selector.params.to_dict().items() if v is not None},
             )
             logger.info("[DataFlex] schedule: %s", self.df_schedule.describe())
             logger.info("[DataFlex] selection records: %s (run fingerprint %s)", self.df_cache_dir, self.df_fingerprint)
+
+    def df_data_sources(self) -> dict[str, Any] | None:
+        """Which rows of the train set come from which dataset (set by the integration layer)."""
+        return None
+
+    def _df_write_manifest(self) -> None:
+        """``{output_dir}/dataflex/run.json``: what `dataflex-cli report` needs to describe this run."""
+        sched = self.df_schedule
+        from .report import manifest_path
+
+        atomic_write_json(manifest_path(self.args.output_dir), {
+            "fingerprint": self.df_fingerprint,
+            "cache_dir": os.path.abspath(self.df_cache_dir),
+            "component": self.df_spec.key,
+            "selector": self.df_spec.selector,
+            "params": self.df_selector.params.to_dict(),
+            "schedule": {"warmup_step": sched.warmup_step, "update_step": sched.update_step,
+                         "update_times": sched.update_times, "global_batch": sched.global_batch,
+                         "total_steps": sched.total_steps, "selections": [s.start_step for s in sched.selections]},
+            "train_size": len(self.df_train),
+            "eval_size": len(self.df_eval) if self.df_eval is not None else None,
+            "model": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "output_dir": os.path.abspath(self.args.output_dir),
+            "seed": self.args.seed,
+            "world_size": self.df_world,
+            "data_sources": self.df_data_sources(),
+        })
 
     def _df_prepare(self, dataset: Any, description: str) -> tuple[Any, Any]:
         """The dataset and collator the training dataloader would use (unused columns removed)."""
@@ -205,6 +245,14 @@ class DynamicSelectMixin:
                 "[DataFlex] %d selection(s) took %.2fs of %.2fs training (%.1f%%)",
                 len(self.df_history), self.df_selection_seconds, total, 100 * share,
             )
+        if self.df_rank == 0 and getattr(self.finetuning_args, "plot_loss", False) and self.df_history:
+            from .report import plot_selections
+
+            try:
+                path = plot_selections(self.df_cache_dir, self.args.output_dir)
+                logger.info("[DataFlex] selection plot written to %s", path)
+            except Exception as err:  # noqa: BLE001 - a plot must never fail a finished training
+                logger.warning("[DataFlex] could not draw the selection plot: %s", err)
         output.metrics["dataflex_selections"] = len(self.df_history)
         output.metrics["dataflex_selection_seconds"] = round(self.df_selection_seconds, 3)
         output.metrics["dataflex_selection_share"] = round(share, 4)
@@ -327,7 +375,7 @@ class DynamicSelectMixin:
                 stretch.selection + 1, self.df_schedule.num_selections, step, self.df_spec.selector, len(indices),
                 unique, seconds, step,
             )
-        self.log({"dataflex/selection_seconds": round(seconds, 4), "dataflex/unique_samples": unique})
+        self.log(selection_log(seconds, unique, metric))
         return indices
 
     def _df_context(self, stretch: Stretch, n: int) -> SelectionContext:
