@@ -9,6 +9,7 @@ mistake fails in the first second with one line, before torchrun or a model is s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,21 +70,32 @@ class DataFlexArguments:
 
 def read_config(config: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a YAML/JSON config plus ``key=value`` overrides the way ``llamafactory-cli`` does."""
+    import json
+
+    import yaml
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     path = Path(config)
     if not path.is_file():
         raise ConfigError(f"config file '{config}' not found")
     try:
-        base = OmegaConf.load(path.absolute()) if path.suffix in (".yaml", ".yml") else OmegaConf.create(
-            __import__("json").loads(path.read_text(encoding="utf-8"))
-        )
-        merged = OmegaConf.merge(base, OmegaConf.from_cli(list(overrides or [])))
+        text = path.read_text(encoding="utf-8")
+        base = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (yaml.YAMLError, ValueError, OSError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise ConfigError(f"config file '{config}' is not valid YAML/JSON{where}: {problem}") from None
+    if base is None:
+        base = {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"config file '{config}' must hold a mapping of keys to values, got {type(base).__name__}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.from_cli(list(overrides or [])))
         data = OmegaConf.to_container(merged)
-    except (OmegaConfBaseException, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - OmegaConf raises several types for a bad override
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"config file '{config}' could not be read: {first}") from None
+        raise ConfigError(f"command-line overrides {list(overrides or [])} could not be applied: {first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{config}' must hold a mapping of keys to values")
     return data
@@ -99,6 +111,11 @@ def validate_config(cfg: dict[str, Any], yaml_dir: str | os.PathLike | None = No
 
     cfg = dict(cfg)
     if cfg.get("train_type") is None:
+        stray = [k for k in DATAFLEX_KEYS if k in cfg and k != "train_type"]
+        if stray:
+            logging.getLogger("dataflex").warning(
+                "DataFlex keys %s are set but train_type is not: training plainly, without selection "
+                "(add train_type: dynamic_select to select)", ", ".join(stray))
         return cfg
 
     keys = {k: cfg[k] for k in DATAFLEX_KEYS if k in cfg}

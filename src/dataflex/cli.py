@@ -142,7 +142,8 @@ def list_components(
     label = "packaged" if path == PACKAGED_COMPONENTS else "from"
     typer.echo(f"\nComponents ({label} {path}):")
     for key, spec in specs.items():
-        typer.echo(f"  {key:<20} name: {spec.selector:<12} params: {spec.params}")
+        note = f"  (invalid: {spec.error})" if spec.error else ""
+        typer.echo(f"  {key:<20} name: {spec.selector:<12} params: {spec.params}{note}")
 
 
 @app.command()

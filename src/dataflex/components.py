@@ -30,6 +30,7 @@ class ComponentSpec:
     selector: str  # `name:` in the file
     params: dict[str, Any]
     source: Path
+    error: str | None = None  # a malformed entry: reported only when it is the one chosen
 
 
 def resolve_components_path(value: str | None, yaml_dir: str | os.PathLike | None = None) -> Path:
@@ -76,13 +77,15 @@ def load_components(path: str | os.PathLike) -> dict[str, ComponentSpec]:
         if not isinstance(entry, dict) or "name" not in entry:
             # other sections of a larger components file (e.g. mixers) are not selectors: skip them
             continue
+        error = None
         extra = sorted(set(entry) - {"name", "params"})
-        if extra:
-            raise ConfigError(f"component '{key}' in '{path}': unknown key '{extra[0]}'; allowed: name, params")
         params = entry.get("params") or {}
-        if not isinstance(params, dict):
-            raise ConfigError(f"component '{key}' in '{path}': params must be a mapping, got {type(params).__name__}")
-        specs[str(key)] = ComponentSpec(str(key), str(entry["name"]), dict(params), path)
+        if extra:
+            error = f"component '{key}' in '{path}': unknown key '{extra[0]}'; allowed: name, params"
+        elif not isinstance(params, dict):
+            error = f"component '{key}' in '{path}': params must be a mapping, got {type(params).__name__}"
+            params = {}
+        specs[str(key)] = ComponentSpec(str(key), str(entry["name"]), dict(params), path, error)
     return specs
 
 
@@ -91,7 +94,10 @@ def get_component(path: str | os.PathLike, component_name: str) -> ComponentSpec
     if component_name not in specs:
         known = ", ".join(sorted(specs)) or "(none)"
         raise ConfigError(f"component_name: '{component_name}' is not in '{path}'; known components: {known}")
-    return specs[component_name]
+    spec = specs[component_name]
+    if spec.error:
+        raise ConfigError(spec.error)
+    return spec
 
 
 def build_selector(spec: ComponentSpec):

@@ -147,8 +147,8 @@ def launch_plan() -> dict[str, Any]:
     }
 
 
-def registered_datasets(dataset_dir: str) -> set[str] | None:
-    """Names in ``{dataset_dir}/dataset_info.json``, or None when there is no such file."""
+def registered_datasets(dataset_dir: str) -> dict[str, Any] | None:
+    """``{name: attributes}`` of ``{dataset_dir}/dataset_info.json``, or None when there is no such file."""
     import json
     import os
 
@@ -156,7 +156,7 @@ def registered_datasets(dataset_dir: str) -> set[str] | None:
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as fh:
-        return set(json.load(fh))
+        return dict(json.load(fh))
 
 
 def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:

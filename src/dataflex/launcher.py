@@ -55,6 +55,15 @@ def _check_datasets(cfg: dict[str, Any]) -> None:
                     f"{key}: '{name}' is not registered in {os.path.join(dataset_dir, 'dataset_info.json')}; "
                     f"registered: {', '.join(sorted(known))}"
                 )
+            attrs = known[name] if isinstance(known, dict) else {}
+            remote = any(k in attrs for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"))
+            file_name = attrs.get("file_name")
+            if file_name and not remote and not os.path.exists(os.path.join(dataset_dir, file_name)):
+                raise ConfigError(
+                    f"{key}: dataset '{name}' is registered as {os.path.join(dataset_dir, file_name)}, which does not "
+                    f"exist; add the file (LLaMA-Factory's demo files live in its data/ folder) or use a "
+                    f"hub-registered dataset"
+                )
 
 
 def main(argv: list[str] | None = None) -> None:

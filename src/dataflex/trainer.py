@@ -35,7 +35,7 @@ from .errors import SelectionError
 from .records import atomic_write_json, fingerprint, load_record, write_record
 from .schedule import Schedule, Stretch, rank_micro_batch
 from .scoring.distributed import all_gather_object, broadcast_object
-from .scoring.engine import ScoringEngine
+from .scoring.engine import ScoringEngine, dataset_lengths
 from .selectors.base import SelectionContext, SelectionResult, uniform_draw
 
 logger = logging.getLogger("dataflex")
@@ -69,14 +69,7 @@ def dataset_digest(dataset: Any) -> dict[str, Any]:
         return {k: dataset_digest(v) for k, v in sorted(dataset.items())}
     n = len(dataset)
     h = hashlib.sha256()
-    try:  # Arrow-backed datasets.Dataset: row lengths without materialising the tokens
-        import pyarrow.compute as pc
-
-        lengths = pc.list_value_length(dataset.data.column("input_ids"))
-        h.update(lengths.to_numpy(zero_copy_only=False).astype("int64").tobytes())
-    except Exception:  # noqa: BLE001 - any other dataset type: lengths row by row
-        for i in range(n):
-            h.update(len(dataset[i]["input_ids"]).to_bytes(4, "little"))
+    h.update(json.dumps(dataset_lengths(dataset)).encode())
     for i in sorted({(j * max(n - 1, 0)) // 63 for j in range(64)} if n else set()):
         row = dataset[i]
         h.update(json.dumps([row.get("input_ids"), row.get("labels")]).encode())

@@ -34,11 +34,21 @@ FAULT_ENV = "DATAFLEX_TEST_FAIL_SCORING"  # test-only: "RANK" makes that rank's 
 
 
 def dataset_lengths(dataset: Any) -> list[int]:
-    """Token length of every row (fast path for Arrow-backed ``datasets.Dataset``)."""
+    """Token length of every row (fast path for Arrow-backed ``datasets.Dataset``).
+
+    The fast path reads the lengths of the underlying Arrow table and maps them through the
+    dataset's index mapping (set by ``select``, ``shuffle``, ``train_test_split``), so row ``i`` of
+    the result is row ``i`` of the dataset as indexed.
+    """
     try:
+        import numpy as np
         import pyarrow.compute as pc
 
-        return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+        lengths = pc.list_value_length(dataset.data.column("input_ids")).to_numpy(zero_copy_only=False)
+        mapping = getattr(dataset, "_indices", None)
+        if mapping is not None:
+            lengths = lengths[np.asarray(mapping.column(0).to_numpy(zero_copy_only=False), dtype=np.int64)]
+        return lengths.astype(np.int64).tolist()
     except Exception:  # noqa: BLE001 - any other dataset type
         return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
 

@@ -106,8 +106,9 @@ class Params:
             try:
                 values[name] = _coerce(value, tp)
             except TypeError:
+                kind = "is invalid; allowed" if get_origin(tp) is Literal else "has the wrong type; expected"
                 raise ConfigError(
-                    f"component '{component}': param '{name}' = {value!r} has the wrong type; expected {_type_name(tp)}"
+                    f"component '{component}': param '{name}' = {value!r} {kind}: {_type_name(tp)}"
                 ) from None
         obj = cls(**values)
         object.__setattr__(obj, "_component_name", component)
