@@ -22,6 +22,8 @@ def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> di
     from . import integration
 
     cfg = read_config(config, overrides)
+    # DataFlex's own checks first: they need no LLaMA-Factory import, so most mistakes fail at once
+    cfg = validate_config(cfg, yaml_dir=Path(config).resolve().parent)
     if os.environ.get("ALLOW_EXTRA_ARGS", "0").lower() not in ("1", "true", "y"):
         known = integration.known_train_keys()
         unknown = sorted(k for k in cfg if k not in known)
@@ -31,7 +33,6 @@ def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> di
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{unknown[0]}' in {config}: not a LLaMA-Factory or DataFlex argument{hint}")
-    cfg = validate_config(cfg, yaml_dir=Path(config).resolve().parent)
     if cfg.get("train_type") is not None:
         _check_datasets(cfg)
     return cfg

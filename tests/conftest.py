@@ -1,0 +1,191 @@
+"""Shared fixtures: offline environment, the tiny model, a CLI runner and a training-YAML writer.
+
+Everything that runs LLaMA-Factory must stay offline and must not touch the user's caches, so
+the environment is set at import time (before torch / transformers / datasets are imported by
+any test) and every subprocess inherits it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "data"
+QUICKSTART_YAML = REPO_ROOT / "examples" / "train_lora" / "quickstart_cpu.yaml"
+
+# --------------------------------------------------------------------------- environment
+_HF_HOME = tempfile.mkdtemp(prefix="dataflex-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)  # also after --collect-only
+os.environ.update(
+    {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "DISABLE_VERSION_CHECK": "1",
+        "HF_HOME": _HF_HOME,
+        "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_DISABLED": "true",
+    }
+)
+# Tiny model on a small shared CPU: one thread per process avoids oversubscription (torchrun
+# sets the same default for its workers). Same value for every run, so comparisons stay exact.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# Variables that change how a run is launched or traced: never inherited from the caller's shell.
+_LAUNCH_VARS = (
+    "FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+    "RDZV_ID", "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS", "USE_RAY", "USE_KT", "USE_MCA", "USE_V1",
+    "ALLOW_EXTRA_ARGS", "DATAFLEX_TRACE_DIR", "DATAFLEX_TEST_FAIL_SELECTION",
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+)
+for _var in _LAUNCH_VARS:
+    os.environ.pop(_var, None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_hf_home():
+    """The temporary HF_HOME set above; removed when the session ends."""
+    yield Path(_HF_HOME)
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- paths and model
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A ~100k-parameter Qwen2 + BPE tokenizer, built once per session (a few seconds)."""
+    from dataflex.demo import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), data_dir=DATA_DIR)
+
+
+# --------------------------------------------------------------------------- CLI runner
+def _cli_env(env: Mapping[str, str | None] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = str(value)
+    return merged
+
+
+def run_command(
+    cmd: Sequence[str],
+    env: Mapping[str, str | None] | None = None,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with the test environment (``env`` entries override; ``None`` removes one)."""
+    return subprocess.run(
+        [str(c) for c in cmd],
+        env=_cli_env(env),
+        cwd=str(cwd or REPO_ROOT),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_command(args: Sequence[Any]) -> list[str]:
+    return [sys.executable, "-m", "dataflex.cli", *[str(a) for a in args]]
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(args, env=None, cwd=repo_root, timeout=120)`` -> ``python -m dataflex.cli ARGS``."""
+
+    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return run_command(cli_command(args), env=env, cwd=cwd, timeout=timeout)
+
+    return _run
+
+
+def llamafactory_cli() -> list[str]:
+    """The real ``llamafactory-cli`` console script next to this interpreter (module form otherwise)."""
+    script = Path(sys.executable).parent / "llamafactory-cli"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "llamafactory.cli"]
+
+
+# --------------------------------------------------------------------------- training YAMLs
+def base_train_config(model_path: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """The CPU quick-start YAML, shrunk to a few seconds of training on the tiny model."""
+    cfg = yaml.safe_load(QUICKSTART_YAML.read_text(encoding="utf-8"))
+    cfg.pop("eval_dataset", None)  # not needed by `random`; tests that want it add it back
+    cfg.update(
+        {
+            "model_name_or_path": str(model_path),
+            "output_dir": str(output_dir),
+            "dataset_dir": str(DATA_DIR),
+            "train_type": "dynamic_select",
+            "component_name": "random",  # pinned: the quick start's own choice may change
+            "max_samples": 200,
+            "cutoff_len": 96,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "num_train_epochs": 1.0,
+            "warmup_step": 2,
+            "update_step": 2,
+            "update_times": 2,
+            "save_steps": 100000,
+            "plot_loss": False,
+            "logging_steps": 1,
+        }
+    )
+    return cfg
+
+
+def write_yaml(path: str | os.PathLike, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_config() -> Callable[..., dict[str, Any]]:
+    """``train_config(model_path, output_dir)`` -> the base training config as a dict (no model built)."""
+    return base_train_config
+
+
+@pytest.fixture(scope="session")
+def make_train_yaml(tiny_model) -> Callable[..., Path]:
+    """``make_train_yaml(folder, name="train.yaml", **overrides)`` -> path of a training YAML.
+
+    Starts from :func:`base_train_config` with ``output_dir = folder/out``; an override whose
+    value is ``None`` removes the key.
+    """
+
+    def _make(folder: str | os.PathLike, name: str = "train.yaml", **overrides: Any) -> Path:
+        folder = Path(folder)
+        cfg = base_train_config(tiny_model, folder / "out")
+        for key, value in overrides.items():
+            if value is None:
+                cfg.pop(key, None)
+            else:
+                cfg[key] = value
+        return write_yaml(folder / name, cfg)
+
+    return _make

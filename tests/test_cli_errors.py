@@ -1,0 +1,294 @@
+"""``dataflex-cli`` as a user meets it: one-line errors for bad configs, and the informational commands.
+
+Every bad config fails before a model is loaded (the model path does not even exist), so these
+tests take a few seconds each - the cost of importing LLaMA-Factory. The cases run two at a time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import cli_command, run_command, write_yaml
+
+NO_MODEL = "/nonexistent/dataflex-test-model"  # proves no model is loaded before the error
+
+# id -> (YAML overrides (None removes a key), extra files {name: text}, extra CLI args, expected fragments)
+# These go through the real CLI in a subprocess (each pays for importing LLaMA-Factory).
+CASES = {
+    "unknown_yaml_key": ({"warmup_stepz": 2}, {}, [], ["unknown key 'warmup_stepz'", "did you mean 'warmup_step'"]),
+    "unknown_component": ({"component_name": "nope"}, {}, [],
+                          ["component_name: 'nope'", "known components: ", "random"]),
+    "missing_components_file": ({"components_cfg_file": "no_such_components.yaml"}, {}, [],
+                                ["components_cfg_file: 'no_such_components.yaml' not found"]),
+    "invalid_components_yaml": ({"components_cfg_file": "broken.yaml", "component_name": "r"},
+                                {"broken.yaml": "selectors:\n  r: [unclosed\n"}, [],
+                                ["components_cfg_file:", "broken.yaml", "is not valid YAML"]),
+    "bad_train_type": ({"train_type": "static_select"}, {}, [],
+                       ["train_type: 'static_select' is not supported", "dynamic_select"]),
+    "train_type_without_component": ({"component_name": None}, {}, [], ["component_name: required"]),
+    "negative_warmup_step": ({"warmup_step": -1}, {}, [], ["warmup_step: -1 is invalid"]),
+    "update_step_zero": ({"update_step": 0, "update_times": 2}, {}, [],
+                         ["update_step: 0 is invalid with update_times = 2"]),
+    "unknown_selector_param": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
+                               {"comps.yaml": "selectors:\n  r:\n    name: random\n    params: {replacment: true}\n"},
+                               [], ["component 'r': unknown param 'replacment'", "replacement"]),
+    "unregistered_dataset": ({"dataset": "demo_mix,no_such_set"}, {}, ["seed=7"],
+                             ["dataset: 'no_such_set' is not registered", "demo_mix"]),
+}
+
+# More bad configs, checked in-process through the same `prepare` the CLI calls (fast).
+PREPARE_CASES = {
+    "unknown_override_key": ({}, {}, ["update_stepp=3"], ["unknown key 'update_stepp'"]),
+    "override_negative_warmup": ({}, {}, ["warmup_step=-3"], ["warmup_step: -3 is invalid"]),
+    "missing_update_times": ({"update_times": None}, {}, [], ["update_times: required"]),
+    "missing_update_step": ({"update_step": None}, {}, [], ["update_step: required"]),
+    "bool_update_times": ({"update_times": True}, {}, [], ["update_times: True is invalid"]),
+    "empty_schedule": ({"warmup_step": 0, "update_step": 0, "update_times": 0}, {}, [], ["the schedule has no steps"]),
+    "wrong_selector_param_type": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
+                                  {"comps.yaml": "r:\n  name: random\n  params: {replacement: 'yes'}\n"},
+                                  [], ["param 'replacement'", "wrong type"]),
+    "unknown_selector_name": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
+                              {"comps.yaml": "selectors:\n  r: {name: bogus}\n"},
+                              [], ["unknown selector name 'bogus'", "available: ", "random"]),
+    "unknown_component_entry_key": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
+                                    {"comps.yaml": "r: {name: random, parms: {}}\n"}, [], ["unknown key 'parms'"]),
+    "unregistered_eval_dataset": ({"eval_dataset": "nope_eval"}, {}, [], ["eval_dataset: 'nope_eval'"]),
+    "stage_not_sft": ({"stage": "dpo"}, {}, [], ["stage: 'dpo'"]),
+}
+
+
+def _write_case(folder: Path, train_config, overrides, files) -> Path:
+    cfg = train_config(NO_MODEL, folder / "out")
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return write_yaml(folder / "train.yaml", cfg)
+
+
+def _selected_cases(request) -> list[str]:
+    """The CASES this session will actually check (so `-k one_case` runs one subprocess)."""
+    wanted = []
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if item.originalname == "test_bad_config_fails_with_one_line" and callspec is not None:
+            wanted.append(callspec.params["case"])
+    return wanted or list(CASES)
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(request, tmp_path_factory, train_config, repo_root):
+    """Run every selected bad config through the CLI, two at a time; {case: (result, output_dir)}."""
+    jobs = {}
+    for case in _selected_cases(request):
+        overrides, files, args, _ = CASES[case]
+        folder = tmp_path_factory.mktemp(case)
+        config = _write_case(folder, train_config, overrides, files)
+        jobs[case] = (cli_command(["train", config, *args]), folder / "out")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {case: pool.submit(run_command, cmd, None, repo_root, 120) for case, (cmd, _) in jobs.items()}
+        return {case: (futures[case].result(), jobs[case][1]) for case in jobs}
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    assert result.returncode != 0, f"expected failure, got 0\nstdout:\n{result.stdout}"
+    err = result.stderr.strip()
+    assert "\n" not in err, f"stderr is not one line:\n{result.stderr}"
+    assert err.startswith("dataflex-cli: error: "), err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert "Traceback" not in result.stdout + result.stderr
+    return err
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_config_fails_with_one_line(case, bad_config_runs):
+    result, output_dir = bad_config_runs[case]
+    assert_one_line_error(result, *CASES[case][3])
+    assert result.returncode == 2
+    assert not output_dir.exists(), "output_dir was created for a config that cannot train"
+
+
+@pytest.mark.parametrize("case", list(CASES) + list(PREPARE_CASES))
+def test_prepare_rejects(case, tmp_path, train_config, repo_root, monkeypatch):
+    """The same checks in-process: ConfigError, one line, before any model or output_dir exists."""
+    from dataflex.errors import ConfigError
+    from dataflex.launcher import prepare
+
+    overrides, files, args, fragments = {**CASES, **PREPARE_CASES}[case]
+    config = _write_case(tmp_path, train_config, overrides, files)
+    monkeypatch.chdir(repo_root)
+    with pytest.raises(ConfigError) as err:
+        prepare(config, list(args))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for fragment in fragments:
+        assert fragment in msg, f"{fragment!r} not in {msg!r}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_resolves_components_and_leaves_plain_configs_alone(tmp_path, train_config, repo_root, monkeypatch):
+    from dataflex.components import PACKAGED_COMPONENTS
+    from dataflex.launcher import prepare
+
+    monkeypatch.chdir(repo_root)
+    (tmp_path / "comps.yaml").write_text("r: {name: random}\n")
+    config = _write_case(tmp_path, train_config, {"components_cfg_file": "comps.yaml", "component_name": "r"}, {})
+    cfg = prepare(config, ["warmup_step=3"])
+    assert cfg["components_cfg_file"] == str((tmp_path / "comps.yaml").resolve())
+    assert cfg["warmup_step"] == 3
+    config = _write_case(tmp_path, train_config, {}, {})
+    assert prepare(config)["components_cfg_file"] == str(PACKAGED_COMPONENTS)
+
+    plain = train_config(NO_MODEL, tmp_path / "out")
+    for key in ("train_type", "component_name", "warmup_step", "update_step", "update_times"):
+        plain.pop(key)
+    path = write_yaml(tmp_path / "plain.yaml", plain)
+    assert prepare(path) == plain  # no DataFlex key added, nothing resolved
+
+
+def test_missing_config_file(run_cli, tmp_path):
+    result = run_cli(["train", tmp_path / "absent.yaml"])
+    assert_one_line_error(result, "config file", "absent.yaml", "not found")
+
+
+def test_unreadable_config_file(run_cli, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model_name_or_path: [unclosed\n")
+    assert_one_line_error(run_cli(["train", path]), "config file", "broken.yaml", "not valid YAML")
+
+
+def test_read_config_malformed_yaml_is_config_error(tmp_path):
+    from dataflex.args import read_config
+    from dataflex.errors import ConfigError
+
+    path = tmp_path / "broken.yaml"
+    path.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        read_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_read_config_overrides_and_non_mapping(tmp_path):
+    from dataflex.args import read_config
+    from dataflex.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\nb: x\n")
+    assert read_config(path, ["a=2", "c=hello world"]) == {"a": 2, "b": "x", "c": "hello world"}
+    (tmp_path / "c.json").write_text('{"a": 1}')
+    assert read_config(tmp_path / "c.json", ["b=3"]) == {"a": 1, "b": 3}
+    with pytest.raises(ConfigError, match="not found"):
+        read_config(tmp_path / "absent.yaml")
+
+
+def test_read_config_top_level_list_is_config_error(tmp_path):
+    from dataflex.args import read_config
+    from dataflex.errors import ConfigError
+
+    (tmp_path / "l.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        read_config(tmp_path / "l.yaml")
+
+
+def test_export_missing_config(run_cli, tmp_path):
+    assert_one_line_error(run_cli(["export", tmp_path / "absent.yaml"]), "absent.yaml", "not found")
+
+
+# --------------------------------------------------------------------------- informational commands
+def test_help(run_cli):
+    result = run_cli(["--help"])
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "export", "list", "version"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "export", "list", "version"])
+def test_command_help(run_cli, command):
+    result = run_cli([command, "--help"])
+    assert result.returncode == 0, result.stderr
+    assert "Usage:" in result.stdout
+    if command == "train":
+        assert "CONFIG" in result.stdout and "--debug" in result.stdout
+
+
+def test_no_args_shows_help(run_cli):
+    result = run_cli([])
+    assert "Usage:" in result.stdout + result.stderr
+
+
+def test_version(run_cli):
+    from dataflex import __version__
+
+    result = run_cli(["version"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"dataflex {__version__}"
+    assert "llamafactory 0.9.5" in lines
+
+
+def test_console_script_exists_and_runs():
+    script = Path(sys.executable).parent / "dataflex-cli"
+    if not script.exists():
+        pytest.skip("dataflex-cli console script not installed next to this interpreter")
+    result = run_command([script, "version"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("dataflex ")
+
+
+def test_list(run_cli):
+    result = run_cli(["list"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "random:" in out and "replacement" in out and "cache_dir" in out
+    assert "Components (packaged" in out
+    assert "name: random" in out
+
+
+def test_list_custom_file_and_errors(run_cli, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("selectors:\n  mine: {name: random, params: {replacement: true}}\n")
+    result = run_cli(["list", "--components", path])
+    assert result.returncode == 0, result.stderr
+    assert "mine" in result.stdout and "'replacement': True" in result.stdout
+    assert_one_line_error(run_cli(["list", "-c", tmp_path / "absent.yaml"]), "components_cfg_file")
+
+
+# --------------------------------------------------------------------------- torchrun command (pure)
+def test_torchrun_command_honours_env():
+    from dataflex.cli import torchrun_command
+
+    env = {"NPROC_PER_NODE": "2", "NNODES": "3", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29555"}
+    cmd = torchrun_command("my config.yaml", ["output_dir=/tmp/a b", "seed=3"], env, device_count=0)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    args = cmd[3:]
+    assert args[args.index("--nproc_per_node") + 1] == "2"
+    assert args[args.index("--nnodes") + 1] == "3"
+    assert args[args.index("--node_rank") + 1] == "1"
+    assert args[args.index("--master_addr") + 1] == "10.0.0.5"
+    assert args[args.index("--master_port") + 1] == "29555"
+    assert cmd[-5:] == ["-m", "dataflex.launcher", "my config.yaml", "output_dir=/tmp/a b", "seed=3"]
+
+
+def test_torchrun_command_defaults_and_elastic():
+    from dataflex.cli import torchrun_command
+    from dataflex.errors import ConfigError
+
+    cmd = torchrun_command("c.yaml", [], {}, device_count=4)
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "4"
+    assert cmd[cmd.index("--nnodes") + 1] == "1"
+    assert cmd[cmd.index("--master_port") + 1].isdigit()
+    cmd = torchrun_command("c.yaml", [], {"NPROC_PER_NODE": "2", "RDZV_ID": "job", "MIN_NNODES": "1",
+                                          "MAX_NNODES": "4", "MASTER_PORT": "1234"}, device_count=0)
+    assert cmd[cmd.index("--nnodes") + 1] == "1:4"
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "127.0.0.1:1234"
+    with pytest.raises(ConfigError, match="NPROC_PER_NODE"):
+        torchrun_command("c.yaml", [], {}, device_count=0)
