@@ -1,0 +1,295 @@
+"""Benchmark: LESS features from batched per-sample gradients vs a batch-size-1 backward loop.
+
+    python bench/less.py [--samples 600] [--batch-size 16] [--cutoff 256] [--proj-dim 8192]
+                         [--baseline-samples 150] [--repeats 3] [--threads 1] [--torch-func]
+
+Builds the tiny demo model with LLaMA-Factory (LoRA on all linear layers), takes a few AdamW
+steps so the LoRA B matrices are non-zero and the optimizer has moments, then computes the
+Adam-preconditioned, projected, L2-normalised feature of every sample two ways in the same run:
+
+* batched: :class:`dataflex.scoring.gradients.GradientFeaturizer` through the scoring engine
+  (one forward + backward per length-grouped batch, per-sample gradients from the linear-layer
+  identity);
+* batch-1 loop: the reference way - for each sample alone ``loss.backward()``, read ``.grad``,
+  precondition with the same Adam moments and project with the same count sketch.
+
+It prints samples/s of both (interleaved ``--repeats`` times; the median ratio is reported), the
+lowest cosine between the two methods' features of the same sample (must be >= 0.999), and the
+peak resident memory each method added (the kernel's high-water mark, reset before each phase
+through /proc/self/clear_refs). ``--torch-func`` also times ``torch.func.vmap(grad(...))``.
+On a shared machine timings are noisy: read the ratios, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+
+from _common import pipeline  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- memory
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak RSS added by a block (MiB), from VmHWM after resetting it; None where unsupported."""
+
+    def __enter__(self):
+        self.ok = _reset_peak()
+        self.start = _rss_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        peak = _rss_kib("VmHWM")
+        self.mib = (peak - self.start) / 1024 if self.ok and peak is not None and self.start is not None else None
+        return False
+
+
+# ----------------------------------------------------------------------------- the two methods
+def batch1_features(model, collator, dataset, ids, projector, moments, names):
+    """The reference loop: one sample, one backward, flatten .grad, Adam, project."""
+    import torch
+
+    from dataflex.scoring.engine import eval_mode
+    from dataflex.scoring.gradients import adam_direction
+
+    params = dict(model.named_parameters())
+    rows = []
+    with eval_mode(model):
+        for i in ids:
+            batch = collator([dataset[int(i)]])
+            model.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            out = torch.zeros(1, projector.proj_dim)
+            for name in names:
+                g = params[name].grad.reshape(1, -1)
+                if moments is not None:
+                    g = adam_direction(g, moments[name])
+                projector.project_into(out, name, g)
+            rows.append(out[0] / out[0].norm())
+    model.zero_grad(set_to_none=True)
+    return torch.stack(rows)
+
+
+def torch_func_rate(model, collator, dataset, batches) -> float:
+    """Samples/s of vmap(grad) per-sample gradients of the LoRA weights (no projection)."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_of(p, ids, labels):
+        # no attention mask inside vmap (the mask helpers branch on data): exact with right padding
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids[None], "use_cache": False}).logits[0, :-1]
+        target = labels[1:]
+        mask = target != -100
+        tok = torch.nn.functional.cross_entropy(logits.float(), target.clamp(min=0), reduction="none")
+        return (tok * mask).sum() / mask.sum().clamp(min=1)
+
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        base.disable_input_require_grads()  # its hook calls requires_grad_, which vmap rejects
+    except Exception:  # noqa: BLE001 - not enabled
+        pass
+    model.eval()
+    n, t0 = 0, time.perf_counter()
+    for ids in batches:
+        b = collator([dataset[i] for i in ids])
+        per_sample(params, b["input_ids"], b["labels"])
+        n += len(ids)
+    return n / (time.perf_counter() - t0)
+
+
+def setup(args):
+    """Tiny model + data through LLaMA-Factory, a few AdamW steps, the featurizer with Adam moments."""
+    import torch
+
+    from dataflex.scoring.engine import ScoringEngine
+    from dataflex.scoring.gradients import GradientFeaturizer, adam_moments
+    from dataflex.scoring.projection import CountSketchProjector
+
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="dataflex-bench-less-")
+    parts = pipeline(tmp, args.samples, args.cutoff)
+    model, dataset, collator = parts["model"], parts["train_dataset"], parts["collator"]
+    n = len(dataset)
+
+    # a few real AdamW steps: non-zero LoRA B matrices, and Adam moments to precondition with
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(5):
+        ids = torch.randperm(n, generator=gen)[:8].tolist()
+        opt.zero_grad()
+        model(**collator([dataset[i] for i in ids])).loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    engine = ScoringEngine(model, collator, "cpu", show_progress=False)
+    lengths = engine.lengths(dataset)
+    projector = CountSketchProjector(args.proj_dim, seed=123)
+    featurizer = GradientFeaturizer(model, projector)
+    moments, reason = adam_moments(opt, model, featurizer.param_names)
+    if moments is None:
+        raise SystemExit(f"no Adam moments: {reason}")
+    featurizer.moments = moments
+    by_length = sorted(range(n), key=lambda i: lengths[i])
+    step = max(1, n // args.baseline_samples)
+    base_ids = by_length[::step][: args.baseline_samples]
+    return {"model": model, "dataset": dataset, "collator": collator, "engine": engine, "lengths": lengths,
+            "projector": projector, "featurizer": featurizer, "moments": moments, "base_ids": base_ids,
+            "trainable": trainable, "tmp": tmp}
+
+
+def run_batched(st, args, ids):
+    from dataflex.scoring.gradients import sharded_features
+
+    return sharded_features(st["engine"], st["dataset"], ids, args.batch_size, st["featurizer"])
+
+
+def run_loop(st, args, ids):
+    return batch1_features(st["model"], st["collator"], st["dataset"], ids, st["projector"], st["moments"],
+                           st["featurizer"].param_names)
+
+
+def memory_child(args) -> None:
+    """Peak RSS one method adds over the same samples, in a process of its own (prints JSON)."""
+    import json
+
+    st = setup(args)
+    method = run_batched if args.memory_child == "batched" else run_loop
+    method(st, args, st["base_ids"][:4])  # warm-up: first-call allocations are not the method's
+    with PeakMemory() as mem:
+        method(st, args, st["base_ids"])
+    print(json.dumps({"method": args.memory_child, "peak_mib": mem.mib}))
+
+
+def child_memory(method: str) -> float | None:
+    import json
+    import subprocess
+
+    argv = [a for a in sys.argv[1:] if a != "--torch-func"]
+    res = subprocess.run([sys.executable, __file__, *argv, "--memory-child", method], capture_output=True, text=True,
+                         check=False)
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["peak_mib"]
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--samples", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--cutoff", type=int, default=256)
+    ap.add_argument("--proj-dim", type=int, default=8192)
+    ap.add_argument("--baseline-samples", type=int, default=150,
+                    help="samples timed in the batch-1 loop (spread over all lengths)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
+    ap.add_argument("--torch-func", action="store_true", help="also time torch.func.vmap(grad)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--memory-child", choices=["batched", "loop"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    import shutil
+
+    from dataflex.scoring.engine import length_batches
+
+    st = setup(args)
+    try:
+        n, lengths, trainable = len(st["dataset"]), st["lengths"], st["trainable"]
+        base_ids = st["base_ids"]
+        names = st["featurizer"].param_names
+        largest = max(p.numel() for p in trainable)
+        print(f"samples: {n}, tokens per sample: min {min(lengths)}, mean {sum(lengths) / n:.0f}, max {max(lengths)}; "
+              f"LoRA parameters: {sum(p.numel() for p in trainable)} in {len(names)} matrices (largest {largest}); "
+              f"proj_dim {args.proj_dim}; batch {args.batch_size}; threads {args.threads}")
+
+        run_batched(st, args, range(min(32, n)))  # warm-up
+        run_loop(st, args, base_ids[:4])
+        batched_rates, loop_rates = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            feats = run_batched(st, args, range(n))
+            batched_rates.append(n / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            ref = run_loop(st, args, base_ids)
+            loop_rates.append(len(base_ids) / (time.perf_counter() - t0))
+        cos = (feats[base_ids] * ref).sum(dim=1)
+        assert all(p.grad is None for p in trainable)
+
+        ratios = [b / l for b, l in zip(batched_rates, loop_rates)]
+        print(f"batch-1 loop : {statistics.median(loop_rates):8.1f} samples/s  (on {len(base_ids)} samples; "
+              f"runs {', '.join(f'{r:.1f}' for r in loop_rates)})")
+        print(f"batched bs={args.batch_size:<3}: {statistics.median(batched_rates):8.1f} samples/s  "
+              f"(runs {', '.join(f'{r:.1f}' for r in batched_rates)})")
+        print(f"speed-up     : x{statistics.median(ratios):.1f} (median of {len(ratios)} interleaved runs; "
+              f"min x{min(ratios):.1f}, max x{max(ratios):.1f})")
+        print(f"cosine batched vs batch-1 (same projection): min {cos.min().item():.6f}, mean {cos.mean().item():.6f}")
+
+        if not args.no_memory:
+            mb, ml = child_memory("batched"), child_memory("loop")
+            if mb is not None and ml is not None:
+                features = args.batch_size * (args.proj_dim + largest) * 4 / 2**20
+                print(f"peak RSS added over the {len(base_ids)} samples (own process each): batched {mb:.1f} MiB, "
+                      f"batch-1 loop {ml:.1f} MiB (ratio x{mb / max(ml, 1e-3):.2f}); per batch, features + largest "
+                      f"layer's per-sample gradients: {features:.2f} MiB; "
+                      f"count-sketch hashes: {st['projector'].memory_bytes() / 2**20:.2f} MiB")
+            else:
+                print("peak RSS: not measurable here (/proc/self/clear_refs or the child failed)")
+
+        if args.torch_func:
+            from dataflex.scoring.engine import eval_mode
+            from dataflex.scoring.gradients import per_sample_gradients
+
+            batches = length_batches(lengths, range(n), args.batch_size)
+            engine, model = st["engine"], st["model"]
+            targets = st["featurizer"].targets
+            t0 = time.perf_counter()
+            with eval_mode(model):
+                for ids in batches:
+                    data = engine.collate(st["dataset"], ids)
+                    per_sample_gradients(model, engine.model_inputs(data), data["labels"], targets).as_dict()
+            hooks = n / (time.perf_counter() - t0)
+            rate = torch_func_rate(model, st["collator"], st["dataset"], batches)
+            print(f"per-sample gradients only (no Adam, no projection): linear-layer identity {hooks:.1f} samples/s, "
+                  f"torch.func vmap(grad) {rate:.1f} samples/s (identity x{hooks / rate:.2f})")
+    finally:
+        shutil.rmtree(st["tmp"], ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

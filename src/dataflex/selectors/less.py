@@ -1,0 +1,165 @@
+"""``less``: choose the training samples whose Adam update points towards the eval set's gradient.
+
+LESS (Xia et al., ICML 2024), run online at every selection ``i`` with the model as it is after
+the last optimizer step (parameters θ_i, learning rate η_i):
+
+* eval feature of every eval sample z': its plain per-sample gradient ∇ℓ(z'; θ_i);
+* train feature of every candidate z: its Adam update direction
+  Γ(z) = m' / (√v' + ε), m' = β1·m + (1−β1)·g, v' = β2·v + (1−β2)·g², from its per-sample
+  gradient g and the optimizer's current moments m, v (``gradient_type: sgd``, or an optimizer
+  without moments yet: Γ = g, with a warning);
+* both projected with the same seeded count sketch to ``proj_dim`` numbers and L2-normalised;
+* Score_i(z) = mean over z' of cos(Γ(z), ∇ℓ(z')),  S(z) = Σ_{j ≤ i} η_j · Score_j(z);
+* the ``num_samples`` (G × update_step) samples with the highest S are chosen (ties: higher
+  current Score, then lower index). ``cumulative: false`` ranks by the current Score alone.
+
+Gradients are those of the trainable LoRA parameters, a whole batch per forward + backward
+(:mod:`dataflex.scoring.gradients`), sharded over ranks; only the scores travel between ranks.
+S is kept as the selector's state and saved with every selection record, so a resumed run
+continues the same sums.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..scoring.gradients import GradientFeaturizer, adam_moments, sharded_features
+from ..scoring.projection import CountSketchProjector
+from .base import ScoringParams, SelectionContext, SelectionResult, Selector, candidate_indices, logger, register
+
+
+@dataclass
+class LessParams(ScoringParams):
+    gradient_type: Literal["adam", "sgd"] = field(
+        default="adam",
+        metadata={"help": "Train feature: the Adam update direction (adam) or the plain gradient (sgd)."},
+    )
+    proj_dim: int = field(default=8192, metadata={"help": "Dimension of the random projection of the gradients."})
+    seed: int = field(default=123, metadata={"help": "Seed of the random projection (same on every rank)."})
+    cumulative: bool = field(
+        default=True,
+        metadata={"help": "Rank by S = sum of lr x Score over the selections so far (true) or by this Score only."},
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.proj_dim < 1:
+            self.fail("proj_dim", "an integer >= 1 (e.g. 4096 or 8192)")
+
+
+def rank_order(key: torch.Tensor, score: torch.Tensor) -> list[int]:
+    """Positions with a finite ``key``, best first: higher key, then higher score, then lower position."""
+    valid = [i for i in range(len(key)) if not math.isnan(float(key[i]))]
+    return sorted(valid, key=lambda i: (-float(key[i]), -float(score[i]), i))
+
+
+@register
+class LessSelector(Selector):
+    name = "less"
+    Params = LessParams
+    needs_eval = True
+    supported_finetuning = ("lora",)
+    summary = "LESS: Adam-direction gradients of the LoRA weights aligned with the eval set's gradients"
+
+    def __init__(self, params: LessParams):
+        super().__init__(params)
+        self.projector = CountSketchProjector(params.proj_dim, params.seed)
+        self.cumulative: torch.Tensor | None = None  # S per training index (float64, NaN: never scored)
+        self.learning_rates: list[float] = []  # η_j of every selection folded into S
+
+    # ------------------------------------------------------------------ state (travels in the records)
+    def state_dict(self) -> dict[str, Any]:
+        if self.cumulative is None:
+            return {}
+        values = [None if math.isnan(v) else v for v in self.cumulative.tolist()]
+        return {"cumulative_score": values, "learning_rates": list(self.learning_rates)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("cumulative_score") is not None:
+            self.cumulative = torch.tensor(
+                [float("nan") if v is None else float(v) for v in state["cumulative_score"]], dtype=torch.float64
+            )
+            self.learning_rates = [float(v) for v in state.get("learning_rates", [])]
+
+    # ------------------------------------------------------------------ selection
+    def select(self, ctx: SelectionContext) -> SelectionResult:
+        p = self.params
+        engine = ctx.scorer
+        model = engine.model
+        if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
+            raise ValueError("selector 'less' needs eval_dataset, and the eval set is empty")
+        pool = candidate_indices(ctx, p.candidate_pool)
+
+        plain = GradientFeaturizer(model, self.projector)
+        eval_feats = sharded_features(engine, ctx.eval_dataset, range(len(ctx.eval_dataset)), p.scoring_batch_size,
+                                      plain, desc="LESS eval gradients")
+        eval_valid = ~torch.isnan(eval_feats[:, 0])
+        if not bool(eval_valid.any()):
+            raise ValueError("no eval sample has a supervised token (check cutoff_len and eval_dataset)")
+        target = eval_feats[eval_valid].mean(dim=0)
+
+        gradient_type = p.gradient_type
+        moments = None
+        if gradient_type == "adam":
+            moments, reason = adam_moments(ctx.optimizer, model, plain.param_names, engine.device)
+            if moments is None:
+                gradient_type = "sgd"
+                if ctx.rank == 0:
+                    logger.warning("[DataFlex] less: %s; selection %d uses plain gradients (sgd) for the training "
+                                   "samples", reason, ctx.selection + 1)
+        train = GradientFeaturizer(model, self.projector, moments)
+        target_dev = target.to(engine.device)
+        score = sharded_features(engine, ctx.train_dataset, pool, p.scoring_batch_size, train,
+                                 reduce=lambda f: f @ target_dev, desc="LESS train gradients").double()
+
+        lr = float(ctx.learning_rate)
+        if self.cumulative is None or len(self.cumulative) != ctx.train_size:
+            if self.cumulative is not None and ctx.rank == 0:
+                logger.warning("[DataFlex] less: stored cumulative scores are for %d samples, the training set has %d: "
+                               "starting afresh", len(self.cumulative), ctx.train_size)
+            self.cumulative = torch.full((ctx.train_size,), float("nan"), dtype=torch.float64)
+            self.learning_rates = []
+        pool_t = torch.tensor(pool, dtype=torch.long)
+        scored = ~torch.isnan(score)
+        before = self.cumulative[pool_t]
+        after = torch.where(torch.isnan(before), torch.zeros_like(before), before) + lr * score
+        self.cumulative[pool_t[scored]] = after[scored]
+        self.learning_rates.append(lr)
+        S = self.cumulative[pool_t]
+        S = torch.where(scored, S, torch.full_like(S, float("nan")))  # unscored now: not a candidate now
+
+        order = rank_order(S if p.cumulative else score, score)
+        if not order:
+            raise ValueError("no training sample has a supervised token (check cutoff_len and the dataset)")
+        n = ctx.num_samples
+        repeated = n > len(order)
+        if repeated and ctx.rank == 0:
+            logger.warning("[DataFlex] less: asked for %d samples but only %d can be scored: the ranking is repeated",
+                           n, len(order))
+        picks = [order[k % len(order)] for k in range(n)]
+        unscored = int((~scored).sum())
+        if ctx.rank == 0:
+            chosen = score[torch.tensor(picks)]
+            logger.info("[DataFlex] less: %d eval / %d train gradients (%s, proj_dim %d, lr %.3g); Score of the pool "
+                        "mean %.4f max %.4f, of the chosen mean %.4f; %d unscored", int(eval_valid.sum()),
+                        int(scored.sum()), gradient_type, p.proj_dim, lr, float(score[scored].mean()),
+                        float(score[scored].max()), float(chosen.mean()), unscored)
+        return SelectionResult(
+            [pool[i] for i in picks],
+            {
+                "score": [float(score[i]) for i in picks],
+                "cumulative_score": [float(S[i]) for i in picks],
+                "gradient_type": gradient_type,
+                "learning_rate": lr,
+                "ranked_by": "cumulative_score" if p.cumulative else "score",
+                "eval_samples": int(eval_valid.sum()),
+                "scored": int(scored.sum()),
+                "unscored": unscored,
+                "pool_score_mean": float(score[scored].mean()),
+                "replacement": repeated,
+            },
+        )
