@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--cutoff", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 keeps a shared 2-core machine from distorting small ops)")
     ap.add_argument("--baseline-samples", type=int, default=600,
                     help="samples timed in the batch-1 loop (its rate is per sample, so a subset suffices)")
     args = ap.parse_args()
@@ -39,7 +41,7 @@ def main() -> None:
 
     from dataflex.scoring.engine import ScoringEngine
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         parts = pipeline(tmp, args.samples, args.cutoff)
         model, dataset, collator = parts["model"], parts["train_dataset"], parts["collator"]

@@ -85,6 +85,32 @@ def per_sample_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return sums, counts
 
 
+def supervised_loss_sums(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ``inputs`` and return each row's summed token loss and supervised-token count.
+
+    Logits are only computed at positions that predict a supervised token in some row
+    (``logits_to_keep``), which saves the LM head's compute and - with a large vocabulary - most
+    of the logits' memory. Models without ``logits_to_keep`` fall back to full logits.
+    """
+    shift = labels[:, 1:]
+    keep = (shift != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:
+        zeros = torch.zeros(labels.size(0), device=labels.device)
+        return zeros.float(), zeros.long()
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError:
+        return per_sample_token_losses(model(**inputs).logits, labels)
+    targets = shift[:, keep]
+    mask = targets != IGNORE_INDEX
+    counts = mask.sum(dim=1)
+    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=logits.device)
+    rows = mask.nonzero(as_tuple=True)[0]
+    token_loss = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    sums.index_add_(0, rows, token_loss)
+    return sums, counts
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -115,6 +141,7 @@ class ScoringEngine:
         self.show_progress = show_progress and rank == 0
         self._lengths: dict[int, list[int]] = {}
         self.forward_passes = 0  # this rank's forwards in the last call (for benchmarks/tests)
+        self.padding = False  # True while run_sharded runs a padding batch whose result is dropped
 
     # -------------------------------------------------------------- plumbing
     def lengths(self, dataset: Any) -> list[int]:
@@ -154,7 +181,11 @@ class ScoringEngine:
                 if k < len(mine):
                     results[mine[k]] = fn(batches[mine[k]])
                 elif batches:  # keep the number of forwards equal on every rank; result dropped
-                    fn(batches[0])
+                    self.padding = True
+                    try:
+                        fn(batches[0])
+                    finally:
+                        self.padding = False
                 self.forward_passes += 1
                 if progress is not None:
                     progress.update(1)
@@ -193,8 +224,7 @@ class ScoringEngine:
 
         def score(batch: list[int]) -> list[float]:
             data = self.collate(dataset, [indices[p] for p in batch])
-            logits = model(**self.model_inputs(data)).logits
-            sums, counts = per_sample_token_losses(logits, data["labels"])
+            sums, counts = supervised_loss_sums(model, self.model_inputs(data), data["labels"])
             values = (sums.double() / counts.clamp(min=1)).masked_fill(counts == 0, float("nan"))
             return values.cpu().tolist()
 

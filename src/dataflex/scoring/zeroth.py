@@ -1,0 +1,305 @@
+"""Zeroth-order (SPSA) probes: directional derivatives of per-sample losses from forward passes.
+
+What is computed
+----------------
+For the trainable parameters θ (LoRA's ``lora_A`` / ``lora_B`` in practice), a direction ξ of
+the same shape and a step ``h``, the central finite difference of a sample's loss f(·; z) is
+
+    d(z) = (f(θ + hξ; z) − f(θ − hξ; z)) / (2h)  ≈  ∇f(θ; z) · ξ
+
+with an error of order h² (the even terms of the Taylor expansion cancel). ``f`` is the scoring
+engine's per-sample loss: the mean token cross-entropy over the sample's supervised tokens, the
+number the model reports for the sample alone. With ξ ~ N(0, I), E[d(z) d(z')] ≈ ∇f(z)·∇f(z'),
+so K shared directions give an unbiased estimate of a gradient inner product from 2K forwards
+per sample and no backward pass.
+
+Directions
+----------
+ξ is never stored. Direction ``k`` of a parameter is drawn from a fresh CPU ``torch.Generator``
+seeded with a hash of ``(seed, selection, k, parameter name)`` in float32 and moved to the
+parameter's device, so it can be regenerated at will, is the same on every rank and every
+device type, and does not depend on the order in which parameters are visited. Only one
+parameter's slice of ξ exists at a time.
+
+The step h
+----------
+``h = epsilon x rms(θ)``, where rms(θ) is the root mean square of all trainable parameters
+together (float64; ``epsilon`` itself when θ is all zeros). The step is thus a fixed fraction
+``epsilon`` of the parameter vector's length (‖hξ‖ ≈ epsilon ‖θ‖ since ‖ξ‖ ≈ √n). One scalar
+for all parameters keeps ξ isotropic, so d(z)·d(z') still estimates the plain inner product.
+
+Why relative: ``bench/zeroth.py --epsilon-sweep`` compares d with autograd's ∇f·ξ. On the demo
+model, rescaling LoRA's A and B by 10 or 0.1 (and the LoRA scaling by the inverse square: the
+same function) moved the best absolute step by two decades, while the relative step kept the
+same error at every epsilon (about 1e-3 at epsilon 1e-3 in float32). Real LoRA set-ups differ
+in exactly this way (rank, alpha, rsLoRA, PiSSA-style inits, hidden size). When the forward runs
+in fp16 / bf16 the loss itself carries rounding noise and epsilon 1e-3 is too small (relative
+error 0.45 in fp16, 3.6 in bf16); epsilon 1e-2 brought it to 0.05 / 0.24, so the probe warns
+below :data:`HALF_PRECISION_EPSILON` on half-precision models.
+
+Arithmetic and restoring the parameters
+---------------------------------------
+A copy of every trainable parameter (its own dtype) is kept. A perturbed value is always
+formed from that copy, in float32: ``θ± = (float32(θ0) ± h·ξ).to(dtype)``, never by adding
+to the already perturbed tensor, so no rounding error accumulates over directions, and the
+copy is written back at the end (``copy_`` of the original tensor: bit-exact), also when a
+forward fails. With float32 parameters (LLaMA-Factory upcasts trainable LoRA weights to float32
+unless ``pure_bf16``) the perturbation is applied to float32 precision. With half-precision
+trainable parameters the rounding to bf16/fp16 changes the applied step; both signs and every
+sample see the same rounded θ±, so train and eval differences still refer to the same effective
+direction, but steps smaller than half a unit in the last place are lost - a warning says so.
+
+Eval-gradient direction
+-----------------------
+:meth:`ZerothOrderProbe.eval_gradient` computes ḡ = ∇ (1/M) Σ f(θ; z') over the eval samples
+with one forward and backward per batch (sharded like the losses, gradients summed over ranks).
+Probing along u = ḡ √n / ‖ḡ‖ (the length of a typical Gaussian ξ, so the same ``h`` applies)
+gives d(z) ≈ ∇f(z)·u, and ``d(z) ‖ḡ‖ / √n ≈ ∇f(z)·ḡ`` from 2 forwards per sample.
+
+Sharding
+--------
+The perturbed forwards go through :meth:`ScoringEngine.losses` (length-grouped batches, batch
+``b`` on rank ``b % world``, equal forward counts on every rank, results gathered to every rank,
+errors raised on every rank); every rank applies the same perturbation before each call. The
+eval gradient uses :meth:`ScoringEngine.run_sharded` with the same batching; a rank keeps the
+gradients of its own batches only, which run_sharded runs before its count-equalising extra
+forwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .distributed import is_distributed
+from .engine import ScoringEngine, eval_mode, length_batches, supervised_loss_sums
+
+logger = logging.getLogger("dataflex")
+
+HALF_PRECISION_EPSILON = 1e-2  # smallest relative step that beat rounding noise in fp16 / bf16 forwards (bench)
+Direction = Callable[[int, str, torch.Tensor], torch.Tensor]  # (param position, name, param) -> fp32 ξ slice
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of every parameter with ``requires_grad``, in ``named_parameters`` order."""
+    params = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id") or p.numel() == 0:
+            raise ValueError(
+                f"trainable parameter '{name}' is partitioned (DeepSpeed ZeRO-3); zeroth-order probes need every "
+                "rank to hold the full trainable parameters (use ZeRO-0/1/2 or no DeepSpeed)"
+            )
+        params.append((name, p))
+    if not params:
+        raise ValueError("the model has no trainable parameters to perturb")
+    return params
+
+
+def compute_dtype(model: torch.nn.Module) -> str | None:
+    """``"torch.float16"`` / ``"torch.bfloat16"`` when the frozen weights are half precision, else None."""
+    for _, p in model.named_parameters():
+        if not p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            return str(p.dtype)
+    return None
+
+
+def direction_seed(seed: int, selection: int, k: int, name: str) -> int:
+    """A 63-bit generator seed for direction ``k`` of parameter ``name`` at a selection."""
+    text = f"zeroth:{seed}:{selection}:{k}:{name}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def gaussian_direction(seed: int, selection: int, k: int) -> Direction:
+    """Direction ``k``: i.i.d. N(0, 1) float32 entries, regenerated from the seed on every call."""
+
+    def make(_: int, name: str, param: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(direction_seed(seed, selection, k, name))
+        return torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.device)
+
+    return make
+
+
+def parameter_rms(params: Sequence[tuple[str, torch.Tensor]]) -> float:
+    total, count = 0.0, 0
+    for _, p in params:
+        total += float(p.detach().double().pow(2).sum())
+        count += p.numel()
+    return math.sqrt(total / max(count, 1))
+
+
+class Perturbation:
+    """Holds a copy of the trainable parameters; sets θ0 + scale·ξ; restores θ0 bit-exactly.
+
+    Use as a context manager: the original values are written back on exit, errors included.
+    """
+
+    def __init__(self, params: Sequence[tuple[str, torch.nn.Parameter]]):
+        self.params = list(params)
+        self.backup = [p.detach().clone() for _, p in self.params]
+
+    @torch.no_grad()
+    def apply(self, direction: Direction, scale: float) -> None:
+        for i, ((name, p), orig) in enumerate(zip(self.params, self.backup)):
+            xi = direction(i, name, p)
+            p.copy_((orig.float() + scale * xi).to(p.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for (_, p), orig in zip(self.params, self.backup):
+            p.copy_(orig)
+
+    def __enter__(self) -> "Perturbation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+
+@dataclass
+class ProbeCost:
+    """Work done by a probe so far: sample forwards (all ranks), batch forwards / backwards on this rank."""
+
+    sample_forwards: int = 0
+    rank_forwards: int = 0
+    rank_backwards: int = 0
+
+
+class ZerothOrderProbe:
+    """Finite differences of per-sample losses along shared directions, through a :class:`ScoringEngine`."""
+
+    def __init__(self, engine: ScoringEngine, epsilon: float = 1e-3):
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        self.engine = engine
+        self.epsilon = epsilon
+        self.params = trainable_parameters(engine.model)
+        self.num_params = sum(p.numel() for _, p in self.params)
+        self.cost = ProbeCost()
+        self.rms = float("nan")  # set by step()
+        if engine.rank == 0:
+            low = sorted({str(p.dtype) for _, p in self.params if p.dtype not in (torch.float32, torch.float64)})
+            if low:
+                logger.warning("[DataFlex] zeroth: trainable parameters in %s: perturbations are rounded to that "
+                               "precision (consider a larger epsilon, or float32 trainable weights)", ", ".join(low))
+            half = compute_dtype(engine.model)
+            if half is not None and epsilon < HALF_PRECISION_EPSILON:
+                logger.warning("[DataFlex] zeroth: the model computes in %s; with epsilon %g the differences are "
+                               "dominated by rounding - epsilon %g or larger is advised (docs/selectors/zeroth.md)",
+                               half, epsilon, HALF_PRECISION_EPSILON)
+
+    def step(self) -> float:
+        """The absolute step h = epsilon x rms(θ) (epsilon when θ is all zeros)."""
+        self.rms = parameter_rms(self.params)
+        return self.epsilon * self.rms if self.rms > 0 else self.epsilon
+
+    # ------------------------------------------------------------------ finite differences
+    def differences(
+        self,
+        sets: Sequence[tuple[Any, Sequence[int]]],
+        directions: Sequence[Direction],
+        batch_size: int,
+        h: float | None = None,
+        desc: str = "zeroth differences",
+    ) -> list[torch.Tensor]:
+        """``d`` for every ``(dataset, indices)`` in ``sets``: one float64 tensor ``[len(indices), K]`` each.
+
+        NaN where a sample has no supervised token. Parameters are restored before returning.
+        """
+        h = self.step() if h is None else h
+        K = len(directions)
+        out = [torch.full((len(ids), K), float("nan"), dtype=torch.float64) for _, ids in sets]
+        engine = self.engine
+        progress = None
+        if engine.show_progress:  # one bar over the 2K perturbed passes instead of one per engine call
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=2 * K, desc=f"[DataFlex] {desc}", unit="pass", leave=False)
+        shown, engine.show_progress = engine.show_progress, False
+        try:
+            with Perturbation(self.params) as pert:
+                for k, direction in enumerate(directions):
+                    values = []
+                    for sign in (1.0, -1.0):
+                        pert.apply(direction, sign * h)
+                        per_set = []
+                        for dataset, ids in sets:
+                            per_set.append(engine.losses(dataset, ids, batch_size, desc=desc))
+                            self.cost.rank_forwards += engine.forward_passes
+                            self.cost.sample_forwards += len(ids)
+                        values.append(per_set)
+                        if progress is not None:
+                            progress.update(1)
+                    for s in range(len(sets)):
+                        out[s][:, k] = (values[0][s] - values[1][s]) / (2.0 * h)
+        finally:
+            engine.show_progress = shown
+            if progress is not None:
+                progress.close()
+        return out
+
+    # ------------------------------------------------------------------ eval gradient
+    def eval_gradient(self, dataset: Any, indices: Sequence[int], batch_size: int,
+                      desc: str = "zeroth eval gradient") -> tuple[list[torch.Tensor], int]:
+        """ḡ = ∇ of the mean per-sample loss over ``indices`` (float32, one tensor per trainable parameter).
+
+        Batches are sharded like the losses; each rank sums the gradients of its own batches (the
+        padding forwards that keep the counts equal are run and discarded) and the sums are added
+        over ranks. Returns ``(ḡ, number of samples with a supervised token)``. ``.grad`` of the
+        parameters is not touched.
+        """
+        engine, model = self.engine, self.engine.model
+        indices = [int(i) for i in indices]
+        lengths = engine.lengths(dataset)
+        batches = length_batches([lengths[i] for i in indices], range(len(indices)), batch_size)
+        tensors = [p for _, p in self.params]
+        acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in tensors]
+
+        def grad_of(batch: list[int]) -> list[bool]:
+            mine = not engine.padding  # padding forwards keep ranks in step; their gradient is dropped
+            data = engine.collate(dataset, [indices[p] for p in batch])
+            with torch.enable_grad():
+                sums, counts = supervised_loss_sums(model, engine.model_inputs(data), data["labels"])
+                total = (sums / counts.clamp(min=1)).sum()
+                if total.requires_grad:
+                    grads = torch.autograd.grad(total, tensors, allow_unused=True)
+                else:  # no supervised token in the batch
+                    grads = [None] * len(tensors)
+            if mine:
+                for a, g in zip(acc, grads):
+                    if g is not None:
+                        a.add_(g.float())
+            return (counts > 0).cpu().tolist()
+
+        with eval_mode(model):
+            flags = engine.run_sharded(batches, grad_of, desc)
+        self.cost.rank_backwards += engine.forward_passes
+        self.cost.rank_forwards += engine.forward_passes
+        self.cost.sample_forwards += len(indices)
+        valid = sum(sum(f) for f in flags)
+        if is_distributed():
+            import torch.distributed as dist
+
+            flat = torch.cat([a.reshape(-1) for a in acc])
+            dist.all_reduce(flat)
+            acc = [t.view_as(a) for t, a in zip(torch.split(flat, [a.numel() for a in acc]), acc)]
+        return [a / max(valid, 1) for a in acc], valid
+
+
+def tensor_direction(tensors: Sequence[torch.Tensor], scale: float = 1.0) -> Direction:
+    """A fixed direction given as one float32 tensor per trainable parameter, times ``scale``."""
+
+    def make(i: int, _: str, param: torch.Tensor) -> torch.Tensor:
+        return (tensors[i].float() * scale).to(param.device)
+
+    return make
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))

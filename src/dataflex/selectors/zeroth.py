@@ -1,0 +1,150 @@
+"""``zeroth``: gradient-alignment scores from forward passes only (SPSA finite differences).
+
+For K directions ξ_k ~ N(0, I) over the trainable (LoRA) parameters, shared by every sample,
+every rank and both data sets, and the step h (``epsilon`` relative to the parameters' scale,
+see :mod:`dataflex.scoring.zeroth`):
+
+    d_k(z) = (f(θ + hξ_k; z) − f(θ − hξ_k; z)) / (2h)          for train and eval samples
+    score(z) = (1/M) Σ_{z'} d(z)·d(z') / K  =  d(z)·mean_{z'} d(z') / K
+
+an unbiased estimate (up to the O(h²) difference error) of ∇f(z)·ḡ_eval, the first-order
+change of the mean eval loss when training on z. K = 1 is the seed's formula
+(2ε)⁻²(f(θ+εξ; z) − f(θ−εξ; z))(f(θ+εξ; z') − f(θ−εξ; z')), averaged over the eval samples.
+
+``direction: eval_gradient`` replaces the random directions by ḡ_eval itself (one backward over
+the eval set), which makes the score ∇f(z)·ḡ_eval exact up to the difference error, from 2
+forwards per training sample.
+
+The ``num_samples`` highest-scoring samples are returned (ties by index). Samples without a
+supervised token get no score and are never chosen. Directions depend on ``seed`` and the
+selection number only, so the choice is the same for every run and world size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..scoring.zeroth import ZerothOrderProbe, gaussian_direction, global_norm, tensor_direction
+from .base import ScoringParams, SelectionContext, SelectionResult, Selector, candidate_indices, logger, register
+
+DEFAULT_DIRECTIONS = 16
+
+
+@dataclass
+class ZerothParams(ScoringParams):
+    seed: int = field(default=42, metadata={"help": "Seed of the random directions (with the selection number)."})
+    epsilon: float = field(
+        default=1e-3,
+        metadata={"help": "Finite-difference step relative to the trainable parameters' RMS: "
+                          "h = epsilon x rms(theta); use >= 1e-2 with fp16 / bf16 models."},
+    )
+    num_directions: int = field(
+        default=DEFAULT_DIRECTIONS,
+        metadata={"help": "K random directions (2K forwards per sample); 1 is the seed's single-direction formula."},
+    )
+    direction: Literal["random", "eval_gradient"] = field(
+        default="random",
+        metadata={"help": "random: K Gaussian directions; eval_gradient: the eval-set gradient (one backward)."},
+    )
+    save_differences: bool = field(
+        default=False,
+        metadata={"help": "Also write the difference vectors to <cache_dir>/zeroth_step_{N}.pt (rank 0)."},
+    )
+
+    def check(self) -> None:
+        super().check()
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            self.fail("epsilon", "a finite number > 0 (a fraction of the parameters' RMS, e.g. 1e-3)")
+        if self.num_directions < 1:
+            self.fail("num_directions", "an integer >= 1")
+
+
+@register
+class ZerothSelector(Selector):
+    name = "zeroth"
+    Params = ZerothParams
+    needs_eval = True
+    supported_finetuning = ("lora",)
+    summary = "top-k by zeroth-order (finite-difference) gradient alignment with the eval set"
+
+    def select(self, ctx: SelectionContext) -> SelectionResult:
+        p = self.params
+        if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
+            raise ValueError("the zeroth selector needs a non-empty eval_dataset")
+        pool = candidate_indices(ctx, p.candidate_pool)
+        eval_ids = list(range(len(ctx.eval_dataset)))
+        probe = ZerothOrderProbe(ctx.scorer, p.epsilon)
+        h = probe.step()
+
+        if p.direction == "random":
+            K = p.num_directions
+            directions = [gaussian_direction(p.seed, ctx.selection, k) for k in range(K)]
+            d_train, d_eval = probe.differences([(ctx.train_dataset, pool), (ctx.eval_dataset, eval_ids)],
+                                                directions, p.scoring_batch_size, h=h)
+            eval_valid = ~torch.isnan(d_eval[:, 0])
+            n_eval = int(eval_valid.sum())
+            if n_eval == 0:
+                raise ValueError("no eval sample has a supervised token (check cutoff_len and the eval dataset)")
+            target = d_eval[eval_valid].mean(dim=0)  # mean over eval samples of d(z'), in R^K
+            scores = d_train @ target / K
+        else:
+            K = 1
+            grad, n_eval = probe.eval_gradient(ctx.eval_dataset, eval_ids, p.scoring_batch_size)
+            if n_eval == 0:
+                raise ValueError("no eval sample has a supervised token (check cutoff_len and the eval dataset)")
+            norm = global_norm(grad)
+            if norm == 0.0:
+                raise ValueError("the eval-set gradient is zero: nothing to align with (try direction: random)")
+            root_n = probe.num_params ** 0.5
+            direction = tensor_direction(grad, root_n / norm)  # length sqrt(n), like a Gaussian direction
+            (d_train,) = probe.differences([(ctx.train_dataset, pool)], [direction], p.scoring_batch_size, h=h)
+            target = torch.tensor([norm / root_n], dtype=torch.float64)
+            scores = d_train[:, 0] * target[0]
+
+        valid = (~torch.isnan(scores)).nonzero().flatten()
+        unscored = len(pool) - len(valid)
+        if len(valid) == 0:
+            raise ValueError("no training sample has a supervised token (check cutoff_len and the dataset)")
+        order = valid[torch.argsort(-scores[valid], stable=True)]  # pool is sorted: ties go to the lower index
+        n = ctx.num_samples
+        repeated = n > len(order)
+        if repeated:
+            logger.warning("[DataFlex] zeroth: %d samples requested but only %d have a score: the ranking is "
+                           "repeated", n, len(order))
+        ranks = [r % len(order) for r in range(n)]  # position in the descending ranking of the pool
+        chosen = [int(order[r]) for r in ranks]
+        cost = probe.cost
+        if ctx.rank == 0:
+            what = f"{K} random direction(s)" if p.direction == "random" else "the eval-gradient direction"
+            logger.info(
+                "[DataFlex] zeroth: %s over %d train + %d eval samples, step h=%.3g (epsilon %g x rms %.3g); "
+                "pool scores min %.4g, median %.4g, max %.4g; %d sample forwards",
+                what, len(pool), len(eval_ids), h, p.epsilon, probe.rms, float(scores[valid].min()),
+                float(scores[valid].median()), float(scores[valid].max()), cost.sample_forwards,
+            )
+            if p.save_differences:
+                path = os.path.join(ctx.cache_dir, f"zeroth_step_{ctx.step}.pt")
+                os.makedirs(ctx.cache_dir, exist_ok=True)
+                torch.save({"pool": pool, "d_train": d_train, "eval_target": target, "scores": scores, "h": h,
+                            "seed": p.seed, "selection": ctx.selection, "direction": p.direction}, path)
+        return SelectionResult(
+            [pool[i] for i in chosen],
+            {
+                "score": [float(scores[i]) for i in chosen],
+                "score_rank": ranks,
+                "direction": p.direction,
+                "num_directions": K,
+                "fd_step": h,
+                "eval_samples": n_eval,
+                "pool_size": len(pool),
+                "unscored": unscored,
+                "pool_score_mean": float(scores[valid].mean()),
+                "sample_forwards": cost.sample_forwards,
+                "repeated": repeated,
+            },
+        )
