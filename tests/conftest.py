@@ -189,3 +189,27 @@ def make_train_yaml(tiny_model) -> Callable[..., Path]:
         return write_yaml(folder / name, cfg)
 
     return _make
+
+
+# --------------------------------------------------------------------------- LLaMA-Factory pipeline
+def load_lf_pipeline(model_path, output_dir, **overrides: Any) -> dict[str, Any]:
+    """Tiny LoRA model, demo data tokenized and collated by LLaMA-Factory itself (no training).
+
+    Defaults: LoRA rank 4 on all linears, dropout 0.1 (scoring must switch it off), demo_mix +
+    demo_chat train, demo_add_eval eval, cutoff 96, 60 samples per dataset, fp32, seed 3.
+    """
+    from dataflex.integration import load_pipeline
+
+    cfg = {
+        "model_name_or_path": str(model_path), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "lora_rank": 4, "lora_dropout": 0.1, "dataset": "demo_mix,demo_chat",
+        "eval_dataset": "demo_add_eval", "dataset_dir": str(DATA_DIR), "template": "default", "cutoff_len": 96,
+        "max_samples": 60, "preprocessing_num_workers": 1, "output_dir": str(output_dir), "report_to": "none",
+        "bf16": False, "seed": 3,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return load_pipeline(cfg)

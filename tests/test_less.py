@@ -39,16 +39,10 @@ def lf_pipeline(tiny_model, data_dir, tmp_path_factory):
     LoRA B starts at zero (then every lora_A gradient is zero too), so the adapter weights are
     moved off their initial values, seeded, before anything is compared.
     """
-    from dataflex.integration import load_pipeline
+    from conftest import load_lf_pipeline
 
     out = tmp_path_factory.mktemp("less-pipeline")
-    parts = load_pipeline({
-        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_target": "all", "lora_rank": 4, "lora_dropout": 0.1, "dataset": "demo_mix,demo_chat",
-        "eval_dataset": "demo_add_eval", "dataset_dir": str(data_dir), "template": "default", "cutoff_len": 96,
-        "max_samples": 30, "preprocessing_num_workers": 1, "output_dir": str(out), "report_to": "none",
-        "bf16": False, "seed": 3,
-    })
+    parts = load_lf_pipeline(tiny_model, out, max_samples=30)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in parts["model"].parameters():
@@ -240,15 +234,11 @@ def test_params_are_checked():
 @pytest.fixture(scope="module")
 def demo_mix(tiny_model, data_dir, tmp_path_factory):
     """The whole demo mixture (600 rows, 15% "add") and the held-out "add" eval set, cutoff 64."""
-    from dataflex.integration import load_pipeline
+    from conftest import load_lf_pipeline
 
     out = tmp_path_factory.mktemp("less-demo")
-    return load_pipeline({
-        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_target": "all", "lora_rank": 8, "dataset": "demo_mix", "eval_dataset": "demo_add_eval",
-        "dataset_dir": str(data_dir), "template": "default", "cutoff_len": 64, "preprocessing_num_workers": 1,
-        "output_dir": str(out), "report_to": "none", "bf16": False, "seed": 3,
-    })
+    return load_lf_pipeline(tiny_model, out, lora_rank=8, lora_dropout=None, dataset="demo_mix", cutoff_len=64,
+                            max_samples=None)
 
 
 def _context(parts, engine, optimizer, lr, selection, n=90, pool_gen_seed=0):

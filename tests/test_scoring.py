@@ -15,16 +15,9 @@ from dataflex.scoring.engine import ScoringEngine, length_batches, per_sample_to
 @pytest.fixture(scope="module")
 def lf_pipeline(tiny_model, data_dir, tmp_path_factory):
     """Tiny LoRA model, demo data tokenized and collated by LLaMA-Factory itself (no training)."""
-    from dataflex.integration import load_pipeline
+    from conftest import load_lf_pipeline
 
-    out = tmp_path_factory.mktemp("pipeline")
-    return load_pipeline({
-        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_target": "all", "lora_rank": 4, "lora_dropout": 0.1, "dataset": "demo_mix,demo_chat",
-        "eval_dataset": "demo_add_eval", "dataset_dir": str(data_dir), "template": "default", "cutoff_len": 96,
-        "max_samples": 60, "preprocessing_num_workers": 1, "output_dir": str(out), "report_to": "none",
-        "bf16": False, "seed": 3,
-    })
+    return load_lf_pipeline(tiny_model, tmp_path_factory.mktemp("pipeline"))
 
 
 def _rows_with_masked(dataset, n_masked=3):

@@ -69,17 +69,11 @@ def train_briefly(model, collator, dataset, steps: int, lr: float = 3e-3) -> Non
 @pytest.fixture(scope="module")
 def lf(tiny_model, data_dir, tmp_path_factory):
     """Tiny LoRA model briefly trained on demo_mix, eval set demo_add_eval, via LLaMA-Factory itself."""
-    from dataflex.integration import load_pipeline
+    from conftest import load_lf_pipeline
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("zeroth-pipeline")
-    parts = load_pipeline({
-        "model_name_or_path": str(tiny_model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-        "lora_target": "all", "lora_rank": 4, "lora_dropout": 0.1, "dataset": "demo_mix",
-        "eval_dataset": "demo_add_eval", "dataset_dir": str(data_dir), "template": "default", "cutoff_len": 64,
-        "max_samples": 80, "preprocessing_num_workers": 1, "output_dir": str(out), "report_to": "none",
-        "bf16": False, "seed": 3,
-    })
+    parts = load_lf_pipeline(tiny_model, out, dataset="demo_mix", cutoff_len=64, max_samples=80)
     train_briefly(parts["model"], parts["collator"], parts["train_dataset"], steps=40)
     return parts
 

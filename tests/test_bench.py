@@ -1,0 +1,22 @@
+"""The quality benchmark runs end to end (who wins is not asserted: that is the benchmark's job)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, run_command
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quality_benchmark_runs(tmp_path):
+    out = tmp_path / "quality"
+    res = run_command([sys.executable, "bench/quality.py", "--out", out, "--only", "random", "less",
+                       "--seeds", "1", "--warmup-steps", "2", "--steps-per-selection", "2", "--selections", "1"],
+                      timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    assert "| random (seed 1) |" in table and "| less |" in table
+    assert (out / "eval_loss.png").stat().st_size > 1000
