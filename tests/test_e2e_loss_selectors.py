@@ -1,8 +1,8 @@
-"""End to end: loss and delta_loss through `dataflex-cli train`, on 1 and on 2 processes.
+"""End to end: random, loss and delta_loss through `dataflex-cli train`, on 1 and on 2 processes.
 
 Both runs use the same global batch (4 x 1 x 1 and 2 x 1 x 2), so they train on the same
 samples in the same steps; the scores recorded at every selection must then agree, and so must
-the chosen indices.
+the chosen indices - two independent runs with a fixed seed select the same samples.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _records(out):
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("step_*.json"))}
 
 
-@pytest.fixture(scope="module", params=["loss", "delta_loss"])
+@pytest.fixture(scope="module", params=["random", "loss", "delta_loss"])
 def runs(request, make_train_yaml, run_cli, tmp_path_factory):
     component = request.param
     tmp = tmp_path_factory.mktemp(component)
@@ -56,17 +56,19 @@ def test_scores_and_choices_match_across_world_sizes(runs):
     component, one, two, _ = runs
     r1, r2 = _records(one), _records(two)
     assert r1.keys() == r2.keys()
-    key = "loss" if component == "loss" else "delta"
+    key = {"loss": "loss", "delta_loss": "delta"}.get(component)
     for name in r1:
         assert r1[name]["indices"] == r2[name]["indices"], name
-        if key in r1[name]["metric"]:
+        if key and key in r1[name]["metric"]:
             assert r1[name]["metric"][key] == pytest.approx(r2[name]["metric"][key], abs=1e-4)
 
 
 def test_selector_specific_metrics(runs):
     component, one, _, _ = runs
     recs = _records(one)
-    if component == "loss":
+    if component == "random":
+        assert all(r["metric"] == {"replacement": False} for r in recs.values())
+    elif component == "loss":
         m = recs["step_2.json"]["metric"]
         q1, q2 = m["thresholds"]
         assert q1 < q2 and sum(m["band_counts"].values()) == N_TRAIN - m["unscored"]
