@@ -58,6 +58,30 @@ PREPARE_CASES = {
                                     {"comps.yaml": "r: {name: random, parms: {}}\n"}, [], ["unknown key 'parms'"]),
     "unregistered_eval_dataset": ({"eval_dataset": "nope_eval"}, {}, [], ["eval_dataset: 'nope_eval'"]),
     "stage_not_sft": ({"stage": "dpo"}, {}, [], ["stage: 'dpo'"]),
+    "choice_param_out_of_set": ({"components_cfg_file": "comps.yaml", "component_name": "l"},
+                                {"comps.yaml": "l: {name: loss, params: {focus: mid}}\n"},
+                                [], ["param 'focus' = 'mid' is invalid; allowed: low | medium | high"]),
+    "bad_override_syntax": ({}, {}, ["update_times=[1"], ["command-line overrides", "could not be applied"]),
+    "registered_file_missing": ({"dataset_dir": "{tmp}/localdata", "dataset": "ghost"},
+                                {"localdata/dataset_info.json": '{"ghost": {"file_name": "ghost.json"}}'}, [],
+                                ["dataset: dataset 'ghost' is registered as", "localdata/ghost.json, which does not exist"]),
+    "less_without_eval_dataset": ({"component_name": "less", "eval_dataset": None}, {}, [],
+                                  ["eval_dataset: required by selector 'less'"]),
+    "zeroth_with_full_finetuning": ({"component_name": "zeroth", "eval_dataset": "demo_add_eval",
+                                     "finetuning_type": "full"}, {}, [],
+                                    ["finetuning_type: 'full' is not supported by selector 'zeroth'; supported: lora"]),
+    "less_bad_proj_dim": ({"components_cfg_file": "comps.yaml", "component_name": "x", "eval_dataset": "demo_add_eval"},
+                          {"comps.yaml": "x: {name: less, params: {proj_dim: 0}}\n"}, [], ["param 'proj_dim' = 0 is invalid"]),
+    "zeroth_bad_directions": ({"components_cfg_file": "comps.yaml", "component_name": "x",
+                               "eval_dataset": "demo_add_eval"},
+                              {"comps.yaml": "x: {name: zeroth, params: {num_directions: 0}}\n"}, [],
+                              ["param 'num_directions' = 0 is invalid"]),
+    "delta_bad_window": ({"components_cfg_file": "comps.yaml", "component_name": "x"},
+                         {"comps.yaml": "x: {name: delta_loss, params: {window_size: 1.5}}\n"}, [],
+                         ["param 'window_size' = 1.5 is invalid"]),
+    "loss_bad_temperature": ({"components_cfg_file": "comps.yaml", "component_name": "x"},
+                             {"comps.yaml": "x: {name: loss, params: {temperature: 0}}\n"}, [],
+                             ["param 'temperature' = 0.0 is invalid"]),
 }
 
 
@@ -67,8 +91,9 @@ def _write_case(folder: Path, train_config, overrides, files) -> Path:
         if value is None:
             cfg.pop(key, None)
         else:
-            cfg[key] = value
+            cfg[key] = value.replace("{tmp}", str(folder)) if isinstance(value, str) else value
     for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text, encoding="utf-8")
     return write_yaml(folder / "train.yaml", cfg)
 
