@@ -262,7 +262,7 @@ class DynamicSelectMixin:
         if not earlier:
             return
         last = earlier[-1]
-        record = load_record(self.df_cache_dir, last.start_step, self.df_fingerprint)
+        record = self._df_load_record(last.start_step)
         if record is None:
             if self.df_rank == 0:
                 logger.warning("[DataFlex] resuming at step %d without the record of selection %d (step_%d.json): "
@@ -274,6 +274,12 @@ class DynamicSelectMixin:
         if self.df_rank == 0:
             logger.info("[DataFlex] resuming at step %d: selector state restored from step_%d.json", step,
                         last.start_step)
+
+    def _df_load_record(self, step: int) -> dict[str, Any] | None:
+        """Rank 0 reads the record (it wrote it) and every rank gets rank 0's answer, so all ranks
+        agree on reusing it even when the other nodes cannot see rank 0's files."""
+        record = load_record(self.df_cache_dir, step, self.df_fingerprint) if self.df_rank == 0 else None
+        return broadcast_object(record, src=0)
 
     def _df_test_pause(self, step: int) -> None:
         if os.environ.get(PAUSE_ENV) == str(step):
@@ -311,7 +317,7 @@ class DynamicSelectMixin:
     def _df_select(self, stretch: Stretch) -> list[int]:
         step, n = stretch.start_step, self.df_schedule.samples_for(stretch)
         if self.df_resuming:
-            record = load_record(self.df_cache_dir, step, self.df_fingerprint)
+            record = self._df_load_record(step)
             if record is not None and len(record["indices"]) == n:
                 if record.get("selector_state"):
                     self.df_selector.load_state_dict(record["selector_state"])
