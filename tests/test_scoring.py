@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from dataflex.scoring.engine import ScoringEngine, length_batches, per_sample_token_losses
+from dataflex.scoring.engine import ScoringEngine, length_batches, token_loss_sums
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +78,11 @@ def test_length_batches_groups_by_length():
         length_batches(lengths, range(6), 0)
 
 
-def test_per_sample_token_losses_hand_computed():
+def test_token_loss_sums_hand_computed():
     # two rows, vocab 2; uniform logits -> every supervised token costs ln 2
     logits = torch.zeros(2, 4, 2)
     labels = torch.tensor([[-100, 1, 0, -100], [-100, -100, -100, -100]])
-    sums, counts = per_sample_token_losses(logits, labels)
+    sums, counts = token_loss_sums(logits[:, :-1], labels[:, 1:])  # causal shift
     assert counts.tolist() == [2, 0]
     assert sums[0].item() == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())
     assert sums[1].item() == 0.0

@@ -65,50 +65,55 @@ def length_batches(lengths: Sequence[int], positions: Sequence[int], batch_size:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def per_sample_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy (fp32) and supervised-token count for each row.
+def token_loss_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed fp32 cross-entropy and count of the supervised targets of each row.
 
-    Only positions whose shifted label is not -100 are converted to fp32, so a large vocabulary
-    does not cost a full fp32 copy of the logits.
+    ``targets[:, j]`` is the label ``logits[:, j]`` predicts (already shifted); -100 is ignored.
+    Only the supervised positions are converted to fp32, so a large vocabulary does not cost a
+    full fp32 copy of the logits.
     """
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    mask = shift_labels != IGNORE_INDEX
+    mask = targets != IGNORE_INDEX
     counts = mask.sum(dim=1)
-    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=shift_logits.device)
+    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device)
     if mask.any():
         rows = mask.nonzero(as_tuple=True)[0]
-        token_loss = torch.nn.functional.cross_entropy(
-            shift_logits[mask].float(), shift_labels[mask], reduction="none"
-        )
-        sums.index_add_(0, rows, token_loss)
+        token_loss = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask].to(logits.device),
+                                                       reduction="none")
+        sums = sums.index_add(0, rows, token_loss)
     return sums, counts
+
+
+def supervised_logits(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor,
+                      on_retry: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ``inputs``, with logits only at positions whose next token is supervised in some row.
+
+    Uses the ``logits_to_keep`` argument of transformers' causal LMs, so the vocabulary projection
+    runs on the response tokens only (with a 150k vocabulary that is most of the logits' memory);
+    losses and gradients are the same as with full logits. Models without the argument get full
+    logits, cut here (``on_retry`` runs before the second forward, e.g. to drop what hooks saw).
+    Returns ``(logits, targets)``, aligned: ``targets[:, j]`` is the label ``logits[:, j]`` predicts.
+    """
+    shifted = labels[:, 1:]
+    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:  # nothing supervised: a plain forward (every rank must still run one)
+        logits = model(**inputs).logits
+        return logits[:, :-1], shifted
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    except TypeError as err:
+        if "logits_to_keep" not in str(err):
+            raise
+        if on_retry is not None:
+            on_retry()
+        logits = model(**inputs).logits
+    if logits.shape[1] != keep.numel():  # the argument was ignored: full logits
+        logits = logits[:, keep]
+    return logits, shifted[:, keep]
 
 
 def supervised_loss_sums(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward ``inputs`` and return each row's summed token loss and supervised-token count.
-
-    Logits are only computed at positions that predict a supervised token in some row
-    (``logits_to_keep``), which saves the LM head's compute and - with a large vocabulary - most
-    of the logits' memory. Models without ``logits_to_keep`` fall back to full logits.
-    """
-    shift = labels[:, 1:]
-    keep = (shift != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    if keep.numel() == 0:
-        zeros = torch.zeros(labels.size(0), device=labels.device)
-        return zeros.float(), zeros.long()
-    try:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    except TypeError:
-        return per_sample_token_losses(model(**inputs).logits, labels)
-    targets = shift[:, keep]
-    mask = targets != IGNORE_INDEX
-    counts = mask.sum(dim=1)
-    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=logits.device)
-    rows = mask.nonzero(as_tuple=True)[0]
-    token_loss = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
-    sums.index_add_(0, rows, token_loss)
-    return sums, counts
+    """Forward ``inputs``; each row's summed token loss and supervised-token count."""
+    return token_loss_sums(*supervised_logits(model, inputs, labels))
 
 
 @contextmanager

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .engine import IGNORE_INDEX, eval_mode, length_batches
+from .engine import eval_mode, length_batches, supervised_logits, token_loss_sums
 from .projection import CountSketchProjector
 
 logger = logging.getLogger("dataflex")
@@ -170,9 +170,9 @@ def per_sample_gradients(
         handles.append(target.module.register_forward_hook(hook_for(i), with_kwargs=True))
     try:
         with eval_mode(model), torch.enable_grad():
-            logits, targets_kept = _supervised_logits(
+            logits, targets_kept = supervised_logits(
                 model, inputs, labels, on_retry=lambda: [calls.clear() for calls in captured.values()])
-            sums, counts = _token_losses(logits, targets_kept)
+            sums, counts = token_loss_sums(logits, targets_kept)
             losses = sums / counts.clamp(min=1)
             total = losses.sum()
     finally:
@@ -194,47 +194,6 @@ def per_sample_gradients(
     mask = inputs.get("attention_mask")
     token_mask = (mask != 0).float() if torch.is_tensor(mask) and mask.dim() == 2 else None
     return BatchGradients(losses.detach(), counts, records, token_mask)
-
-
-def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed fp32 cross-entropy and count of the supervised targets of each row (already shifted)."""
-    mask = targets != IGNORE_INDEX
-    counts = mask.sum(dim=1)
-    sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=logits.device)
-    if mask.any():
-        rows = mask.nonzero(as_tuple=True)[0]
-        token_loss = torch.nn.functional.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
-        sums = sums.index_add(0, rows, token_loss)
-    return sums, counts
-
-
-def _supervised_logits(model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor,
-                       on_retry: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits only at the positions whose next token is supervised in some row of the batch.
-
-    Uses the ``logits_to_keep`` argument of transformers' causal LMs, so the vocabulary
-    projection (the largest activation of a real model) runs on the response tokens only; the
-    loss and its gradients are the same as with full logits. Models without that argument get
-    full logits, cut here. Returns ``(logits, targets)``, aligned: ``targets[:, j]`` is the label
-    predicted by ``logits[:, j]``.
-    """
-    shifted = labels[:, 1:]
-    keep = (shifted != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    if keep.numel() == 0:  # nothing supervised: a plain forward (every rank must still run one)
-        logits = model(**inputs).logits
-        return logits[:, :-1], shifted
-    targets = shifted[:, keep]
-    try:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    except TypeError as err:
-        if "logits_to_keep" not in str(err):
-            raise
-        if on_retry is not None:
-            on_retry()
-        logits = model(**inputs).logits
-    if logits.shape[1] != keep.numel():  # the argument was ignored: full logits
-        logits = logits[:, keep]
-    return logits, targets
 
 
 # --------------------------------------------------------------------------- Adam
