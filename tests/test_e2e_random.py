@@ -22,7 +22,7 @@ from conftest import llamafactory_cli, run_command, write_yaml
 from dataflex.args import DATAFLEX_KEYS
 from dataflex.schedule import Schedule, rank_micro_batch
 from dataflex.selectors.base import uniform_draw
-from dataflex.trainer import seeded_generator
+from dataflex.seeding import seeded_generator
 
 pytestmark = pytest.mark.e2e
 

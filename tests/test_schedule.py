@@ -31,7 +31,7 @@ from dataflex.schedule import Schedule, Stretch, rank_micro_batch
 from dataflex.selectors import SELECTORS, Params, get_selector_class
 from dataflex.selectors.base import uniform_draw
 from dataflex.selectors.random import RandomParams, RandomSelector
-from dataflex.trainer import derive_seed, seeded_generator
+from dataflex.seeding import derive_seed, seeded_generator
 
 
 def W(start, n, cycle):

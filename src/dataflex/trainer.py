@@ -34,6 +34,7 @@ from .components import build_selector, get_component
 from .errors import SelectionError
 from .records import atomic_write_json, fingerprint, load_record, write_record
 from .schedule import Schedule, Stretch, rank_micro_batch
+from .seeding import seeded_generator
 from .scoring.distributed import all_gather_object, broadcast_object
 from .scoring.engine import ScoringEngine, dataset_lengths
 from .selectors.base import SelectionContext, SelectionResult, uniform_draw
@@ -45,16 +46,6 @@ TRACE_ENV = "DATAFLEX_TRACE_DIR"
 FAULT_ENV = "DATAFLEX_TEST_FAIL_SELECTION"  # test-only: "rank:selection" makes that selection raise
 PAUSE_ENV = "DATAFLEX_TEST_PAUSE_AT_STEP"  # test-only: block at this step (after touching PAUSE_FILE_ENV)
 PAUSE_FILE_ENV = "DATAFLEX_TEST_PAUSE_FILE"
-
-
-def derive_seed(seed: int, *tags: Any) -> int:
-    """A 63-bit seed derived from the run's seed and a purpose, stable across Python runs."""
-    text = ":".join(str(t) for t in (seed, *tags))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def seeded_generator(seed: int, *tags: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, *tags))
 
 
 def _first(batch: list) -> Any:

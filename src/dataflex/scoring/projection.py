@@ -38,15 +38,11 @@ error on random vectors against this formula.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 
-
-def _seed_for(seed: int, key: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+from ..seeding import seeded_generator
 
 
 class CountSketchProjector:
@@ -68,7 +64,7 @@ class CountSketchProjector:
         device = torch.device(device)
         cache_key = (key, int(numel), str(device))
         if cache_key not in self._hashes:
-            gen = torch.Generator().manual_seed(_seed_for(self.seed, key))
+            gen = seeded_generator(self.seed, key)
             bucket = torch.randint(self.proj_dim, (numel,), generator=gen)
             sign = torch.randint(2, (numel,), generator=gen).to(torch.float32).mul_(2).sub_(1)
             self._hashes[cache_key] = (bucket.to(device), sign.to(device))

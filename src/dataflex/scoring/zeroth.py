@@ -68,7 +68,6 @@ forwards.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -76,6 +75,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..seeding import derive_seed
 from .distributed import is_distributed
 from .engine import ScoringEngine, eval_mode, length_batches, supervised_loss_sums
 
@@ -112,8 +112,7 @@ def compute_dtype(model: torch.nn.Module) -> str | None:
 
 def direction_seed(seed: int, selection: int, k: int, name: str) -> int:
     """A 63-bit generator seed for direction ``k`` of parameter ``name`` at a selection."""
-    text = f"zeroth:{seed}:{selection}:{k}:{name}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+    return derive_seed("zeroth", seed, selection, k, name)
 
 
 def gaussian_direction(seed: int, selection: int, k: int) -> Direction:

@@ -165,6 +165,19 @@ def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[i
     return sorted(torch.randperm(n, generator=ctx.generator)[:size].tolist())
 
 
+def take_ranked(ranking_size: int, n: int, selector: str, rank: int = 0) -> tuple[list[int], bool]:
+    """Positions in a best-first ranking of ``ranking_size`` samples to take for ``n`` picks.
+
+    The top ``n``; when the ranking is shorter than ``n`` it is repeated from the top, with a
+    warning. Returns ``(positions, repeated)``.
+    """
+    repeated = n > ranking_size
+    if repeated and rank == 0:
+        logger.warning("[DataFlex] %s: asked for %d samples but only %d have a score: the ranking is repeated",
+                       selector, n, ranking_size)
+    return [k % ranking_size for k in range(n)], repeated
+
+
 def sampling_probabilities(weights: torch.Tensor, temperature: float = 1.0, eps: float = 1e-12) -> torch.Tensor:
     """p_i = (w_i + eps)^(1/T) / sum_j (w_j + eps)^(1/T), over the entries with w_i > 0.
 

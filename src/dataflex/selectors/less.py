@@ -29,7 +29,16 @@ import torch
 
 from ..scoring.gradients import GradientFeaturizer, adam_moments, sharded_features
 from ..scoring.projection import CountSketchProjector
-from .base import ScoringParams, SelectionContext, SelectionResult, Selector, candidate_indices, logger, register
+from .base import (
+    ScoringParams,
+    SelectionContext,
+    SelectionResult,
+    Selector,
+    candidate_indices,
+    logger,
+    register,
+    take_ranked,
+)
 
 
 @dataclass
@@ -135,12 +144,8 @@ class LessSelector(Selector):
         order = rank_order(S if p.cumulative else score, score)
         if not order:
             raise ValueError("no training sample has a supervised token (check cutoff_len and the dataset)")
-        n = ctx.num_samples
-        repeated = n > len(order)
-        if repeated and ctx.rank == 0:
-            logger.warning("[DataFlex] less: asked for %d samples but only %d can be scored: the ranking is repeated",
-                           n, len(order))
-        picks = [order[k % len(order)] for k in range(n)]
+        positions, repeated = take_ranked(len(order), ctx.num_samples, "less", ctx.rank)
+        picks = [order[r] for r in positions]
         unscored = int((~scored).sum())
         if ctx.rank == 0:
             chosen = score[torch.tensor(picks)]

@@ -30,7 +30,16 @@ from typing import Literal
 import torch
 
 from ..scoring.zeroth import ZerothOrderProbe, gaussian_direction, global_norm, tensor_direction
-from .base import ScoringParams, SelectionContext, SelectionResult, Selector, candidate_indices, logger, register
+from .base import (
+    ScoringParams,
+    SelectionContext,
+    SelectionResult,
+    Selector,
+    candidate_indices,
+    logger,
+    register,
+    take_ranked,
+)
 
 DEFAULT_DIRECTIONS = 16
 
@@ -111,12 +120,7 @@ class ZerothSelector(Selector):
         if len(valid) == 0:
             raise ValueError("no training sample has a supervised token (check cutoff_len and the dataset)")
         order = valid[torch.argsort(-scores[valid], stable=True)]  # pool is sorted: ties go to the lower index
-        n = ctx.num_samples
-        repeated = n > len(order)
-        if repeated:
-            logger.warning("[DataFlex] zeroth: %d samples requested but only %d have a score: the ranking is "
-                           "repeated", n, len(order))
-        ranks = [r % len(order) for r in range(n)]  # position in the descending ranking of the pool
+        ranks, repeated = take_ranked(len(order), ctx.num_samples, "zeroth", ctx.rank)  # positions in the ranking
         chosen = [int(order[r]) for r in ranks]
         cost = probe.cost
         if ctx.rank == 0:
