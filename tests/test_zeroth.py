@@ -14,6 +14,7 @@ import yaml
 from dataflex.errors import ConfigError, SelectionError
 from dataflex.scoring.engine import ScoringEngine
 from dataflex.scoring.zeroth import (
+    OutputPerturbation,
     Perturbation,
     ZerothOrderProbe,
     direction_seed,
@@ -127,6 +128,51 @@ def test_parameters_restored_after_a_failing_forward(lf):
     with pytest.raises((SelectionError, IndexError)):
         probe.differences(sets, [gaussian_direction(1, 0, 0)], batch_size=4)
     assert_bit_exact(model, before)
+
+
+def test_output_perturbation_equals_perturbing_the_weights(lf):
+    """The ZeRO-3 path (hooks adding x·(hξ)^T to each LoRA linear's output) computes the same
+    losses as writing θ0 + hξ into the weights, and never writes a parameter."""
+    model, collator = lf["model"], lf["collator"]
+    engine = ScoringEngine(model, collator, "cpu", show_progress=False)
+    params = trainable_parameters(model)
+    before = snapshot(model)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    direction, ids = gaussian_direction(13, 0, 0), range(24)
+    plain = engine.losses(lf["train_dataset"], ids, 8)
+    with Perturbation(params) as pert:
+        pert.apply(direction, 0.05)
+        in_place = engine.losses(lf["train_dataset"], ids, 8)
+    with OutputPerturbation(model, params) as pert:
+        pert.apply(direction, 0.05)
+        via_outputs = engine.losses(lf["train_dataset"], ids, 8)
+        assert_bit_exact(model, before)
+        pert.restore()
+        assert torch.equal(engine.losses(lf["train_dataset"], ids, 8), plain)  # restored: no offset left
+    assert (in_place - plain).abs().max() > 1e-3  # the step is large enough to matter
+    assert torch.allclose(via_outputs, in_place, rtol=1e-5, atol=1e-6)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # its hooks removed on exit
+
+
+def test_probe_via_outputs_matches_in_place_probe(lf):
+    """Differences and the eval gradient without touching θ (what ZeRO-3 runs) agree with the default path."""
+    model, collator = lf["model"], lf["collator"]
+    before = snapshot(model)
+    sets = [(lf["train_dataset"], range(30)), (lf["eval_dataset"], range(12))]
+    dirs = [gaussian_direction(21, 0, k) for k in range(3)]
+    results = {}
+    for via in (False, True):
+        probe = ZerothOrderProbe(ScoringEngine(model, collator, "cpu", show_progress=False), 1e-2, via_outputs=via)
+        grad, n = probe.eval_gradient(lf["eval_dataset"], range(12), batch_size=5)
+        results[via] = probe.differences(sets, dirs, batch_size=8), grad, n
+    (d0, g0, n0), (d1, g1, n1) = results[False], results[True]
+    for a, b in zip(d0, d1):
+        assert float((a - b).norm() / a.norm()) < 1e-3
+    assert n0 == n1 == 12
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert_bit_exact(model, before)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_half_precision_parameters_restored_and_perturbed_in_fp32():

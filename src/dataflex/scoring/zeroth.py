@@ -49,6 +49,18 @@ trainable parameters the rounding to bf16/fp16 changes the applied step; both si
 sample see the same rounded θ±, so train and eval differences still refer to the same effective
 direction, but steps smaller than half a unit in the last place are lost - a warning says so.
 
+DeepSpeed ZeRO-3
+----------------
+Under ZeRO-3 every rank holds only a slice of each parameter, so θ cannot be overwritten in
+place. The perturbation is then applied to the outputs instead: a forward hook on every
+trainable ``nn.Linear`` (LoRA's ``lora_A`` / ``lora_B``) adds ``x (hξ_W)^T + hξ_b`` to the
+layer's output, which is exactly the output of the layer with weights ``W + hξ_W`` (a linear
+layer is linear in its weights) and leaves the parameters untouched. ξ is generated in full on
+every rank from the same seed (LoRA weights are small), rms(θ) is taken inside DeepSpeed's
+``GatheredParameters``, and the eval gradient comes from the per-sample gradient identity of
+:mod:`dataflex.scoring.gradients` (gradients of the layers' outputs, no parameter ``.grad``).
+Only linear trainable parameters are supported on this path.
+
 Eval-gradient direction
 -----------------------
 :meth:`ZerothOrderProbe.eval_gradient` computes ḡ = ∇ (1/M) Σ f(θ; z') over the eval samples
@@ -70,14 +82,16 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..seeding import derive_seed
 from .distributed import is_distributed
 from .engine import ScoringEngine, eval_mode, length_batches, supervised_loss_sums
+from .gradients import UnsupportedParameters, per_sample_gradients, trainable_linears
 
 logger = logging.getLogger("dataflex")
 
@@ -87,19 +101,36 @@ Direction = Callable[[int, str, torch.Tensor], torch.Tensor]  # (param position,
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of every parameter with ``requires_grad``, in ``named_parameters`` order."""
-    params = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if hasattr(p, "ds_id") or p.numel() == 0:
-            raise ValueError(
-                f"trainable parameter '{name}' is partitioned (DeepSpeed ZeRO-3); zeroth-order probes need every "
-                "rank to hold the full trainable parameters (use ZeRO-0/1/2 or no DeepSpeed)"
-            )
-        params.append((name, p))
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters to perturb")
     return params
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter (this rank holds a slice; ``ds_shape`` is its real shape)."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+@contextmanager
+def gathered(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Every ZeRO-3 parameter of ``params`` in full for the block (read only; a collective)."""
+    parts = [p for p in params if is_partitioned(p)]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts, modifier_rank=None):
+        yield
 
 
 def compute_dtype(model: torch.nn.Module) -> str | None:
@@ -120,16 +151,17 @@ def gaussian_direction(seed: int, selection: int, k: int) -> Direction:
 
     def make(_: int, name: str, param: torch.Tensor) -> torch.Tensor:
         gen = torch.Generator().manual_seed(direction_seed(seed, selection, k, name))
-        return torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.device)
+        return torch.randn(full_shape(param), generator=gen, dtype=torch.float32).to(param.device)
 
     return make
 
 
 def parameter_rms(params: Sequence[tuple[str, torch.Tensor]]) -> float:
     total, count = 0.0, 0
-    for _, p in params:
-        total += float(p.detach().double().pow(2).sum())
-        count += p.numel()
+    with gathered([p for _, p in params]):
+        for _, p in params:
+            total += float(p.detach().double().pow(2).sum())
+            count += p.numel()
     return math.sqrt(total / max(count, 1))
 
 
@@ -161,6 +193,58 @@ class Perturbation:
         self.restore()
 
 
+class OutputPerturbation:
+    """θ0 + scale·ξ through the outputs of the trainable linear layers; θ itself is never written.
+
+    A forward hook on each trainable ``nn.Linear`` adds ``F.linear(x, scale·ξ_W, scale·ξ_b)`` to
+    its output. Used where the parameters are partitioned (DeepSpeed ZeRO-3); same interface
+    and context-manager use as :class:`Perturbation` (the hooks go on exit).
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[tuple[str, torch.nn.Parameter]]):
+        self.params = list(params)
+        position = {name: i for i, (name, _) in enumerate(self.params)}
+        try:
+            targets = trainable_linears(model)
+        except UnsupportedParameters as err:
+            raise ValueError(f"zeroth under DeepSpeed ZeRO-3 perturbs linear layers only: {err}") from None
+        self.delta: list[torch.Tensor | None] = [None] * len(self.params)
+        self.handles = []
+        for t in targets:
+            w = position[t.weight_name] if t.weight_name is not None else None
+            b = position[t.bias_name] if t.bias_name is not None else None
+            self.handles.append(t.module.register_forward_hook(self._hook(w, b), with_kwargs=True))
+
+    def _hook(self, w: int | None, b: int | None) -> Callable:
+        def hook(module, args, kwargs, output):
+            dw = self.delta[w] if w is not None else None
+            db = self.delta[b] if b is not None else None
+            if dw is None and db is None:
+                return None
+            if dw is None:
+                return output + db.to(output.dtype)
+            x = args[0] if args else kwargs["input"]
+            return output + torch.nn.functional.linear(x.to(dw.dtype), dw, db).to(output.dtype)
+        return hook
+
+    @torch.no_grad()
+    def apply(self, direction: Direction, scale: float) -> None:
+        for i, (name, p) in enumerate(self.params):
+            self.delta[i] = direction(i, name, p).float() * scale
+
+    def restore(self) -> None:
+        self.delta = [None] * len(self.params)
+
+    def __enter__(self) -> "OutputPerturbation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 @dataclass
 class ProbeCost:
     """Work done by a probe so far: sample forwards (all ranks), batch forwards / backwards on this rank."""
@@ -173,20 +257,27 @@ class ProbeCost:
 class ZerothOrderProbe:
     """Finite differences of per-sample losses along shared directions, through a :class:`ScoringEngine`."""
 
-    def __init__(self, engine: ScoringEngine, epsilon: float = 1e-3):
+    def __init__(self, engine: ScoringEngine, epsilon: float = 1e-3, via_outputs: bool | None = None):
+        """``via_outputs``: perturb through layer outputs (:class:`OutputPerturbation`) instead of
+        in place; ``None`` chooses it exactly when the parameters are partitioned (ZeRO-3)."""
         if not epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {epsilon}")
         self.engine = engine
         self.epsilon = epsilon
         self.params = trainable_parameters(engine.model)
-        self.num_params = sum(p.numel() for _, p in self.params)
+        self.num_params = sum(full_numel(p) for _, p in self.params)
+        self.partitioned = any(is_partitioned(p) for _, p in self.params)
+        self.via_outputs = self.partitioned if via_outputs is None else bool(via_outputs)
+        if self.partitioned and not self.via_outputs:
+            raise ValueError("partitioned (ZeRO-3) parameters cannot be perturbed in place")
         self.cost = ProbeCost()
         self.rms = float("nan")  # set by step()
-        if engine.rank == 0:
+        if engine.rank == 0 and not self.via_outputs:
             low = sorted({str(p.dtype) for _, p in self.params if p.dtype not in (torch.float32, torch.float64)})
             if low:
                 logger.warning("[DataFlex] zeroth: trainable parameters in %s: perturbations are rounded to that "
                                "precision (consider a larger epsilon, or float32 trainable weights)", ", ".join(low))
+        if engine.rank == 0:
             half = compute_dtype(engine.model)
             if half is not None and epsilon < HALF_PRECISION_EPSILON:
                 logger.warning("[DataFlex] zeroth: the model computes in %s; with epsilon %g the differences are "
@@ -197,6 +288,9 @@ class ZerothOrderProbe:
         """The absolute step h = epsilon x rms(θ) (epsilon when θ is all zeros)."""
         self.rms = parameter_rms(self.params)
         return self.epsilon * self.rms if self.rms > 0 else self.epsilon
+
+    def perturbation(self) -> Perturbation | OutputPerturbation:
+        return OutputPerturbation(self.engine.model, self.params) if self.via_outputs else Perturbation(self.params)
 
     # ------------------------------------------------------------------ finite differences
     def differences(
@@ -222,7 +316,7 @@ class ZerothOrderProbe:
             progress = tqdm(total=2 * K, desc=f"[DataFlex] {desc}", unit="pass", leave=False)
         shown, engine.show_progress = engine.show_progress, False
         try:
-            with Perturbation(self.params) as pert:
+            with self.perturbation() as pert:
                 for k, direction in enumerate(directions):
                     values = []
                     for sign in (1.0, -1.0):
@@ -258,11 +352,25 @@ class ZerothOrderProbe:
         lengths = engine.lengths(dataset)
         batches = length_batches([lengths[i] for i in indices], range(len(indices)), batch_size)
         tensors = [p for _, p in self.params]
-        acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in tensors]
+        acc = [torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for p in tensors]
+        position = {name: i for i, (name, _) in enumerate(self.params)}
+        linears = None
+        if self.via_outputs:  # parameters untouched (ZeRO-3): gradients of the layers' outputs instead
+            try:
+                linears = trainable_linears(model)
+            except UnsupportedParameters as err:
+                raise ValueError(f"zeroth under DeepSpeed ZeRO-3 perturbs linear layers only: {err}") from None
 
         def grad_of(batch: list[int]) -> list[bool]:
             mine = not engine.padding  # padding forwards keep ranks in step; their gradient is dropped
             data = engine.collate(dataset, [indices[p] for p in batch])
+            if linears is not None:
+                per_sample = per_sample_gradients(model, engine.model_inputs(data), data["labels"], linears)
+                if mine:
+                    for name, g in per_sample:
+                        a = acc[position[name]]
+                        a.add_(g.sum(dim=0).view(a.shape).to(a.device))
+                return (per_sample.counts > 0).cpu().tolist()
             with torch.enable_grad():
                 sums, counts = supervised_loss_sums(model, engine.model_inputs(data), data["labels"])
                 total = (sums / counts.clamp(min=1)).sum()
