@@ -1,8 +1,20 @@
-"""DeepSpeed: the example configs load; selection under ZeRO-2/3 runs where a GPU is present."""
+"""DeepSpeed: the example configs load, and selection under ZeRO-2/3 picks what a run without
+DeepSpeed picks.
+
+DeepSpeed runs on CPU (its CPU accelerator, gloo, and a small shared-memory op it compiles on
+first use), so ZeRO-2/3 are tested here for real: the tiny model trained with the same global
+batch of 4 (2 x 2 on one process without DeepSpeed, 1 x 2 on each of two ZeRO ranks) must select
+the same samples with the same scores at every selection. ZeRO-3 partitions the LoRA weights
+across the two ranks and ZeRO-2 the optimizer state, so this covers per-sample gradients and the
+gathered Adam moments (``less``), and perturbations of partitioned weights, random or along the
+eval gradient (``zeroth``, which also runs the engine's batched losses). The GPU test at the end
+repeats it in bf16 where a CUDA device is present.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +22,18 @@ import torch
 from conftest import REPO_ROOT
 
 DS_DIR = REPO_ROOT / "examples" / "deepspeed"
+SCHEDULE = {"warmup_step": 2, "update_step": 2, "update_times": 2, "max_samples": 64, "dataset": "demo_mix",
+            "eval_dataset": "demo_add_eval", "gradient_accumulation_steps": 2}
+# relative agreement of the recorded scores with the run without DeepSpeed (reduction order differs;
+# zeroth divides a float32 loss difference by a step of 1e-3 x rms(θ))
+SCORE_RTOL = {"less": 1e-4, "zeroth": 5e-3, "zeroth_eval": 5e-3}
+# zeroth along the eval-gradient direction: the eval gradient comes from a backward pass
+COMPONENTS = """selectors:
+  zeroth_eval:
+    name: zeroth
+    params:
+      direction: eval_gradient
+"""
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -32,11 +56,64 @@ def test_deepspeed_key_passes_dataflex_checks(make_train_yaml, tmp_path):
     assert cfg["deepspeed"].endswith("ds_z3_config.json")
 
 
+# --------------------------------------------------------------------------- ZeRO on CPU
+def _records(out: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted((out / "dataflex").glob("step_*.json"))}
+
+
+@pytest.fixture(scope="module")
+def train_run(make_train_yaml, run_cli, tmp_path_factory):
+    """``train_run(component, stage)`` -> (records, log) of a run; stage None: one process, no
+    DeepSpeed; stage 2/3: two processes under that ZeRO stage. Each run happens once per module."""
+    done: dict[tuple[str, int | None], tuple[dict, str]] = {}
+
+    def run(component: str, stage: int | None) -> tuple[dict, str]:
+        key = (component, stage)
+        if key not in done:
+            tmp = tmp_path_factory.mktemp(f"{component}-z{stage}")
+            extra = dict(SCHEDULE)
+            if component == "zeroth_eval":
+                (tmp / "components.yaml").write_text(COMPONENTS)
+                extra["components_cfg_file"] = str(tmp / "components.yaml")
+            if stage is None:
+                path = make_train_yaml(tmp, component_name=component, per_device_train_batch_size=2, **extra)
+                res = run_cli(["train", path], timeout=600)
+            else:
+                path = make_train_yaml(tmp, component_name=component, per_device_train_batch_size=1,
+                                       deepspeed=str(DS_DIR / f"ds_z{stage}_config.json"), **extra)
+                res = run_cli(["train", path], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+            done[key] = _records(tmp / "out"), res.stderr + res.stdout
+        return done[key]
+
+    return run
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("component,stage", [("less", 3), ("zeroth", 3), ("zeroth_eval", 3), ("less", 2)])
+def test_zero_selects_what_a_run_without_deepspeed_selects(component, stage, train_run):
+    plain, _ = train_run(component, None)
+    zero, log = train_run(component, stage)
+    assert f"[DataFlex] DeepSpeed ZeRO-{stage}:" in log  # DeepSpeed really ran
+    assert sorted(zero) == sorted(plain) == ["step_2.json", "step_4.json"]
+    if component == "zeroth_eval":
+        assert plain["step_2.json"]["metric"]["direction"] == "eval_gradient"
+    for name, rec in plain.items():
+        assert zero[name]["indices"] == rec["indices"], name
+        assert zero[name]["metric"]["score"] == pytest.approx(rec["metric"]["score"], rel=SCORE_RTOL[component])
+        if component == "less":
+            assert zero[name]["metric"]["gradient_type"] == rec["metric"]["gradient_type"] == "adam"
+            # every sample's cumulative score, not only the chosen ones: the whole pool agrees
+            assert zero[name]["selector_state"]["cumulative_score"] == pytest.approx(
+                rec["selector_state"]["cumulative_score"], rel=SCORE_RTOL[component])
+
+
+# --------------------------------------------------------------------------- ZeRO on a GPU (bf16)
 @pytest.mark.gpu
 @pytest.mark.e2e
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed training needs a CUDA device")
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("component", ["loss", "less"])
+@pytest.mark.parametrize("component", ["loss", "less", "zeroth"])
 def test_selection_under_zero(stage, component, make_train_yaml, run_cli, tmp_path):
     path = make_train_yaml(tmp_path, component_name=component, eval_dataset="demo_add_eval",
                            deepspeed=str(DS_DIR / f"ds_z{stage}_config.json"), bf16=True, max_samples=64)
@@ -44,3 +121,69 @@ def test_selection_under_zero(stage, component, make_train_yaml, run_cli, tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     records = sorted((tmp_path / "out" / "dataflex").glob("step_*.json"))
     assert [p.name for p in records] == ["step_2.json", "step_4.json"]
+    assert f"[DataFlex] DeepSpeed ZeRO-{stage}:" in res.stderr + res.stdout
+
+
+# --------------------------------------------------------------------------- ZeRO-1/2 moment layout
+class _FlatPartitions:
+    """The layout a ZeRO-1/2 optimizer keeps (one process): the attributes LESS reads from it."""
+
+    def __init__(self, flat: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.bit16_groups_flat = [flat]
+        self.bit16_groups = [params]
+        self.single_partition_of_fp32_groups = [optimizer.param_groups[0]["params"][0]]
+        self.optimizer = optimizer
+
+
+def _layout(order: list[int]):
+    """Two parameters viewed out of one flat buffer in ``order``; Adam stepped once on the fp32 copy."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 4, bias=False))
+    params = [model[0].weight, model[1].weight]
+    flat = torch.zeros(sum(p.numel() for p in params))
+    offset = 0
+    for i in order:  # the flat buffer holds the parameters in `order`, not in the model's order
+        p = params[i]
+        flat[offset:offset + p.numel()] = p.detach().reshape(-1)
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    master = torch.nn.Parameter(flat.clone())
+    opt = torch.optim.Adam([master], lr=0.1, betas=(0.8, 0.9))
+    master.grad = torch.arange(flat.numel(), dtype=torch.float32)
+    opt.step()
+    flat.copy_(master.detach())
+    return model, _FlatPartitions(flat, params, opt), master
+
+
+NAMES = ["0.weight", "1.weight"]
+
+
+def test_zero12_moments_follow_where_each_parameter_lies_in_the_flat_buffer():
+    from dataflex.scoring.gradients import adam_moments
+
+    model, zero, master = _layout([1, 0])  # the second layer's weight first
+    moments, reason = adam_moments(zero, model, NAMES)
+    assert reason == ""
+    g = torch.arange(14, dtype=torch.float32)
+    # flat = [layer 1 (8 values), layer 0 (6 values)]: exp_avg = (1 - b1) g, exp_avg_sq = (1 - b2) g^2
+    assert torch.allclose(moments["1.weight"].exp_avg, 0.2 * g[:8])
+    assert torch.allclose(moments["0.weight"].exp_avg, 0.2 * g[8:])
+    assert torch.allclose(moments["0.weight"].exp_avg_sq, 0.1 * g[8:] ** 2)
+    assert (moments["0.weight"].beta1, moments["0.weight"].beta2) == (0.8, 0.9)
+
+
+def test_zero12_moments_refuse_a_layout_they_do_not_understand():
+    from dataflex.scoring.gradients import adam_moments
+
+    model, zero, master = _layout([0, 1])
+    with torch.no_grad():
+        master.add_(1.0)  # the fp32 master copy no longer matches the model: the layout is not the assumed one
+    moments, reason = adam_moments(zero, model, NAMES)
+    assert moments is None and "layout was not understood" in reason and "'0.weight'" in reason
+
+
+def test_zero12_moments_before_the_first_step():
+    from dataflex.scoring.gradients import adam_moments
+
+    model, zero, master = _layout([0, 1])
+    zero.optimizer.state.clear()
+    assert adam_moments(zero, model, NAMES) == (None, "the optimizer has no moments yet (no optimizer step taken)")

@@ -126,6 +126,17 @@ class DynamicSelectMixin:
             )
             logger.info("[DataFlex] schedule: %s", self.df_schedule.describe())
             logger.info("[DataFlex] selection records: %s (run fingerprint %s)", self.df_cache_dir, self.df_fingerprint)
+            stage = self.df_zero_stage()
+            if stage is not None:
+                logger.info("[DataFlex] DeepSpeed ZeRO-%d: %s", stage, "scoring runs on partitioned parameters"
+                            if stage == 3 else "scoring runs on the full parameters each rank holds")
+
+    def df_zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage of this run, None without DeepSpeed."""
+        if not getattr(self, "is_deepspeed_enabled", False):
+            return None
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return int(plugin.zero_stage) if plugin is not None else None
 
     def df_data_sources(self) -> dict[str, Any] | None:
         """Which rows of the train set come from which dataset (set by the integration layer)."""

@@ -43,9 +43,23 @@ With the optimizer's moments ``m``, ``v`` and its ``betas``, ``eps`` for a param
 
 (no bias correction, as in the LESS formula). :func:`adam_moments` returns ``None`` when the
 optimizer has no moments yet (before its first step) or keeps none (SGD, Adafactor); the
-caller then falls back to plain gradients with a warning. Under DeepSpeed ZeRO the moments are
-gathered with ``deepspeed.utils.safe_get_full_optimizer_state`` (GPU only, not exercised by the
-CPU tests).
+caller then falls back to plain gradients with a warning.
+
+Under DeepSpeed the moments of a parameter are spread over the ranks; every rank gathers them
+(collectives, same order on every rank):
+
+* ZeRO-1/2: per parameter group, the model's parameters are views into one flat buffer that is
+  cut into equal partitions, rank ``r`` keeping the fp32 master copy and the Adam state of
+  partition ``r``. The partitions' states are all-gathered and each parameter's slice is cut at
+  its offset in the flat buffer, read from where its storage lies. (DeepSpeed's own
+  ``safe_get_full_optimizer_state`` assumes the buffer follows the parameters' order; DeepSpeed
+  0.19.8 reorders them and the accessor returns other parameters' moments on two ranks.) As a
+  guard, the gathered fp32 master weights must equal the model's weights; if they do not, the
+  layout was not understood and plain gradients are used, with a warning.
+* ZeRO-3: ``deepspeed.utils.safe_get_full_optimizer_state`` per parameter.
+
+``tests/test_deepspeed.py`` runs ZeRO-2 and ZeRO-3 on two CPU processes and compares the scores
+of every sample with a run without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -213,14 +227,20 @@ def adam_direction(grad: torch.Tensor, m: AdamMoment) -> torch.Tensor:
     return m1.div_(v1.sqrt_().add_(m.eps))
 
 
+def optimizer_chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and the optimizers it wraps (accelerate, DeepSpeed: ``.optimizer``), outermost first."""
+    chain = [optimizer]
+    for _ in range(4):
+        inner = getattr(chain[-1], "optimizer", None)
+        if inner is None or inner is chain[-1]:
+            break
+        chain.append(inner)
+    return chain
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside accelerate's (or another) wrapper exposing ``.optimizer``."""
-    for _ in range(4):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            break
-        optimizer = inner
-    return optimizer
+    return optimizer_chain(optimizer)[-1]
 
 
 def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], device: Any = None
@@ -234,9 +254,16 @@ def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], d
     """
     if optimizer is None:
         return None, "no optimizer"
-    opt = unwrap_optimizer(optimizer)
+    chain = optimizer_chain(optimizer)
+    opt = chain[-1]
     params = dict(model.named_parameters())
-    if any(hasattr(params[n], "ds_id") or getattr(params[n], "_hp_mapping", None) is not None for n in names):
+    zero12 = next((o for o in chain if hasattr(o, "bit16_groups_flat") and hasattr(o, "single_partition_of_fp32_groups")),
+                  None)
+    if zero12 is not None:
+        return _zero12_moments(zero12, opt, params, names, device)
+    # ZeRO-3 parameters carry `ds_id`; DeepSpeed's bf16 optimizer gives every parameter `_hp_mapping`
+    # (None on ranks that hold none of it): test for the attributes so that all ranks gather
+    if any(hasattr(params[n], "ds_id") or hasattr(params[n], "_hp_mapping") for n in names):
         return _deepspeed_moments(opt, params, names, device)
     state = getattr(opt, "state", None)
     groups = getattr(opt, "param_groups", None)
@@ -264,9 +291,61 @@ def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], d
     return out, ""
 
 
+def _gather_partitions(part: torch.Tensor, group: Any) -> torch.Tensor:
+    """The equal-sized 1-D ``part`` of every rank of ``group``, concatenated in rank order."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return part.detach().reshape(-1)
+    pieces = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(pieces, part.detach().contiguous(), group=group)
+    return torch.cat([p.reshape(-1) for p in pieces])
+
+
+def _zero12_moments(zero: Any, opt: Any, params: dict[str, torch.nn.Parameter], names: Sequence[str], device: Any
+                    ) -> tuple[dict[str, AdamMoment] | None, str]:
+    """Adam moments under DeepSpeed ZeRO-1/2, gathered from the ranks' partitions (module docstring)."""
+    group_hp = next((g for g in getattr(opt, "param_groups", []) if "betas" in g), None)
+    if group_hp is None:
+        return None, f"DeepSpeed optimizer {type(opt).__name__} has no betas"
+    b1, b2 = group_hp["betas"]
+    eps = float(group_hp.get("eps", 1e-8))
+    wanted = {id(params[n]): n for n in names}
+    state = getattr(opt, "state", {})
+    groups = getattr(zero, "real_dp_process_group", None) or [None] * len(zero.bit16_groups_flat)
+    out: dict[str, AdamMoment] = {}
+    for flat, lp_params, part, dp in zip(zero.bit16_groups_flat, zero.bit16_groups,
+                                         zero.single_partition_of_fp32_groups, groups):
+        members = [p for p in lp_params if id(p) in wanted]
+        if not members:
+            continue
+        st = state.get(part) if hasattr(state, "get") else None
+        if not st or "exp_avg" not in st or "exp_avg_sq" not in st:  # same on every rank: steps are in lockstep
+            return None, "the optimizer has no moments yet (no optimizer step taken)"
+        full = {key: _gather_partitions(t, dp) for key, t in
+                (("weights", part), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"]))}
+        for p in members:
+            offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+            n = p.numel()
+            if offset < 0 or offset + n > full["weights"].numel():
+                return None, f"DeepSpeed parameter '{wanted[id(p)]}' lies outside its flat buffer"
+            master = full["weights"][offset:offset + n]
+            if not torch.allclose(master.to(p.dtype).float(), p.detach().reshape(-1).float(), rtol=1e-2, atol=1e-6):
+                return None, f"DeepSpeed's partition layout was not understood ('{wanted[id(p)]}' does not match " \
+                             "its fp32 master copy)"
+            dev = device if device is not None else p.device
+            out[wanted[id(p)]] = AdamMoment(full["exp_avg"][offset:offset + n].to(dev, torch.float32),
+                                            full["exp_avg_sq"][offset:offset + n].to(dev, torch.float32),
+                                            float(b1), float(b2), eps)
+    missing = next((n for n in names if n not in out), None)
+    if missing is not None:
+        return None, f"DeepSpeed keeps no Adam moments for '{missing}'"
+    return out, ""
+
+
 def _deepspeed_moments(opt: Any, params: dict[str, torch.nn.Parameter], names: Sequence[str], device: Any
                        ) -> tuple[dict[str, AdamMoment] | None, str]:
-    """Full Adam moments of each parameter under DeepSpeed ZeRO (GPU only; not exercised on CPU)."""
+    """Full Adam moments under DeepSpeed ZeRO-3 (or its bf16 optimizer), parameter by parameter."""
     try:
         from deepspeed.utils import safe_get_full_optimizer_state
     except ImportError:
