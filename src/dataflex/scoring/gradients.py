@@ -353,6 +353,8 @@ def _deepspeed_moments(opt: Any, params: dict[str, torch.nn.Parameter], names: S
     group = next((g for g in getattr(opt, "param_groups", []) if "betas" in g), None)
     if group is None:
         return None, f"DeepSpeed optimizer {type(opt).__name__} has no betas"
+    if not getattr(opt, "state", None):  # ranks step together: empty everywhere before the first step
+        return None, "the optimizer has no moments yet (no optimizer step taken)"
     b1, b2 = group["betas"]
     out: dict[str, AdamMoment] = {}
     missing = None
