@@ -185,3 +185,11 @@ def test_delta_inside_window_is_favoured():
 def test_delta_params_rejected(params, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         DeltaLossParams.from_dict("delta_loss", params)
+
+
+@pytest.mark.parametrize("selector", [LossSelector(LossParams.from_dict("loss", {})),
+                                      DeltaLossSelector(DeltaLossParams.from_dict("delta_loss", {}))])
+def test_no_supervised_token_anywhere_is_one_clear_error(selector):
+    scorer = TableScorer([float("nan")] * 5)  # every response cut off by cutoff_len, say
+    with pytest.raises(ValueError, match=r"^no training sample has a supervised token \(check cutoff_len and dataset\)$"):
+        selector.select(ctx_for(scorer, 5, 2))

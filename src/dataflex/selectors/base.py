@@ -165,6 +165,12 @@ def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[i
     return sorted(torch.randperm(n, generator=ctx.generator)[:size].tolist())
 
 
+def nothing_supervised(split: str = "train") -> ValueError:
+    """The error for a selection where no sample of ``split`` ("train" / "eval") has a supervised token."""
+    which, key = ("eval", "eval_dataset") if split == "eval" else ("training", "dataset")
+    return ValueError(f"no {which} sample has a supervised token (check cutoff_len and {key})")
+
+
 def take_ranked(ranking_size: int, n: int, selector: str, rank: int = 0) -> tuple[list[int], bool]:
     """Positions in a best-first ranking of ``ranking_size`` samples to take for ``n`` picks.
 

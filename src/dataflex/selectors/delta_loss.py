@@ -28,6 +28,7 @@ from .base import (
     Selector,
     candidate_indices,
     logger,
+    nothing_supervised,
     register,
     sampling_probabilities,
     uniform_draw,
@@ -99,6 +100,8 @@ class DeltaLossSelector(Selector):
         if self.baseline is None or len(self.baseline) != ctx.train_size:
             self.baseline = ctx.scorer.losses(ctx.train_dataset, range(ctx.train_size), p.scoring_batch_size,
                                               desc="baseline losses")
+            if bool(torch.isnan(self.baseline).all()):  # no later selection could score anything either
+                raise nothing_supervised()
             self.baseline_selection = ctx.selection
             picks, replaced = uniform_draw(ctx.train_size, ctx.num_samples, ctx.generator)
             if ctx.rank == 0:
@@ -111,7 +114,7 @@ class DeltaLossSelector(Selector):
         delta = self.baseline[pool] - now
         valid = (~torch.isnan(delta)).nonzero().flatten()
         if len(valid) == 0:
-            raise ValueError("no sample has a supervised token (check cutoff_len and the dataset)")
+            raise nothing_supervised()
         order = valid[torch.argsort(delta[valid], descending=True, stable=True)]
         sorted_delta = delta[order]
         t = ctx.selection - self.baseline_selection - 1

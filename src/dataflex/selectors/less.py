@@ -36,6 +36,7 @@ from .base import (
     Selector,
     candidate_indices,
     logger,
+    nothing_supervised,
     register,
     take_ranked,
 )
@@ -108,7 +109,7 @@ class LessSelector(Selector):
                                       plain, desc="LESS eval gradients")
         eval_valid = ~torch.isnan(eval_feats[:, 0])
         if not bool(eval_valid.any()):
-            raise ValueError("no eval sample has a supervised token (check cutoff_len and eval_dataset)")
+            raise nothing_supervised("eval")
         target = eval_feats[eval_valid].mean(dim=0)
 
         gradient_type = p.gradient_type
@@ -143,7 +144,7 @@ class LessSelector(Selector):
 
         order = rank_order(S if p.cumulative else score, score)
         if not order:
-            raise ValueError("no training sample has a supervised token (check cutoff_len and the dataset)")
+            raise nothing_supervised()
         positions, repeated = take_ranked(len(order), ctx.num_samples, "less", ctx.rank)
         picks = [order[r] for r in positions]
         unscored = int((~scored).sum())

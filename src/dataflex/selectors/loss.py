@@ -21,6 +21,7 @@ from .base import (
     Selector,
     candidate_indices,
     logger,
+    nothing_supervised,
     register,
     sampling_probabilities,
     weighted_draw,
@@ -86,7 +87,7 @@ class LossSelector(Selector):
             logger.info("[DataFlex] %d of %d samples have no supervised token: not scored, never selected",
                         invalid, len(pool))
         if invalid == len(pool):
-            raise ValueError("no sample has a supervised token (check cutoff_len and the dataset)")
+            raise nothing_supervised()
         weights, (q1, q2), bands = loss_weights(losses, p.quantiles, p.focus, p.focus_weight)
         probs = sampling_probabilities(weights, p.temperature)
         picks, replaced = weighted_draw(probs, ctx.num_samples, ctx.generator, p.replacement)

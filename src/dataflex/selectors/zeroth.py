@@ -37,6 +37,7 @@ from .base import (
     Selector,
     candidate_indices,
     logger,
+    nothing_supervised,
     register,
     take_ranked,
 )
@@ -98,14 +99,14 @@ class ZerothSelector(Selector):
             eval_valid = ~torch.isnan(d_eval[:, 0])
             n_eval = int(eval_valid.sum())
             if n_eval == 0:
-                raise ValueError("no eval sample has a supervised token (check cutoff_len and the eval dataset)")
+                raise nothing_supervised("eval")
             target = d_eval[eval_valid].mean(dim=0)  # mean over eval samples of d(z'), in R^K
             scores = d_train @ target / K
         else:
             K = 1
             grad, n_eval = probe.eval_gradient(ctx.eval_dataset, eval_ids, p.scoring_batch_size)
             if n_eval == 0:
-                raise ValueError("no eval sample has a supervised token (check cutoff_len and the eval dataset)")
+                raise nothing_supervised("eval")
             norm = global_norm(grad)
             if norm == 0.0:
                 raise ValueError("the eval-set gradient is zero: nothing to align with (try direction: random)")
@@ -118,7 +119,7 @@ class ZerothSelector(Selector):
         valid = (~torch.isnan(scores)).nonzero().flatten()
         unscored = len(pool) - len(valid)
         if len(valid) == 0:
-            raise ValueError("no training sample has a supervised token (check cutoff_len and the dataset)")
+            raise nothing_supervised()
         order = valid[torch.argsort(-scores[valid], stable=True)]  # pool is sorted: ties go to the lower index
         ranks, repeated = take_ranked(len(order), ctx.num_samples, "zeroth", ctx.rank)  # positions in the ranking
         chosen = [int(order[r]) for r in ranks]
