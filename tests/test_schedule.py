@@ -410,8 +410,8 @@ class TestComponentsFile:
     @pytest.mark.parametrize(
         "text, match",
         [
-            ("a: [unclosed\n", "is not valid YAML"),
-            ("a:\n  name: random\n b: 1\n", "is not valid YAML"),
+            ("a: [unclosed\n", r"is not valid YAML \(line 2\): expected ',' or '\]'"),
+            ("a:\n  name: random\n b: 1\n", r"is not valid YAML \(line 3\): expected <block end>"),
             ("- just\n- a list\n", "must hold a mapping"),
         ],
     )

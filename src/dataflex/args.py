@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, parse_problem
 
 TRAIN_TYPES = ("dynamic_select",)
 STAGES = ("sft",)
@@ -82,10 +82,7 @@ def read_config(config: str | os.PathLike, overrides: list[str] | None = None) -
         text = path.read_text(encoding="utf-8")
         base = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (yaml.YAMLError, ValueError, OSError) as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-        raise ConfigError(f"config file '{config}' is not valid YAML/JSON{where}: {problem}") from None
+        raise ConfigError(f"config file '{config}' is not valid YAML/JSON{parse_problem(err)}") from None
     if base is None:
         base = {}
     if not isinstance(base, dict):

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, parse_problem
 
 PACKAGED_COMPONENTS = Path(__file__).resolve().parent / "configs" / "components.yaml"
 # The path the seeds' example YAMLs use, relative to a DataFlex source checkout.
@@ -63,9 +63,7 @@ def load_components(path: str | os.PathLike) -> dict[str, ComponentSpec]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"components_cfg_file: '{path}' is not valid YAML{where}") from None
+        raise ConfigError(f"components_cfg_file: '{path}' is not valid YAML{parse_problem(err)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
