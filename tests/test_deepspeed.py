@@ -67,7 +67,7 @@ def _records(out: Path) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def train_run(make_train_yaml, run_cli, tmp_path_factory):
     """``train_run(component, stage)`` -> (records, log) of a run; stage None: one process, no
-    DeepSpeed; stage 2/3: two processes under that ZeRO stage. Each run happens once per module."""
+    DeepSpeed; stage 0/2/3: two processes under that ZeRO stage. Each run happens once per module."""
     done: dict[tuple[str, int | None], tuple[dict, str]] = {}
 
     def run(component: str, stage: int | None) -> tuple[dict, str]:
@@ -93,7 +93,7 @@ def train_run(make_train_yaml, run_cli, tmp_path_factory):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("component,stage", [("less", 3), ("zeroth", 3), ("zeroth_eval", 3), ("less", 2)])
+@pytest.mark.parametrize("component,stage", [("less", 3), ("zeroth", 3), ("zeroth_eval", 3), ("less", 2), ("zeroth", 0)])
 def test_zero_selects_what_a_run_without_deepspeed_selects(component, stage, train_run):
     plain, _ = train_run(component, None)
     zero, log = train_run(component, stage)
