@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,18 @@ def run_command(
         text=True,
         timeout=timeout,
     )
+
+
+_FAILURE_LINE = re.compile(r"error|Error|Traceback|terminate called|what\(\)|Signal \d+|exitcode")
+
+
+def failure_report(res: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """What an assertion on a failed run should show: every line that names an error (from any
+    rank, wherever it is in the output; at most 60) and then the end of stderr."""
+    lines = (res.stdout + "\n" + res.stderr).splitlines()
+    flagged = [line[:300] for line in lines if _FAILURE_LINE.search(line)][:60]
+    return "\n".join(["exit code %s; lines naming an error:" % res.returncode, *flagged,
+                      "--- end of stderr ---", res.stderr[-tail:]])
 
 
 def cli_command(args: Sequence[Any]) -> list[str]:

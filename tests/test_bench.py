@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, run_command
+from conftest import failure_report, run_command
 
 pytestmark = pytest.mark.e2e
 
@@ -16,7 +16,7 @@ def test_quality_benchmark_runs(tmp_path):
     res = run_command([sys.executable, "bench/quality.py", "--out", out, "--only", "random", "less",
                        "--seeds", "1", "--warmup-steps", "2", "--steps-per-selection", "2", "--selections", "1"],
                       timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     table = (out / "results.md").read_text()
     assert "| random (seed 1) |" in table and "| less |" in table
     assert (out / "eval_loss.png").stat().st_size > 1000

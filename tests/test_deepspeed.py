@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, failure_report
 
 DS_DIR = REPO_ROOT / "examples" / "deepspeed"
 SCHEDULE = {"warmup_step": 2, "update_step": 2, "update_times": 2, "max_samples": 64, "dataset": "demo_mix",
@@ -85,7 +85,7 @@ def train_run(make_train_yaml, run_cli, tmp_path_factory):
                 path = make_train_yaml(tmp, component_name=component, per_device_train_batch_size=1,
                                        deepspeed=str(DS_DIR / f"ds_z{stage}_config.json"), **extra)
                 res = run_cli(["train", path], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=600)
-            assert res.returncode == 0, res.stderr[-3000:]
+            assert res.returncode == 0, failure_report(res)
             done[key] = _records(tmp / "out"), res.stderr + res.stdout
         return done[key]
 
@@ -123,7 +123,7 @@ def test_selection_under_zero(stage, component, make_train_yaml, run_cli, tmp_pa
     path = make_train_yaml(tmp_path, component_name=component, eval_dataset="demo_add_eval",
                            deepspeed=str(DS_DIR / f"ds_z{stage}_config.json"), bf16=True, max_samples=64)
     res = run_cli(["train", path], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"}, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     records = sorted((tmp_path / "out" / "dataflex").glob("step_*.json"))
     assert [p.name for p in records] == ["step_2.json", "step_4.json"]
     assert f"[DataFlex] DeepSpeed ZeRO-{stage}:" in res.stderr + res.stdout

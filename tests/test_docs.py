@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA_DIR, REPO_ROOT, run_command
+from conftest import DATA_DIR, REPO_ROOT, failure_report, run_command
 
 DOCS = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md")])
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
@@ -87,7 +87,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
     # the commands as a user types them: the console scripts of this interpreter's environment first
     path_env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     res = run_command(["bash", "examples/quickstart.sh"], env=path_env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     adapter = REPO_ROOT / "saves" / "tiny-qwen2" / "lora" / "quickstart"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (adapter / "dataflex").glob("step_*.json")) == [
@@ -123,7 +123,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
         else:
             continue
         res = run_command([sys.executable, "-m", "dataflex.cli", *args[1:]], env=env, timeout=600)
-        assert res.returncode == 0, f"{line}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        assert res.returncode == 0, f"{line}\n{failure_report(res)}"
         ran += 1
     assert ran >= 6, commands
     assert (tmp_path / "selected" / "dataset_info.json").is_file()

@@ -13,6 +13,8 @@ import math
 import pytest
 import yaml
 
+from conftest import failure_report
+
 pytestmark = pytest.mark.e2e
 
 # two datasets mixed (max_samples applies to each: 120 + 80 chat samples = 200 rows)
@@ -34,9 +36,9 @@ def runs(request, make_train_yaml, run_cli, tmp_path_factory):
                           **SCHEDULE)
     two = make_train_yaml(tmp / "two", component_name=component, per_device_train_batch_size=2, **SCHEDULE)
     r1 = run_cli(["train", one], timeout=300)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r1.returncode == 0, failure_report(r1)
     r2 = run_cli(["train", two], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.returncode == 0, failure_report(r2)
     return component, tmp / "one" / "out", tmp / "two" / "out", r1.stderr + r1.stdout
 
 
@@ -122,5 +124,5 @@ def test_report_plot_and_export(runs, run_cli, tmp_path):
                  "max_steps": 2, "plot_loss": False})
     static = write_yaml(tmp_path / "static.yaml", base)
     res = run_command([*llamafactory_cli(), "train", static], timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, failure_report(res)
     assert (tmp_path / "static" / "adapter_model.safetensors").is_file()

@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from conftest import failure_report
+
 from dataflex.errors import ConfigError
 from dataflex.scoring.engine import ScoringEngine, eval_mode
 from dataflex.scoring.gradients import (
@@ -343,9 +345,9 @@ def less_runs(make_train_yaml, run_cli, tmp_path_factory):
     one = make_train_yaml(tmp / "one", per_device_train_batch_size=4, components_cfg_file=str(components), **SCHEDULE)
     two = make_train_yaml(tmp / "two", per_device_train_batch_size=2, components_cfg_file=str(components), **SCHEDULE)
     r1 = run_cli(["train", one], timeout=300)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    assert r1.returncode == 0, failure_report(r1)
     r2 = run_cli(["train", two], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.returncode == 0, failure_report(r2)
     return tmp / "one" / "out", tmp / "two" / "out", r1.stderr + r1.stdout
 
 

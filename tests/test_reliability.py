@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import cli_command, _cli_env  # noqa: F401  (shared helpers)
+from conftest import cli_command, failure_report, _cli_env  # noqa: F401  (shared helpers)
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,7 @@ def test_resume_after_sigkill_consumes_what_an_uninterrupted_run_would(make_trai
     # uninterrupted reference
     ref_yaml = make_train_yaml(tmp_path / "ref", **RESUME_CFG)
     ref = run_cli(["train", ref_yaml], env={"DATAFLEX_TRACE_DIR": tmp_path / "ref_trace"}, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert ref.returncode == 0, failure_report(ref)
 
     # the same run, killed with SIGKILL at step 5 (checkpoint-4 saved, selection at step 4 made)
     yaml_path = make_train_yaml(tmp_path / "crash", **RESUME_CFG)
@@ -62,7 +62,7 @@ def test_resume_after_sigkill_consumes_what_an_uninterrupted_run_would(make_trai
 
     resumed = run_cli(["train", yaml_path, f"resume_from_checkpoint={out / 'checkpoint-4'}"],
                       env={"DATAFLEX_TRACE_DIR": tmp_path / "resume_trace"}, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed)
     assert "selector state restored from step_2.json" in resumed.stderr
     assert "reusing step_4.json" in resumed.stderr
 

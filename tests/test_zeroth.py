@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import failure_report
+
 from dataflex.errors import ConfigError, SelectionError
 from dataflex.scoring.engine import ScoringEngine
 from dataflex.scoring.zeroth import (
@@ -442,7 +444,7 @@ def test_cli_train_one_and_two_processes_agree(direction, make_train_yaml, run_c
         cfg = make_train_yaml(tmp_path / name, component_name="zeroth", components_cfg_file=str(comps_file),
                               per_device_train_batch_size=per_device, **E2E)
         res = run_cli(["train", cfg], env=env, timeout=400)
-        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.returncode == 0, failure_report(res)
         runs[name] = (cache, res.stdout + res.stderr)
     for name, world in (("one", 1), ("two", 2)):
         manifest = json.loads((tmp_path / name / "out" / "dataflex" / "run.json").read_text())
