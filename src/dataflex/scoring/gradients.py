@@ -291,15 +291,20 @@ def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], d
     return out, ""
 
 
-def _gather_partitions(part: torch.Tensor, group: Any) -> torch.Tensor:
-    """The equal-sized 1-D ``part`` of every rank of ``group``, concatenated in rank order."""
+def _gather_partitions(part: torch.Tensor, group: Any, device: torch.device) -> torch.Tensor:
+    """The equal-sized 1-D ``part`` of every rank of ``group``, concatenated in rank order, on ``device``.
+
+    ``device`` is where the model's weights are (an offloaded optimizer keeps its partition on the
+    CPU, which NCCL cannot gather).
+    """
     import torch.distributed as dist
 
+    part = part.detach().reshape(-1).to(device)
     if not dist.is_available() or not dist.is_initialized():
-        return part.detach().reshape(-1)
+        return part
     pieces = [torch.empty_like(part) for _ in range(dist.get_world_size(group=group))]
-    dist.all_gather(pieces, part.detach().contiguous(), group=group)
-    return torch.cat([p.reshape(-1) for p in pieces])
+    dist.all_gather(pieces, part.contiguous(), group=group)
+    return torch.cat(pieces)
 
 
 def _zero12_moments(zero: Any, opt: Any, params: dict[str, torch.nn.Parameter], names: Sequence[str], device: Any
@@ -322,7 +327,7 @@ def _zero12_moments(zero: Any, opt: Any, params: dict[str, torch.nn.Parameter], 
         st = state.get(part) if hasattr(state, "get") else None
         if not st or "exp_avg" not in st or "exp_avg_sq" not in st:  # same on every rank: steps are in lockstep
             return None, "the optimizer has no moments yet (no optimizer step taken)"
-        full = {key: _gather_partitions(t, dp) for key, t in
+        full = {key: _gather_partitions(t, dp, flat.device) for key, t in
                 (("weights", part), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"]))}
         for p in members:
             offset = (p.data_ptr() - flat.data_ptr()) // p.element_size()
