@@ -156,6 +156,12 @@ def test_output_perturbation_equals_perturbing_the_weights(lf):
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # its hooks removed on exit
 
 
+def test_output_perturbation_needs_linear_trainables():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(ValueError, match=r"ZeRO-3 perturbs linear layers only: trainable parameter '1.weight'"):
+        OutputPerturbation(model, trainable_parameters(model))
+
+
 def test_probe_via_outputs_matches_in_place_probe(lf):
     """Differences and the eval gradient without touching θ (what ZeRO-3 runs) agree with the default path."""
     model, collator = lf["model"], lf["collator"]

@@ -193,6 +193,14 @@ class Perturbation:
         self.restore()
 
 
+def output_linears(model: torch.nn.Module) -> list:
+    """The trainable linear layers the output path works through (every trainable parameter must be in one)."""
+    try:
+        return trainable_linears(model)
+    except UnsupportedParameters as err:
+        raise ValueError(f"zeroth under DeepSpeed ZeRO-3 perturbs linear layers only: {err}") from None
+
+
 class OutputPerturbation:
     """θ0 + scale·ξ through the outputs of the trainable linear layers; θ itself is never written.
 
@@ -204,10 +212,7 @@ class OutputPerturbation:
     def __init__(self, model: torch.nn.Module, params: Sequence[tuple[str, torch.nn.Parameter]]):
         self.params = list(params)
         position = {name: i for i, (name, _) in enumerate(self.params)}
-        try:
-            targets = trainable_linears(model)
-        except UnsupportedParameters as err:
-            raise ValueError(f"zeroth under DeepSpeed ZeRO-3 perturbs linear layers only: {err}") from None
+        targets = output_linears(model)
         self.delta: list[torch.Tensor | None] = [None] * len(self.params)
         self.handles = []
         for t in targets:
@@ -356,10 +361,7 @@ class ZerothOrderProbe:
         position = {name: i for i, (name, _) in enumerate(self.params)}
         linears = None
         if self.via_outputs:  # parameters untouched (ZeRO-3): gradients of the layers' outputs instead
-            try:
-                linears = trainable_linears(model)
-            except UnsupportedParameters as err:
-                raise ValueError(f"zeroth under DeepSpeed ZeRO-3 perturbs linear layers only: {err}") from None
+            linears = output_linears(model)
 
         def grad_of(batch: list[int]) -> list[bool]:
             mine = not engine.padding  # padding forwards keep ranks in step; their gradient is dropped
