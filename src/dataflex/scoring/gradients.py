@@ -227,6 +227,11 @@ def adam_direction(grad: torch.Tensor, m: AdamMoment) -> torch.Tensor:
     return m1.div_(v1.sqrt_().add_(m.eps))
 
 
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter (this rank holds a slice; ``ds_shape`` is its real shape)."""
+    return hasattr(param, "ds_id")
+
+
 def optimizer_chain(optimizer: Any) -> list[Any]:
     """``optimizer`` and the optimizers it wraps (accelerate, DeepSpeed: ``.optimizer``), outermost first."""
     chain = [optimizer]
@@ -263,7 +268,7 @@ def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], d
         return _zero12_moments(zero12, opt, params, names, device)
     # ZeRO-3 parameters carry `ds_id`; DeepSpeed's bf16 optimizer gives every parameter `_hp_mapping`
     # (None on ranks that hold none of it): test for the attributes so that all ranks gather
-    if any(hasattr(params[n], "ds_id") or hasattr(params[n], "_hp_mapping") for n in names):
+    if any(is_partitioned(params[n]) or hasattr(params[n], "_hp_mapping") for n in names):
         return _deepspeed_moments(opt, params, names, device)
     state = getattr(opt, "state", None)
     groups = getattr(opt, "param_groups", None)
@@ -291,6 +296,15 @@ def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], d
     return out, ""
 
 
+def _deepspeed_hparams(opt: Any) -> tuple[tuple[float, float, float] | None, str]:
+    """``(beta1, beta2, eps)`` of the optimizer DeepSpeed steps (one set for all its groups), or ``(None, reason)``."""
+    group = next((g for g in getattr(opt, "param_groups", []) if "betas" in g), None)
+    if group is None:
+        return None, f"DeepSpeed optimizer {type(opt).__name__} has no betas"
+    b1, b2 = group["betas"]
+    return (float(b1), float(b2), float(group.get("eps", 1e-8))), ""
+
+
 def _gather_partitions(part: torch.Tensor, group: Any, device: torch.device) -> torch.Tensor:
     """The equal-sized 1-D ``part`` of every rank of ``group``, concatenated in rank order, on ``device``.
 
@@ -310,11 +324,9 @@ def _gather_partitions(part: torch.Tensor, group: Any, device: torch.device) -> 
 def _zero12_moments(zero: Any, opt: Any, params: dict[str, torch.nn.Parameter], names: Sequence[str], device: Any
                     ) -> tuple[dict[str, AdamMoment] | None, str]:
     """Adam moments under DeepSpeed ZeRO-1/2, gathered from the ranks' partitions (module docstring)."""
-    group_hp = next((g for g in getattr(opt, "param_groups", []) if "betas" in g), None)
-    if group_hp is None:
-        return None, f"DeepSpeed optimizer {type(opt).__name__} has no betas"
-    b1, b2 = group_hp["betas"]
-    eps = float(group_hp.get("eps", 1e-8))
+    hparams, reason = _deepspeed_hparams(opt)
+    if hparams is None:
+        return None, reason
     wanted = {id(params[n]): n for n in names}
     state = getattr(opt, "state", {})
     groups = getattr(zero, "real_dp_process_group", None) or [None] * len(zero.bit16_groups_flat)
@@ -340,8 +352,7 @@ def _zero12_moments(zero: Any, opt: Any, params: dict[str, torch.nn.Parameter], 
                              "its fp32 master copy)"
             dev = device if device is not None else p.device
             out[wanted[id(p)]] = AdamMoment(full["exp_avg"][offset:offset + n].to(dev, torch.float32),
-                                            full["exp_avg_sq"][offset:offset + n].to(dev, torch.float32),
-                                            float(b1), float(b2), eps)
+                                            full["exp_avg_sq"][offset:offset + n].to(dev, torch.float32), *hparams)
     missing = next((n for n in names if n not in out), None)
     if missing is not None:
         return None, f"DeepSpeed keeps no Adam moments for '{missing}'"
@@ -355,12 +366,11 @@ def _deepspeed_moments(opt: Any, params: dict[str, torch.nn.Parameter], names: S
         from deepspeed.utils import safe_get_full_optimizer_state
     except ImportError:
         return None, "DeepSpeed parameters but no deepspeed module"
-    group = next((g for g in getattr(opt, "param_groups", []) if "betas" in g), None)
-    if group is None:
-        return None, f"DeepSpeed optimizer {type(opt).__name__} has no betas"
+    hparams, reason = _deepspeed_hparams(opt)
+    if hparams is None:
+        return None, reason
     if not getattr(opt, "state", None):  # ranks step together: empty everywhere before the first step
         return None, "the optimizer has no moments yet (no optimizer step taken)"
-    b1, b2 = group["betas"]
     out: dict[str, AdamMoment] = {}
     missing = None
     for name in names:  # every rank gathers every parameter (a collective), even after a miss
@@ -372,8 +382,7 @@ def _deepspeed_moments(opt: Any, params: dict[str, torch.nn.Parameter], names: S
             continue
         dev = device if device is not None else m.device
         out[name] = AdamMoment(m.detach().reshape(-1).to(dev, torch.float32),
-                               v.detach().reshape(-1).to(dev, torch.float32),
-                               float(b1), float(b2), float(group.get("eps", 1e-8)))
+                               v.detach().reshape(-1).to(dev, torch.float32), *hparams)
     if missing is not None:
         return None, f"DeepSpeed has no Adam moments for '{missing}' yet"
     return out, ""

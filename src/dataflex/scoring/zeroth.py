@@ -91,7 +91,7 @@ import torch
 from ..seeding import derive_seed
 from .distributed import is_distributed
 from .engine import ScoringEngine, eval_mode, length_batches, supervised_loss_sums
-from .gradients import UnsupportedParameters, per_sample_gradients, trainable_linears
+from .gradients import UnsupportedParameters, is_partitioned, per_sample_gradients, trainable_linears
 
 logger = logging.getLogger("dataflex")
 
@@ -105,11 +105,6 @@ def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Par
     if not params:
         raise ValueError("the model has no trainable parameters to perturb")
     return params
-
-
-def is_partitioned(param: torch.Tensor) -> bool:
-    """True for a DeepSpeed ZeRO-3 parameter (this rank holds a slice; ``ds_shape`` is its real shape)."""
-    return hasattr(param, "ds_id")
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:
