@@ -38,6 +38,8 @@ os.environ.update(
         "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_DISABLED": "true",
+        # dataflex.testing (traces, pauses, injected faults); inert unless its own variables are set
+        "DATAFLEX_TEST_PLUGIN": "1",
     }
 )
 # Tiny model on a small shared CPU: one thread per process avoids oversubscription (torchrun
@@ -49,7 +51,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 _LAUNCH_VARS = (
     "FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
     "RDZV_ID", "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS", "USE_RAY", "USE_KT", "USE_MCA", "USE_V1",
-    "ALLOW_EXTRA_ARGS", "DATAFLEX_TRACE_DIR", "DATAFLEX_TEST_FAIL_SELECTION",
+    "ALLOW_EXTRA_ARGS", "DATAFLEX_TRACE_DIR", "DATAFLEX_TEST_FAULT", "DATAFLEX_TEST_PAUSE_AT_STEP",
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
 )
 for _var in _LAUNCH_VARS:
@@ -72,6 +74,47 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
+
+
+# --------------------------------------------------------------------------- what a run wrote
+def manifest(out: str | os.PathLike) -> dict[str, Any]:
+    """``<output_dir>/dataflex/run.json`` of a run."""
+    import json
+
+    return json.loads((Path(out) / "dataflex" / "run.json").read_text())
+
+
+def records(out: str | os.PathLike) -> dict[int, dict[str, Any]]:
+    """The run's records by step (from the folder its manifest names)."""
+    import json
+
+    folder = Path(manifest(out)["records"])
+    return {int(p.stem.removeprefix("step_")): json.loads(p.read_text()) for p in folder.glob("step_*.json")}
+
+
+def weight_lines(out: str | os.PathLike) -> list[dict[str, Any]]:
+    import json
+
+    path = Path(manifest(out)["records"]) / "weights.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def traces(folder: str | os.PathLike) -> dict[int, list[dict[str, Any]]]:
+    """``{rank: [trace lines in file order]}`` written under DATAFLEX_TRACE_DIR=folder."""
+    import json
+
+    out = {}
+    for path in sorted(Path(folder).glob("trace_rank*.jsonl")):
+        out[int(path.stem.removeprefix("trace_rank"))] = [json.loads(x) for x in path.read_text().splitlines()]
+    return out
+
+
+def consumed_by_step(folder: str | os.PathLike, rank: int = 0) -> dict[int, list[int]]:
+    """``{step: indices trained on by rank}`` from a trace folder."""
+    by_step: dict[int, list[int]] = {}
+    for line in traces(folder).get(rank, []):
+        by_step.setdefault(line["step"], []).extend(line["indices"])
+    return by_step
 
 
 @pytest.fixture(scope="session")

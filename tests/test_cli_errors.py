@@ -21,7 +21,7 @@ NO_MODEL = "/nonexistent/dataflex-test-model"  # proves no model is loaded befor
 CASES = {
     "unknown_yaml_key": ({"warmup_stepz": 2}, {}, [], ["unknown key 'warmup_stepz'", "did you mean 'warmup_step'"]),
     "unknown_component": ({"component_name": "nope"}, {}, [],
-                          ["component_name: 'nope'", "known components: ", "random"]),
+                          ["component_name: 'nope'", "known selector components: ", "random"]),
     "missing_components_file": ({"components_cfg_file": "no_such_components.yaml"}, {}, [],
                                 ["components_cfg_file: 'no_such_components.yaml' not found"]),
     "invalid_components_yaml": ({"components_cfg_file": "broken.yaml", "component_name": "r"},
@@ -57,7 +57,7 @@ PREPARE_CASES = {
     "unknown_component_entry_key": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
                                     {"comps.yaml": "r: {name: random, parms: {}}\n"}, [], ["unknown key 'parms'"]),
     "unregistered_eval_dataset": ({"eval_dataset": "nope_eval"}, {}, [], ["eval_dataset: 'nope_eval'"]),
-    "stage_not_sft": ({"stage": "dpo"}, {}, [], ["stage: 'dpo'"]),
+    "stage_not_sft_or_pt": ({"stage": "dpo"}, {}, [], ["stage: 'dpo'"]),
     "choice_param_out_of_set": ({"components_cfg_file": "comps.yaml", "component_name": "l"},
                                 {"comps.yaml": "l: {name: loss, params: {focus: mid}}\n"},
                                 [], ["param 'focus' = 'mid' is invalid; allowed: low | medium | high"]),
@@ -82,6 +82,82 @@ PREPARE_CASES = {
     "loss_bad_temperature": ({"components_cfg_file": "comps.yaml", "component_name": "x"},
                              {"comps.yaml": "x: {name: loss, params: {temperature: 0}}\n"}, [],
                              ["param 'temperature' = 0.0 is invalid"]),
+    # keys of LLaMA-Factory / transformers a DataFlex mode cannot serve (before any model is loaded)
+    "fsdp": ({"fsdp": "full_shard"}, {}, [], ["fsdp: FSDP is not supported with train_type", "deepspeed"]),
+    "fsdp_config": ({"fsdp_config": {"min_num_params": 1}}, {}, [], ["fsdp: FSDP is not supported"]),
+    "streaming": ({"streaming": True}, {}, [], ["streaming: true cannot be used with train_type"]),
+    "auto_find_batch_size": ({"auto_find_batch_size": True}, {}, [], ["auto_find_batch_size: true cannot be used"]),
+    "train_step_disagrees_with_max_steps": ({"train_step": 5, "max_steps": 7}, {}, [],
+                                            ["train_step: 5 disagrees with max_steps: 7"]),
+    "resume_from_missing_checkpoint": ({"resume_from_checkpoint": "{tmp}/no-checkpoint"}, {}, [],
+                                       ["resume_from_checkpoint: '", "no-checkpoint' is not a folder"]),
+    "output_dir_not_writable": ({"output_dir": "/proc/dataflex-no-such-dir"}, {}, [],
+                                ["output_dir: cannot write to '/proc/dataflex-no-such-dir'"]),
+    "cache_dir_not_writable": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
+                               {"comps.yaml": "r: {name: random, params: {cache_dir: /proc/dataflex-cache}}\n"}, [],
+                               ["component 'r': param 'cache_dir': cannot write to '/proc/dataflex-cache'"]),
+    "seed_param_of_random_is_typed": ({"components_cfg_file": "comps.yaml", "component_name": "r"},
+                                      {"comps.yaml": "r: {name: random, params: {seed: '42'}}\n"}, [],
+                                      ["param 'seed' = '42' has the wrong type; expected: int or null"]),
+    # dynamic_weight
+    "weight_with_liger": ({"train_type": "dynamic_weight", "component_name": "loss", "enable_liger_kernel": True},
+                          {}, [], ["enable_liger_kernel: true cannot be used with weighter 'loss'", "logits"]),
+    "weight_with_label_smoothing": ({"train_type": "dynamic_weight", "component_name": "loss",
+                                     "label_smoothing_factor": 0.1}, {}, [],
+                                    ["label_smoothing_factor: 0.1 cannot be combined with weighter 'loss'"]),
+    "weight_unknown_strategy": ({"train_type": "dynamic_weight", "components_cfg_file": "comps.yaml",
+                                 "component_name": "w"},
+                                {"comps.yaml": "weighters:\n  w: {name: loss, params: {strategy: lower}}\n"}, [],
+                                ["param 'strategy' = 'lower' is invalid; allowed: linupper | uniform | quadratic | extremes"]),
+    "weight_delta_not_positive": ({"train_type": "dynamic_weight", "components_cfg_file": "comps.yaml",
+                                   "component_name": "w"},
+                                  {"comps.yaml": "weighters:\n  w: {name: loss, params: {delta: 0}}\n"}, [],
+                                  ["param 'delta' = 0.0 is invalid; allowed: a number > 0"]),
+    "adapt_tau_not_positive": ({"train_type": "dynamic_weight", "components_cfg_file": "comps.yaml",
+                                "component_name": "w", "eval_dataset": "demo_add_eval"},
+                               {"comps.yaml": "weighters:\n  w: {name: adapt, params: {tau: -1}}\n"}, [],
+                               ["param 'tau' = -1.0 is invalid"]),
+    "adapt_without_eval_dataset": ({"train_type": "dynamic_weight", "component_name": "adapt", "eval_dataset": None},
+                                   {}, [], ["eval_dataset: required by weighter 'adapt'"]),
+    "weight_component_from_the_selectors": ({"train_type": "dynamic_weight", "component_name": "random"}, {}, [],
+                                            ["component_name: 'random' is not in the weighters of",
+                                             "known weighter components: adapt, custom, loss"]),
+    # dynamic_mix
+    "mix_without_update_step": ({"train_type": "dynamic_mix", "component_name": "random", "update_step": None,
+                                 "dataset": "wiki_demo,c4_demo"}, {}, [], ["update_step: required with train_type: dynamic_mix"]),
+    "mix_wrong_number_of_proportions": ({"train_type": "dynamic_mix", "component_name": "random",
+                                         "dataset": "wiki_demo,c4_demo", "init_mixture_proportions": [0.2, 0.3, 0.5]},
+                                        {}, [], ["init_mixture_proportions: 3 proportions for 2 datasets"]),
+    "mix_proportions_do_not_sum_to_one": ({"train_type": "dynamic_mix", "component_name": "random",
+                                           "dataset": "wiki_demo,c4_demo", "init_mixture_proportions": [0.5, 0.6]},
+                                          {}, [], ["init_mixture_proportions: [0.5, 0.6] sums to 1.1"]),
+    "mix_negative_proportion": ({"train_type": "dynamic_mix", "component_name": "random", "dataset": "wiki_demo,c4_demo",
+                                 "init_mixture_proportions": [1.5, -0.5]}, {}, [],
+                                ["init_mixture_proportions: [1.5, -0.5] is invalid; allowed: numbers >= 0"]),
+    "mix_bad_sample_rule": ({"train_type": "dynamic_mix", "component_name": "random", "dataset": "wiki_demo,c4_demo",
+                             "mixture_sample_rule": "proportional"}, {}, [],
+                            ["mixture_sample_rule: 'proportional' is not supported; allowed: mixture, stratified, uniform"]),
+    "mix_interleave": ({"train_type": "dynamic_mix", "component_name": "random", "dataset": "wiki_demo,c4_demo",
+                        "mix_strategy": "interleave_under"}, {}, [], ["mix_strategy: 'interleave_under' cannot be used"]),
+    "doremi_placeholder_reference": ({"train_type": "dynamic_mix", "components_cfg_file": "comps.yaml",
+                                      "component_name": "d", "dataset": "wiki_demo,c4_demo"},
+                                     {"comps.yaml": "mixers:\n  d: {name: doremi, params: {reference_model_path: "
+                                                    "/path/to/checkpoint-xxx}}\n"}, [],
+                                     ["param 'reference_model_path' = '/path/to/checkpoint-xxx' is invalid",
+                                      "DoReMi step 1"]),
+    "dynamic_moe_without_eval_sets": ({"train_type": "dynamic_mix", "component_name": "dynamic_moe",
+                                       "dataset": "wiki_demo,c4_demo"}, {}, [],
+                                      ["mixer_eval_dataset: mixer 'dynamic_moe' needs one eval dataset per training dataset"]),
+    "odm_exploration_out_of_range": ({"train_type": "dynamic_mix", "components_cfg_file": "comps.yaml",
+                                      "component_name": "o", "dataset": "wiki_demo,c4_demo"},
+                                     {"comps.yaml": "mixers:\n  o: {name: odm, params: {min_exploration_rate: 2}}\n"},
+                                     [], ["param 'min_exploration_rate' = 2.0 is invalid"]),
+    "unknown_mixer": ({"train_type": "dynamic_mix", "components_cfg_file": "comps.yaml", "component_name": "m",
+                       "dataset": "wiki_demo,c4_demo"},
+                      {"comps.yaml": "mixers:\n  m: {name: doremix}\n"}, [],
+                      ["unknown mixer name 'doremix'; available: doremi, dynamic_moe, odm, random, static"]),
+    "mix_stage_dpo": ({"train_type": "dynamic_mix", "component_name": "random", "stage": "dpo"}, {}, [],
+                      ["stage: 'dpo' cannot be used with train_type; allowed: sft, pt"]),
 }
 
 
@@ -274,8 +350,13 @@ def test_list(run_cli):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "random:" in out and "replacement" in out and "cache_dir" in out
+    for header in ("Selectors (train_type: dynamic_select", "Mixers (train_type: dynamic_mix",
+                   "Weighters (train_type: dynamic_weight"):
+        assert header in out
+    for name in ("doremi:", "odm:", "dynamic_moe:", "adapt:", "reweight_eta", "refresh_interval", "strategy"):
+        assert name in out
     assert "Components (packaged" in out
-    assert "name: random" in out
+    assert "name: random" in out and "mixer" in out and "weighter" in out
 
 
 def test_list_custom_file_and_errors(run_cli, tmp_path):

@@ -24,8 +24,9 @@ N_TRAIN = 200
 
 
 def _records(out):
-    folder = out / "dataflex"
-    return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("step_*.json"))}
+    from conftest import records
+
+    return {f"step_{k}.json": v for k, v in records(out).items()}
 
 
 @pytest.fixture(scope="module", params=["random", "loss", "delta_loss"])
@@ -61,29 +62,28 @@ def test_scores_and_choices_match_across_world_sizes(runs):
     key = {"loss": "loss", "delta_loss": "delta"}.get(component)
     for name in r1:
         assert r1[name]["indices"] == r2[name]["indices"], name
-        if key and key in r1[name]["metric"]:
-            assert r1[name]["metric"][key] == pytest.approx(r2[name]["metric"][key], abs=1e-4)
+        if key and key in r1[name]["per_sample"]:
+            assert r1[name]["per_sample"][key] == pytest.approx(r2[name]["per_sample"][key], abs=1e-4)
 
 
 def test_selector_specific_metrics(runs):
     component, one, _, _ = runs
     recs = _records(one)
     if component == "random":
-        assert all(r["metric"] == {"replacement": False} for r in recs.values())
+        assert all(r["summary"] == {"replacement": False} and r["per_sample"] == {} for r in recs.values())
     elif component == "loss":
-        m = recs["step_2.json"]["metric"]
+        m, per = recs["step_2.json"]["summary"], recs["step_2.json"]["per_sample"]
         q1, q2 = m["thresholds"]
         assert q1 < q2 and sum(m["band_counts"].values()) == N_TRAIN - m["unscored"]
-        for loss, band in zip(m["loss"], m["band"]):
+        for loss, band in zip(per["loss"], per["band"]):
             assert band == ("low" if loss <= q1 else "medium" if loss <= q2 else "high")
     else:
         first, second = recs["step_2.json"], recs["step_4.json"]
-        assert first["metric"]["phase"] == "baseline"
-        assert len(first["selector_state"]["baseline"]) == N_TRAIN
-        assert second["metric"]["t"] == 0 and second["metric"]["T"] == 0
-        start, end = second["metric"]["window"]
-        n = N_TRAIN - second["metric"]["unscored"]
-        u = second["metric"]["u"]
+        assert first["summary"]["phase"] == "baseline"
+        assert second["summary"]["t"] == 0 and second["summary"]["T"] == 0
+        start, end = second["summary"]["window"]
+        n = N_TRAIN - second["summary"]["unscored"]
+        u = second["summary"]["u"]
         assert u == pytest.approx(1 / (1 + math.exp(5)))  # single delta selection: t/T := 0
         assert start == math.floor(u * (n - 0.2 * n))
         assert start <= end <= start + math.floor(0.2 * n)  # cut where the loss got worse
@@ -100,7 +100,7 @@ def test_report_plot_and_export(runs, run_cli, tmp_path):
     res = run_cli(["report", one, "--export-dataset", export, "--name", "picked"])
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    assert f"selector '{component}'" in out and "demo_mix [0, 120), demo_chat [120, 200)" in out
+    assert f"component '{component}' ({component})" in out and "demo_mix [0, 120), demo_chat [120, 200)" in out
     recs = _records(one)
     picks = [i for r in recs.values() for i in r["indices"]]
     assert f"{len(set(picks))} distinct samples" in out

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import llamafactory_cli, run_command, write_yaml
+from conftest import llamafactory_cli, records, run_command, traces, write_yaml
 
 from dataflex.args import DATAFLEX_KEYS
-from dataflex.schedule import Schedule, rank_micro_batch
+from dataflex.schedule import Schedule, rank_micro_batch, total_steps
 from dataflex.selectors.base import uniform_draw
 from dataflex.seeding import seeded_generator
 
@@ -46,7 +46,7 @@ class Run:
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule.build(WARMUP, UPDATE, TIMES, self.global_batch, num_train_epochs=1.0)
+        return Schedule.build(WARMUP, UPDATE, TIMES, self.global_batch, total_steps(WARMUP, UPDATE, TIMES, self.global_batch))
 
     def state(self) -> dict:
         return json.loads((self.out / "trainer_state.json").read_text())
@@ -66,12 +66,7 @@ def _train(folder: Path, make_train_yaml, run_cli, world: int, timeout: float) -
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     out = folder / "out"
-    trace = {}
-    for path in sorted((folder / "trace").glob("trace_rank*.jsonl")):
-        rank = int(path.stem.removeprefix("trace_rank"))
-        trace[rank] = [json.loads(line) for line in path.read_text().splitlines()]
-    records = {int(p.stem.removeprefix("step_")): json.loads(p.read_text()) for p in (out / "dataflex").glob("step_*.json")}
-    return Run(out, world, log, trace, records)
+    return Run(out, world, log, traces(folder / "trace"), records(out))
 
 
 @pytest.fixture(scope="module")
@@ -106,26 +101,27 @@ def check_step_count(run: Run) -> None:
 
 def check_records(run: Run) -> None:
     sched = run.schedule
-    assert sorted(run.records) == [s.start_step for s in sched.selections] == [2, 4]
-    names = sorted(p.name for p in (run.out / "dataflex").iterdir())
-    assert [n for n in names if n.startswith("step_")] == ["step_2.json", "step_4.json"], names
-    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")], names  # no temp files left
-    fingerprints = set()
-    for stretch in sched.selections:
+    assert sorted(run.records) == [s.start_step for s in sched.updates] == [2, 4]
+    folder = Path(json.loads((run.out / "dataflex" / "run.json").read_text())["records"])
+    assert folder.parent == run.out / "dataflex"  # <cache_dir>/<run id>/
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["step_2.json", "step_4.json"], names  # no temp files left
+    run_ids = set()
+    for stretch in sched.updates:
         rec = run.records[stretch.start_step]
         n = sched.samples_for(stretch)
         assert n == run.global_batch * UPDATE
         assert len(rec["indices"]) == n
         assert all(isinstance(i, int) and 0 <= i < TRAIN_SIZE for i in rec["indices"])
         assert rec["selector"] == "random" and rec["component"] == "random"
-        assert rec["step"] == stretch.start_step and rec["selection"] == stretch.selection
+        assert rec["step"] == stretch.start_step and rec["selection"] == stretch.number
         assert rec["num_steps"] == stretch.num_steps
-        assert re.fullmatch(r"[0-9a-f]{16}", rec["fingerprint"])
-        assert "metric" in rec
+        assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", rec["run_id"]) and rec["run_id"] == folder.name
+        assert rec["per_sample"] == {} and rec["summary"] == {"replacement": False}
         # exactly the seeded draw + seeded consumption order, on any number of processes
-        assert rec["indices"] == expected_random_record(n, stretch.selection)
-        fingerprints.add(rec["fingerprint"])
-    assert len(fingerprints) == 1
+        assert rec["indices"] == expected_random_record(n, stretch.number)
+        run_ids.add(rec["run_id"])
+    assert len(run_ids) == 1
 
 
 def check_trace(run: Run) -> None:
@@ -135,9 +131,9 @@ def check_trace(run: Run) -> None:
         steps = [line["step"] for line in lines]
         assert steps == sorted(steps) and len(lines) == sched.total_steps * GA, f"rank {rank}"
 
-    warmups = [s for s in sched.stretches if not s.is_selection]
+    warmups = [s for s in sched.stretches if not s.is_update]
     for stretch in sched.stretches:
-        if stretch.is_selection:
+        if stretch.is_update:
             indices = run.records[stretch.start_step]["indices"]
         else:
             n = sched.samples_for(stretch)
@@ -283,7 +279,7 @@ def test_plain_yaml_has_no_dataflex_traces(plain_runs):
     ours, _, log = plain_runs
     assert not (ours / "dataflex").exists()
     assert "[DataFlex]" not in log
-    assert "dataflex_selections" not in json.loads((ours / "all_results.json").read_text())
+    assert not any(k.startswith("dataflex") for k in json.loads((ours / "all_results.json").read_text()))
 
 
 def test_plain_yaml_matches_llamafactory_exactly(plain_runs):

@@ -15,15 +15,13 @@ from conftest import failure_report
 from dataflex.errors import ConfigError
 from dataflex.scoring.engine import ScoringEngine, eval_mode
 from dataflex.scoring.gradients import (
-    AdamMoment,
     GradientFeaturizer,
     UnsupportedParameters,
-    adam_direction,
-    adam_moments,
     per_sample_gradients,
     sharded_features,
     trainable_linears,
 )
+from dataflex.scoring.optimizer_state import AdamMoment, adam_direction, adam_moments
 from dataflex.scoring.projection import CountSketchProjector
 from dataflex.selectors.base import SelectionContext
 from dataflex.selectors.less import LessParams, LessSelector
@@ -224,12 +222,12 @@ def test_params_are_checked():
     with pytest.raises(ConfigError, match="unknown param 'proj_dims'"):
         LessParams.from_dict("less", {"proj_dims": 8})
     # the seeds' components entry, cache_dir included, and the packaged one
-    from dataflex.components import build_selector, get_component, resolve_components_path
+    from dataflex.components import build_component, get_component, resolve_components_path
 
     seed = LessParams.from_dict("less", {"cache_dir": "../dataflex_saves/less_output", "gradient_type": "adam",
                                          "proj_dim": 4096, "seed": 123})
     assert (seed.proj_dim, seed.seed, seed.cumulative) == (4096, 123, True)
-    packaged = build_selector(get_component(resolve_components_path(None), "less"))
+    packaged = build_component(get_component(resolve_components_path(None), "less"))
     assert isinstance(packaged, LessSelector) and packaged.params.proj_dim == 4096
 
 
@@ -245,11 +243,9 @@ def demo_mix(tiny_model, data_dir, tmp_path_factory):
 
 def _context(parts, engine, optimizer, lr, selection, n=90, pool_gen_seed=0):
     return SelectionContext(
-        step=10 * selection, selection=selection, t=selection, T=2, num_selections=2, num_samples=n,
-        train_size=len(parts["train_dataset"]), generator=torch.Generator().manual_seed(pool_gen_seed), seed=0,
-        cache_dir="unused", model=parts["model"], train_dataset=parts["train_dataset"],
-        eval_dataset=parts["eval_dataset"], collator=parts["collator"], optimizer=optimizer, learning_rate=lr,
-        scorer=engine,
+        step=10 * selection, selection=selection, num_selections=2, num_samples=n, train_dataset=parts["train_dataset"],
+        scorer=engine, generator=torch.Generator().manual_seed(pool_gen_seed), eval_dataset=parts["eval_dataset"],
+        optimizer=optimizer, learning_rate=lr,
     )
 
 
@@ -270,7 +266,7 @@ def test_less_picks_the_eval_task(demo_mix, data_dir, caplog):
         first = selector.select(_context(demo_mix, engine, opt, 1e-3, 0))
     finally:
         logger.removeHandler(caplog.handler)
-    assert first.metric["gradient_type"] == "sgd"
+    assert first.summary["gradient_type"] == "sgd"
     assert "no moments yet" in caplog.text and "plain gradients (sgd)" in caplog.text
 
     # a few real AdamW steps on random batches of the mixture
@@ -283,7 +279,7 @@ def test_less_picks_the_eval_task(demo_mix, data_dir, caplog):
         opt.step()
     opt.zero_grad(set_to_none=True)
     second = selector.select(_context(demo_mix, engine, opt, 5e-4, 1))
-    assert second.metric["gradient_type"] == "adam"
+    assert second.summary["gradient_type"] == "adam"
 
     for result in (first, second):
         precision = sum(tasks[i] == "add" for i in result.indices) / len(result.indices)
@@ -292,15 +288,15 @@ def test_less_picks_the_eval_task(demo_mix, data_dir, caplog):
     # S = η1·Score1 + η2·Score2, and the chosen are the 90 highest S
     S = selector.cumulative
     assert not torch.isnan(S).any()
-    score1 = dict(zip(first.indices, first.metric["score"]))
-    for i, s, c in zip(second.indices, second.metric["score"], second.metric["cumulative_score"]):
+    score1 = dict(zip(first.indices, first.per_sample["score"]))
+    for i, s, c in zip(second.indices, second.per_sample["score"], second.per_sample["cumulative_score"]):
         assert float(S[i]) == pytest.approx(c)
         if i in score1:
             assert c == pytest.approx(1e-3 * score1[i] + 5e-4 * s, rel=1e-9)
-    threshold = min(second.metric["cumulative_score"])
+    threshold = min(second.per_sample["cumulative_score"])
     others = [float(S[i]) for i in range(len(train)) if i not in set(second.indices)]
     assert max(others) <= threshold
-    assert -1.0 <= min(second.metric["score"]) and max(second.metric["score"]) <= 1.0
+    assert -1.0 <= min(second.per_sample["score"]) and max(second.per_sample["score"]) <= 1.0
 
     # the state survives a restart as JSON
     state = json.loads(json.dumps(selector.state_dict()))
@@ -312,15 +308,15 @@ def test_less_picks_the_eval_task(demo_mix, data_dir, caplog):
     current = LessSelector(LessParams.from_dict("less", {"proj_dim": 1024, "cumulative": False}))
     current.load_state_dict(state)
     only_now = current.select(_context(demo_mix, engine, opt, 5e-4, 1))
-    assert only_now.metric["ranked_by"] == "score"
-    assert only_now.metric["score"] == pytest.approx(sorted(only_now.metric["score"], reverse=True))
-    assert min(only_now.metric["score"]) >= min(second.metric["score"]) - 1e-6
+    assert only_now.summary["ranked_by"] == "score"
+    assert only_now.per_sample["score"] == pytest.approx(sorted(only_now.per_sample["score"], reverse=True))
+    assert min(only_now.per_sample["score"]) >= min(second.per_sample["score"]) - 1e-6
 
 
 # --------------------------------------------------------------------------- end to end
 SCHEDULE = {"warmup_step": 2, "update_step": 2, "update_times": 2, "max_samples": 120, "cutoff_len": 64,
             "gradient_accumulation_steps": 1, "eval_dataset": "demo_add_eval", "dataset": "demo_mix",
-            "component_name": "less_tiny"}
+            "component_name": "less_tiny", "save_steps": 2}
 COMPONENTS = """selectors:
   less_tiny:
     name: less
@@ -333,7 +329,15 @@ COMPONENTS = """selectors:
 
 
 def _records(out):
-    return {p.name: json.loads(p.read_text()) for p in sorted((out / "dataflex").glob("step_*.json"))}
+    from conftest import records
+
+    return {f"step_{k}.json": v for k, v in records(out).items()}
+
+
+def _cumulative(out, checkpoint):
+    """S per training row as the checkpoint's DataFlex state holds it."""
+    state = json.loads((out / f"checkpoint-{checkpoint}" / "dataflex_state.json").read_text())
+    return state["round"]["component"]["cumulative_score"]
 
 
 @pytest.fixture(scope="module")
@@ -358,16 +362,17 @@ def test_e2e_records_and_log(less_runs):
     assert sorted(recs) == ["step_2.json", "step_4.json"]
     for rec in recs.values():
         assert rec["selector"] == "less" and len(rec["indices"]) == 8 and len(set(rec["indices"])) == 8
-        m = rec["metric"]
+        m = rec["summary"]
         assert m["gradient_type"] == "adam" and m["eval_samples"] == 40 and m["scored"] == 120
-        assert len(m["score"]) == len(m["cumulative_score"]) == 8
-        assert len(rec["selector_state"]["cumulative_score"]) == 120
+        assert len(rec["per_sample"]["score"]) == len(rec["per_sample"]["cumulative_score"]) == 8
+    # checkpoint-4 was saved after the selection at step 2 and before the one at step 4
+    assert len(_cumulative(one, 4)) == 120
     # S at the second selection = S at the first + η2 · Score2, for every chosen sample
     first, second = recs["step_2.json"], recs["step_4.json"]
-    s_before = first["selector_state"]["cumulative_score"]
-    lr2 = second["metric"]["learning_rate"]
+    s_before = _cumulative(one, 4)
+    lr2 = second["summary"]["learning_rate"]
     assert lr2 > 0
-    for i, score, cum in zip(second["indices"], second["metric"]["score"], second["metric"]["cumulative_score"]):
+    for i, score, cum in zip(second["indices"], second["per_sample"]["score"], second["per_sample"]["cumulative_score"]):
         assert cum == pytest.approx(s_before[i] + lr2 * score, rel=1e-9)
     assert "[DataFlex] less: 40 eval / 120 train gradients (adam, proj_dim 256" in log
     assert "by 'less'" in log
@@ -381,10 +386,8 @@ def test_e2e_two_processes_score_like_one(less_runs):
     for name in r1:
         assert r1[name]["indices"] == r2[name]["indices"], name
         for key in ("score", "cumulative_score"):
-            assert r1[name]["metric"][key] == pytest.approx(r2[name]["metric"][key], abs=1e-4, rel=1e-3), key
-        a = [v for v in r1[name]["selector_state"]["cumulative_score"]]
-        b = [v for v in r2[name]["selector_state"]["cumulative_score"]]
-        assert a == pytest.approx(b, abs=1e-7, rel=1e-3)
+            assert r1[name]["per_sample"][key] == pytest.approx(r2[name]["per_sample"][key], abs=1e-4, rel=1e-3), key
+    assert _cumulative(one, 6) == pytest.approx(_cumulative(two, 6), abs=1e-7, rel=1e-3)
 
 
 def test_missing_eval_dataset_is_a_one_line_error(train_config, run_cli, tmp_path):

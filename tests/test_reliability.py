@@ -1,97 +1,141 @@
-"""Resume after a real SIGKILL, and a failure on one rank ending every rank with its message."""
+"""Resume after a real SIGKILL from the checkpoint alone, and failures on one rank ending every rank.
+
+Every multi-process run here has a bounded timeout, and every failure case asserts how long it
+took, so a protocol regression shows up as a test failure, not as a hung CI job.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 
-from conftest import cli_command, failure_report, _cli_env  # noqa: F401  (shared helpers)
+from conftest import REPO_ROOT, _cli_env, cli_command, consumed_by_step, failure_report, records
 
 pytestmark = pytest.mark.e2e
 
-# 8 steps: warm-up 0-1, selections at 2, 4, 6; checkpoints every 2 steps.
-RESUME_CFG = {"component_name": "delta_loss", "warmup_step": 2, "update_step": 2, "update_times": 3,
-              "max_samples": 120, "cutoff_len": 64, "per_device_train_batch_size": 4,
-              "gradient_accumulation_steps": 1, "save_steps": 2, "eval_dataset": "demo_add_eval"}
+# 8 steps: warm-up 0-1, selections at 2, 4, 6; checkpoints every 2 steps; the run is killed at step 5
+RESUME_CFG = {"warmup_step": 2, "update_step": 2, "update_times": 3, "max_samples": 60, "cutoff_len": 48,
+              "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "save_steps": 2,
+              "eval_dataset": "demo_add_eval", "dataset": "demo_mix", "num_train_epochs": 1.0}
+LESS_COMPONENTS = "selectors:\n  less:\n    name: less\n    params: {proj_dim: 256, scoring_batch_size: 8}\n"
 
 
-def _trace(folder):
-    by_step: dict[int, list[int]] = {}
-    for line in (folder / "trace_rank0.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        by_step.setdefault(row["step"], []).extend(row["indices"])
-    return by_step
-
-
-def _records(out):
-    return {p.name: json.loads(p.read_text()) for p in sorted((out / "dataflex").glob("step_*.json"))}
-
-
-def test_resume_after_sigkill_consumes_what_an_uninterrupted_run_would(make_train_yaml, run_cli, tmp_path):
-    # uninterrupted reference
-    ref_yaml = make_train_yaml(tmp_path / "ref", **RESUME_CFG)
-    ref = run_cli(["train", ref_yaml], env={"DATAFLEX_TRACE_DIR": tmp_path / "ref_trace"}, timeout=300)
-    assert ref.returncode == 0, failure_report(ref)
-
-    # the same run, killed with SIGKILL at step 5 (checkpoint-4 saved, selection at step 4 made)
-    yaml_path = make_train_yaml(tmp_path / "crash", **RESUME_CFG)
-    marker = tmp_path / "paused"
-    env = _cli_env({"DATAFLEX_TRACE_DIR": str(tmp_path / "crash_trace"), "DATAFLEX_TEST_PAUSE_AT_STEP": "5",
+def _kill_at(step: int, yaml_path, trace_dir, tmp_path, timeout: float = 240) -> None:
+    marker = tmp_path / f"paused-{step}"
+    env = _cli_env({"DATAFLEX_TRACE_DIR": str(trace_dir), "DATAFLEX_TEST_PAUSE_AT_STEP": str(step),
                     "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
-    proc = subprocess.Popen(cli_command(["train", yaml_path]), env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cli_command(["train", yaml_path]), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + timeout
         while not marker.exists():
             assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.time() < deadline, "run never reached step 5"
+            assert time.time() < deadline, f"run never reached step {step}"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("component", ["loss", "delta_loss", "less"])
+def test_resume_from_the_checkpoint_alone_consumes_what_an_uninterrupted_run_would(component, make_train_yaml,
+                                                                                    run_cli, tmp_path):
+    extra = {"component_name": component}
+    if component == "less":
+        (tmp_path / "components.yaml").write_text(LESS_COMPONENTS)
+        extra["components_cfg_file"] = str(tmp_path / "components.yaml")
+    ref_yaml = make_train_yaml(tmp_path / "ref", **RESUME_CFG, **extra)
+    ref = run_cli(["train", ref_yaml], env={"DATAFLEX_TRACE_DIR": tmp_path / "ref_trace"}, timeout=300)
+    assert ref.returncode == 0, failure_report(ref)
+
+    # the same run, killed with SIGKILL at step 5 (checkpoint-4 was saved just before the selection at step 4)
+    yaml_path = make_train_yaml(tmp_path / "crash", **RESUME_CFG, **extra)
+    _kill_at(5, yaml_path, tmp_path / "crash_trace", tmp_path)
     out = tmp_path / "crash" / "out"
-    assert (out / "checkpoint-4").is_dir()
-    assert sorted(_records(out)) == ["step_2.json", "step_4.json"]  # step 6 was never reached
+    assert (out / "checkpoint-4" / "dataflex_state.json").is_file()
+    run_id = json.loads((out / "checkpoint-4" / "dataflex_state.json").read_text())["run_id"]
+    shutil.rmtree(out / "dataflex")  # the records and the manifest: resuming must not need them
 
     resumed = run_cli(["train", yaml_path, f"resume_from_checkpoint={out / 'checkpoint-4'}"],
                       env={"DATAFLEX_TRACE_DIR": tmp_path / "resume_trace"}, timeout=300)
     assert resumed.returncode == 0, failure_report(resumed)
-    assert "selector state restored from step_2.json" in resumed.stderr
-    assert "reusing step_4.json" in resumed.stderr
+    assert f"resuming run {run_id} at step 4 from" in resumed.stderr
 
-    ref_trace = _trace(tmp_path / "ref_trace")
-    crash_trace, resume_trace = _trace(tmp_path / "crash_trace"), _trace(tmp_path / "resume_trace")
-    assert sorted(resume_trace) == [4, 5, 6, 7]
-    combined = {s: crash_trace[s] for s in range(4)} | resume_trace
-    assert combined == ref_trace  # exactly the samples, in the order, of the uninterrupted run
+    ref_trace = consumed_by_step(tmp_path / "ref_trace")
+    crash, resume = consumed_by_step(tmp_path / "crash_trace"), consumed_by_step(tmp_path / "resume_trace")
+    assert sorted(resume) == [4, 5, 6, 7]
+    assert {s: crash[s] for s in range(4)} | resume == ref_trace  # the samples, in the order, of the uninterrupted run
 
-    ref_recs, recs = _records(tmp_path / "ref" / "out"), _records(out)
-    assert sorted(recs) == sorted(ref_recs) == ["step_2.json", "step_4.json", "step_6.json"]
-    for name in ref_recs:
-        assert recs[name]["indices"] == ref_recs[name]["indices"], name
-        assert recs[name]["fingerprint"] == ref_recs[name]["fingerprint"]
-    # step 6 was selected after the resume with the restored baseline: same deltas as the reference
-    assert recs["step_6.json"]["metric"]["delta"] == pytest.approx(ref_recs["step_6.json"]["metric"]["delta"], abs=1e-5)
+    ref_recs, recs = records(tmp_path / "ref" / "out"), records(out)
+    assert sorted(recs) == [4, 6] and sorted(ref_recs) == [2, 4, 6]  # what ran after the resume is logged again
+    key = {"loss": "loss", "delta_loss": "delta", "less": "cumulative_score"}[component]
+    for step in (4, 6):
+        assert recs[step]["run_id"] == run_id and recs[step]["indices"] == ref_recs[step]["indices"]
+        # the selections after the resume used the restored state (delta_loss's baseline, LESS's sums)
+        assert recs[step]["per_sample"][key] == pytest.approx(ref_recs[step]["per_sample"][key], abs=1e-5)
 
 
-def test_a_failing_rank_ends_all_ranks_with_its_message(make_train_yaml, run_cli, tmp_path):
-    yaml_path = make_train_yaml(tmp_path, component_name="loss", eval_dataset="demo_add_eval",
-                                max_samples=60, cutoff_len=64)
+def test_resume_with_another_setup_is_refused(make_train_yaml, run_cli, tmp_path):
+    path = make_train_yaml(tmp_path, **{**RESUME_CFG, "max_samples": 40}, component_name="random")
+    res = run_cli(["train", path], timeout=300)
+    assert res.returncode == 0, failure_report(res)
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    res = run_cli(["train", path, f"resume_from_checkpoint={checkpoint}", "per_device_train_batch_size=2"], timeout=300)
+    assert res.returncode != 0
+    assert re.search(r"dataflex-cli: error: resume_from_checkpoint: '.*checkpoint-4' was written with another "
+                     r"DataFlex setup \(global_batch: 4 there, 2 now\)", res.stderr), res.stderr[-3000:]
+
+
+def _two_ranks(make_train_yaml, run_cli, tmp_path, fault: str, component: str = "loss", **extra):
+    if component == "less":
+        (tmp_path / "components.yaml").write_text(LESS_COMPONENTS)
+        extra["components_cfg_file"] = str(tmp_path / "components.yaml")
+    yaml_path = make_train_yaml(tmp_path, component_name=component, eval_dataset="demo_add_eval", max_samples=40,
+                                cutoff_len=48, ddp_timeout=180000000, **extra)
     start = time.time()
     res = run_cli(["train", yaml_path], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2",
-                                             "DATAFLEX_TEST_FAIL_SCORING": "1"}, timeout=240)
+                                             "DATAFLEX_TEST_FAULT": fault}, timeout=240)
+    return res, time.time() - start
+
+
+@pytest.mark.parametrize("fault, where", [
+    ("collate:1:1", "scoring losses, batch 1/"),  # between forwards (collation of the first batch)
+    ("forward:1:1", "scoring losses, batch 1/"),  # inside the first scoring forward
+    ("selection:1:1", "selection 1"),  # before the engine's first collective
+])
+def test_a_failing_rank_ends_all_ranks_with_its_message(fault, where, make_train_yaml, run_cli, tmp_path):
+    res, seconds = _two_ranks(make_train_yaml, run_cli, tmp_path, fault)
     assert res.returncode != 0
-    text = res.stderr
-    assert "scoring failed on rank 1: RuntimeError: injected scoring fault on rank 1" in text
-    # whichever rank exits first prints the one-line error (torchrun then stops the other)
-    assert re.search(r"\[rank [01]\] dataflex-cli: error: selection 1 at step 2 \(selector 'loss'\) "
-                     r"scoring failed on rank 1", text)
-    assert "dataflex-cli: error: training failed in a worker process" in text
-    assert time.time() - start < 200
+    what = fault.split(":")[0]
+    message = f"RuntimeError: injected {what} fault on rank 1"
+    # the original message, from the failing rank's point of view, on every rank that reports it
+    pattern = (rf"\[rank [01]\] dataflex-cli: error: selection 1 at step 2 \(selector 'loss'\) failed on rank 1 "
+               rf"\({re.escape(where)}[^)]*\): {message}")
+    lines = re.findall(pattern, res.stderr)
+    assert len(lines) == 2, failure_report(res)  # both ranks agreed and stopped with the same line
+    assert "dataflex-cli: error: training failed in a worker process" in res.stderr
+    assert seconds < 200
+
+
+@pytest.mark.parametrize("component", ["loss", "less"])
+@pytest.mark.parametrize("what", ["collate", "forward"])
+def test_zero3_failure_during_scoring_ends_every_rank(component, what, make_train_yaml, run_cli, tmp_path):
+    """Under ZeRO-3 every forward gathers weights collectively: a rank failing between forwards must
+    stop its peer before the next forward (the fence), and one failing inside a forward must end at
+    once (its peer may be waiting inside the forward) - never a hang, whatever ddp_timeout says."""
+    ds = REPO_ROOT / "examples" / "deepspeed" / "ds_z3_config.json"
+    res, seconds = _two_ranks(make_train_yaml, run_cli, tmp_path, f"{what}:1:1", component=component,
+                              deepspeed=str(ds), per_device_train_batch_size=1, warmup_step=2)
+    assert res.returncode != 0
+    assert f"RuntimeError: injected {what} fault on rank 1" in res.stderr, failure_report(res)
+    assert re.search(r"\[rank 1\] dataflex-cli: error: .*failed on rank 1", res.stderr), failure_report(res)
+    assert "dataflex-cli: error: training failed in a worker process" in res.stderr
+    assert seconds < 200

@@ -1,4 +1,4 @@
-"""The scoring engine: batched per-sample losses equal batch-size-1 losses, sharding over ranks."""
+"""The scoring engine: batched per-sample losses equal batch-size-1 losses, sharding over ranks, failures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import socket
 import pytest
 import torch
 
-from dataflex.scoring.engine import ScoringEngine, length_batches, token_loss_sums
+from dataflex.core.agreement import Agreement
+from dataflex.scoring.engine import ScoringEngine, dataset_lengths, length_batches, public_dataset_lengths
+from dataflex.scoring.losses import sample_loss_sums, token_loss_sums, token_losses
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +96,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sharded_worker(rank, world, port, model_dir, rows_path, out_path, fault_rank):
+def _sharded_worker(rank, world, port, model_dir, rows_path, out_path, fault):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if fault_rank is not None:
-        os.environ["DATAFLEX_TEST_FAIL_SCORING"] = str(fault_rank)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -108,25 +108,35 @@ def _sharded_worker(rank, world, port, model_dir, rows_path, out_path, fault_ran
         tok = AutoTokenizer.from_pretrained(model_dir)
         collator = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
         rows = json.loads(open(rows_path).read())
-        engine = ScoringEngine(model, collator, "cpu", rank=rank, world_size=world, show_progress=False)
+        engine = ScoringEngine(model, collator, "cpu", agreement=Agreement(rank, world), show_progress=False)
+        if fault is not None:  # (where, rank): fail this rank's first batch, in collation or inside the forward
+            where, bad = fault
+            if rank == bad and where == "collate":
+                def prepare(*a, **k):
+                    raise RuntimeError(f"injected collate fault on rank {rank}")
+                engine.prepare = prepare
+            if rank == bad and where == "forward":
+                def hook(module, args):
+                    raise RuntimeError(f"injected forward fault on rank {rank}")
+                model.model.layers[1].register_forward_pre_hook(hook)
         try:
             losses = engine.losses(rows, range(len(rows)), batch_size=4)
             result = {"losses": [None if v != v else v for v in losses.tolist()], "forwards": engine.forward_passes}
         except Exception as err:  # noqa: BLE001
-            result = {"error": str(err)}
+            result = {"error": str(err), "forwards": engine.forward_passes}
         with open(f"{out_path}.{rank}", "w") as fh:
             json.dump(result, fh)
     finally:
         dist.destroy_process_group()
 
 
-def _run_sharded(tiny_model, rows, tmp_path, fault_rank=None):
+def _run_sharded(tiny_model, rows, tmp_path, fault=None):
     import torch.multiprocessing as mp
 
     rows_path = tmp_path / "rows.json"
     rows_path.write_text(json.dumps(rows))
     out = tmp_path / "out"
-    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tiny_model), str(rows_path), str(out), fault_rank),
+    mp.start_processes(_sharded_worker, args=(2, _free_port(), str(tiny_model), str(rows_path), str(out), fault),
                        nprocs=2, join=True, start_method="spawn")
     return [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
 
@@ -143,6 +153,7 @@ def _plain_rows(n=11):
     return rows
 
 
+@pytest.mark.timeout(180)
 def test_two_ranks_give_the_one_rank_scores(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
@@ -157,8 +168,36 @@ def test_two_ranks_give_the_one_rank_scores(tiny_model, tmp_path):
     assert [r["forwards"] for r in results] == [2, 2]  # equal forward counts on every rank
 
 
-def test_failure_on_one_rank_is_raised_on_every_rank(tiny_model, tmp_path):
-    results = _run_sharded(tiny_model, _plain_rows(), tmp_path, fault_rank=1)
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("where", ["collate", "forward"])
+def test_a_failure_on_one_rank_stops_every_rank_before_the_next_forward(tiny_model, tmp_path, where):
+    results = _run_sharded(tiny_model, _plain_rows(), tmp_path, fault=(where, 1))
     for res in results:
-        assert "scoring failed on rank 1" in res["error"]
-        assert "injected scoring fault" in res["error"]
+        assert res["error"].startswith("failed on rank 1 (scoring losses, batch 1/2")
+        assert f"RuntimeError: injected {where} fault on rank 1" in res["error"]
+    # every rank meets at a fence before each forward: a failure in collation stops both before their
+    # first forward, one inside the first forward stops both before their second (each has two batches)
+    expected = 0 if where == "collate" else 1
+    assert [r["forwards"] for r in results] == [expected, expected]
+
+
+def test_dataset_lengths_fast_path_equals_the_public_api(lf_pipeline):
+    ds = lf_pipeline["train_dataset"]
+    mapped = ds.shuffle(seed=3).select(range(0, len(ds), 2))  # an index mapping over the Arrow table
+    for d in (ds, mapped):
+        assert dataset_lengths(d) == public_dataset_lengths(d) == [len(d[i]["input_ids"]) for i in range(len(d))]
+
+
+def test_token_losses_and_sample_sums_agree():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :3] = -100
+    labels[2] = -100
+    per_token, mask = token_losses(logits, labels)
+    sums, counts = sample_loss_sums(logits, labels)
+    assert counts.tolist() == [3, 5, 0] == mask.sum(dim=1).tolist()
+    assert torch.allclose(per_token.sum(dim=1), sums, atol=1e-6)
+    # by hand: row 1, position 0 predicts labels[1, 1]
+    expected = -torch.log_softmax(logits[1, 0], dim=-1)[labels[1, 1]]
+    assert per_token[1, 0].item() == pytest.approx(expected.item(), rel=1e-6)

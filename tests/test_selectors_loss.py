@@ -11,14 +11,17 @@ import math
 import pytest
 import torch
 
+from dataflex.core.agreement import Agreement
 from dataflex.errors import ConfigError
-from dataflex.selectors.base import SelectionContext, sampling_probabilities, weighted_draw
+from dataflex.selectors.base import SelectionContext, SelectionResult, sampling_probabilities, weighted_draw
 from dataflex.selectors.delta_loss import DeltaLossParams, DeltaLossSelector, window_bounds
 from dataflex.selectors.loss import LossParams, LossSelector, band_of, loss_weights
 
 
 class TableScorer:
     """Returns losses from a table; ``now`` can be swapped between selections."""
+
+    rank, world_size, agreement = 0, 1, Agreement()
 
     def __init__(self, losses):
         self.now = torch.tensor(losses, dtype=torch.float64)
@@ -31,9 +34,8 @@ class TableScorer:
 
 
 def ctx_for(scorer, n, k, selection=0, num_selections=1, seed=0):
-    return SelectionContext(step=10, selection=selection, t=selection, T=num_selections, num_selections=num_selections,
-                            num_samples=k, train_size=n, generator=torch.Generator().manual_seed(seed), seed=seed,
-                            cache_dir="unused", scorer=scorer, train_dataset=list(range(n)))
+    return SelectionContext(step=10, selection=selection, num_selections=num_selections, num_samples=k,
+                            train_dataset=list(range(n)), scorer=scorer, generator=torch.Generator().manual_seed(seed))
 
 
 LOSSES = [float(v) for v in range(1, 11)]  # 1..10
@@ -68,20 +70,20 @@ def test_loss_selector_draw_is_reproducible_and_respects_bands():
     b = sel.select(ctx_for(scorer, 11, 3, seed=7))
     assert a.indices == b.indices
     assert sorted(a.indices) == [0, 1, 2]  # the low band (1, 2, 3) dominates with weight 1000
-    assert a.metric["band_counts"] == {"low": 3, "medium": 3, "high": 4}
-    assert a.metric["unscored"] == 1
-    assert a.metric["loss"] == [LOSSES[i] for i in a.indices]
-    assert not a.metric["replacement"]
+    assert a.summary["band_counts"] == {"low": 3, "medium": 3, "high": 4}
+    assert a.summary["unscored"] == 1
+    assert a.per_sample["loss"] == [LOSSES[i] for i in a.indices]
+    assert not a.summary["replacement"]
 
 
 def test_loss_selector_switches_to_replacement_when_short():
     scorer = TableScorer([1.0, 2.0, float("nan"), 3.0])
     sel = LossSelector(LossParams.from_dict("loss", {}))
     res = sel.select(ctx_for(scorer, 4, 8))
-    assert res.metric["replacement"] is True
+    assert res.summary["replacement"] is True
     assert len(res.indices) == 8 and 2 not in res.indices  # the unscored sample is never drawn
     res = LossSelector(LossParams.from_dict("loss", {"replacement": True})).select(ctx_for(scorer, 4, 2))
-    assert res.metric["replacement"] is True
+    assert res.summary["replacement"] is True
 
 
 def test_weighted_draw_without_replacement_is_distinct():
@@ -146,17 +148,17 @@ def test_delta_loss_selector_flow():
     scorer = TableScorer([5.0] * n)
     sel = DeltaLossSelector(DeltaLossParams.from_dict("delta_loss", {"window_size": 0.2}))
     first = sel.select(ctx_for(scorer, n, 10, selection=0, num_selections=3))
-    assert first.metric["phase"] == "baseline" and len(set(first.indices)) == 10
+    assert first.summary["phase"] == "baseline" and len(set(first.indices)) == 10
     assert sel.state_dict()["baseline_selection"] == 0
     # now: sample i dropped by (n - i) / 10 -> descending Δ order is 0, 1, 2, ...; samples 45.. got worse
     scorer.now = torch.tensor([5.0 - (n - 5 - i) / 10 for i in range(n)], dtype=torch.float64)
     second = sel.select(ctx_for(scorer, n, 10, selection=1, num_selections=3))
     # delta selection t=0 of T=1: u = sigmoid(-5): start 0, end 10
-    assert second.metric["window"] == [0, 10] and second.metric["t"] == 0 and second.metric["T"] == 1
-    assert second.metric["delta"] == [pytest.approx((n - 5 - i) / 10) for i in second.indices]
+    assert second.summary["window"] == [0, 10] and second.summary["t"] == 0 and second.summary["T"] == 1
+    assert second.per_sample["delta"] == [pytest.approx((n - 5 - i) / 10) for i in second.indices]
     third = sel.select(ctx_for(scorer, n, 10, selection=2, num_selections=3))
     # t=1 of T=1: u = sigmoid(5) -> start floor(0.99331 * 40) = 39, end 49 cut at first Δ<0 (rank 46)
-    assert third.metric["window"] == [39, 46]
+    assert third.summary["window"] == [39, 46]
     # restart: the baseline comes back from the state dict
     clone = DeltaLossSelector(DeltaLossParams.from_dict("delta_loss", {}))
     clone.load_state_dict(sel.state_dict())
@@ -170,7 +172,7 @@ def test_delta_inside_window_is_favoured():
     sel.select(ctx_for(scorer, n, 10, selection=0, num_selections=2))
     scorer.now = torch.tensor([5.0 - (n - i) / 100 for i in range(n)], dtype=torch.float64)
     res = sel.select(ctx_for(scorer, n, 20, selection=1, num_selections=2))
-    inside = sum(1 for r in res.metric["rank"] if 0 <= r < 20)
+    inside = sum(1 for r in res.per_sample["rank"] if 0 <= r < 20)
     # weights: 20 ranks x 1.0 vs 180 x 0.025 = 4.5 -> ~82% of draws fall inside the window
     assert inside >= 12
 
@@ -193,3 +195,39 @@ def test_no_supervised_token_anywhere_is_one_clear_error(selector):
     scorer = TableScorer([float("nan")] * 5)  # every response cut off by cutoff_len, say
     with pytest.raises(ValueError, match=r"^no training sample has a supervised token \(check cutoff_len and dataset\)$"):
         selector.select(ctx_for(scorer, 5, 2))
+
+
+def test_outside_weight_zero_with_an_empty_window_falls_back_to_samples_that_did_not_get_worse(caplog):
+    """Every scored sample got worse except a few: the window is cut to nothing and outside_weight is 0."""
+    n = 20
+    scorer = TableScorer([5.0] * n)
+    sel = DeltaLossSelector(DeltaLossParams.from_dict("delta_loss", {"outside_weight": 0.0}))
+    sel.select(ctx_for(scorer, n, 4, selection=0, num_selections=3))
+    # Δ = 5 - now: samples 0..2 unchanged (Δ = 0), the rest got worse (Δ < 0); the last delta selection
+    # (t = T = 1) puts the window at start floor(σ(5) x 16) = 15, past the cut at rank 3: empty
+    scorer.now = torch.tensor([5.0] * 3 + [5.5] * (n - 3), dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="dataflex"):
+        res = sel.select(ctx_for(scorer, n, 6, selection=2, num_selections=3))
+    start, end = res.summary["window"]
+    assert start == end == 15  # the window is empty
+    assert res.summary["fallback"] == "delta>=0"
+    assert set(res.indices) <= {0, 1, 2} and len(res.indices) == 6  # with replacement: only 3 are eligible
+    assert all(math.isfinite(d) and d >= 0 for d in res.per_sample["delta"])
+    assert any("the window" in r.getMessage() and "outside_weight is 0" in r.getMessage() for r in caplog.records)
+    # nobody improved or stayed: every scored sample is eligible
+    scorer.now = torch.tensor([6.0] * n, dtype=torch.float64)
+    res = sel.select(ctx_for(scorer, n, 6, selection=2, num_selections=3))
+    assert res.summary["fallback"] == "all" and len(res.indices) == 6
+
+
+def test_summaries_are_never_reordered_with_the_indices():
+    """With num_samples == 2, loss's two thresholds have the length of the indices: they must stay put."""
+    scorer = TableScorer(LOSSES)
+    res = LossSelector(LossParams.from_dict("loss", {})).select(ctx_for(scorer, 10, 2))
+    assert len(res.summary["thresholds"]) == len(res.indices) == 2
+    flipped = res.reordered([1, 0])
+    assert flipped.indices == res.indices[::-1]
+    assert flipped.per_sample["loss"] == res.per_sample["loss"][::-1]
+    assert flipped.summary["thresholds"] == res.summary["thresholds"]
+    with pytest.raises(RuntimeError, match="per-sample 'x' has 1 values for 2 indices"):
+        SelectionResult([1, 2], per_sample={"x": [0.5]}).check(2, 10)

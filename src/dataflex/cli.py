@@ -17,7 +17,7 @@ from .errors import ConfigError, DataFlexError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Dynamic training-data selection for LLaMA-Factory supervised fine-tuning.",
+    help="Data-centric dynamic training for LLaMA-Factory: select samples, mix datasets, weight losses.",
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -70,7 +70,7 @@ def train(
     config: Path = typer.Argument(..., help="LLaMA-Factory training YAML (plus DataFlex keys)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for configuration errors."),
 ) -> None:
-    """Train like `llamafactory-cli train CONFIG [key=value ...]`, with dynamic data selection.
+    """Train like `llamafactory-cli train CONFIG [key=value ...]`, with dynamic selection, mixing or weighting.
 
     Multi-process: with FORCE_TORCHRUN=1 (or several visible accelerators) the run is launched with
     torchrun, honouring NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR and MASTER_PORT.
@@ -96,9 +96,19 @@ def train(
     except (DataFlexError, ValueError, FileNotFoundError) as err:
         if debug:
             raise
+        from . import integration
+
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = "" if isinstance(err, ConfigError) else "  (--debug shows the traceback)"
-        _fail(first + hint)
+        if isinstance(err, DataFlexError) or not integration.PHASE["configured"]:
+            # a configuration problem (ours, or LLaMA-Factory's parser), or a failure whose traceback the
+            # failing rank has already logged: one line
+            hint = "" if isinstance(err, (ConfigError, DataFlexError)) else "  (--debug shows the traceback)"
+            _fail(first + hint)
+        # a failure during training: the traceback, as LLaMA-Factory shows it, then the summary line
+        import traceback
+
+        traceback.print_exc()
+        _fail(f"training failed: {type(err).__name__}: {first}", code=1)
 
 
 @app.command(context_settings=_EXTRA)
@@ -123,27 +133,30 @@ def export(
 def list_components(
     components: Optional[Path] = typer.Option(None, "--components", "-c", help="A components YAML (default: packaged)."),
 ) -> None:
-    """Show the selectors with their parameters and defaults, and the components of a file."""
+    """Show the selectors, mixers and weighters with their parameters and defaults, and a file's components."""
+    from .component import SINGULAR, available
     from .components import PACKAGED_COMPONENTS, load_components, resolve_components_path
-    from .selectors import SELECTORS
 
-    typer.echo("Selectors (component `name:`) and their params:")
-    for name in sorted(SELECTORS):
-        cls = SELECTORS[name]
-        extra = " [needs eval_dataset]" if cls.needs_eval else ""
-        typer.echo(f"\n  {name}: {cls.summary}{extra}")
-        for pname, ptype, default, helptext in cls.Params.describe():
-            typer.echo(f"    {pname:<20} {ptype:<24} default {default!r:<14} {helptext}")
+    modes = {"selectors": "dynamic_select", "mixers": "dynamic_mix", "weighters": "dynamic_weight"}
+    for kind, train_type in modes.items():
+        typer.echo(f"{kind.capitalize()} (train_type: {train_type}; component `name:`) and their params:")
+        for name, cls in sorted(available(kind).items()):
+            extra = " [needs eval_dataset]" if cls.needs_eval else ""
+            typer.echo(f"\n  {name}: {cls.summary}{extra}")
+            for pname, ptype, default, helptext in cls.Params.describe():
+                typer.echo(f"    {pname:<22} {ptype:<26} default {default!r:<14} {helptext}")
+        typer.echo("")
     try:
         path = resolve_components_path(str(components) if components else None)
-        specs = load_components(path)
+        sections = load_components(path)
     except ConfigError as err:
         _fail(str(err))
     label = "packaged" if path == PACKAGED_COMPONENTS else "from"
-    typer.echo(f"\nComponents ({label} {path}):")
-    for key, spec in specs.items():
-        note = f"  (invalid: {spec.error})" if spec.error else ""
-        typer.echo(f"  {key:<20} name: {spec.selector:<12} params: {spec.params}{note}")
+    typer.echo(f"Components ({label} {path}):")
+    for kind, specs in sections.items():
+        for key, spec in specs.items():
+            note = f"  (invalid: {spec.error})" if spec.error else ""
+            typer.echo(f"  {SINGULAR[kind]:<9} {key:<20} name: {spec.name:<14} params: {spec.params}{note}")
 
 
 @app.command()

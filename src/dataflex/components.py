@@ -1,11 +1,18 @@
-"""The components YAML: where it is, what it holds, and turning an entry into a selector.
+"""The components YAML: where it is, what it holds, and turning an entry into a component.
 
-Format (the top-level ``selectors:`` key is optional)::
+Format: three optional sections, one per training mode; ``train_type`` decides which section
+``component_name`` is looked up in, so the same key may exist in several sections::
 
-    selectors:
+    selectors:                   # train_type: dynamic_select
       loss:                      # the component_name a training YAML refers to
-        name: loss               # which selector runs
+        name: loss               # which selector runs (or path/to/file.py:MyClass)
         params: {focus: medium}  # checked strictly against the selector's Params
+    mixers:                      # train_type: dynamic_mix
+      doremi: {name: doremi, params: {reference_model_path: ...}}
+    weighters:                   # train_type: dynamic_weight
+      loss: {name: loss, params: {strategy: linupper}}
+
+A file without any section holds selectors at its top level (the first DataFlex format).
 """
 
 from __future__ import annotations
@@ -17,17 +24,19 @@ from typing import Any
 
 import yaml
 
+from .component import KINDS, SINGULAR, Component, component_class
 from .errors import ConfigError, parse_problem
 
 PACKAGED_COMPONENTS = Path(__file__).resolve().parent / "configs" / "components.yaml"
-# The path the seeds' example YAMLs use, relative to a DataFlex source checkout.
+# The path the original DataFlex examples use, relative to a DataFlex source checkout.
 SEED_RELATIVE_PATH = Path("src/dataflex/configs/components.yaml")
 
 
 @dataclass(frozen=True)
 class ComponentSpec:
     key: str  # component_name
-    selector: str  # `name:` in the file
+    kind: str  # "selectors" | "mixers" | "weighters"
+    name: str  # `name:` in the file (a registered name, or file.py:Class)
     params: dict[str, Any]
     source: Path
     error: str | None = None  # a malformed entry: reported only when it is the one chosen
@@ -54,8 +63,7 @@ def resolve_components_path(value: str | None, yaml_dir: str | os.PathLike | Non
     raise ConfigError(f"components_cfg_file: '{value}' not found (tried {tried})")
 
 
-def load_components(path: str | os.PathLike) -> dict[str, ComponentSpec]:
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
@@ -68,39 +76,52 @@ def load_components(path: str | os.PathLike) -> dict[str, ComponentSpec]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"components_cfg_file: '{path}' must hold a mapping of components, got {type(data).__name__}")
-    entries = data["selectors"] if isinstance(data.get("selectors"), dict) else data
-
-    specs: dict[str, ComponentSpec] = {}
-    for key, entry in entries.items():
-        if not isinstance(entry, dict) or "name" not in entry:
-            # other sections of a larger components file (e.g. mixers) are not selectors: skip them
-            continue
-        error = None
-        extra = sorted(set(entry) - {"name", "params"})
-        params = entry.get("params") or {}
-        if extra:
-            error = f"component '{key}' in '{path}': unknown key '{extra[0]}'; allowed: name, params"
-        elif not isinstance(params, dict):
-            error = f"component '{key}' in '{path}': params must be a mapping, got {type(params).__name__}"
-            params = {}
-        specs[str(key)] = ComponentSpec(str(key), str(entry["name"]), dict(params), path, error)
-    return specs
+    return data
 
 
-def get_component(path: str | os.PathLike, component_name: str) -> ComponentSpec:
-    specs = load_components(path)
+def load_components(path: str | os.PathLike) -> dict[str, dict[str, ComponentSpec]]:
+    """``{kind: {component_name: spec}}`` for every section of the file (missing sections are empty)."""
+    path = Path(path)
+    data = _read(path)
+    has_sections = any(isinstance(data.get(kind), dict) for kind in KINDS)
+    sections = {kind: (data.get(kind) or {}) if has_sections else {} for kind in KINDS}
+    if not has_sections:
+        sections["selectors"] = data
+    out: dict[str, dict[str, ComponentSpec]] = {}
+    for kind, entries in sections.items():
+        if not isinstance(entries, dict):
+            raise ConfigError(f"components_cfg_file: section '{kind}' in '{path}' must be a mapping, "
+                              f"got {type(entries).__name__}")
+        specs: dict[str, ComponentSpec] = {}
+        for key, entry in entries.items():
+            if not isinstance(entry, dict) or "name" not in entry:
+                continue  # not a component (e.g. an unrelated top-level key of an old sectionless file)
+            error = None
+            extra = sorted(set(entry) - {"name", "params"})
+            params = entry.get("params") or {}
+            if extra:
+                error = f"component '{key}' in '{path}': unknown key '{extra[0]}'; allowed: name, params"
+            elif not isinstance(params, dict):
+                error = f"component '{key}' in '{path}': params must be a mapping, got {type(params).__name__}"
+                params = {}
+            specs[str(key)] = ComponentSpec(str(key), kind, str(entry["name"]), dict(params), path, error)
+        out[kind] = specs
+    return out
+
+
+def get_component(path: str | os.PathLike, component_name: str, kind: str = "selectors") -> ComponentSpec:
+    specs = load_components(path)[kind]
     if component_name not in specs:
         known = ", ".join(sorted(specs)) or "(none)"
-        raise ConfigError(f"component_name: '{component_name}' is not in '{path}'; known components: {known}")
+        raise ConfigError(f"component_name: '{component_name}' is not in the {kind} of '{path}'; "
+                          f"known {SINGULAR[kind]} components: {known}")
     spec = specs[component_name]
     if spec.error:
         raise ConfigError(spec.error)
     return spec
 
 
-def build_selector(spec: ComponentSpec):
-    """Instantiate the selector an entry names, with strictly checked params."""
-    from .selectors import get_selector_class
-
-    cls = get_selector_class(spec.selector, spec.key)
-    return cls(cls.Params.from_dict(spec.key, spec.params))
+def build_component(spec: ComponentSpec, warn: bool = True) -> Component:
+    """Instantiate the component an entry names, with strictly checked params."""
+    cls = component_class(spec.kind, spec.name, spec.key, base_dir=spec.source.parent)
+    return cls(cls.Params.from_dict(spec.key, spec.params, warn=warn))

@@ -1,13 +1,22 @@
 """The only module that touches LLaMA-Factory internals (0.9.5).
 
-Two patches, applied by :func:`install` in every process (torchrun children re-import
-everything, so the launcher module installs them too):
+Patches, applied by :func:`install` in every process (torchrun children re-import everything,
+so the launcher module installs them too):
 
 1. ``llamafactory.hparams.parser._TRAIN_ARGS``: LLaMA-Factory's ``FinetuningArguments`` is
    replaced by a subclass carrying DataFlex's keys, so they are parsed - and unknown keys are
    still rejected - by LLaMA-Factory's own ``HfArgumentParser``.
-2. ``llamafactory.train.sft.workflow.CustomSeq2SeqTrainer``: the SFT workflow builds our
-   trainer when ``train_type`` is set, and LLaMA-Factory's own trainer otherwise.
+2. The SFT and PT workflows' trainer classes (``CustomSeq2SeqTrainer``, ``CustomTrainer``): the
+   workflow builds DataFlex's trainer when ``train_type`` is set, LLaMA-Factory's otherwise.
+3. The workflows' ``get_dataset``: for ``dynamic_mix`` every dataset of ``dataset: a,b,c`` (a
+   *domain*) is tokenized on its own, so every row belongs to exactly one domain (with
+   ``stage: pt`` no block of ``cutoff_len`` tokens crosses two domains), and the
+   ``mixer_eval_dataset`` sets are tokenized one by one; otherwise LLaMA-Factory's own loader
+   runs and only notes which rows come from which dataset (plain concatenation only).
+4. ``llamafactory.train.tuner.get_train_args``: notes that the configuration was accepted, so
+   the CLI can tell a configuration error from a failure during training.
+5. The workflows' last step (``create_modelcard_and_push``) is followed by a barrier, so every
+   rank waits until the others have written everything before the process group goes.
 
 A LLaMA-Factory upgrade that renames these is a change to this file only.
 """
@@ -16,26 +25,46 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .args import DataFlexArguments
+from .errors import ConfigError
 
 _INSTALLED = False
-# What the last get_dataset call loaded: {"train": {"dataset_dir", "parts": [[name, start, end], ...]}}
-_DATA_SOURCES: dict[str, Any] = {}
+PHASE = {"configured": False}  # set once LLaMA-Factory has parsed the arguments
+TEST_PLUGIN_ENV = "DATAFLEX_TEST_PLUGIN"  # tests only: "1" installs dataflex.testing (traces, pauses, faults)
+
+
+@dataclass
+class DataInfo:
+    """What DataFlex learnt about the training data while LLaMA-Factory loaded it."""
+
+    dataset_dir: str | None = None
+    parts: list[list[Any]] | None = None  # [[name, start, end], ...] of the train set, when known
+    exact: bool = False  # parts come from per-domain tokenization (dynamic_mix)
+    mixer_eval: list[Any] = field(default_factory=list)  # tokenized mixer_eval_dataset sets, in order
+    mixer_eval_names: list[str] = field(default_factory=list)
+
+
+_DATA = DataInfo()
+
+
+def data_info() -> DataInfo:
+    return _DATA
 
 
 def _classes():
     from llamafactory.hparams.finetuning_args import FinetuningArguments
+    from llamafactory.train.pt.trainer import CustomTrainer
     from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
 
-    return FinetuningArguments, CustomSeq2SeqTrainer
+    return FinetuningArguments, CustomSeq2SeqTrainer, CustomTrainer
 
 
 def _build_types():
-    FinetuningArguments, CustomSeq2SeqTrainer = _classes()
-    from .trainer import DynamicSelectMixin
+    FinetuningArguments, CustomSeq2SeqTrainer, CustomTrainer = _classes()
+    from .trainer import DataFlexTrainerMixin
 
     @dataclass
     class DataFlexFinetuningArguments(FinetuningArguments, DataFlexArguments):
@@ -45,13 +74,22 @@ def _build_types():
             super().__post_init__()
             self.check_dataflex_args()
 
-    class DataFlexSeq2SeqTrainer(DynamicSelectMixin, CustomSeq2SeqTrainer):
-        """LLaMA-Factory's SFT trainer fed by DataFlex's selection schedule."""
+    class DataFlexSeq2SeqTrainer(DataFlexTrainerMixin, CustomSeq2SeqTrainer):
+        """LLaMA-Factory's SFT trainer driven by DataFlex."""
 
-        def df_data_sources(self) -> dict[str, Any] | None:
-            return _DATA_SOURCES.get("train")
+    class DataFlexPtTrainer(DataFlexTrainerMixin, CustomTrainer):
+        """LLaMA-Factory's pre-training trainer driven by DataFlex."""
 
-    return DataFlexFinetuningArguments, DataFlexSeq2SeqTrainer, CustomSeq2SeqTrainer
+    return DataFlexFinetuningArguments, DataFlexSeq2SeqTrainer, DataFlexPtTrainer
+
+
+def _factory(dataflex_cls, original):
+    def make_trainer(*args: Any, finetuning_args: Any, **kwargs: Any):
+        if getattr(finetuning_args, "train_type", None):
+            return dataflex_cls(*args, finetuning_args=finetuning_args, dataflex_data=_DATA, **kwargs)
+        return original(*args, finetuning_args=finetuning_args, **kwargs)
+
+    return make_trainer
 
 
 def install() -> None:
@@ -60,60 +98,148 @@ def install() -> None:
     if _INSTALLED:
         return
     import llamafactory.hparams.parser as parser
-    import llamafactory.train.sft.workflow as workflow
+    import llamafactory.train.pt.workflow as pt_workflow
+    import llamafactory.train.sft.workflow as sft_workflow
+    import llamafactory.train.tuner as tuner
 
-    args_cls, trainer_cls, original = _build_types()
+    args_cls, sft_cls, pt_cls = _build_types()
     parser._TRAIN_ARGS[:] = [args_cls if cls.__name__ == "FinetuningArguments" else cls for cls in parser._TRAIN_ARGS]
+    sft_workflow.CustomSeq2SeqTrainer = _factory(sft_cls, sft_workflow.CustomSeq2SeqTrainer)
+    pt_workflow.CustomTrainer = _factory(pt_cls, pt_workflow.CustomTrainer)
+    sft_workflow.get_dataset = _dataflex_get_dataset(sft_workflow.get_dataset)
+    pt_workflow.get_dataset = _dataflex_get_dataset(pt_workflow.get_dataset)
+    for workflow in (sft_workflow, pt_workflow):
+        workflow.create_modelcard_and_push = _then_barrier(workflow.create_modelcard_and_push)
 
-    def make_trainer(*args: Any, finetuning_args: Any, **kwargs: Any):
-        cls = trainer_cls if getattr(finetuning_args, "train_type", None) else original
-        return cls(*args, finetuning_args=finetuning_args, **kwargs)
+    original_get_train_args = tuner.get_train_args
 
-    workflow.CustomSeq2SeqTrainer = make_trainer
-    workflow.get_dataset = _tracking_get_dataset(workflow.get_dataset)
+    def get_train_args(*args: Any, **kwargs: Any):
+        out = original_get_train_args(*args, **kwargs)
+        PHASE["configured"] = True
+        return out
+
+    tuner.get_train_args = get_train_args
     _INSTALLED = True
 
 
-def _tracking_get_dataset(get_dataset):
-    """Wrap LLaMA-Factory's get_dataset to remember which rows of the train set come from which
-    dataset (for `dataflex-cli report`). Only possible for a plain concatenation: with
-    interleaving, val_size splitting, streaming or a pre-tokenized set the mapping is left unknown.
-    """
-    import llamafactory.data.loader as loader
+def _then_barrier(last_step):
+    """The workflow's last step, then a barrier: no rank leaves while another still writes its outputs
+    (``dataflex.launcher.exit_without_teardown`` relies on it)."""
 
+    def wrapped(*args: Any, **kwargs: Any):
+        out = last_step(*args, **kwargs)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return out
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------- data
+def _dataflex_get_dataset(get_dataset):
     def wrapped(template, model_args, data_args, training_args, stage, **kwargs):
-        sizes: list[tuple[str, int]] = []
-        original = loader._load_single_dataset
-
-        def recording(dataset_attr, *args, **kw):
-            ds = original(dataset_attr, *args, **kw)
-            try:
-                sizes.append((dataset_attr.dataset_name, len(ds)))
-            except TypeError:  # streaming: no length
-                pass
-            return ds
-
-        loader._load_single_dataset = recording
-        try:
-            module = get_dataset(template, model_args, data_args, training_args, stage, **kwargs)
-        finally:
-            loader._load_single_dataset = original
-        _DATA_SOURCES.pop("train", None)
-        names = list(data_args.dataset or [])
-        train = module.get("train_dataset")
-        plain = (data_args.mix_strategy == "concat" and not data_args.streaming and data_args.tokenized_path is None
-                 and (data_args.val_size or 0) < 1e-6 and len(sizes) >= len(names))
-        if plain and train is not None and sum(n for _, n in sizes[: len(names)]) == len(train):
-            parts, start = [], 0
-            for name, (_, n) in zip(names, sizes):
-                parts.append([name, start, start + n])
-                start += n
-            _DATA_SOURCES["train"] = {"dataset_dir": os.path.abspath(data_args.dataset_dir), "parts": parts}
+        global _DATA
+        if _RUN.get("train_type") == "dynamic_mix":
+            module, _DATA = _domain_datasets(template, model_args, data_args, training_args, stage, **kwargs)
+            return module
+        module, parts = _tracked(get_dataset, template, model_args, data_args, training_args, stage, **kwargs)
+        _DATA = DataInfo(dataset_dir=os.path.abspath(data_args.dataset_dir), parts=parts)
         return module
 
     return wrapped
 
 
+# The DataFlex keys of the run in progress that the data loader needs (set by run_train).
+_RUN: dict[str, Any] = {}
+
+
+def _tracked(get_dataset, template, model_args, data_args, training_args, stage, **kwargs):
+    """LLaMA-Factory's get_dataset, noting how many rows each dataset contributes (plain concat only)."""
+    import llamafactory.data.loader as loader
+
+    sizes: list[tuple[str, int]] = []
+    original = loader._load_single_dataset
+
+    def recording(dataset_attr, *args, **kw):
+        ds = original(dataset_attr, *args, **kw)
+        try:
+            sizes.append((dataset_attr.dataset_name, len(ds)))
+        except TypeError:  # streaming: no length
+            pass
+        return ds
+
+    loader._load_single_dataset = recording
+    try:
+        module = get_dataset(template, model_args, data_args, training_args, stage, **kwargs)
+    finally:
+        loader._load_single_dataset = original
+    names = list(data_args.dataset or [])
+    train = module.get("train_dataset")
+    plain = (data_args.mix_strategy == "concat" and not data_args.streaming and data_args.tokenized_path is None
+             and (data_args.val_size or 0) < 1e-6 and len(sizes) >= len(names) and stage != "pt")
+    parts = None
+    if plain and train is not None and sum(n for _, n in sizes[: len(names)]) == len(train):
+        parts, start = [], 0
+        for name, (_, n) in zip(names, sizes):
+            parts.append([name, start, start + n])
+            start += n
+    return module, parts
+
+
+def _domain_datasets(template, model_args, data_args, training_args, stage, tokenizer, processor=None):
+    """Every domain tokenized on its own, then concatenated (``dynamic_mix``)."""
+    from datasets import concatenate_datasets
+    from llamafactory.data import loader
+    from llamafactory.data.data_utils import split_dataset
+
+    names = list(data_args.dataset or [])
+    eval_names = split_names(_RUN.get("mixer_eval_dataset"))
+    local = not data_args.data_shared_file_system
+    with training_args.main_process_first(desc="load dataset", local=local):
+        raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage) for name in names]
+        eval_raw = loader._get_merged_dataset(data_args.eval_dataset, model_args, data_args, training_args, stage,
+                                              return_dict=data_args.eval_on_each_dataset)
+        mixer_raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage)
+                     for name in eval_names]
+    with training_args.main_process_first(desc="pre-process dataset", local=local):
+        domains = [loader._get_preprocessed_dataset(ds, data_args, training_args, stage, template, tokenizer, processor,
+                                                    is_eval=False) for ds in raw]
+        parts, start = [], 0
+        for name, ds in zip(names, domains):
+            if len(ds) == 0:
+                raise ConfigError(f"dataset: domain '{name}' has no rows after tokenization"
+                                  + (f" (its texts are shorter than cutoff_len {data_args.cutoff_len}?)" if stage == "pt" else ""))
+            parts.append([name, start, start + len(ds)])
+            start += len(ds)
+        train = concatenate_datasets(domains)
+        _, eval_dict = split_dataset(None, eval_raw, data_args, seed=training_args.seed)
+        for key in eval_dict:
+            eval_dict[key] = loader._get_preprocessed_dataset(eval_dict[key], data_args, training_args, stage, template,
+                                                              tokenizer, processor, is_eval=True)
+        mixer_eval = [loader._get_preprocessed_dataset(ds, data_args, training_args, stage, template, tokenizer,
+                                                       processor, is_eval=True) for ds in mixer_raw]
+    module: dict[str, Any] = {"train_dataset": train}
+    if "validation" in eval_dict:
+        module["eval_dataset"] = eval_dict["validation"]
+    elif eval_dict:
+        module["eval_dataset"] = {k[len("validation_"):]: v for k, v in eval_dict.items()}
+    info = DataInfo(dataset_dir=os.path.abspath(data_args.dataset_dir), parts=parts, exact=True,
+                    mixer_eval=mixer_eval, mixer_eval_names=eval_names)
+    return module, info
+
+
+def split_names(value: Any) -> list[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value]
+    return [n.strip() for n in str(value).split(",") if n.strip()]
+
+
+# --------------------------------------------------------------------------------------------- entry points
 def known_train_keys() -> set[str]:
     """Every key LLaMA-Factory's train parser accepts once DataFlex is installed."""
     import llamafactory.hparams.parser as parser
@@ -127,6 +253,12 @@ def run_train(cfg: dict[str, Any]) -> None:
     install()
     from llamafactory.train.tuner import run_exp
 
+    if os.environ.get(TEST_PLUGIN_ENV):
+        from . import testing
+
+        testing.install()
+    _RUN.clear()
+    _RUN.update({"train_type": cfg.get("train_type"), "mixer_eval_dataset": cfg.get("mixer_eval_dataset")})
     run_exp(args=cfg)
 
 
@@ -147,45 +279,55 @@ def launch_plan() -> dict[str, Any]:
     }
 
 
-def registered_datasets(dataset_dir: str) -> dict[str, Any] | None:
+def dataset_registry(dataset_dir: str) -> dict[str, Any] | None:
     """``{name: attributes}`` of ``{dataset_dir}/dataset_info.json``, or None when there is no such file."""
     import json
-    import os
 
     path = os.path.join(dataset_dir, "dataset_info.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        return dict(json.load(fh))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"dataset_dir: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"dataset_dir: {path} must hold a mapping of dataset names")
+    return data
 
 
 def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Model, tokenizer, tokenized datasets and collator exactly as LLaMA-Factory's SFT workflow
-    builds them for ``cfg`` - without training. Used by benchmarks and tests to score real data.
+    """Model, tokenizer, tokenized datasets and collator exactly as LLaMA-Factory's workflow builds
+    them for ``cfg`` - without training. Used by benchmarks and tests to score real data.
     """
     install()
     from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
     from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_model, load_tokenizer
+    from transformers import DataCollatorForLanguageModeling
 
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
+    stage = finetuning_args.stage
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    collator = SFTDataCollatorWith4DAttentionMask(
-        template=template,
-        model=model,
-        pad_to_multiple_of=8,
-        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-        block_diag_attn=model_args.block_diag_attn,
-        neat_packing=data_args.neat_packing,
-        attn_implementation=getattr(model.config, "_attn_implementation", None),
-        compute_dtype=model_args.compute_dtype,
-        **tokenizer_module,
-    )
+    if stage == "pt":
+        collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    else:
+        collator = SFTDataCollatorWith4DAttentionMask(
+            template=template,
+            model=model,
+            pad_to_multiple_of=8,
+            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+            block_diag_attn=model_args.block_diag_attn,
+            neat_packing=data_args.neat_packing,
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+            compute_dtype=model_args.compute_dtype,
+            **tokenizer_module,
+        )
     return {
         "model": model,
         "tokenizer": tokenizer,

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import read_config, validate_config
+from .args import names, read_config, validate_config
 from .errors import ConfigError
 from .log import setup_logging
-
 
 def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read, check and resolve a training config. Raises ConfigError with a one-line message."""
@@ -34,37 +33,118 @@ def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> di
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{unknown[0]}' in {config}: not a LLaMA-Factory or DataFlex argument{hint}")
     if cfg.get("train_type") is not None:
-        _check_datasets(cfg)
+        check_datasets(cfg)
+        check_models(cfg)
+        check_outputs(cfg)
     return cfg
 
 
-def _check_datasets(cfg: dict[str, Any]) -> None:
-    from .integration import registered_datasets
+def check_datasets(cfg: dict[str, Any]) -> None:
+    """Every dataset name is registered and every local file exists (LLaMA-Factory's own registry parser)."""
+    from llamafactory.data.parser import get_dataset_list
+
+    from .integration import dataset_registry
 
     dataset_dir = cfg.get("dataset_dir", "data")
-    known = registered_datasets(dataset_dir)
-    if known is None:
-        return  # ONLINE / remote dataset_dir, or no local registry: LLaMA-Factory decides
-    for key in ("dataset", "eval_dataset"):
-        value = cfg.get(key)
-        if not value:
-            continue
-        names = value if isinstance(value, list) else [n.strip() for n in str(value).split(",")]
-        for name in names:
-            if name not in known:
-                raise ConfigError(
-                    f"{key}: '{name}' is not registered in {os.path.join(dataset_dir, 'dataset_info.json')}; "
-                    f"registered: {', '.join(sorted(known))}"
-                )
-            attrs = known[name] if isinstance(known, dict) else {}
-            remote = any(k in attrs for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"))
-            file_name = attrs.get("file_name")
-            if file_name and not remote and not os.path.exists(os.path.join(dataset_dir, file_name)):
-                raise ConfigError(
-                    f"{key}: dataset '{name}' is registered as {os.path.join(dataset_dir, file_name)}, which does not "
-                    f"exist; add the file (LLaMA-Factory's demo files live in its data/ folder) or use a "
-                    f"hub-registered dataset"
-                )
+    if dataset_dir == "ONLINE" or str(dataset_dir).startswith("REMOTE:"):
+        return  # the hub decides; nothing local to check
+    registry = dataset_registry(dataset_dir)
+    if registry is None:
+        raise ConfigError(f"dataset_dir: '{dataset_dir}' has no dataset_info.json (run from the folder your YAML's "
+                          "paths are relative to, or set dataset_dir)")
+    for key in ("dataset", "eval_dataset", "mixer_eval_dataset"):
+        for name in names(cfg.get(key)):
+            if name not in registry:
+                raise ConfigError(f"{key}: '{name}' is not registered in {os.path.join(dataset_dir, 'dataset_info.json')}; "
+                                  f"registered: {', '.join(sorted(registry))}")
+            try:
+                (attr,) = get_dataset_list([name], dataset_dir)
+            except (ValueError, KeyError) as err:
+                raise ConfigError(f"{key}: dataset '{name}' is not usable: {err}") from None
+            if attr.load_from == "file":
+                path = os.path.join(dataset_dir, attr.dataset_name)
+                if not os.path.exists(path):
+                    raise ConfigError(f"{key}: dataset '{name}' is registered as {path}, which does not exist; add the "
+                                      "file (LLaMA-Factory's demo files live in its data/ folder) or use a "
+                                      "hub-registered dataset")
+
+
+def check_models(cfg: dict[str, Any]) -> None:
+    """What a component needs of the model, checked on its config and tokenizer before anything is loaded."""
+    from .component import KIND_OF_TRAIN_TYPE
+    from .components import build_component, get_component
+
+    spec = get_component(cfg["components_cfg_file"], cfg["component_name"], KIND_OF_TRAIN_TYPE[cfg["train_type"]])
+    component = build_component(spec, warn=False)
+    needs = getattr(component, "needs", frozenset())
+    model_path = cfg.get("model_name_or_path")
+    if ("router" in needs or cfg.get("freeze_gate")) and model_path:
+        from .scoring.reference import num_experts
+
+        config = _auto_config(model_path, cfg)
+        if config is not None and num_experts(config) is None:
+            what = f"mixer '{component.name}'" if "router" in needs else "freeze_gate: true"
+            raise ConfigError(f"model_name_or_path: {what} needs a mixture-of-experts model that reports router "
+                              f"logits (Qwen2-MoE, Mixtral, ...); '{model_path}' ({config.model_type}) has no experts")
+    if "excess" in needs and model_path:
+        ref = component.params.reference_model_path
+        ours, theirs = _auto_config(model_path, cfg), _auto_config(ref, cfg)
+        if ours is not None and theirs is not None and getattr(ours, "vocab_size", None) != getattr(theirs, "vocab_size", None):
+            raise ConfigError(f"component '{spec.key}': param 'reference_model_path' = '{ref}' has a vocabulary of "
+                              f"{theirs.vocab_size} tokens, the model {ours.vocab_size}; allowed: a reference trained "
+                              "with the same tokenizer (DoReMi step 1)")
+        _check_same_tokenizer(model_path, ref, spec.key)
+
+
+def _auto_config(path: str, cfg: dict[str, Any]):
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    except Exception:  # noqa: BLE001 - unreachable hub model etc.: LLaMA-Factory reports it when loading
+        return None
+
+
+def _check_same_tokenizer(model_path: str, ref_path: str, component: str) -> None:
+    if not any((Path(ref_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return  # no tokenizer saved with the reference: the vocabulary size check above is all there is
+    try:
+        from transformers import AutoTokenizer
+
+        ours = AutoTokenizer.from_pretrained(model_path).get_vocab()
+        theirs = AutoTokenizer.from_pretrained(ref_path).get_vocab()
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot be loaded here: LLaMA-Factory will say so
+        return
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise ConfigError(f"component '{component}': param 'reference_model_path' = '{ref_path}' was trained with "
+                          f"another tokenizer ({differ} vocabulary entries differ); allowed: the reference of DoReMi "
+                          "step 1, trained with this model's tokenizer")
+
+
+def check_outputs(cfg: dict[str, Any]) -> None:
+    """The folders a run writes into can be written (before any model is loaded); nothing is left behind
+    when one of them cannot."""
+    import shutil
+
+    from .component import KIND_OF_TRAIN_TYPE
+    from .components import build_component, get_component
+    from .core.records import check_writable
+
+    output_dir = cfg.get("output_dir")
+    if not output_dir:
+        raise ConfigError("output_dir: required")
+    spec = get_component(cfg["components_cfg_file"], cfg["component_name"], KIND_OF_TRAIN_TYPE[cfg["train_type"]])
+    cache_dir = build_component(spec, warn=False).params.cache_dir
+    created = [p for p in (Path(output_dir), Path(cache_dir) if cache_dir else None) if p is not None and not p.exists()]
+    try:
+        check_writable(output_dir, "output_dir")
+        if cache_dir:
+            check_writable(cache_dir, f"component '{spec.key}': param 'cache_dir'")
+    except ConfigError:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +163,33 @@ def main(argv: list[str] | None = None) -> None:
         prefix = f"[rank {rank}] " if rank is not None else ""
         print(f"{prefix}dataflex-cli: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    exit_without_teardown()
+
+
+def exit_without_teardown(code: int = 0) -> None:
+    """End a finished torchrun worker without the interpreter's shutdown.
+
+    After a distributed run, native threads of the process group are still alive when the
+    interpreter shuts down: ``destroy_process_group`` does not stop gloo's transport threads once
+    DDP has wrapped a model (its C++ reducer keeps the group's devices), so they run while Python
+    tears itself down - the state in which a rank that finishes first can abort with ``terminate
+    called without an active exception`` (SIGABRT), and torchrun then kills the others before the
+    final model is written. All ranks have passed a barrier after the last file was written
+    (:mod:`dataflex.integration`), so nothing is lost by ending here: the ``atexit`` handlers run
+    (logging, trackers such as wandb), the streams are flushed, then the process exits at once.
+    """
+    import atexit
+    import logging
+
+    if os.environ.get("RANK") is None:  # not a torchrun worker: the normal exit
+        raise SystemExit(code)
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""What a run selected: summary text, a plot, and exporting the selected subset as a dataset.
+"""What a run decided: summary text, plots, and exporting the selected rows as a dataset.
 
-Reads ``{output_dir}/dataflex/run.json`` (written when training starts) and the run's selection
-records (``step_{N}.json`` in its cache_dir, filtered by the run's fingerprint).
+Reads ``{output_dir}/dataflex/run.json`` (written when training starts: mode, component, schedule,
+which rows come from which dataset, the run id and its record folder) and that run's records
+only (``step_*.json``; weight mode: ``weights.jsonl``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .core.records import MANIFEST, manifest_path, read_lines, read_records
 from .errors import ConfigError
 
-MANIFEST = "run.json"
-PLOT_NAME = "dataflex_selection.png"
-
-
-def manifest_path(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "dataflex" / MANIFEST
+PLOTS = {"select": "dataflex_selection.png", "mix": "dataflex_proportions.png", "weight": "dataflex_weights.png"}
 
 
 def load_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -29,25 +26,23 @@ def load_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, An
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise ConfigError(f"no DataFlex run found in '{path}' (expected {candidates[0]}); "
-                          "was it trained with train_type: dynamic_select?")
-    run = json.loads(found.read_text(encoding="utf-8"))
-    cache_dir = Path(run.get("cache_dir") or found.parent)
-    records = []
-    for rec_path in cache_dir.glob("step_*.json"):
-        try:
-            rec = json.loads(rec_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if rec.get("fingerprint") == run["fingerprint"]:
-            records.append(rec)
-    records.sort(key=lambda r: r["step"])
+                          "was it trained with train_type set?")
+    try:
+        run = json.loads(found.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"'{found}' is not a readable DataFlex manifest ({err})") from None
+    folder = Path(run["records"])
+    if run.get("mode") == "weight":
+        records = read_lines(folder / "weights.jsonl")
+    else:
+        records = read_records(folder, run["run_id"])
     return run, records
 
 
-def primary_score(metric: dict[str, Any], n: int) -> tuple[str, list[float]] | None:
-    """The first per-sample float metric of a record (the selector's score)."""
-    for key, values in metric.items():
-        if isinstance(values, list) and len(values) == n and values and all(isinstance(v, float) for v in values):
+def primary_score(rec: dict[str, Any]) -> tuple[str, list[float]] | None:
+    """The first per-sample list of floats of a selection record (the selector's score)."""
+    for key, values in (rec.get("per_sample") or {}).items():
+        if values and all(isinstance(v, float) for v in values):
             return key, values
     return None
 
@@ -59,27 +54,42 @@ def source_of(index: int, parts: list[list[Any]] | None) -> str:
     return "?"
 
 
-def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int = 10) -> str:
-    lines = []
-    sched = run["schedule"]
+def _header(run: dict[str, Any]) -> list[str]:
     params = {k: v for k, v in run["params"].items() if v is not None}
-    lines.append(f"DataFlex run in {run['output_dir']}")
-    lines.append(f"  selector '{run['selector']}' (component '{run['component']}'), params {params}")
-    lines.append(f"  schedule: {sched['total_steps']} steps x {sched['global_batch']} samples, "
-                 f"warm-up {sched['warmup_step']}, {sched['update_times']} x {sched['update_step']} steps per cycle, "
-                 f"selections at steps {sched['selections']}")
-    sources = run.get("data_sources") or {}
-    parts = sources.get("parts")
+    parts = (run.get("data_sources") or {}).get("parts")
     desc = ", ".join(f"{n} [{s}, {e})" for n, s, e in parts) if parts else "sources unknown"
-    lines.append(f"  train set: {run['train_size']} samples ({desc}); fingerprint {run['fingerprint']}")
-    missing = [s for s in sched["selections"] if s not in {r["step"] for r in records}]
+    return [
+        f"DataFlex run {run['run_id']} in {run['output_dir']}",
+        f"  {run['train_type']}: component '{run['component']}' ({run['name']}), params {params}",
+        f"  train set: {run['train_size']} rows ({desc}); global batch {run['global_batch']}; records {run['records']}",
+    ]
+
+
+def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int = 10) -> str:
+    mode = run.get("mode", "select")
+    lines = _header(run)
+    if mode == "weight":
+        lines += _weight_summary(run, records, top)
+    elif mode == "mix":
+        lines += _mix_summary(run, records)
+    else:
+        lines += _select_summary(run, records, top)
+    return "\n".join(lines)
+
+
+def _select_summary(run: dict[str, Any], records: list[dict[str, Any]], top: int) -> list[str]:
+    sched = run["schedule"]
+    lines = [f"  schedule: {sched['total_steps']} steps x {sched['global_batch']} samples, warm-up {sched['warmup_step']}, "
+             f"{sched['update_times']} x {sched['update_step']} steps per cycle, selections at steps {sched['updates']}"]
+    parts = (run.get("data_sources") or {}).get("parts")
+    missing = [s for s in sched["updates"] if s not in {r["step"] for r in records}]
     lines.append(f"\nSelections ({len(records)} recorded" + (f", missing steps {missing}" if missing else "") + "):")
     lines.append(f"  {'#':>3} {'step':>6} {'samples':>8} {'unique':>7} {'seconds':>8}  score (mean / min / max)")
     counts: Counter[int] = Counter()
     for rec in records:
         idx = rec["indices"]
         counts.update(idx)
-        score = primary_score(rec.get("metric", {}), len(idx))
+        score = primary_score(rec)
         stat = "-"
         if score:
             key, vals = score
@@ -90,27 +100,102 @@ def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int = 10) -
         total = sum(counts.values())
         lines.append(f"\nAcross selections: {len(counts)} distinct samples "
                      f"({100 * len(counts) / max(run['train_size'], 1):.1f}% of the train set), {total} picks")
-        most = ", ".join(f"{i} (x{c})" for i, c in counts.most_common(top))
-        lines.append(f"  most chosen: {most}")
+        lines.append("  most chosen: " + ", ".join(f"{i} (x{c})" for i, c in counts.most_common(top)))
         if parts:
-            by_source: Counter[str] = Counter()
-            for i, c in counts.items():
-                by_source[source_of(i, parts)] += c
-            lines.append("  picks by dataset: " + ", ".join(
-                f"{name} {by_source.get(name, 0)} ({100 * by_source.get(name, 0) / total:.1f}% of picks, "
-                f"{end - start} samples = {100 * (end - start) / run['train_size']:.1f}% of the set)"
-                for name, start, end in parts))
-    return "\n".join(lines)
+            lines.append("  picks by dataset: " + _by_source(counts, parts, run["train_size"]))
+    return lines
 
 
-def plot_selections(cache_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """PNG beside LLaMA-Factory's training_loss.png: selection counts and score distributions."""
+def _by_source(counts: Counter, parts: list[list[Any]], train_size: int) -> str:
+    total = sum(counts.values())
+    by_source: Counter[str] = Counter()
+    for i, c in counts.items():
+        by_source[source_of(i, parts)] += c
+    return ", ".join(f"{name} {by_source.get(name, 0)} ({100 * by_source.get(name, 0) / max(total, 1):.1f}% of picks, "
+                     f"{end - start} samples = {100 * (end - start) / train_size:.1f}% of the set)"
+                     for name, start, end in parts)
+
+
+def _mix_summary(run: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    sched = run["schedule"]
+    domains = records[0]["domains"] if records else [p[0] for p in (run.get("data_sources") or {}).get("parts") or []]
+    lines = [f"  schedule: {sched['total_steps']} steps x {sched['global_batch']} rows, warm-up {sched['warmup_step']}, "
+             f"updates every {sched['update_step']} steps at {sched['updates'][:12]}"
+             + (" ..." if len(sched["updates"]) > 12 else "")]
+    lines.append(f"\nStretches ({len(records)} recorded); proportions and rows drawn per domain:")
+    width = max([len(d) for d in domains] + [8])
+    lines.append(f"  {'step':>6} {'kind':>7}  " + "  ".join(f"{d:>{width}}" for d in domains) + "  loss weights")
+    totals = [0] * len(domains)
+    for rec in records:
+        for d, c in enumerate(rec["counts"]):
+            totals[d] += c
+        cells = "  ".join(f"{p:>{width}.3f}" for p in rec["proportions"])
+        lw = rec.get("loss_weights")
+        lines.append(f"  {rec['step']:>6} {rec['kind']:>7}  {cells}  " + (", ".join(f"{w:.3f}" for w in lw) if lw else "-"))
+    grand = sum(totals) or 1
+    lines.append("\nRows drawn per domain over the run: " + ", ".join(
+        f"{d} {n} ({100 * n / grand:.1f}%)" for d, n in zip(domains, totals)))
+    return lines
+
+
+def _weight_summary(run: dict[str, Any], lines_in: list[dict[str, Any]], top: int) -> list[str]:
+    sched = run["schedule"]
+    lines = [f"  warm-up {sched['warmup_step']} steps with weights 1; {len(lines_in)} weighted step(s) recorded"]
+    if not lines_in:
+        return lines
+    import statistics
+
+    ess = [ln["ess"] for ln in lines_in]
+    stds = [ln["std"] for ln in lines_in]
+    lines.append(f"  weight std per step: mean {statistics.fmean(stds):.4f}, max {max(stds):.4f}; effective sample "
+                 f"size per step: mean {statistics.fmean(ess):.2f}, min {min(ess):.2f}")
+    mins = [ln["min"] for ln in lines_in]
+    maxs = [ln["max"] for ln in lines_in]
+    lines.append(f"  weights ranged from {min(mins):.4f} to {max(maxs):.4f}")
+    total: Counter[int] = Counter()
+    seen: Counter[int] = Counter()
+    for ln in lines_in:
+        for i, w in zip(ln["indices"], ln["weights"]):
+            total[i] += w
+            seen[i] += 1
+    mean = {i: total[i] / seen[i] for i in seen}
+    ranked = sorted(mean, key=lambda i: (-mean[i], i))
+    lines.append("  highest mean weight: " + ", ".join(f"{i} ({mean[i]:.3f})" for i in ranked[:top]))
+    lines.append("  lowest mean weight: " + ", ".join(f"{i} ({mean[i]:.3f})" for i in ranked[::-1][:top]))
+    parts = (run.get("data_sources") or {}).get("parts")
+    if parts:
+        by: dict[str, list[float]] = {}
+        for i, m in mean.items():
+            by.setdefault(source_of(i, parts), []).append(m)
+        lines.append("  mean weight by dataset: " + ", ".join(
+            f"{name} {statistics.fmean(by[name]):.3f}" for name, _, _ in parts if name in by))
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- plots
+def plot_run(output_dir: str | os.PathLike) -> list[Path]:
+    """The PNG of a finished run beside LLaMA-Factory's training_loss.png (``plot_loss: true``)."""
+    run, records = load_run(output_dir)
+    mode = run.get("mode", "select")
+    path = Path(output_dir) / PLOTS[mode]
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run, records = load_run(output_dir)
+    if mode == "mix":
+        fig = _plot_mix(plt, run, records)
+    elif mode == "weight":
+        fig = _plot_weights(plt, run, records)
+    else:
+        fig = _plot_select(plt, run, records)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _plot_select(plt, run, records):
     counts: Counter[int] = Counter()
     for rec in records:
         counts.update(rec["indices"])
@@ -121,11 +206,10 @@ def plot_selections(cache_dir: str | os.PathLike, output_dir: str | os.PathLike)
     ax1.set_xticks(xs)
     ax1.set_xlabel("times chosen over all selections")
     ax1.set_ylabel("training samples")
-    ax1.set_title(f"{run['selector']}: {len(counts)} of {run['train_size']} samples chosen")
-    data, labels = [], []
-    key = None
+    ax1.set_title(f"{run['name']}: {len(counts)} of {run['train_size']} samples chosen")
+    data, labels, key = [], [], None
     for rec in records:
-        score = primary_score(rec.get("metric", {}), len(rec["indices"]))
+        score = primary_score(rec)
         if score:
             key = score[0]
             data.append(score[1])
@@ -139,13 +223,49 @@ def plot_selections(cache_dir: str | os.PathLike, output_dir: str | os.PathLike)
     else:
         ax2.text(0.5, 0.5, "no per-sample scores recorded", ha="center", va="center")
         ax2.set_axis_off()
-    fig.tight_layout()
-    path = Path(output_dir) / PLOT_NAME
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
+def _plot_mix(plt, run, records):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if records:
+        domains = records[0]["domains"]
+        steps = [r["step"] for r in records] + [run["schedule"]["total_steps"]]
+        for d, name in enumerate(domains):
+            ys = [r["proportions"][d] for r in records]
+            ax.step(steps, ys + ys[-1:], where="post", label=name)
+        if any(r.get("loss_weights") for r in records):
+            for d, name in enumerate(domains):
+                ys = [(r.get("loss_weights") or [float("nan")] * len(domains))[d] for r in records]
+                ax.step(steps, ys + ys[-1:], where="post", linestyle="--", label=f"{name} (loss weight)")
+        ax.legend()
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("proportion")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{run['name']}: domain proportions over training")
+    return fig
+
+
+def _plot_weights(plt, run, lines):
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    if lines:
+        steps = [ln["step"] for ln in lines]
+        w = [np.asarray(ln["weights"]) for ln in lines]
+        for lo, hi, alpha in ((0, 100, 0.15), (10, 90, 0.3), (25, 75, 0.5)):
+            ax.fill_between(steps, [np.percentile(x, lo) for x in w], [np.percentile(x, hi) for x in w],
+                            color="#4c72b0", alpha=alpha, linewidth=0, label=f"{lo}-{hi}th percentile")
+        ax.plot(steps, [np.median(x) for x in w], color="#1f3b73", label="median")
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("sample weight")
+    ax.set_title(f"{run['name']}: weight distribution per step")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------- export
 def _read_rows(path: Path) -> list[Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
@@ -155,17 +275,22 @@ def _read_rows(path: Path) -> list[Any]:
 
 def export_subset(run: dict[str, Any], records: list[dict[str, Any]], out_dir: str | os.PathLike,
                   name: str = "dataflex_selected", repeats: bool = False) -> list[str]:
-    """Write the selected samples as dataset files registered in ``out_dir/dataset_info.json``.
+    """Write the rows a run trained on by choice as dataset files registered in ``out_dir/dataset_info.json``.
 
-    One file per source dataset (same format and column mapping as the source). Samples are
-    written once each, in index order, unless ``repeats`` (then once per time chosen).
-    Returns the registered dataset names.
+    One file per source dataset (same format and column mapping as the source). Rows are written
+    once each, in index order, unless ``repeats`` (then once per time chosen). Returns the
+    registered dataset names.
     """
+    if run.get("mode") == "weight":
+        raise ConfigError("cannot export: a weighting run trains on every row (export the weights from weights.jsonl)")
     sources = run.get("data_sources") or {}
     parts = sources.get("parts")
     if not parts:
         raise ConfigError("cannot export: this run does not know which dataset each sample came from "
-                          "(interleaved mixing, val_size, streaming or a pre-tokenized set)")
+                          "(interleaved mixing, val_size, streaming, stage pt or a pre-tokenized set)")
+    if run.get("mode") == "mix":
+        raise ConfigError("cannot export rows of a mixing run as text: with stage pt they are token blocks; "
+                          "use the proportions it recorded (init_mixture_proportions) instead")
     info_path = Path(sources["dataset_dir"]) / "dataset_info.json"
     try:
         source_info = json.loads(info_path.read_text(encoding="utf-8"))

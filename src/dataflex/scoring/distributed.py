@@ -1,8 +1,10 @@
-"""Small wrappers over torch.distributed that also work in a single process."""
+"""Small helpers over torch.distributed that also work in a single process.
+
+Collectives that take part in a decision go through :class:`dataflex.core.agreement.Agreement`;
+this module only answers "am I distributed, which rank, which device for object tensors".
+"""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,26 +22,8 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, device=_object_device())
-    return box[0]
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _object_device() -> torch.device | None:
-    # NCCL needs the object tensors on this rank's GPU; gloo takes CPU tensors.
-    if dist.get_backend() == "nccl" and torch.cuda.is_available():
+def object_device() -> torch.device | None:
+    """Where tensors of a collective must live: this rank's GPU under NCCL, the CPU (None) under gloo."""
+    if is_distributed() and dist.get_backend() == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return None

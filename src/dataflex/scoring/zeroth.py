@@ -73,9 +73,8 @@ Sharding
 The perturbed forwards go through :meth:`ScoringEngine.losses` (length-grouped batches, batch
 ``b`` on rank ``b % world``, equal forward counts on every rank, results gathered to every rank,
 errors raised on every rank); every rank applies the same perturbation before each call. The
-eval gradient uses :meth:`ScoringEngine.run_sharded` with the same batching; a rank keeps the
-gradients of its own batches only, which run_sharded runs before its count-equalising extra
-forwards.
+eval gradient uses :meth:`ScoringEngine.map` with the same batching; a rank keeps the gradients
+of its own batches only, not those of the count-equalising repeats.
 """
 
 from __future__ import annotations
@@ -89,9 +88,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..seeding import derive_seed
-from .distributed import is_distributed
-from .engine import ScoringEngine, eval_mode, length_batches, supervised_loss_sums
-from .gradients import UnsupportedParameters, is_partitioned, per_sample_gradients, trainable_linears
+from .engine import Batch, ScoringEngine, eval_mode
+from .gradients import UnsupportedParameters, per_sample_gradients, trainable_linears
+from .losses import supervised_loss_sums
+from .optimizer_state import is_partitioned_param
 
 logger = logging.getLogger("dataflex")
 
@@ -118,7 +118,7 @@ def full_numel(param: torch.Tensor) -> int:
 @contextmanager
 def gathered(params: Sequence[torch.Tensor]) -> Iterator[None]:
     """Every ZeRO-3 parameter of ``params`` in full for the block (read only; a collective)."""
-    parts = [p for p in params if is_partitioned(p)]
+    parts = [p for p in params if is_partitioned_param(p)]
     if not parts:
         yield
         return
@@ -266,7 +266,7 @@ class ZerothOrderProbe:
         self.epsilon = epsilon
         self.params = trainable_parameters(engine.model)
         self.num_params = sum(full_numel(p) for _, p in self.params)
-        self.partitioned = any(is_partitioned(p) for _, p in self.params)
+        self.partitioned = any(is_partitioned_param(p) for _, p in self.params)
         self.via_outputs = self.partitioned if via_outputs is None else bool(via_outputs)
         if self.partitioned and not self.via_outputs:
             raise ValueError("partitioned (ZeRO-3) parameters cannot be perturbed in place")
@@ -286,7 +286,8 @@ class ZerothOrderProbe:
 
     def step(self) -> float:
         """The absolute step h = epsilon x rms(θ) (epsilon when θ is all zeros)."""
-        self.rms = parameter_rms(self.params)
+        with self.engine.agreement.section("zeroth: parameter RMS"):  # a gather under ZeRO-3
+            self.rms = parameter_rms(self.params)
         return self.epsilon * self.rms if self.rms > 0 else self.epsilon
 
     def perturbation(self) -> Perturbation | OutputPerturbation:
@@ -342,15 +343,12 @@ class ZerothOrderProbe:
                       desc: str = "zeroth eval gradient") -> tuple[list[torch.Tensor], int]:
         """ḡ = ∇ of the mean per-sample loss over ``indices`` (float32, one tensor per trainable parameter).
 
-        Batches are sharded like the losses; each rank sums the gradients of its own batches (the
-        padding forwards that keep the counts equal are run and discarded) and the sums are added
-        over ranks. Returns ``(ḡ, number of samples with a supervised token)``. ``.grad`` of the
-        parameters is not touched.
+        Batches go through the engine's sharded loop; each rank sums the gradients of its own
+        batches (the padding batches that keep the counts equal are run and discarded) and the
+        sums are added over ranks. Returns ``(ḡ, number of samples with a supervised token)``.
+        ``.grad`` of the parameters is not touched.
         """
         engine, model = self.engine, self.engine.model
-        indices = [int(i) for i in indices]
-        lengths = engine.lengths(dataset)
-        batches = length_batches([lengths[i] for i in indices], range(len(indices)), batch_size)
         tensors = [p for _, p in self.params]
         acc = [torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for p in tensors]
         position = {name: i for i, (name, _) in enumerate(self.params)}
@@ -358,18 +356,17 @@ class ZerothOrderProbe:
         if self.via_outputs:  # parameters untouched (ZeRO-3): gradients of the layers' outputs instead
             linears = output_linears(model)
 
-        def grad_of(batch: list[int]) -> list[bool]:
-            mine = not engine.padding  # padding forwards keep ranks in step; their gradient is dropped
-            data = engine.collate(dataset, [indices[p] for p in batch])
+        def grad_of(batch: Batch) -> list[bool]:
+            mine = not batch.padding  # padding batches keep ranks in step; their gradient is dropped
             if linears is not None:
-                per_sample = per_sample_gradients(model, engine.model_inputs(data), data["labels"], linears)
+                per_sample = per_sample_gradients(model, batch.inputs, batch.labels, linears)
                 if mine:
                     for name, g in per_sample:
                         a = acc[position[name]]
                         a.add_(g.sum(dim=0).view(a.shape).to(a.device))
                 return (per_sample.counts > 0).cpu().tolist()
             with torch.enable_grad():
-                sums, counts = supervised_loss_sums(model, engine.model_inputs(data), data["labels"])
+                sums, counts = supervised_loss_sums(model, batch.inputs, batch.labels)
                 total = (sums / counts.clamp(min=1)).sum()
                 if total.requires_grad:
                     grads = torch.autograd.grad(total, tensors, allow_unused=True)
@@ -382,17 +379,15 @@ class ZerothOrderProbe:
             return (counts > 0).cpu().tolist()
 
         with eval_mode(model):
-            flags = engine.run_sharded(batches, grad_of, desc)
+            flags = engine.map(dataset, indices, batch_size, grad_of, desc)
         self.cost.rank_backwards += engine.forward_passes
         self.cost.rank_forwards += engine.forward_passes
         self.cost.sample_forwards += len(indices)
-        valid = sum(sum(f) for f in flags)
-        if is_distributed():
-            import torch.distributed as dist
-
+        valid = sum(bool(f) for f in flags)
+        if engine.world_size > 1:
             flat = torch.cat([a.reshape(-1) for a in acc])
-            dist.all_reduce(flat)
-            acc = [t.view_as(a) for t, a in zip(torch.split(flat, [a.numel() for a in acc]), acc)]
+            total = engine.agreement.all_reduce("zeroth eval gradient: sum over ranks", flat).to(flat.device, flat.dtype)
+            acc = [t.view_as(a) for t, a in zip(torch.split(total, [a.numel() for a in acc]), acc)]
         return [a / max(valid, 1) for a in acc], valid
 
 

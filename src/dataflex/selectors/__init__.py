@@ -1,4 +1,4 @@
-"""Selectors: one file each, registered by name with ``@register``.
+"""Selectors (``train_type: dynamic_select``): one file each, registered by name with ``@register``.
 
 Importing this package imports every module in it, so a new selector file is picked up
 without touching this file.
@@ -7,11 +7,13 @@ without touching this file.
 import importlib
 import pkgutil
 
-from .base import SELECTORS, SelectionContext, SelectionResult, Selector, get_selector_class, register
-from .params import Params
+from ..component import REGISTRY, register
+from .base import SelectionContext, SelectionResult, Selector
 
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-    if _mod not in ("base", "params"):
+    if _mod != "base":
         importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["SELECTORS", "Params", "SelectionContext", "SelectionResult", "Selector", "get_selector_class", "register"]
+SELECTORS = REGISTRY["selectors"]
+
+__all__ = ["SELECTORS", "SelectionContext", "SelectionResult", "Selector", "register"]

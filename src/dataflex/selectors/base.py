@@ -1,8 +1,9 @@
-"""The selector interface, the registry, and the draws shared by the sampling selectors.
+"""The selector interface and the draws shared by the sampling selectors.
 
 A selector turns scores into indices and nothing else: it gets everything it needs in one
 :class:`SelectionContext` and returns a :class:`SelectionResult`. Scoring (losses, gradients,
-zeroth-order probes) lives in :mod:`dataflex.scoring`; selectors never import LLaMA-Factory.
+embeddings, zeroth-order probes) lives in :mod:`dataflex.scoring`; selectors never import
+LLaMA-Factory.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError
-from .params import Params
+from ..component import Component
+from ..params import Params
 
 logger = logging.getLogger("dataflex")
 
@@ -25,76 +26,70 @@ class SelectionContext:
 
     step: int  # optimizer steps done so far (the record is step_{step}.json)
     selection: int  # 0-based number of this selection over the whole run
-    t: int  # 0-based number of this selection inside its cycle
-    T: int  # selections per cycle (update_times)
     num_selections: int  # selections over the whole run
     num_samples: int  # how many indices to return (G x update_step, or fewer for a cut stretch)
-    train_size: int
+    train_dataset: Any
+    scorer: Any  # dataflex.scoring.engine.ScoringEngine: the model is scorer.model
     generator: torch.Generator  # seeded from the run's seed and the selection number
-    seed: int
-    cache_dir: str
-    rank: int = 0
-    world_size: int = 1
-    model: Any = None
-    train_dataset: Any = None
+    records_dir: str = "."  # this run's record folder (for a selector's side files)
     eval_dataset: Any = None
-    collator: Any = None
     optimizer: Any = None
-    learning_rate: float = 0.0
-    device: Any = None
-    scorer: Any = None  # dataflex.scoring engine bound to this model/collator (selectors that score)
+    learning_rate: float = 0.0  # η of the coming step (the LoRA-A parameter group's, see docs/selectors/less.md)
+    tokenizer: Any = None  # the training tokenizer (to decode rows, e.g. for a reward model or an embedding model)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_dataset)
+
+    @property
+    def rank(self) -> int:
+        return self.scorer.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.scorer.world_size
+
+    @property
+    def agreement(self) -> Any:
+        return self.scorer.agreement
 
 
 @dataclass
 class SelectionResult:
-    """Chosen training-set indices and per-sample metrics aligned with them.
+    """Chosen training-set indices, per-sample values aligned with them, and summaries.
 
-    ``metric`` maps a name to either a list aligned with ``indices`` (per-sample values) or a
-    scalar / small summary. It is written to the selection record as is.
+    ``per_sample`` maps a name to a list with one value per index: when the indices are put in
+    their consumption order, these lists are reordered with them. ``summary`` holds everything
+    else (thresholds, a window, counts) and is never reordered.
     """
 
     indices: list[int]
-    metric: dict[str, Any] = field(default_factory=dict)
+    per_sample: dict[str, list[Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, n: int, train_size: int) -> None:
+        if len(self.indices) != n:
+            raise RuntimeError(f"selector returned {len(self.indices)} indices, expected {n}")
+        bad = [i for i in self.indices if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < train_size)]
+        if bad:
+            raise RuntimeError(f"selector returned index {bad[0]!r} outside the training set [0, {train_size})")
+        for key, values in self.per_sample.items():
+            if len(values) != n:
+                raise RuntimeError(f"selector's per-sample '{key}' has {len(values)} values for {n} indices")
+
+    def reordered(self, perm: list[int]) -> "SelectionResult":
+        """The same selection with indices and per-sample values in the order ``perm``."""
+        return SelectionResult([self.indices[p] for p in perm],
+                               {k: [v[p] for p in perm] for k, v in self.per_sample.items()}, dict(self.summary))
 
 
-class Selector:
+class Selector(Component):
     """Base class. Subclasses set ``name`` and ``Params`` and implement :meth:`select`."""
 
-    name: ClassVar[str] = ""
-    Params: ClassVar[type[Params]] = Params
-    needs_eval: ClassVar[bool] = False  # requires `eval_dataset` in the YAML
-    supported_finetuning: ClassVar[tuple[str, ...] | None] = None  # None: any finetuning_type
-    summary: ClassVar[str] = ""
-
-    def __init__(self, params: Params):
-        self.params = params
+    kind: ClassVar[str] = "selectors"
 
     def select(self, ctx: SelectionContext) -> SelectionResult:  # pragma: no cover - interface
         raise NotImplementedError
-
-    # State that must survive a restart (e.g. delta_loss's baseline losses). JSON-serialisable.
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-SELECTORS: dict[str, type[Selector]] = {}
-
-
-def register(cls: type[Selector]) -> type[Selector]:
-    if not cls.name:
-        raise TypeError(f"{cls.__name__} has no name")
-    SELECTORS[cls.name] = cls
-    return cls
-
-
-def get_selector_class(name: str, component: str | None = None) -> type[Selector]:
-    if name not in SELECTORS:
-        where = f"component '{component}': " if component else ""
-        raise ConfigError(f"{where}unknown selector name '{name}'; available: {', '.join(sorted(SELECTORS))}")
-    return SELECTORS[name]
 
 
 def uniform_draw(n: int, k: int, generator: torch.Generator, replacement: bool = False) -> tuple[list[int], bool]:

@@ -9,8 +9,14 @@ with t the 0-based number of this delta selection and T the number of delta sele
     u = sigmoid(k · (t/T − 0.5))          (t/T := 0 when T = 0)
     start = ⌊u · (N − sN)⌋,  end = start + ⌊sN⌋, cut at the first rank whose Δ < 0
 
+(The seed page writes u = σ(t/T); taken literally, t/T ∈ [0, 1] keeps u in [0.5, 0.73] and the
+window never reaches the first or last ranks. Centring and scaling the argument, σ(k(t/T − ½)),
+moves it from the largest drops to the smallest over training, which is what the page describes.)
+
 Ranks inside [start, end) get weight ``inside_weight`` (1.0), the others ``outside_weight``
-(0.025); the draw is then made as in the ``loss`` selector.
+(0.025); the draw is then made as in the ``loss`` selector. With ``outside_weight: 0`` and an
+empty window (a reachable state: every scored sample got worse), the draw falls back to the
+samples whose loss did not rise, or to all scored samples if none, with a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..component import register
 from .base import (
     ScoringParams,
     SelectionContext,
@@ -29,7 +36,6 @@ from .base import (
     candidate_indices,
     logger,
     nothing_supervised,
-    register,
     sampling_probabilities,
     uniform_draw,
     weighted_draw,
@@ -107,7 +113,7 @@ class DeltaLossSelector(Selector):
             if ctx.rank == 0:
                 logger.info("[DataFlex] delta_loss: baseline losses of %d samples stored; random draw this time",
                             ctx.train_size)
-            return SelectionResult(picks, {"phase": "baseline", "replacement": replaced})
+            return SelectionResult(picks, summary={"phase": "baseline", "replacement": replaced})
 
         pool = candidate_indices(ctx, p.candidate_pool)
         now = ctx.scorer.losses(ctx.train_dataset, pool, p.scoring_batch_size)
@@ -122,20 +128,23 @@ class DeltaLossSelector(Selector):
         start, end, u = window_bounds(sorted_delta, t, T, p.window_size, p.sharpness)
         weights = torch.full((len(order),), p.outside_weight, dtype=torch.float64)
         weights[start:end] = p.inside_weight
+        fallback = None
+        if not bool((weights > 0).any()):
+            # outside_weight 0 and an empty window (every sample got worse, or the window was cut to
+            # nothing): draw from the samples whose loss did not get worse, or from all if none
+            fallback = "delta>=0" if bool((sorted_delta >= 0).any()) else "all"
+            weights = (sorted_delta >= 0).double() if fallback == "delta>=0" else torch.ones(len(order), dtype=torch.float64)
+            if ctx.rank == 0:
+                logger.warning("[DataFlex] delta_loss: the window [%d, %d) is empty and outside_weight is 0: drawing "
+                               "uniformly from %s", start, end,
+                               "the samples whose loss did not rise" if fallback == "delta>=0" else "every scored sample")
         picks, replaced = weighted_draw(sampling_probabilities(weights), ctx.num_samples, ctx.generator)
         if ctx.rank == 0:
             logger.info("[DataFlex] delta_loss: window [%d, %d) of %d ranks (u=%.3f, t=%d, T=%d); %d sample(s) got worse",
                         start, end, len(order), u, t, T, int((sorted_delta < 0).sum()))
         return SelectionResult(
             [pool[int(order[i])] for i in picks],
-            {
-                "delta": [float(sorted_delta[i]) for i in picks],
-                "rank": [int(i) for i in picks],
-                "window": [start, end],
-                "u": u,
-                "t": t,
-                "T": T,
-                "unscored": int(len(pool) - len(valid)),
-                "replacement": replaced,
-            },
+            per_sample={"delta": [float(sorted_delta[i]) for i in picks], "rank": [int(i) for i in picks]},
+            summary={"window": [start, end], "u": u, "t": t, "T": T, "unscored": int(len(pool) - len(valid)),
+                     "replacement": replaced, "fallback": fallback},
         )

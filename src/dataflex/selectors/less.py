@@ -9,7 +9,10 @@ the last optimizer step (parameters θ_i, learning rate η_i):
   gradient g and the optimizer's current moments m, v (``gradient_type: sgd``, or an optimizer
   without moments yet: Γ = g, with a warning);
 * both projected with the same seeded count sketch to ``proj_dim`` numbers and L2-normalised;
-* Score_i(z) = mean over z' of cos(Γ(z), ∇ℓ(z')),  S(z) = Σ_{j ≤ i} η_j · Score_j(z);
+* Score_i(z) = mean over z' of cos(Γ(z), ∇ℓ(z')),  S(z) = Σ_{j ≤ i} η_j · Score_j(z), where η_j
+  is the learning rate of the parameter group holding the LoRA A matrices (``learning_rate``;
+  with LoRA+ the B group runs at a multiple of it on the same schedule, so using either gives the
+  same ranking);
 * the ``num_samples`` (G × update_step) samples with the highest S are chosen (ties: higher
   current Score, then lower index). ``cumulative: false`` ranks by the current Score alone.
 
@@ -27,7 +30,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..scoring.gradients import GradientFeaturizer, adam_moments, sharded_features
+from ..component import register
+from ..scoring.gradients import GradientFeaturizer, sharded_features
+from ..scoring.optimizer_state import adam_moments
 from ..scoring.projection import CountSketchProjector
 from .base import (
     ScoringParams,
@@ -37,7 +42,6 @@ from .base import (
     candidate_indices,
     logger,
     nothing_supervised,
-    register,
     take_ranked,
 )
 
@@ -54,6 +58,9 @@ class LessParams(ScoringParams):
         default=True,
         metadata={"help": "Rank by S = sum of lr x Score over the selections so far (true) or by this Score only."},
     )
+
+    inert = {"save_interval": "the original's interval for flushing gradient files; here no gradient is stored, "
+                              "only scores, computed in memory at every selection"}
 
     def check(self) -> None:
         super().check()
@@ -96,6 +103,15 @@ class LessSelector(Selector):
             self.learning_rates = [float(v) for v in state.get("learning_rates", [])]
 
     # ------------------------------------------------------------------ selection
+    def eval_target(self, ctx: SelectionContext, plain: GradientFeaturizer) -> tuple[torch.Tensor, int]:
+        """The mean of the eval samples' unit gradient features (LESS's validation side), and their number."""
+        eval_feats = sharded_features(ctx.scorer, ctx.eval_dataset, range(len(ctx.eval_dataset)),
+                                      self.params.scoring_batch_size, plain, desc="LESS eval gradients")
+        eval_valid = ~torch.isnan(eval_feats[:, 0])
+        if not bool(eval_valid.any()):
+            raise nothing_supervised("eval")
+        return eval_feats[eval_valid].mean(dim=0), int(eval_valid.sum())
+
     def select(self, ctx: SelectionContext) -> SelectionResult:
         p = self.params
         engine = ctx.scorer
@@ -105,22 +121,18 @@ class LessSelector(Selector):
         pool = candidate_indices(ctx, p.candidate_pool)
 
         plain = GradientFeaturizer(model, self.projector)
-        eval_feats = sharded_features(engine, ctx.eval_dataset, range(len(ctx.eval_dataset)), p.scoring_batch_size,
-                                      plain, desc="LESS eval gradients")
-        eval_valid = ~torch.isnan(eval_feats[:, 0])
-        if not bool(eval_valid.any()):
-            raise nothing_supervised("eval")
-        target = eval_feats[eval_valid].mean(dim=0)
+        target, n_eval = self.eval_target(ctx, plain)
 
         gradient_type = p.gradient_type
         moments = None
         if gradient_type == "adam":
-            moments, reason = adam_moments(ctx.optimizer, model, plain.param_names, engine.device)
+            with ctx.agreement.section("less: gathering Adam moments"):  # DeepSpeed gathers them collectively
+                moments, reason = adam_moments(ctx.optimizer, model, plain.param_names, engine.device)
             if moments is None:
                 gradient_type = "sgd"
                 if ctx.rank == 0:
-                    logger.warning("[DataFlex] less: %s; selection %d uses plain gradients (sgd) for the training "
-                                   "samples", reason, ctx.selection + 1)
+                    logger.warning("[DataFlex] %s: %s; selection %d uses plain gradients (sgd) for the training "
+                                   "samples", self.name, reason, ctx.selection + 1)
         train = GradientFeaturizer(model, self.projector, moments)
         target_dev = target.to(engine.device)
         score = sharded_features(engine, ctx.train_dataset, pool, p.scoring_batch_size, train,
@@ -145,27 +157,31 @@ class LessSelector(Selector):
         order = rank_order(S if p.cumulative else score, score)
         if not order:
             raise nothing_supervised()
-        positions, repeated = take_ranked(len(order), ctx.num_samples, "less", ctx.rank)
+        positions, repeated = take_ranked(len(order), ctx.num_samples, self.name, ctx.rank)
         picks = [order[r] for r in positions]
         unscored = int((~scored).sum())
         if ctx.rank == 0:
             chosen = score[torch.tensor(picks)]
-            logger.info("[DataFlex] less: %d eval / %d train gradients (%s, proj_dim %d, lr %.3g); Score of the pool "
-                        "mean %.4f max %.4f, of the chosen mean %.4f; %d unscored", int(eval_valid.sum()),
+            logger.info("[DataFlex] %s: %d eval / %d train gradients (%s, proj_dim %d, lr %.3g); Score of the pool "
+                        "mean %.4f max %.4f, of the chosen mean %.4f; %d unscored", self.name, n_eval,
                         int(scored.sum()), gradient_type, p.proj_dim, lr, float(score[scored].mean()),
                         float(score[scored].max()), float(chosen.mean()), unscored)
         return SelectionResult(
             [pool[i] for i in picks],
-            {
-                "score": [float(score[i]) for i in picks],
-                "cumulative_score": [float(S[i]) for i in picks],
+            per_sample={"score": [float(score[i]) for i in picks], "cumulative_score": [float(S[i]) for i in picks]},
+            summary={
                 "gradient_type": gradient_type,
                 "learning_rate": lr,
                 "ranked_by": "cumulative_score" if p.cumulative else "score",
-                "eval_samples": int(eval_valid.sum()),
+                "eval_samples": n_eval,
                 "scored": int(scored.sum()),
                 "unscored": unscored,
                 "pool_score_mean": float(score[scored].mean()),
                 "replacement": repeated,
+                **self.summary_extra(),
             },
         )
+
+    def summary_extra(self) -> dict[str, Any]:
+        """More of the selection's summary (for subclasses)."""
+        return {}

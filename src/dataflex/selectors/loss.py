@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from ..component import register
 from .base import (
     ScoringParams,
     SelectionContext,
@@ -22,7 +23,6 @@ from .base import (
     candidate_indices,
     logger,
     nothing_supervised,
-    register,
     sampling_probabilities,
     weighted_draw,
 )
@@ -96,12 +96,6 @@ class LossSelector(Selector):
             logger.info("[DataFlex] loss bands: thresholds %.4f / %.4f, counts %s, focus '%s'", q1, q2, counts, p.focus)
         return SelectionResult(
             [pool[i] for i in picks],
-            {
-                "loss": [float(losses[i]) for i in picks],
-                "band": [BANDS[int(bands[i])] for i in picks],
-                "thresholds": [q1, q2],
-                "band_counts": counts,
-                "unscored": invalid,
-                "replacement": replaced,
-            },
+            per_sample={"loss": [float(losses[i]) for i in picks], "band": [BANDS[int(bands[i])] for i in picks]},
+            summary={"thresholds": [q1, q2], "band_counts": counts, "unscored": invalid, "replacement": replaced},
         )

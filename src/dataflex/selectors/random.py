@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import SelectionContext, SelectionResult, Selector, register, uniform_draw
-from .params import Params
+from ..component import register
+from ..params import Params
+from ..seeding import seeded_generator
+from .base import SelectionContext, SelectionResult, Selector, uniform_draw
 
 
 @dataclass
 class RandomParams(Params):
+    seed: int | None = field(
+        default=None,
+        metadata={"help": "Seed of the draws (with the selection number). Unset: the run's seed."},
+    )
     replacement: bool = field(
         default=False,
         metadata={"help": "Draw with replacement. Without it, a request larger than the set switches to it (warning)."},
@@ -23,5 +29,6 @@ class RandomSelector(Selector):
     summary = "uniform draw without replacement (the baseline)"
 
     def select(self, ctx: SelectionContext) -> SelectionResult:
-        indices, replaced = uniform_draw(ctx.train_size, ctx.num_samples, ctx.generator, self.params.replacement)
-        return SelectionResult(indices, {"replacement": replaced})
+        gen = ctx.generator if self.params.seed is None else seeded_generator(self.params.seed, "select", ctx.selection)
+        indices, replaced = uniform_draw(ctx.train_size, ctx.num_samples, gen, self.params.replacement)
+        return SelectionResult(indices, summary={"replacement": replaced})

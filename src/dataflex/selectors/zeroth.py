@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from ..component import register
 from ..scoring.zeroth import ZerothOrderProbe, gaussian_direction, global_norm, tensor_direction
 from .base import (
     ScoringParams,
@@ -38,7 +39,6 @@ from .base import (
     candidate_indices,
     logger,
     nothing_supervised,
-    register,
     take_ranked,
 )
 
@@ -63,7 +63,7 @@ class ZerothParams(ScoringParams):
     )
     save_differences: bool = field(
         default=False,
-        metadata={"help": "Also write the difference vectors to <cache_dir>/zeroth_step_{N}.pt (rank 0)."},
+        metadata={"help": "Also write the difference vectors to <run records>/zeroth_step_{N}.pt (rank 0)."},
     )
 
     def check(self) -> None:
@@ -133,15 +133,14 @@ class ZerothSelector(Selector):
                 float(scores[valid].median()), float(scores[valid].max()), cost.sample_forwards,
             )
             if p.save_differences:
-                path = os.path.join(ctx.cache_dir, f"zeroth_step_{ctx.step}.pt")
-                os.makedirs(ctx.cache_dir, exist_ok=True)
+                path = os.path.join(ctx.records_dir, f"zeroth_step_{ctx.step}.pt")
+                os.makedirs(ctx.records_dir, exist_ok=True)
                 torch.save({"pool": pool, "d_train": d_train, "eval_target": target, "scores": scores, "h": h,
                             "seed": p.seed, "selection": ctx.selection, "direction": p.direction}, path)
         return SelectionResult(
             [pool[i] for i in chosen],
-            {
-                "score": [float(scores[i]) for i in chosen],
-                "score_rank": ranks,
+            per_sample={"score": [float(scores[i]) for i in chosen], "score_rank": ranks},
+            summary={
                 "direction": p.direction,
                 "num_directions": K,
                 "fd_step": h,

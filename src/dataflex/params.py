@@ -1,21 +1,28 @@
-"""Typed, strict selector parameters.
+"""Typed, strict component parameters (selectors, mixers and weighters alike).
 
-Each selector declares its parameters as a dataclass deriving from :class:`Params`. The
+Each component declares its parameters as a dataclass deriving from :class:`Params`. The
 components YAML is checked against it: an unknown key, a value of the wrong type or out of range
 is a :class:`~dataflex.errors.ConfigError` naming the component, the key, the value and what is
-allowed - never silently dropped.
+allowed - never silently dropped. A parameter that the original DataFlex accepts but that has no
+meaning here is listed in ``Params.inert`` with the reason; it is accepted with one warning line,
+so a components file written for the original loads unchanged while a misspelt key still fails.
+
+Why not ``HfArgumentParser.parse_dict`` or ``OmegaConf.structured``: see docs/architecture.md
+("Hand-written code a library already does").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
+logger = logging.getLogger("dataflex")
 _NONE = type(None)
 
 
@@ -28,6 +35,8 @@ def _type_name(tp: Any) -> str:
     if origin in (list, tuple):
         args = get_args(tp)
         return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict or tp is dict:
+        return "mapping"
     if tp is _NONE:
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -74,31 +83,48 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise TypeError
         (item_tp,) = get_args(tp)[:1] or (Any,)
         return [_coerce(v, item_tp) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError
+        args = get_args(tp)
+        value_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, value_tp) for k, v in value.items()}
     raise TypeError(f"unsupported parameter type {tp!r}")
 
 
 @dataclass
 class Params:
-    """Base of every selector's parameter dataclass. ``cache_dir`` is common to all."""
+    """Base of every component's parameter dataclass. ``cache_dir`` is common to all."""
 
     cache_dir: str | None = dataclasses.field(
         default=None,
-        metadata={"help": "Folder for the step_{N}.json selection records (default: <output_dir>/dataflex)."},
+        metadata={"help": "Folder for this run's records: <cache_dir>/<run id>/ (default: <output_dir>/dataflex)."},
     )
 
-    # filled in by from_dict so error messages can name the component
+    # Params of the original DataFlex that have no effect here: name -> why (accepted with a warning).
+    inert: ClassVar[dict[str, str]] = {}
+
     def _component(self) -> str:
         return getattr(self, "_component_name", "?")
 
     @classmethod
-    def from_dict(cls, component: str, raw: dict[str, Any] | None) -> "Params":
+    def from_dict(cls, component: str, raw: dict[str, Any] | None, warn: bool = True) -> "Params":
         raw = dict(raw or {})
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        for key in sorted(set(raw) & set(cls.inert) - set(fields)):
+            if warn:
+                logger.warning("[DataFlex] component '%s': param '%s' has no effect here (%s)",
+                               component, key, cls.inert[key])
+            raw.pop(key)
         unknown = sorted(set(raw) - set(fields))
         if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"component '{component}': unknown param '{unknown[0]}'; valid params: {', '.join(sorted(fields))}"
+                f"component '{component}': unknown param '{unknown[0]}'{hint}; valid params: {', '.join(sorted(fields))}"
             )
         values = {}
         for name, value in raw.items():
