@@ -34,13 +34,13 @@ echo "==> Merging the adapter: llamafactory-cli export $MERGE_CFG"
 llamafactory-cli export "$MERGE_CFG"
 
 shopt -s nullglob
-records=("$ADAPTER_DIR"/dataflex/step_*.json)
+records=("$ADAPTER_DIR"/dataflex/*/step_*.json)
 shopt -u nullglob
 
 echo
 echo "Done."
 echo "  LoRA adapter:      $ADAPTER_DIR"
-echo "  Selection records: $ADAPTER_DIR/dataflex/step_*.json (${#records[@]} file(s))"
+echo "  Selection records: $ADAPTER_DIR/dataflex/<run id>/step_*.json (${#records[@]} file(s))"
 for record in "${records[@]}"; do
     echo "                     $record"
 done

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA_DIR, REPO_ROOT, failure_report, run_command
+from conftest import REPO_ROOT, failure_report, run_command
 
 DOCS = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md")])
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
@@ -36,11 +36,12 @@ def _commands(prefix: str) -> list[str]:
     return found
 
 
-def test_docs_exist_for_every_selector():
-    from dataflex.selectors import SELECTORS
+def test_docs_exist_for_every_component():
+    from dataflex.component import KINDS, available
 
-    for name in SELECTORS:
-        assert (REPO_ROOT / "docs" / "selectors" / f"{name}.md").is_file(), name
+    for kind in KINDS:
+        for name in available(kind):
+            assert (REPO_ROOT / "docs" / kind / f"{name}.md").is_file(), f"docs/{kind}/{name}.md"
 
 
 def test_relative_links_resolve():
@@ -52,9 +53,10 @@ def test_relative_links_resolve():
 
 
 def test_yaml_snippets_validate(tmp_path):
-    """Components snippets build their selector; training snippets pass DataFlex's checks."""
+    """Components snippets build their components; training snippets pass DataFlex's checks."""
     from dataflex.args import validate_config
-    from dataflex.components import build_selector, load_components
+    from dataflex.component import KINDS
+    from dataflex.components import build_component, load_components
     from dataflex.integration import known_train_keys
 
     known = known_train_keys()
@@ -63,19 +65,20 @@ def test_yaml_snippets_validate(tmp_path):
         data = yaml.safe_load(body)
         if not isinstance(data, dict):
             continue
-        entries = data.get("selectors", data)
-        if all(isinstance(v, dict) and "name" in v for v in entries.values()):
+        sections = [data[k] for k in KINDS if isinstance(data.get(k), dict)] or [data]
+        if all(isinstance(v, dict) and "name" in v for entries in sections for v in entries.values()):
             path = tmp_path / "components.yaml"
             path.write_text(body)
-            for spec in load_components(path).values():
-                if spec.selector == "shortest":  # the adding-a-selector tutorial's own new selector
-                    continue
-                build_selector(spec)
-                checked += 1
+            for specs in load_components(path).values():
+                for spec in specs.values():
+                    if ":" in spec.name or spec.params.get("reference_model_path", "").startswith("saves/"):
+                        continue  # a tutorial's own file, or a model the page trains first
+                    build_component(spec)
+                    checked += 1
         elif "train_type" in data:
             unknown = [k for k in data if k not in known]
             assert not unknown, f"{doc.name}: unknown keys {unknown}"
-            if data.get("component_name") not in (None, "shortest"):  # the tutorial's own selector
+            if data.get("component_name") not in (None, "shortest", "mine") and "components_cfg_file" not in data:
                 validate_config(data, yaml_dir=REPO_ROOT)
             checked += 1
     assert checked >= 5
@@ -83,16 +86,24 @@ def test_yaml_snippets_validate(tmp_path):
 
 @pytest.mark.e2e
 def test_readme_quick_start_and_doc_commands(tmp_path):
-    """`bash examples/quickstart.sh`, then every CPU command the docs show, as written."""
+    """`bash examples/quickstart.sh`, then every CPU command the docs show, as written - in a copy of
+    the repository's examples and data, so nothing is written into the checkout."""
+    import shutil
+
+    work = tmp_path / "checkout"
+    for folder in ("examples", "data"):
+        shutil.copytree(REPO_ROOT / folder, work / folder)
     # the commands as a user types them: the console scripts of this interpreter's environment first
     path_env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    res = run_command(["bash", "examples/quickstart.sh"], env=path_env, timeout=600)
+    saves_before = sorted((REPO_ROOT / "saves").rglob("*")) if (REPO_ROOT / "saves").exists() else []
+    res = run_command(["bash", "examples/quickstart.sh"], env=path_env, cwd=work, timeout=600)
     assert res.returncode == 0, failure_report(res)
-    adapter = REPO_ROOT / "saves" / "tiny-qwen2" / "lora" / "quickstart"
+    adapter = work / "saves" / "tiny-qwen2" / "lora" / "quickstart"
     assert (adapter / "adapter_model.safetensors").is_file()
-    assert sorted(p.name for p in (adapter / "dataflex").glob("step_*.json")) == [
+    assert sorted(p.name for p in (adapter / "dataflex").glob("*/step_*.json")) == [
         "step_10.json", "step_20.json", "step_30.json"]
-    assert (REPO_ROOT / "saves" / "tiny-qwen2" / "merged" / "model.safetensors").is_file()
+    assert (work / "saves" / "tiny-qwen2" / "merged" / "model.safetensors").is_file()
+    assert "Selection records:" in res.stdout and "(3 file(s))" in res.stdout
 
     commands = _commands("dataflex-cli ") + _commands("FORCE_TORCHRUN=1 NPROC_PER_NODE=2 dataflex-cli ")
     ran = 0
@@ -122,9 +133,10 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
             args = [a if a != "saves/selected" else str(tmp_path / "selected") for a in args]
         else:
             continue
-        res = run_command([sys.executable, "-m", "dataflex.cli", *args[1:]], env=env, timeout=600)
+        res = run_command([sys.executable, "-m", "dataflex.cli", *args[1:]], env=env, cwd=work, timeout=600)
         assert res.returncode == 0, f"{line}\n{failure_report(res)}"
         ran += 1
     assert ran >= 6, commands
     assert (tmp_path / "selected" / "dataset_info.json").is_file()
-    assert DATA_DIR.is_dir()
+    saves_after = sorted((REPO_ROOT / "saves").rglob("*")) if (REPO_ROOT / "saves").exists() else []
+    assert saves_after == saves_before  # the checkout's saves/ was not touched
