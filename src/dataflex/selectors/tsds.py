@@ -114,14 +114,15 @@ def tsds_probabilities(dist: torch.Tensor, rho: torch.Tensor, ids: torch.Tensor,
     order = torch.sort(events_s, stable=True).indices
     total = delta[order].cumsum(dim=0)
     hit = (alpha / C * total >= (1 - alpha) * M).nonzero()
-    stop = int(hit[0]) if len(hit) else len(order) - 1
-    s = float(events_s[order[stop]])
+    # a cap below 1 / (M Σ_k 1/ρ_jk) leaves query j unable to place its 1/M: the smallest feasible
+    # cap bounds s, and is the optimum when diversity outweighs every slope change before it
+    s_max = float(cum[:, -1].min())
+    s = min(float(events_s[order[int(hit[0])]]), s_max) if len(hit) else s_max
     u = 1.0 / (M * s)
     # every query fills its nearest candidates in order, u / ρ each, until its 1/M is used
     cap = (u * inv).clone()
     before = torch.cat([torch.zeros(M, 1, dtype=torch.float64), cap.cumsum(dim=1)[:, :-1]], dim=1)
     gamma = torch.minimum(cap, (1.0 / M - before).clamp(min=0))
-    gamma[:, -1] += (1.0 / M - gamma.sum(dim=1)).clamp(min=0)  # all K full: the last one takes the rest
     p = torch.zeros(n, dtype=torch.float64)
     p.index_add_(0, ids.reshape(-1), gamma.reshape(-1))
     return p, s

@@ -1,0 +1,243 @@
+"""near, tsds, cluster_less and nice: their maths against hand-computed values and independent oracles.
+
+The TSDS plan is checked against a general LP solver (scipy's HiGHS) on the same problem, the
+neighbour search against a brute-force sort, k-means against planted clusters; the reward API
+against a stub server on 127.0.0.1 that records what it was sent.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from dataflex.errors import ConfigError
+from dataflex.scoring.neighbours import top_k
+from dataflex.scoring.rewards import Reward, parse_score
+from dataflex.selectors.cluster_less import kmeans, representatives
+from dataflex.selectors.near import NearParams, NearSelector, round_robin
+from dataflex.selectors.tsds import TsdsParams, TsdsSelector, densities, tsds_probabilities
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+# ---- near ----------------------------------------------------------------------------------------
+
+def test_round_robin_goes_column_by_column_and_skips_taken_rows():
+    ids = torch.tensor([[3, 1, 2], [1, 4, 0]])
+    # column 0: 3, 1; column 1: 1 (taken), 4; column 2: 2, 0
+    assert round_robin(ids, 4) == ([3, 1, 4, 2], [0, 0, 1, 2], False)
+    picks, ranks, repeated = round_robin(ids, 7)
+    assert picks == [3, 1, 4, 2, 0, 3, 1] and repeated
+    assert round_robin(torch.tensor([[-1, 5]]), 1) == ([5], [1], False)  # ids < 0 are padding
+
+
+def test_top_k_matches_a_brute_force_sort_and_never_returns_empty_rows():
+    gen = torch.Generator().manual_seed(0)
+    keys = unit(torch.randn(50, 8, generator=gen))
+    keys[7] = float("nan")  # a sample without tokens
+    queries = unit(torch.randn(5, 8, generator=gen))
+    sims, idx = top_k(queries, keys, 10, chunk=2)
+    for q in range(5):
+        s = [(float(queries[q] @ keys[j]), j) for j in range(50) if j != 7]
+        best = sorted(s, key=lambda t: -t[0])[:10]
+        assert idx[q].tolist() == [j for _, j in best]
+        assert sims[q].tolist() == pytest.approx([v for v, _ in best], abs=1e-6)
+
+
+def test_near_precision_on_planted_neighbours():
+    gen = torch.Generator().manual_seed(1)
+    queries = unit(torch.randn(4, 16, generator=gen))
+    pool = unit(torch.randn(60, 16, generator=gen))
+    planted = [5, 17, 33, 48]
+    for q, row in enumerate(planted):  # one pool row sits right next to each query
+        pool[row] = unit(queries[q:q + 1] + 0.01 * torch.randn(1, 16, generator=gen))[0]
+    _, ids = top_k(queries, pool, 3)
+    picks, ranks, _ = round_robin(ids, 4)
+    assert picks == planted and ranks == [0, 0, 0, 0]
+
+
+def test_near_indices_path_is_checked_before_training(tmp_path):
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.arange(5))
+    with pytest.raises(ConfigError, match=r"param 'indices_path' = .* holds a 1-D int64 array; allowed: a 2-D integer"):
+        NearParams.from_dict("near", {"indices_path": str(flat)})
+    with pytest.raises(ConfigError, match=r"param 'indices_path' = '.*missing.npy' cannot be read"):
+        NearParams.from_dict("near", {"indices_path": str(tmp_path / "missing.npy")})
+    good = tmp_path / "ids.npy"
+    np.save(good, np.array([[0, 3], [9, 1]]))
+    sel = NearSelector(NearParams.from_dict("near", {"indices_path": str(good)}))
+    sel.check_data(10, 2)
+    with pytest.raises(ConfigError, match=r"names row 9, outside the training set \[0, 8\)"):
+        sel.check_data(8, 2)
+
+
+# ---- tsds ----------------------------------------------------------------------------------------
+
+def lp_plan(dist: np.ndarray, rho: np.ndarray, alpha: float, C: float) -> np.ndarray:
+    """The TSDS problem solved by a general LP solver: variables γ [M, K] and the cap t."""
+    from scipy.optimize import linprog
+
+    M, K = dist.shape
+    c = np.concatenate([alpha / C * dist.reshape(-1), [(1 - alpha) * M]])
+    a_eq = np.zeros((M, M * K + 1))
+    for i in range(M):
+        a_eq[i, i * K:(i + 1) * K] = 1
+    a_ub = np.zeros((M * K, M * K + 1))
+    for r in range(M * K):  # ρ_ij γ_ij − t <= 0
+        a_ub[r, r] = rho.reshape(-1)[r]
+        a_ub[r, -1] = -1
+    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(M * K), A_eq=a_eq, b_eq=np.full(M, 1 / M), bounds=(0, None),
+                  method="highs")
+    assert res.status == 0
+    return res.x[:-1].reshape(M, K)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.6, 0.95])
+def test_tsds_probabilities_equal_the_lp_optimum(alpha):
+    pytest.importorskip("scipy")
+    rng = np.random.default_rng(3)
+    M, K, n = 4, 6, 15
+    dist = np.sort(rng.uniform(0.1, 2.0, size=(M, K)), axis=1)
+    ids = np.stack([rng.permutation(n)[:K] for _ in range(M)])
+    rho_of = rng.uniform(1.0, 3.0, size=n)
+    rho = rho_of[ids]
+    gamma = lp_plan(dist, rho, alpha, C=1.0)
+    expected = np.zeros(n)
+    np.add.at(expected, ids.reshape(-1), gamma.reshape(-1))
+    p, _ = tsds_probabilities(torch.tensor(dist), torch.tensor(rho), torch.tensor(ids), n, alpha, 1.0)
+    assert p.sum().item() == pytest.approx(1.0)
+    np.testing.assert_allclose(p.numpy(), expected, atol=1e-7)
+
+
+def test_tsds_hand_computed_extremes():
+    dist = torch.tensor([[0.1, 0.5, 0.9]])
+    ids = torch.tensor([[2, 0, 1]])
+    ones = torch.ones(1, 3)
+    # alignment only: everything on the nearest candidate
+    p, _ = tsds_probabilities(dist, ones, ids, 3, alpha=1.0, C=1.0)
+    assert p.tolist() == pytest.approx([0, 0, 1])
+    # diversity only: the cap is as low as it goes, so the mass is spread evenly over the K
+    p, _ = tsds_probabilities(dist, ones, ids, 3, alpha=0.0, C=1.0)
+    assert p.tolist() == pytest.approx([1 / 3] * 3)
+    # a candidate with density 2 gets half of what its neighbours get at the same cap
+    p, _ = tsds_probabilities(dist, torch.tensor([[2.0, 1.0, 1.0]]), ids, 3, alpha=0.0, C=1.0)
+    assert p.tolist() == pytest.approx([0.4, 0.4, 0.2])
+
+
+def test_tsds_density_counts_near_duplicates():
+    base = unit(torch.eye(4))
+    points = torch.cat([base, base[:1]])  # row 4 duplicates row 0
+    rho = densities(points, kde_k=3, sigma=0.5)
+    assert rho.tolist() == pytest.approx([2, 1, 1, 1, 2])
+    assert densities(points, 3, 0.0).tolist() == [1] * 5
+
+
+def test_tsds_probs_path_is_checked(tmp_path):
+    bad = tmp_path / "neg.npy"
+    np.save(bad, np.array([0.5, -0.1]))
+    with pytest.raises(ConfigError, match=r"param 'probs_path' = .* must hold one probability >= 0 per training row"):
+        TsdsParams.from_dict("tsds", {"probs_path": str(bad)})
+    good = tmp_path / "p.npy"
+    np.save(good, np.array([0.0, 1.0, 3.0]))
+    sel = TsdsSelector(TsdsParams.from_dict("tsds", {"probs_path": str(good)}))
+    sel.check_data(3, 1)
+    with pytest.raises(ConfigError, match=r"has 3 probabilities for a training set of 4 rows"):
+        sel.check_data(4, 1)
+    probs, info = sel.probabilities(None)
+    assert probs.tolist() == [0, 0.25, 0.75] and info == {"source": "probs_path"}
+    with pytest.raises(ConfigError, match=r"param 'alpha' = 1.5 is invalid; allowed: a number in \[0, 1\]"):
+        TsdsParams.from_dict("tsds", {"alpha": 1.5})
+
+
+# ---- cluster_less --------------------------------------------------------------------------------
+
+def test_kmeans_finds_planted_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0]])
+    truth = torch.arange(30) % 3
+    points = centres[truth] + 0.3 * torch.randn(30, 3, generator=gen)
+    assign, cents = kmeans(points, 3, iters=10, seed=7)
+    # the same partition up to a renaming of the clusters
+    mapping = {int(t): int(a) for t, a in zip(truth, assign)}
+    assert len(set(mapping.values())) == 3
+    assert all(mapping[int(t)] == int(a) for t, a in zip(truth, assign))
+    assert torch.equal(kmeans(points, 3, 10, seed=7)[0], assign)  # seeded: the same every time
+
+
+def test_representatives_by_strategy():
+    points = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    assign = torch.zeros(5, dtype=torch.long)
+    centroid = torch.tensor([[0.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert representatives(assign, points, centroid, 2, "nearest", gen) == [0, 1]
+    assert representatives(assign, points, centroid, 2, "farthest", gen) == [4, 3]
+    assert representatives(assign, points, centroid, 3, "mixed", gen) == [0, 4, 1]
+    drawn = representatives(assign, points, centroid, 3, "random", gen)
+    assert len(set(drawn)) == 3 and set(drawn) <= set(range(5))
+
+
+# ---- nice's rewards ------------------------------------------------------------------------------
+
+def test_parse_score():
+    assert parse_score("Score: 0.75 because") == 0.75
+    assert parse_score("7") == 1.0 and parse_score("-3") == 0.0 and parse_score("none") == 0.0
+
+
+def test_callable_reward_from_a_file(tmp_path):
+    f = tmp_path / "judge.py"
+    f.write_text("def reward(prompt, response):\n    return float(len(response))\n")
+    assert Reward("callable", function=f"{f}:reward").score(["a", "b"], ["xyz", ""]) == [3.0, 0.0]
+
+
+class _Judge(http.server.BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Judge.seen.append((self.headers.get("Authorization"), body))
+        judged = body["messages"][-1]["content"]
+        reply = json.dumps({"choices": [{"message": {"content": "0.5" if "good answer" in judged else "0.1"}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_api_reward_sends_the_key_from_the_environment_and_never_logs_it(monkeypatch, caplog):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/v1/chat/completions"
+    secret = "sk-test-5ecret-value"
+    monkeypatch.setenv("MY_JUDGE_KEY", secret)
+    try:
+        reward = Reward("api", params={"api_url": url, "api_key": "MY_JUDGE_KEY", "model_name": "judge",
+                                       "max_retries": 0, "timeout": 10})
+        with caplog.at_level(logging.DEBUG):
+            assert reward.score(["q", "q"], ["good answer", "bad"]) == [0.5, 0.1]
+        assert [auth for auth, _ in _Judge.seen] == [f"Bearer {secret}"] * 2
+        assert _Judge.seen[0][1]["model"] == "judge"
+        assert secret not in caplog.text
+        # a failing endpoint: the error names the URL, never the key
+        broken = Reward("api", params={"api_url": f"http://127.0.0.1:{server.server_port}/nowhere/x",
+                                       "api_key": "MY_JUDGE_KEY", "max_retries": 0, "timeout": 2})
+        server.shutdown()
+        with pytest.raises(ValueError) as err:
+            broken.score(["q"], ["r"])
+        assert "failed after 1 attempt(s)" in str(err.value) and secret not in str(err.value)
+    finally:
+        server.server_close()
+    monkeypatch.delenv("MY_JUDGE_KEY")
+    with pytest.raises(ValueError, match="the environment variable MY_JUDGE_KEY .* is not set"):
+        reward.score(["q"], ["r"])
