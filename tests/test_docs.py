@@ -71,8 +71,9 @@ def test_yaml_snippets_validate(tmp_path):
             path.write_text(body)
             for specs in load_components(path).values():
                 for spec in specs.values():
-                    if ":" in spec.name or spec.params.get("reference_model_path", "").startswith("saves/"):
-                        continue  # a tutorial's own file, or a model the page trains first
+                    if ":" in spec.name or spec.name == "shortest" or \
+                            spec.params.get("reference_model_path", "").startswith("saves/"):
+                        continue  # a tutorial's own component, or a model the page trains first
                     build_component(spec)
                     checked += 1
         elif "train_type" in data:
@@ -107,6 +108,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
 
     commands = _commands("dataflex-cli ") + _commands("FORCE_TORCHRUN=1 NPROC_PER_NODE=2 dataflex-cli ")
     ran = 0
+    moved: dict[str, str] = {}
     seen = {((), ("dataflex-cli", "train", "examples/train_lora/quickstart_cpu.yaml"))}  # quickstart.sh ran it
     for line in commands:
         args = shlex.split(line)
@@ -120,6 +122,9 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
             if not args[2].endswith("quickstart_cpu.yaml"):
                 continue  # GPU examples (real models from the hub)
             # as written, into a temporary output_dir, on fewer samples to keep the suite short
+            for a in args:
+                if a.startswith("output_dir="):  # later report / export commands name it: point them there
+                    moved[a.split("=", 1)[1]] = str(tmp_path / f"run{ran}")
             args = [a for a in args if not a.startswith("output_dir=")]
             key = (tuple(sorted(env.items())), tuple(args))
             if key in seen:
@@ -130,7 +135,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
             if any(a.isupper() or a.startswith("[") for a in args) or any(
                     a.endswith(".yaml") and not (REPO_ROOT / a).exists() for a in args):
                 continue  # a usage synopsis or a placeholder file, not a command to run
-            args = [a if a != "saves/selected" else str(tmp_path / "selected") for a in args]
+            args = [moved.get(a, a) if a != "saves/selected" else str(tmp_path / "selected") for a in args]
         else:
             continue
         res = run_command([sys.executable, "-m", "dataflex.cli", *args[1:]], env=env, cwd=work, timeout=600)

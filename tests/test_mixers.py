@@ -290,11 +290,11 @@ def test_doremi_step2_loss_weights_are_the_same_on_every_rank_and_follow_alpha(d
         rec = recs[max(s for s in starts if s <= step)]
         alpha = rec["loss_weights"]
         lines = [ln for rank in (0, 1) for ln in trace[rank] if ln["step"] == step]
-        # every rank weights a domain's rows by α_d · N / N_d with the step's counts over all ranks
+        # every rank weights a domain's rows by α_d · N / N_d with the step's supervised tokens over all ranks
         n_d = Counter()
         for ln in lines:
-            for i, d in zip(ln["indices"], ln["domains"]):
-                n_d[d] += 1
+            for t, d in zip(ln["tokens"], ln["domains"]):
+                n_d[d] += t
         for ln in lines:
             for d, w in zip(ln["domains"], ln["weights"]):
                 assert w == pytest.approx(alpha[d] * sum(n_d.values()) / n_d[d], rel=1e-5)

@@ -63,6 +63,8 @@ def install() -> None:
                 line["weights"] = [float(w) for w in inputs[WEIGHT_KEY]]
             if inputs.get(DOMAIN_KEY) is not None:
                 line["domains"] = inputs[DOMAIN_KEY].tolist()
+            if inputs.get("labels") is not None:  # supervised tokens per row, as the loss counts them
+                line["tokens"] = (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist()
             path = Path(trace_dir) / f"trace_rank{self.df_rank}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as fh:
