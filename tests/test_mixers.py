@@ -364,9 +364,11 @@ def test_the_original_odm_yaml_trains_one_domain_per_micro_batch(odm_run):
     assert "warmup_steps" in odm_run.log or "odm" in odm_run.log
     for line in traces(odm_run.tmp / "trace")[0]:
         assert len(set(line["domains"])) == 1  # a micro-batch comes from one domain
-    # the original's components entry (warmup_steps 2000) keeps ODM on its initial proportions: said in the log
-    assert all(r["proportions"] == [0.5, 0.5] for r in recs.values())
-    assert all(r["summary"].get("phase") == "warm-up" for r in recs.values() if r["kind"] == "update")
+    # its components_cfg_file is the packaged one (warmup_steps 0): ODM learns from the first update on
+    assert recs[0]["proportions"] == recs[2]["proportions"] == [0.5, 0.5]
+    assert all(sum(r["proportions"]) == pytest.approx(1.0) for r in recs.values())
+    assert [r["summary"]["t"] for s, r in sorted(recs.items()) if s >= 2] == [1, 2, 3, 4, 5, 6]
+    assert recs[7]["proportions"] != [0.5, 0.5]
 
 
 @pytest.mark.e2e
@@ -380,8 +382,10 @@ def test_a_mixing_run_resumes_from_its_checkpoint(odm_run, tiny_model, run_cli):
 
     comps = odm_run.tmp / "odm.yaml"
     comps.write_text("mixers:\n  odm: {name: odm, params: {alpha: 0.5, reward_scale: 1.0}}\n")
+    # the original YAML saves the model only; a resumable checkpoint needs the optimizer and LR schedule too
     args = [f"model_name_or_path={tiny_model}", *CPU, "max_steps=8", "warmup_step=2", "per_device_train_batch_size=2",
-            "gradient_accumulation_steps=2", "save_steps=4", "num_train_epochs=1.0", f"components_cfg_file={comps}"]
+            "gradient_accumulation_steps=2", "save_steps=4", "num_train_epochs=1.0", f"components_cfg_file={comps}",
+            "save_only_model=false"]
     yaml_path = ORIGINAL["full"] / "odm_dynamic_qwen_pt_full.yaml"
     ref = odm_run.tmp / "ref"
     res = run_cli(["train", yaml_path, f"output_dir={ref}", *args], cwd=odm_run.work,

@@ -312,7 +312,9 @@ def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    dataset_module = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
+    # through DataFlex's wrapper, as the workflows call it: per-domain tokenization under dynamic_mix
+    dataset_module = _dataflex_get_dataset(get_dataset)(template, model_args, data_args, training_args, stage=stage,
+                                                        **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     if stage == "pt":
         collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)

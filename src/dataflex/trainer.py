@@ -353,6 +353,12 @@ class DataFlexTrainerMixin:
         self.df_resumed_at = None
         if checkpoint:
             run_id = self._df_resume(str(checkpoint))
+            saved = set(os.listdir(checkpoint))
+            if self.df_rank == 0 and not any(n.startswith(("optimizer", "scheduler", "global_step")) for n in saved):
+                # the Trainer resumes such a checkpoint with a new optimizer and LR schedule, and says nothing
+                logger.warning("[DataFlex] resume_from_checkpoint: %s has no optimizer or scheduler state (saved with "
+                               "save_only_model: true): the data schedule resumes exactly, but the optimizer and the "
+                               "learning-rate schedule start again", checkpoint)
         else:
             run_id = self.df_agree.share("starting the run", new_run_id)
         self.df_log = RunLog(self.df_cache_dir, run_id, enabled=self.df_rank == 0)
