@@ -133,7 +133,8 @@ def setup(args):
     import torch
 
     from dataflex.scoring.engine import ScoringEngine
-    from dataflex.scoring.gradients import GradientFeaturizer, adam_moments
+    from dataflex.scoring.gradients import GradientFeaturizer
+    from dataflex.scoring.optimizer_state import adam_moments
     from dataflex.scoring.projection import CountSketchProjector
 
     torch.set_num_threads(args.threads)

@@ -108,14 +108,17 @@ def main() -> None:
         state = json.loads((run_dir / "trainer_state.json").read_text())
         evals = [(h["step"], h["eval_loss"]) for h in state["log_history"] if "eval_loss" in h]
         train_metrics = json.loads((run_dir / "train_results.json").read_text())
-        recs = [json.loads(p.read_text()) for p in sorted((run_dir / "dataflex").glob("step_*.json"),
+        folder = Path(json.loads((run_dir / "dataflex" / "run.json").read_text())["records"])  # this run's records
+        recs = [json.loads(p.read_text()) for p in sorted(folder.glob("step_*.json"),
                                                            key=lambda p: int(p.stem.split("_")[1]))]
+        if not recs:
+            raise SystemExit(f"run {label}: no selection records in {folder}")
         precision = [sum(tasks[i] == TARGET for i in r["indices"]) / len(r["indices"]) for r in recs]
         noisy = [sum(tasks[i] == NOISY for i in r["indices"]) / len(r["indices"]) for r in recs]
         results.append({
             "label": label, "evals": evals, "final_eval": evals[-1][1] if evals else float("nan"),
             "precision": precision, "noisy": sum(noisy) / max(len(noisy), 1),
-            "selection_s": train_metrics.get("dataflex_selection_seconds", 0.0), "wall_s": wall,
+            "selection_s": train_metrics.get("dataflex_seconds", 0.0), "wall_s": wall,
         })
 
     base = sum(tasks[i] == TARGET for i in range(len(tasks))) / len(tasks)

@@ -20,3 +20,14 @@ def test_quality_benchmark_runs(tmp_path):
     table = (out / "results.md").read_text()
     assert "| random (seed 1) |" in table and "| less |" in table
     assert (out / "eval_loss.png").stat().st_size > 1000
+
+
+def test_selector_agreement_benchmark_runs(tmp_path):
+    res = run_command([sys.executable, "bench/selector_agreement.py", "--quick", "--out", tmp_path], timeout=600)
+    assert res.returncode == 0, failure_report(res)
+    import json
+
+    result = json.loads((tmp_path / "selectors.json").read_text())
+    row = result["ranking"]["cluster_less"][0]
+    assert row["gradients"] < result["ranking"]["less"]["gradients"]  # fewer gradients than full LESS
+    assert -1 <= row["spearman"] <= 1 and result["search"]["torch_s"] > 0

@@ -4,7 +4,7 @@
   length, so this is also the ``k`` nearest by L2 distance), computed exactly in torch over
   chunks of queries: memory stays O(chunk x keys), whatever the number of queries. No faiss is
   needed for pools up to about a million rows; ``backend="faiss"`` uses an exact faiss index
-  (``IndexFlatIP``) when faiss is installed (``bench/selectors.py`` measures both).
+  (``IndexFlatIP``) when faiss is installed (``bench/selector_agreement.py`` measures both).
 * :class:`EmbeddingCache` - embeddings on disk under ``<cache_dir>/embeddings/<key>.pt``, where the
   key hashes what they depend on: the embedding model's weights (a digest of every tensor), the
   layer, and the tokenized rows. Another model, layer or dataset is another key, so a stale

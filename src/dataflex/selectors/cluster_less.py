@@ -14,7 +14,7 @@ with seeded k-means in torch (``cluster_size`` 64: ⌈N/64⌉ clusters). At each
    gave every member its cluster's score, so it took whole clusters in index order).
 
 The cost of a selection is the eval gradients plus ``clusters × samples_per_cluster`` training
-gradients instead of one per pool sample (``bench/selectors.py`` measures it and the agreement
+gradients instead of one per pool sample (``bench/selector_agreement.py`` measures it and the agreement
 with full ``less``).
 """
 
