@@ -241,3 +241,77 @@ def test_api_reward_sends_the_key_from_the_environment_and_never_logs_it(monkeyp
     monkeypatch.delenv("MY_JUDGE_KEY")
     with pytest.raises(ValueError, match="the environment variable MY_JUDGE_KEY .* is not set"):
         reward.score(["q"], ["r"])
+
+
+# ---- user selectors from a file --------------------------------------------------------------------
+
+USER_SELECTOR = '''
+from dataclasses import dataclass, field
+
+from dataflex.params import Params
+from dataflex.selectors.base import SelectionResult, Selector
+
+
+@dataclass
+class EveryKParams(Params):
+    k: int = field(default=2, metadata={"help": ">= 1"})
+
+    def check(self):
+        if self.k < 1:
+            self.fail("k", "an integer >= 1")
+
+
+class EveryK(Selector):
+    name = "every_k"
+    Params = EveryKParams
+
+    def select(self, ctx):
+        rows = list(range(0, ctx.train_size, self.params.k))
+        return SelectionResult([rows[i % len(rows)] for i in range(ctx.num_samples)])
+'''
+
+
+def test_a_users_selector_loads_from_a_file_named_in_the_components_file(tmp_path, caplog):
+    from dataflex.components import build_component, get_component
+    from dataflex.selectors.base import SelectionContext
+
+    (tmp_path / "my_selector.py").write_text(USER_SELECTOR)
+    comps = tmp_path / "components.yaml"
+    comps.write_text("selectors:\n  mine: {name: my_selector.py:EveryK, params: {k: 3}}\n"
+                     "  bad_k: {name: my_selector.py:EveryK, params: {k: 0}}\n"
+                     "  typo: {name: my_selector.py:EveryKK}\n  broken: {name: broken.py:X}\n")
+    sel = build_component(get_component(comps, "mine"))  # relative to the components file
+    ctx = SelectionContext(step=0, selection=0, num_selections=1, num_samples=5, train_dataset=list(range(10)),
+                           scorer=None, generator=torch.Generator())
+    assert sel.select(ctx).indices == [0, 3, 6, 9, 0]
+    with pytest.raises(ConfigError, match=r"component 'bad_k': param 'k' = 0 is invalid; allowed: an integer >= 1"):
+        build_component(get_component(comps, "bad_k"))
+    with pytest.raises(ConfigError, match=r"'my_selector.py' has no class 'EveryKK'"):
+        build_component(get_component(comps, "typo"))
+    (tmp_path / "broken.py").write_text("import nowhere_to_be_found\n")
+    with caplog.at_level(logging.ERROR, logger="dataflex"):
+        with pytest.raises(ConfigError, match=r"component 'broken': loading 'broken.py' failed: ModuleNotFoundError"):
+            build_component(get_component(comps, "broken"))
+    tracebacks = [r for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(tracebacks) == 1 and "nowhere_to_be_found" in tracebacks[0].getMessage()
+
+
+# ---- nice's hf reward backend on a tiny locally built reward model ----------------------------------
+
+def test_hf_reward_backend_scores_with_a_sequence_classification_model(tiny_model, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=1)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(config)
+    rm.config.pad_token_id = 5  # not the id the tokenizer pads with: the backend must not trust it
+    rm.save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "rm")
+    reward = Reward("hf", model_path=str(tmp_path / "rm"))
+    got = reward.score(["1+1=", "2+2="], ["2", "4 and more"])
+    # the oracle: the same model, one unpadded sequence at a time
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        expected = [float(model(**tok([t], return_tensors="pt")).logits[0, 0]) for t in ["1+1=2", "2+2=4 and more"]]
+    assert got == pytest.approx(expected, abs=1e-5)

@@ -85,8 +85,9 @@ class Reward:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model = AutoModelForSequenceClassification.from_pretrained(model_path).to(device).eval()
-            if self.model.config.pad_token_id is None:
-                self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            # the score is read at the last token that is not padding: the model must know the id the tokenizer
+            # pads with (a reward model shipped with another pad id, or none, would read a padding position)
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         elif backend == "callable":
             self.fn = load_function(function)
         elif backend == "local_vllm":
