@@ -61,38 +61,64 @@ COMPONENTS = {
 }
 
 
-@pytest.fixture
-def components_file(tmp_path):
-    judge = tmp_path / "judge.py"
+def _components_file(folder):
+    judge = folder / "judge.py"
     judge.write_text("def reward(prompt, response):\n    return float(len(response) % 3)\n")
     comps = yaml.safe_load(yaml.safe_dump(COMPONENTS))
     comps["selectors"]["nice"]["params"]["reward_function"] = f"{judge}:reward"
-    path = tmp_path / "components.yaml"
+    path = folder / "components.yaml"
     path.write_text(yaml.safe_dump(comps))
     return path
 
 
-@pytest.mark.parametrize("component, per_sample, summary", [
-    ("near", "neighbour_rank", "queries"),
-    ("cluster_less", "cluster_score", "clusters"),
-    ("nice", "score", "reward_mean"),
-])
-def test_model_based_selectors_train(component, per_sample, summary, components_file, make_train_yaml, run_cli,
-                                     tmp_path):
-    path = make_train_yaml(tmp_path / "run", component_name=component, components_cfg_file=str(components_file),
-                           cache_dir=None, **SMALL)
-    res = run_cli(["train", path], cwd=tmp_path, timeout=400)
-    assert res.returncode == 0, failure_report(res)
-    recs = records(tmp_path / "run" / "out")
+@pytest.fixture
+def components_file(tmp_path):
+    return _components_file(tmp_path)
+
+
+@pytest.fixture(scope="module", params=["near", "cluster_less", "nice"])
+def runs(request, make_train_yaml, run_cli, tmp_path_factory):
+    """One process (2 per device x 2 accumulation) and two (1 x 2 each): the same G = 4."""
+    component = request.param
+    tmp = tmp_path_factory.mktemp(component)
+    comps = _components_file(tmp)
+    one = make_train_yaml(tmp / "one", component_name=component, components_cfg_file=str(comps), **SMALL)
+    two = make_train_yaml(tmp / "two", component_name=component, components_cfg_file=str(comps),
+                          per_device_train_batch_size=1, **SMALL)
+    r1 = run_cli(["train", one], cwd=tmp, timeout=400)
+    assert r1.returncode == 0, failure_report(r1)
+    r2 = run_cli(["train", two], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, cwd=tmp, timeout=400)
+    assert r2.returncode == 0, failure_report(r2)
+    return component, records(tmp / "one" / "out"), records(tmp / "two" / "out")
+
+
+PER_SAMPLE = {"near": "neighbour_rank", "cluster_less": "cluster_score", "nice": "score"}
+SUMMARY = {"near": "queries", "cluster_less": "clusters", "nice": "reward_mean"}
+
+
+def test_model_based_selectors_train(runs):
+    component, recs, _ = runs
     assert sorted(recs) == [2, 4]
     for rec in recs.values():
         assert rec["selector"] == component and len(rec["indices"]) == 8
         assert all(0 <= i < 40 for i in rec["indices"])
-        assert len(rec["per_sample"][per_sample]) == 8 and summary in rec["summary"]
+        assert len(rec["per_sample"][PER_SAMPLE[component]]) == 8 and SUMMARY[component] in rec["summary"]
     if component == "near":  # refresh: true re-embeds with the trained model, both selections from the eval set
         assert all(rec["summary"]["refreshed"] for rec in recs.values())
     if component == "nice":
         assert recs[2]["summary"]["responses"] == 3 * 2
+
+
+def test_one_and_two_processes_choose_the_same_rows(runs):
+    component, one, two = runs
+    assert sorted(one) == sorted(two)
+    for step in one:
+        assert sorted(one[step]["indices"]) == sorted(two[step]["indices"]), (component, step)
+        key = PER_SAMPLE[component]
+        if key != "neighbour_rank":
+            by_row_1 = dict(zip(one[step]["indices"], one[step]["per_sample"][key]))
+            by_row_2 = dict(zip(two[step]["indices"], two[step]["per_sample"][key]))
+            assert by_row_2 == pytest.approx(by_row_1, rel=1e-3, abs=1e-5)
 
 
 def test_tsds_two_processes_train_on_the_rows_of_one_draw(components_file, make_train_yaml, run_cli, tmp_path):
