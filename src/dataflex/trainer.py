@@ -541,6 +541,8 @@ class DataFlexTrainerMixin:
         micro_scope = (self.df_mode == "weight" and self.df_component.params.scope == "micro_batch"
                        and self.df_round.active(self.state.global_step))
         observe = self.df_mode == "mix" and bool(self.df_component.needs & {"losses", "excess"})
+        if weights is not None and not bool((weights != 1).any()):
+            weights = None  # all exactly 1: the correction is exactly 0, so skip the per-sample losses it needs
         if weights is None and not micro_scope and not observe:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         labels = inputs["labels"]
