@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
+import signal
 import re
 import shutil
 import subprocess
@@ -167,6 +169,30 @@ def failure_report(res: subprocess.CompletedProcess, tail: int = 3000) -> str:
 
 def cli_command(args: Sequence[Any]) -> list[str]:
     return [sys.executable, "-m", "dataflex.cli", *[str(a) for a in args]]
+
+
+def kill_at_step(args: Sequence[Any], step: int, folder: str | os.PathLike, cwd=None,
+                 env: Mapping[str, str | None] | None = None, timeout: float = 240) -> None:
+    """Start ``dataflex-cli ARGS``, wait until the test plugin pauses it at ``step``, then SIGKILL its
+    whole process group (a crash: nothing is flushed). stderr goes to a file (a pipe nobody reads
+    could fill and stall the run) and is shown if the run ends before the pause."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker, log = folder / f"paused-{step}", folder / f"killed-at-{step}.stderr"
+    full_env = _cli_env({**(env or {}), "DATAFLEX_TEST_PAUSE_AT_STEP": str(step), "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
+    with log.open("w") as err:
+        proc = subprocess.Popen(cli_command(args), env=full_env, cwd=cwd or REPO_ROOT, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while not marker.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, f"run never reached step {step}"
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture(scope="session")

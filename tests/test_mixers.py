@@ -283,7 +283,6 @@ def test_doremi_step2_rows_per_domain_equal_the_records_on_every_rank(doremi):
 @pytest.mark.e2e
 def test_doremi_step2_loss_weights_are_the_same_on_every_rank_and_follow_alpha(doremi):
     recs = records(doremi.step2)
-    parts = _domains_of_rows(doremi.step2)
     trace = traces(doremi.tmp / "trace2")
     starts = sorted(recs)
     for step in range(6):
@@ -373,12 +372,8 @@ def test_the_original_odm_yaml_trains_one_domain_per_micro_batch(odm_run):
 
 @pytest.mark.e2e
 def test_a_mixing_run_resumes_from_its_checkpoint(odm_run, tiny_model, run_cli):
-    import os
-    import signal
-    import subprocess
-    import time
 
-    from conftest import _cli_env, cli_command, consumed_by_step
+    from conftest import consumed_by_step, kill_at_step
 
     comps = odm_run.tmp / "odm.yaml"
     comps.write_text("mixers:\n  odm: {name: odm, params: {alpha: 0.5, reward_scale: 1.0}}\n")
@@ -392,19 +387,8 @@ def test_a_mixing_run_resumes_from_its_checkpoint(odm_run, tiny_model, run_cli):
                   env={"DATAFLEX_TRACE_DIR": str(odm_run.tmp / "ref_trace")}, timeout=400)
     assert res.returncode == 0, failure_report(res)
     crash = odm_run.tmp / "crash"
-    marker = odm_run.tmp / "paused"
-    env = _cli_env({"DATAFLEX_TEST_PAUSE_AT_STEP": "6", "DATAFLEX_TEST_PAUSE_FILE": str(marker),
-                    "DATAFLEX_TRACE_DIR": str(odm_run.tmp / "crash_trace")})
-    proc = subprocess.Popen(cli_command(["train", yaml_path, f"output_dir={crash}", *args]), env=env, cwd=odm_run.work,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    kill_at_step(["train", yaml_path, f"output_dir={crash}", *args], 6, odm_run.tmp, cwd=odm_run.work,
+                 env={"DATAFLEX_TRACE_DIR": str(odm_run.tmp / "crash_trace")})
     res = run_cli(["train", yaml_path, f"output_dir={crash}", *args, f"resume_from_checkpoint={crash / 'checkpoint-4'}"],
                   cwd=odm_run.work, env={"DATAFLEX_TRACE_DIR": str(odm_run.tmp / "resume_trace")}, timeout=400)
     assert res.returncode == 0, failure_report(res)

@@ -7,16 +7,13 @@ took, so a protocol regression shows up as a test failure, not as a hung CI job.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
 import time
 
 import pytest
 
-from conftest import REPO_ROOT, _cli_env, cli_command, consumed_by_step, failure_report, records
+from conftest import REPO_ROOT, consumed_by_step, failure_report, kill_at_step, records
 
 pytestmark = pytest.mark.e2e
 
@@ -28,21 +25,7 @@ LESS_COMPONENTS = "selectors:\n  less:\n    name: less\n    params: {proj_dim: 2
 
 
 def _kill_at(step: int, yaml_path, trace_dir, tmp_path, timeout: float = 240) -> None:
-    marker = tmp_path / f"paused-{step}"
-    env = _cli_env({"DATAFLEX_TRACE_DIR": str(trace_dir), "DATAFLEX_TEST_PAUSE_AT_STEP": str(step),
-                    "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
-    proc = subprocess.Popen(cli_command(["train", yaml_path]), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.time() + timeout
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.time() < deadline, f"run never reached step {step}"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_at_step(["train", yaml_path], step, tmp_path, env={"DATAFLEX_TRACE_DIR": str(trace_dir)}, timeout=timeout)
 
 
 @pytest.mark.parametrize("component", ["loss", "delta_loss", "less"])

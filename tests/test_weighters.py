@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, _cli_env, cli_command, failure_report, llamafactory_cli, run_command, weight_lines, write_yaml
+from conftest import REPO_ROOT, failure_report, kill_at_step, llamafactory_cli, run_command, weight_lines, write_yaml
 
 from dataflex.errors import ConfigError
 from dataflex.weighters.adapt import AdaptParams, AdaptWeighter, adapt_weights
@@ -279,10 +279,6 @@ def test_pretraining_text_and_micro_batch_scope(make_train_yaml, run_cli, tmp_pa
 
 @pytest.mark.e2e
 def test_adapt_resumes_with_the_weights_of_an_uninterrupted_run(make_train_yaml, run_cli, tmp_path):
-    import os
-    import signal
-    import subprocess
-    import time
 
     (tmp_path / "components.yaml").write_text(
         "weighters:\n  adapt:\n    name: adapt\n    params: {refresh_interval: 4, tau: 0.1}\n")
@@ -292,18 +288,7 @@ def test_adapt_resumes_with_the_weights_of_an_uninterrupted_run(make_train_yaml,
     res = run_cli(["train", ref], timeout=300)
     assert res.returncode == 0, failure_report(res)
     crash = _weight_config(make_train_yaml, tmp_path / "crash", "adapt", **common)
-    marker = tmp_path / "paused"
-    env = _cli_env({"DATAFLEX_TEST_PAUSE_AT_STEP": "7", "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
-    proc = subprocess.Popen(cli_command(["train", crash]), env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while not marker.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    kill_at_step(["train", crash], 7, tmp_path)
     out = tmp_path / "crash" / "out"
     # checkpoint-6 holds the anchors of the refresh at step 5 (steps 1 and 5 refresh; 6 does not)
     state = json.loads((out / "checkpoint-6" / "dataflex_state.json").read_text())
