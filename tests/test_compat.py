@@ -36,6 +36,11 @@ def test_the_original_components_file_loads_and_every_implemented_component_take
                     with pytest.raises(ConfigError, match=r"param 'reference_model_path' = '/path/to/.*' is invalid"):
                         build_component(spec)
                     continue
+                if key in ("near", "tsds"):  # offline files the original's paths name, absent here: one clear line
+                    with pytest.raises(ConfigError, match=r"param '(indices|probs)_path' = .* cannot be read as a "
+                                                          r"\.npy file"):
+                        build_component(spec)
+                    continue
                 if key == "nice":  # the original's file asks for local vLLM, not installed here: one clear line
                     with pytest.raises(ConfigError, match=r"param 'reward_model_backend' = 'local_vllm' needs vllm"):
                         build_component(spec)

@@ -107,8 +107,12 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
     assert "Selection records:" in res.stdout and "(3 file(s))" in res.stdout
 
     commands = _commands("dataflex-cli ") + _commands("FORCE_TORCHRUN=1 NPROC_PER_NODE=2 dataflex-cli ")
+    # training first: a page may name a run in its text (`dataflex-cli report DIR`) before the block that trains it
+    commands.sort(key=lambda line: " train " not in f" {line} ")
     ran = 0
-    moved: dict[str, str] = {}
+    # a train command's output_dir, wherever report / export commands name it (in any page, before or after)
+    moved = {a.split("=", 1)[1]: str(tmp_path / f"out{i}") for i, a in enumerate(
+        a for line in commands for a in shlex.split(line) if a.startswith("output_dir="))}
     seen = {((), ("dataflex-cli", "train", "examples/train_lora/quickstart_cpu.yaml"))}  # quickstart.sh ran it
     for line in commands:
         args = shlex.split(line)
@@ -122,15 +126,13 @@ def test_readme_quick_start_and_doc_commands(tmp_path):
             if not args[2].endswith("quickstart_cpu.yaml"):
                 continue  # GPU examples (real models from the hub)
             # as written, into a temporary output_dir, on fewer samples to keep the suite short
-            for a in args:
-                if a.startswith("output_dir="):  # later report / export commands name it: point them there
-                    moved[a.split("=", 1)[1]] = str(tmp_path / f"run{ran}")
             args = [a for a in args if not a.startswith("output_dir=")]
             key = (tuple(sorted(env.items())), tuple(args))
             if key in seen:
                 continue
             seen.add(key)
-            args += [f"output_dir={tmp_path / f'run{ran}'}", "max_samples=100"]
+            named = next((a.split("=", 1)[1] for a in shlex.split(line) if a.startswith("output_dir=")), None)
+            args += [f"output_dir={moved.get(named, tmp_path / f'run{ran}')}", "max_samples=100"]
         elif args[:2] in (["dataflex-cli", "list"], ["dataflex-cli", "report"], ["dataflex-cli", "export"]):
             if any(a.isupper() or a.startswith("[") for a in args) or any(
                     a.endswith(".yaml") and not (REPO_ROOT / a).exists() for a in args):
