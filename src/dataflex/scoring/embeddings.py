@@ -124,6 +124,16 @@ class EmbeddingSource:
         self.keys[name] = key
         return self.cache.get(key, compute, ctx.agreement)
 
+    def pool_and_queries(self, ctx: Any, selector: str, refresh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(training pool [N, D], eval queries [M, D])`` for a selector that searches the pool with the
+        eval set; queries without a token to embed are dropped, pool rows stay (NaN, never a neighbour)."""
+        if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
+            raise ValueError(f"selector '{selector}' needs a non-empty eval_dataset (the queries)")
+        fresh = refresh and not self.model_path  # a frozen embedding model embeds the same rows the same way
+        train = self.embed(ctx, ctx.train_dataset, "the training pool", fresh)
+        queries = self.embed(ctx, ctx.eval_dataset, "the eval set", fresh)
+        return train, queries[~torch.isnan(queries).any(dim=1)]
+
     def state_dict(self) -> dict[str, Any]:
         return {"embedding_keys": dict(self.keys)} if self.keys else {}
 

@@ -116,12 +116,7 @@ class NearSelector(Selector):
             return self.fixed
         if self.neighbour_ids is not None and not p.refresh:
             return self.neighbour_ids
-        if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
-            raise ValueError("selector 'near' needs a non-empty eval_dataset (the queries)")
-        fresh = p.refresh and not p.embedding_model_name_or_path
-        train = self.source.embed(ctx, ctx.train_dataset, "the training pool", fresh)
-        queries = self.source.embed(ctx, ctx.eval_dataset, "the eval set", fresh)
-        queries = queries[~torch.isnan(queries).any(dim=1)]
+        train, queries = self.source.pool_and_queries(ctx, "near", p.refresh)
         if len(queries) == 0:
             raise ValueError("no eval sample has a token to embed (check cutoff_len and eval_dataset)")
         _, ids = top_k(queries, train, p.neighbours, backend=p.search)

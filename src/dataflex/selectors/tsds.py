@@ -150,12 +150,7 @@ class TsdsSelector(Selector):
         p = self.params
         if self.fixed is not None:
             return self.fixed / self.fixed.sum(), {"source": "probs_path"}
-        if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
-            raise ValueError("selector 'tsds' needs a non-empty eval_dataset (the queries)")
-        fresh = p.refresh and not p.embedding_model_name_or_path
-        train = self.source.embed(ctx, ctx.train_dataset, "the training pool", fresh)
-        queries = self.source.embed(ctx, ctx.eval_dataset, "the eval set", fresh)
-        queries = queries[~torch.isnan(queries).any(dim=1)]
+        train, queries = self.source.pool_and_queries(ctx, "tsds", p.refresh)
         n = len(train)
         valid = int((~torch.isnan(train).any(dim=1)).sum())
         if len(queries) == 0 or valid < 2:
