@@ -202,6 +202,36 @@ def test_select_round_warmup_selection_order_and_records(tmp_path):
     assert other.rows(2) == step2  # resumed inside the stretch: the same rows, no selection
 
 
+def test_select_round_random_share_draws_the_rest_outside_the_picks(tmp_path):
+    from types import SimpleNamespace
+
+    from dataflex.errors import ConfigError
+    from dataflex.selectors.loss import LossParams
+
+    schedule = Schedule.build(0, 4, 1, 2, 4)  # one selection of 4 steps x 2 rows = 8 rows at step 0
+    sel = _FixedSelector(list(range(10, 20)))
+    sel.params = SimpleNamespace(random_share=0.25)  # round(0.25 x 8) = 2 random rows
+    asked = []
+    rows = []
+    for _ in range(2):
+        rnd = SelectRound(schedule, sel, lambda stretch, n: asked.append(n) or n, 40, Agreement(),
+                          RunLog(tmp_path, "r"), seed=3, component="c")
+        rows.append([i for step in range(4) for i in rnd.rows(step)])
+    assert asked == [6, 6]  # the selector is asked for the other 6
+    assert rows[0] == rows[1]  # seeded: the same draw every time (and on every rank)
+    rec = __import__("json").loads((tmp_path / "r" / "step_0.json").read_text())
+    flags = rec["per_sample"]["random_share"]
+    chosen = [i for i, f in zip(rec["indices"], flags) if not f]
+    extra = [i for i, f in zip(rec["indices"], flags) if f]
+    assert sorted(chosen) == list(range(10, 16)) and len(extra) == 2 and len(set(extra)) == 2
+    assert not set(extra) & set(range(10, 16)) and all(0 <= i < 40 for i in extra)
+    assert [s for s, f in zip(rec["per_sample"]["score"], flags) if f] == [None, None]
+    assert rec["summary"]["random_share"] == {"chosen": 6, "random": 2}
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="'random_share'"):
+            LossParams.from_dict("loss", {"random_share": bad})
+
+
 def test_select_round_failure_is_one_selection_error():
     schedule = Schedule.build(0, 1, 1, 2, 1)
 

@@ -76,6 +76,17 @@ def test_loss_selector_draw_is_reproducible_and_respects_bands():
     assert not a.summary["replacement"]
 
 
+def test_loss_selector_records_pool_scores_only_when_asked():
+    scorer = TableScorer(LOSSES + [float("nan")])
+    plain = LossSelector(LossParams.from_dict("loss", {})).select(ctx_for(scorer, 11, 3))
+    assert "pool_scores" not in plain.summary
+    res = LossSelector(LossParams.from_dict("loss", {"record_scores": True, "candidate_pool": 5})).select(
+        ctx_for(scorer, 11, 3))
+    scores = res.summary["pool_scores"]
+    assert len(scores["indices"]) == 5 and scores["indices"] == sorted(scores["indices"])
+    assert scores["values"] == [None if i == 10 else LOSSES[i] for i in scores["indices"]]
+
+
 def test_loss_selector_switches_to_replacement_when_short():
     scorer = TableScorer([1.0, 2.0, float("nan"), 3.0])
     sel = LossSelector(LossParams.from_dict("loss", {}))

@@ -143,9 +143,13 @@ class SelectRound(StretchRound):
         label = f"selection {k + 1} at step {step} (selector '{self.selector.name}')"
         start = time.perf_counter()
 
+        share = float(getattr(getattr(self.selector, "params", None), "random_share", 0.0) or 0.0)
+        n_random = min(n - 1, round(share * n)) if share > 0 else 0
+        n_chosen = n - n_random
+
         def select():
-            result = self.selector.select(self.context(stretch, n))
-            result.check(n, self.train_size)
+            result = self.selector.select(self.context(stretch, n_chosen))
+            result.check(n_chosen, self.train_size)
             return result
 
         try:
@@ -153,6 +157,8 @@ class SelectRound(StretchRound):
             result = self.agreement.share(f"selection {k + 1}: the decision", lambda: mine)
         except AgreedFailure as err:
             raise SelectionError(f"{label} {err}") from None
+        if n_random:
+            result = self._add_random_share(result, n_random, k)
         result = result.reordered(self._order(n, stretch))
         seconds = time.perf_counter() - start
         self.seconds += seconds
@@ -172,6 +178,27 @@ class SelectRound(StretchRound):
             logs.update(summary_scalars(f"dataflex/{key}", values))
         self.log_fn(logs)
         return result.indices
+
+    def _add_random_share(self, result: Any, n_random: int, number: int) -> Any:
+        """The selector's picks plus ``n_random`` rows drawn uniformly from the rows it did not pick.
+
+        The draw is seeded by the run's seed and the selection number, so every rank makes the same
+        one after the decision was shared. Per-sample values of the random rows are ``None``; the
+        per-sample flag ``random_share`` tells the two kinds apart in the record.
+        """
+        from ..selectors.base import SelectionResult
+
+        picked = set(result.indices)
+        rest = [i for i in range(self.train_size) if i not in picked]
+        gen = seeded_generator(self.seed, "random-share", number)
+        if len(rest) >= n_random:
+            extra = [rest[i] for i in torch.randperm(len(rest), generator=gen)[:n_random].tolist()]
+        else:  # the selector took (nearly) everything: draw from the whole set
+            extra = torch.randint(self.train_size, (n_random,), generator=gen).tolist()
+        per_sample = {key: list(values) + [None] * n_random for key, values in result.per_sample.items()}
+        per_sample["random_share"] = [False] * len(result.indices) + [True] * n_random
+        summary = {**result.summary, "random_share": {"chosen": len(result.indices), "random": n_random}}
+        return SelectionResult(list(result.indices) + extra, per_sample, summary)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "component": self.selector.state_dict()}

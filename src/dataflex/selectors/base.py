@@ -137,10 +137,17 @@ class ScoringParams(Params):
         metadata={"help": "Score only a fresh random pool per selection: a count (int) or a fraction of the "
                           "training set in (0, 1]. Unset: the whole set."},
     )
+    random_share: float = field(
+        default=0.0,
+        metadata={"help": "Share in [0, 1) of every selection drawn uniformly at random from the rows the selector "
+                          "did not pick: keeps the other tasks in view when a selector homes in on one. 0: off."},
+    )
 
     def check(self) -> None:
         if self.scoring_batch_size < 1:
             self.fail("scoring_batch_size", "an integer >= 1")
+        if not 0.0 <= self.random_share < 1.0:
+            self.fail("random_share", "a number in [0, 1), e.g. 0.25")
         pool = self.candidate_pool
         if pool is not None:
             if isinstance(pool, int) and pool < 1:
@@ -158,6 +165,11 @@ def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[i
     if size >= n:
         return list(range(n))
     return sorted(torch.randperm(n, generator=ctx.generator)[:size].tolist())
+
+
+def pool_scores(pool: list[int], scores: torch.Tensor) -> dict[str, list]:
+    """Every scored row and its score, for a record's summary (``record_scores: true``); NaN becomes ``None``."""
+    return {"indices": list(pool), "values": [None if v != v else round(float(v), 6) for v in scores.tolist()]}
 
 
 def nothing_supervised(split: str = "train") -> ValueError:

@@ -36,6 +36,7 @@ from .base import (
     candidate_indices,
     logger,
     nothing_supervised,
+    pool_scores,
     sampling_probabilities,
     uniform_draw,
     weighted_draw,
@@ -48,6 +49,9 @@ class DeltaLossParams(ScoringParams):
     sharpness: float = field(default=10.0, metadata={"help": "k in u = sigmoid(k (t/T - 0.5)): how fast the window moves."})
     inside_weight: float = field(default=1.0, metadata={"help": "Sampling weight of ranks inside the window."})
     outside_weight: float = field(default=0.025, metadata={"help": "Sampling weight of ranks outside the window."})
+    record_scores: bool = field(
+        default=False, metadata={"help": "Also write every scored row's loss drop (baseline - now) into the record's summary "
+                                         "(pool_scores), e.g. to measure how well the score finds noisy rows."})
 
     def check(self) -> None:
         super().check()
@@ -146,5 +150,6 @@ class DeltaLossSelector(Selector):
             [pool[int(order[i])] for i in picks],
             per_sample={"delta": [float(sorted_delta[i]) for i in picks], "rank": [int(i) for i in picks]},
             summary={"window": [start, end], "u": u, "t": t, "T": T, "unscored": int(len(pool) - len(valid)),
-                     "replacement": replaced, "fallback": fallback},
+                     "replacement": replaced, "fallback": fallback,
+                     **({"pool_scores": pool_scores(pool, delta)} if p.record_scores else {})},
         )

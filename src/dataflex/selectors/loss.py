@@ -23,6 +23,7 @@ from .base import (
     candidate_indices,
     logger,
     nothing_supervised,
+    pool_scores,
     sampling_probabilities,
     weighted_draw,
 )
@@ -39,6 +40,9 @@ class LossParams(ScoringParams):
     )
     replacement: bool = field(default=False, metadata={"help": "Draw with replacement."})
     temperature: float = field(default=1.0, metadata={"help": "> 1 flattens, < 1 sharpens the distribution."})
+    record_scores: bool = field(
+        default=False, metadata={"help": "Also write every scored row's score into the record's summary "
+                                         "(pool_scores), e.g. to measure how well the score finds noisy rows."})
 
     def check(self) -> None:
         super().check()
@@ -94,8 +98,11 @@ class LossSelector(Selector):
         counts = {name: int((bands == i).sum()) for i, name in enumerate(BANDS)}
         if ctx.rank == 0:
             logger.info("[DataFlex] loss bands: thresholds %.4f / %.4f, counts %s, focus '%s'", q1, q2, counts, p.focus)
+        summary = {"thresholds": [q1, q2], "band_counts": counts, "unscored": invalid, "replacement": replaced}
+        if p.record_scores:
+            summary["pool_scores"] = pool_scores(pool, losses)
         return SelectionResult(
             [pool[i] for i in picks],
             per_sample={"loss": [float(losses[i]) for i in picks], "band": [BANDS[int(bands[i])] for i in picks]},
-            summary={"thresholds": [q1, q2], "band_counts": counts, "unscored": invalid, "replacement": replaced},
+            summary=summary,
         )
