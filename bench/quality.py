@@ -1,162 +1,896 @@
-"""Benchmark: does selection beat random? A planted-relevance task on the tiny model (CPU, minutes).
+"""Benchmark: does a method beat random at equal steps, and at equal compute? Exact-match accuracy, seeds, CIs.
 
-    python bench/quality.py [--out bench/out/quality] [--steps-per-selection 10] [--selections 4]
+    python bench/quality.py                 # the full benchmark, ~40 minutes on 2 CPU cores
+    python bench/quality.py --quick         # fewer seeds, methods and steps: a few minutes
+    python bench/quality.py --only random less --seeds 1   # a subset
 
-Train set: the demo mixture (600 samples; the target task ``add`` is 15 %, plus 5 % corrupted
-samples whose answers are junk). Eval set: 40 held-out ``add`` samples. Every selector trains the
-same number of optimizer steps from the same tiny model; eval loss is measured on the eval set
-along the way. Reported per run: eval loss at the end, precision of target-task samples among the
-selected ones (per selection), share of noisy samples selected, and selection time. Writes
-``results.md`` (a Markdown table) and ``eval_loss.png`` (eval loss vs step, one line per run) to
-the output folder. This is a benchmark: nothing here asserts who wins.
+The set-up (CPU, offline, deterministic; everything is generated here):
+
+* **Tasks with checkable answers**: ``upper`` (capitalise words), ``sort`` (sort digits),
+  ``lookup`` (a name's code from a fixed table), ``date`` (YYYY-MM-DD to DD/MM/YYYY) and the
+  target task ``reverse`` (reverse a list of letters).
+* **A base model that knows the format**: a small Qwen2 (digits are single tokens) pretrained
+  from scratch for a few CPU minutes on the other four tasks in LLaMA-Factory's ``default``
+  template. It has never seen the target task. Built once and cached under ``<out>/base-<hash>``;
+  the hash covers every setting that changes it.
+* **The SFT pool**: the target task is a minority (``--target-share``, 10 %), a share of rows
+  (``--noise-share``) carry a wrong answer of the right form (another prompt's answer), and some rows
+  are near-duplicates of others (the same prompt and answer, reworded instruction).
+* **Runs**: every method trains through the real ``dataflex-cli train`` with the same LoRA, batch,
+  learning rate (constant, so a prefix of a longer run equals a shorter run) and number of optimizer
+  steps. ``random`` runs twice as many steps with the same checkpoints, which gives its accuracy at
+  *equal compute*: at the step where random has spent as many seconds as the method did (its
+  selection time converted into random's training steps).
+* **Metrics** at every checkpoint: exact match (greedy generation) on held-out target prompts and on
+  held-out prompts of the other tasks, target eval loss (mean token NLL of the answers). Per run:
+  the share of target / noisy / duplicate rows trained on after the warm-up, the AUC of the loss
+  score for finding noisy rows (``loss`` and ``delta_loss``), selection seconds and total seconds.
+* **Report**: mean and 95 % confidence interval (Student t over seeds) per method, as a Markdown
+  table (``results.md``), JSON (``results.json``) and plots (``accuracy_vs_step.png``,
+  ``accuracy_vs_compute.png``, ``random_share.png``) in ``--out`` (default ``bench/out/quality``).
+* **Transfer**: select with the small model, export the selection with ``dataflex-cli report
+  --export-dataset``, train a larger base statically with plain ``llamafactory-cli train`` on it, and
+  compare with the same larger model trained on a random draw of the same size.
+
+Nothing here asserts who wins: that is what the table is for.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET, NOISY = "add", "noisy"
+TARGET = "reverse"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = ("apple river planet garden silver window market forest candle rocket pencil orange castle dragon "
+         "basket meadow violet thunder harbor lantern marble pepper saddle timber velvet walnut zebra anchor").split()
+INSTRUCTIONS = {
+    "upper": "Rewrite the words in capital letters.",
+    "sort": "Sort the digits from smallest to largest.",
+    "lookup": "Give the code of the name.",
+    "date": "Write the date as day/month/year.",
+    "reverse": "Reverse the list of letters.",
+}
+REWORDED = {  # near-duplicates keep prompt and answer and change the instruction's wording
+    "upper": "Write these words in capitals.",
+    "sort": "Put the digits in increasing order.",
+    "lookup": "What is the code of this name?",
+    "date": "Convert the date to day/month/year.",
+    "reverse": "Write the letters in reverse order.",
+}
+_TABLE_RNG = random.Random(7)
+NAMES = sorted({"".join(_TABLE_RNG.choice(LETTERS) for _ in range(5)).capitalize() for _ in range(40)})
+CODES = {name: str(_TABLE_RNG.randint(100, 999)) for name in NAMES}
 
 
-def runs_to_make(seeds: list[int]) -> list[tuple[str, str, dict]]:
-    from dataflex.selectors import SELECTORS
-
-    runs = [(f"random (seed {s})", "random", {"seed": s}) for s in seeds]
-    runs += [(f"loss focus={f}", "loss", {"focus": f}) for f in ("low", "medium", "high")]
-    runs.append(("delta_loss", "delta_loss", {}))
-    for name in ("less", "zeroth"):
-        if name in SELECTORS:
-            runs.append((name, name, {}))
-    return runs
-
-
-def components_file(folder: Path, runs) -> Path:
-    comps = {}
-    for label, selector, params in runs:
-        p = {k: v for k, v in params.items() if k != "seed" or selector != "random"}
-        if selector == "less":
-            p.setdefault("proj_dim", 1024)
-        comps[label.replace(" ", "_").replace("=", "_").replace("(", "").replace(")", "")] = {
-            "name": selector, "params": p}
-    path = folder / "components.yaml"
-    path.write_text(yaml.safe_dump({"selectors": comps}, sort_keys=False))
-    return path
+def make(task: str, rng: random.Random) -> tuple[str, str]:
+    """One (input, answer) pair of ``task``."""
+    if task == "upper":
+        text = " ".join(rng.sample(WORDS, rng.randint(2, 3)))
+        return text, text.upper()
+    if task == "sort":
+        digits = [str(rng.randint(0, 9)) for _ in range(rng.randint(4, 6))]
+        return " ".join(digits), " ".join(sorted(digits))
+    if task == "lookup":
+        name = rng.choice(NAMES)
+        return name, CODES[name]
+    if task == "date":
+        y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+        return f"{y}-{m:02d}-{d:02d}", f"{d:02d}/{m:02d}/{y}"
+    if task == "reverse":
+        letters = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
+        return " ".join(letters), " ".join(reversed(letters))
+    raise ValueError(task)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "quality"))
-    ap.add_argument("--warmup-steps", type=int, default=10)
-    ap.add_argument("--steps-per-selection", type=int, default=10)
-    ap.add_argument("--selections", type=int, default=4)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--only", nargs="+", default=None, metavar="SELECTOR",
-                    help="run only these selectors (e.g. --only random less)")
-    args = ap.parse_args()
+OTHER_TASKS = [t for t in INSTRUCTIONS if t != TARGET]
 
-    from dataflex.demo import build_tiny_model
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DISABLE_VERSION_CHECK="1",
-               HF_HOME=str(out / "hf-home"))
-    model = out / "tiny-qwen2"
-    if not (model / "config.json").is_file():
-        build_tiny_model(model, ROOT / "data")
-    tasks = [r["task"] for r in json.loads((ROOT / "data" / "demo_mix_train.json").read_text())]
-    runs = runs_to_make(args.seeds)
-    if args.only:
-        runs = [r for r in runs if r[1] in args.only]
-    comp_path = components_file(out, runs)
-    comp_keys = list(yaml.safe_load(comp_path.read_text())["selectors"])
-    total = args.warmup_steps + args.steps_per_selection * args.selections
+# ================================================================================================ settings
+@dataclass
+class Settings:
+    out: Path
+    pool: int = 1200
+    target_share: float = 0.10
+    noise_share: float = 0.10
+    dup_share: float = 0.05
+    eval_target: int = 100
+    eval_other: int = 25  # per other task
+    less_eval: int = 32  # target rows the eval-driven selectors (less, zeroth, near, ...) see
+    hidden: int = 128
+    layers: int = 4
+    pretrain_steps: int = 700
+    pretrain_batch: int = 32
+    large_hidden: int = 224
+    large_layers: int = 6
+    warmup: int = 20
+    update_step: int = 40
+    update_times: int = 4
+    batch: int = 8
+    lr: float = 2e-3
+    lora_rank: int = 16
+    checkpoints: int = 4  # per run of the base length; random runs twice as long with the same spacing
+    seeds_random: int = 5
+    seeds: int = 3
+    jobs: int = 2
+    shares: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    only: list[str] | None = None
+    transfer: bool = True
+    scoring_pool: float | None = None
 
-    results = []
-    for (label, selector, params), key in zip(runs, comp_keys):
-        run_dir = out / "runs" / key
-        cfg = yaml.safe_load((ROOT / "examples" / "train_lora" / "quickstart_cpu.yaml").read_text())
-        cfg.update({
-            "model_name_or_path": str(model), "dataset_dir": str(ROOT / "data"), "output_dir": str(run_dir),
-            "components_cfg_file": str(comp_path), "component_name": key,
-            "warmup_step": args.warmup_steps, "update_step": args.steps_per_selection,
-            "update_times": args.selections, "learning_rate": args.lr, "seed": params.get("seed", 42),
-            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "cutoff_len": 96,
-            "eval_strategy": "steps", "eval_steps": max(1, total // 5), "per_device_eval_batch_size": 16,
-            "save_strategy": "no", "plot_loss": False, "logging_steps": 5,
-        })
-        cfg.pop("save_steps", None)
-        cfg_path = out / f"{key}.yaml"
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        print(f"[quality] {label} ...", flush=True)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dataflex.cli", "train", str(cfg_path)], env=env, cwd=ROOT,
-                              capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:])
-            raise SystemExit(f"run {label} failed")
-        state = json.loads((run_dir / "trainer_state.json").read_text())
-        evals = [(h["step"], h["eval_loss"]) for h in state["log_history"] if "eval_loss" in h]
-        train_metrics = json.loads((run_dir / "train_results.json").read_text())
-        folder = Path(json.loads((run_dir / "dataflex" / "run.json").read_text())["records"])  # this run's records
-        recs = [json.loads(p.read_text()) for p in sorted(folder.glob("step_*.json"),
-                                                           key=lambda p: int(p.stem.split("_")[1]))]
-        if not recs:
-            raise SystemExit(f"run {label}: no selection records in {folder}")
-        precision = [sum(tasks[i] == TARGET for i in r["indices"]) / len(r["indices"]) for r in recs]
-        noisy = [sum(tasks[i] == NOISY for i in r["indices"]) / len(r["indices"]) for r in recs]
-        results.append({
-            "label": label, "evals": evals, "final_eval": evals[-1][1] if evals else float("nan"),
-            "precision": precision, "noisy": sum(noisy) / max(len(noisy), 1),
-            "selection_s": train_metrics.get("dataflex_seconds", 0.0), "wall_s": wall,
-        })
+    @property
+    def steps(self) -> int:
+        return self.warmup + self.update_step * self.update_times
 
-    base = sum(tasks[i] == TARGET for i in range(len(tasks))) / len(tasks)
-    noisy_base = sum(t == NOISY for t in tasks) / len(tasks)
-    lines = [
-        f"Planted relevance: target task `{TARGET}` is {100 * base:.0f}% of the {len(tasks)} training samples, "
-        f"noisy samples {100 * noisy_base:.0f}%; {total} optimizer steps x 8 samples per run "
-        f"({args.warmup_steps} warm-up + {args.selections} x {args.steps_per_selection}).",
-        "",
-        "| run | eval loss (end) | target precision per selection | noisy share | selection s | run s |",
-        "|---|---|---|---|---|---|",
+    @property
+    def save_every(self) -> int:
+        return max(1, self.steps // self.checkpoints)
+
+
+def methods(s: Settings) -> list[dict]:
+    """Every run to make: method label, train_type, component name and params, seeds."""
+    pool = {"candidate_pool": s.scoring_pool} if s.scoring_pool else {}
+    sel = [
+        ("loss", "loss", {"focus": "medium", "record_scores": True, **pool}),  # the original's components.yaml
+        ("delta_loss", "delta_loss", {"record_scores": True, **pool}),
+        ("less", "less", {"proj_dim": 1024, **pool}),
+        ("zeroth", "zeroth", {"num_directions": 16, **pool}),
+        ("cluster_less", "cluster_less", {"proj_dim": 1024, "cluster_size": 16, "samples_per_cluster": 4}),
+        ("near", "near", {}),
+        ("tsds", "tsds", {"kde_K": 50, "max_K": 200}),
     ]
-    for r in results:
-        prec = " / ".join(f"{p:.2f}" for p in r["precision"])
-        lines.append(f"| {r['label']} | {r['final_eval']:.4f} | {prec} | {r['noisy']:.3f} | "
-                     f"{r['selection_s']:.1f} | {r['wall_s']:.0f} |")
-    table = "\n".join(lines)
-    (out / "results.md").write_text(table + "\n")
-    print(table)
+    out = [{"label": "random", "train_type": "dynamic_select", "name": "random", "params": {},
+            "seeds": list(range(1, s.seeds_random + 1)), "steps": 2 * s.steps}]
+    for label, name, params in sel:
+        out.append({"label": label, "train_type": "dynamic_select", "name": name, "params": params})
+    for share in s.shares:
+        out.append({"label": f"less random_share={share}", "train_type": "dynamic_select", "name": "less",
+                    "params": {"proj_dim": 1024, "random_share": share, **pool}, "knob": share})
+    out.append({"label": "weight loss", "train_type": "dynamic_weight", "name": "loss", "params": {}})
+    out.append({"label": "weight adapt", "train_type": "dynamic_weight", "name": "adapt",
+                "params": {"refresh_interval": 20, "anchor_batch_size": 8}})
+    out.append({"label": "mix odm", "train_type": "dynamic_mix", "name": "odm",
+                "params": {"warmup_steps": s.warmup, "initial_proportions": None}})
+    out.append({"label": "mix random", "train_type": "dynamic_mix", "name": "random", "params": {}})
+    for m in out:
+        m.setdefault("seeds", list(range(1, s.seeds + 1)))
+        m.setdefault("steps", s.steps)
+    if s.only:
+        unknown = set(s.only) - {m["label"] for m in out}
+        if unknown:
+            raise SystemExit(f"--only: unknown method(s) {sorted(unknown)}; allowed: {[m['label'] for m in out]}")
+        out = [m for m in out if m["label"] in s.only]
+    return out
 
+
+# ================================================================================================ data
+def build_data(s: Settings, folder: Path) -> dict:
+    """Pool, per-task domains, eval sets and ``dataset_info.json`` under ``folder``; returns row metadata."""
+    rng = random.Random(1234)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_target = round(s.target_share * s.pool)
+    n_dup = round(s.dup_share * s.pool)
+    n_base = s.pool - n_dup
+    counts = {TARGET: n_target}
+    rest = n_base - n_target
+    for k, t in enumerate(OTHER_TASKS):
+        counts[t] = rest // len(OTHER_TASKS) + (k < rest % len(OTHER_TASKS))
+    rows = []
+    for task, n in counts.items():
+        for _ in range(n):
+            inp, ans = make(task, rng)
+            rows.append({"instruction": INSTRUCTIONS[task], "input": inp, "output": ans, "task": task,
+                         "noisy": False, "dup": False})
+    n_target_base = counts[TARGET]
+    n_noisy = round(s.noise_share * len(rows))
+    for i in rng.sample(range(len(rows)), n_noisy):  # a wrong answer of the right form
+        r = rows[i]
+        while True:
+            _, wrong = make(r["task"], rng)
+            if wrong != r["output"]:
+                break
+        r["output"], r["noisy"] = wrong, True
+    for i in rng.sample(range(len(rows)), n_dup):
+        r = dict(rows[i])
+        r["instruction"], r["dup"] = REWORDED[r["task"]], True
+        rows.append(r)
+    rng.shuffle(rows)
+    seen = {(r["task"], r["input"]) for r in rows}
+
+    def held_out(task: str, n: int) -> list[dict]:
+        out = []
+        tries = 0
+        while len(out) < n:
+            inp, ans = make(task, rng)
+            tries += 1
+            if (task, inp) in seen and tries < 100 * n:  # lookup has 40 names: those repeat by design
+                continue
+            seen.add((task, inp))
+            out.append({"instruction": INSTRUCTIONS[task], "input": inp, "output": ans, "task": task})
+        return out
+
+    eval_target = held_out(TARGET, s.eval_target)
+    eval_other = [r for t in OTHER_TASKS for r in held_out(t, s.eval_other)]
+    less_eval = held_out(TARGET, s.less_eval)  # what eval-driven selectors aim at: not the test prompts
+
+    def dump(name: str, records: list[dict]) -> None:
+        (folder / name).write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")}
+                                               for r in records], indent=0))
+
+    info = {"q_pool": {"file_name": "pool.json"}, "q_target_dev": {"file_name": "target_dev.json"}}
+    dump("pool.json", rows)
+    dump("target_dev.json", less_eval)
+    # per-task domains for the mixers: the same rows, split by task, in the order of TASK_ORDER
+    order = [TARGET] + OTHER_TASKS
+    domain_rows: list[dict] = []
+    for t in order:
+        part = [r for r in rows if r["task"] == t]
+        dump(f"domain_{t}.json", part)
+        info[f"q_{t}"] = {"file_name": f"domain_{t}.json"}
+        domain_rows += part
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    meta = {"pool": [{k: r[k] for k in ("task", "noisy", "dup")} for r in rows],
+            "domains": [{k: r[k] for k in ("task", "noisy", "dup")} for r in domain_rows],
+            "domain_order": order, "domain_sizes": [sum(r["task"] == t for r in rows) for t in order],
+            "eval_target": eval_target, "eval_other": eval_other, "n_target_base": n_target_base}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return meta
+
+
+def pretrain_texts(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    out = []
+    for _ in range(n):
+        task = rng.choice(OTHER_TASKS)
+        inp, ans = make(task, rng)
+        out.append((task, f"{INSTRUCTIONS[task]}\n{inp}", ans))
+    return out
+
+
+# ================================================================================================ base model
+def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """The ``default`` template's prompt and answer ids, exactly as LLaMA-Factory builds them for SFT."""
+    from llamafactory.data.template import TEMPLATES
+
+    return TEMPLATES["default"].encode_oneturn(
+        tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+
+
+def build_base(folder: Path, hidden: int, layers: int, steps: int, batch: int, seed: int = 0) -> Path:
+    """Tokenizer + a Qwen2 of the given shape pretrained on the non-target tasks. Cached by its settings."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    key = hashlib.sha256(json.dumps([hidden, layers, steps, batch, seed, NAMES, sorted(INSTRUCTIONS.items()),
+                                     sorted(REWORDED.items()), TARGET, 3]).encode()).hexdigest()[:10]
+    out = folder / f"base-h{hidden}-l{layers}-{key}"
+    if (out / "pretrain.json").is_file():
+        print(f"[quality] base model cached: {out}", flush=True)
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = random.Random(seed)
+    corpus = [f"{INSTRUCTIONS[t]}\n{make(t, rng)[0]}\n{make(t, rng)[1]}" for t in INSTRUCTIONS for _ in range(200)]
+    corpus += ["Human: ", "\nAssistant:"] + list(REWORDED.values())
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=384, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+    tmp.mkdir(parents=True)
+    hf_tok.save_pretrained(tmp)
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(hf_tok), hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=hf_tok.eos_token_id,
+                         pad_token_id=hf_tok.pad_token_id, bos_token_id=hf_tok.eos_token_id)
+    model = Qwen2ForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
+    pad = hf_tok.pad_token_id
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        seqs = []
+        for _, prompt, answer in pretrain_texts(rng, batch):
+            p, a = _encode(hf_tok, prompt, answer)
+            seqs.append(p + a)
+        width = max(map(len, seqs))
+        ids = torch.full((batch, width), pad)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, sq in enumerate(seqs):
+            ids[i, :len(sq)], mask[i, :len(sq)] = torch.tensor(sq), 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            print(f"[quality] pretrain h{hidden} l{layers}: step {step + 1}/{steps} loss {loss.item():.3f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    model.save_pretrained(tmp)
+    (tmp / "pretrain.json").write_text(json.dumps({
+        "params": n_params, "hidden": hidden, "layers": layers, "steps": steps, "batch": batch,
+        "seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss.item(), 4), "fingerprint": key,
+        "tasks": OTHER_TASKS, "never_seen": TARGET}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# ================================================================================================ evaluation
+def evaluate(model, tokenizer, items: list[dict], batch: int = 50) -> tuple[list[bool], float]:
+    """Greedy exact match per item, and the mean token NLL of the reference answers."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    em: list[bool] = []
+    nll_sum, nll_n = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), batch):
+            chunk = items[start:start + batch]
+            enc = [_encode(tokenizer, f"{r['instruction']}\n{r['input']}", r["output"]) for r in chunk]
+            width = max(len(p) for p, _ in enc)
+            ids = torch.full((len(chunk), width), pad)
+            mask = torch.zeros_like(ids)
+            for i, (p, _) in enumerate(enc):  # left padding for generation
+                ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+            new = max(len(a) for _, a in enc) + 2
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for i, r in enumerate(chunk):
+                text = tokenizer.decode(gen[i, width:], skip_special_tokens=True)
+                em.append(text.strip() == r["output"])
+            # teacher-forced answer loss (right padding)
+            full = [p + a for p, a in enc]
+            w2 = max(map(len, full))
+            ids2 = torch.full((len(chunk), w2), pad)
+            mask2 = torch.zeros_like(ids2)
+            labels = torch.full_like(ids2, -100)
+            for i, ((p, a), f) in enumerate(zip(enc, full)):
+                ids2[i, :len(f)], mask2[i, :len(f)] = torch.tensor(f), 1
+                labels[i, len(p):len(f)] = torch.tensor(a)
+            logits = model(input_ids=ids2, attention_mask=mask2).logits[:, :-1].float()
+            tgt = labels[:, 1:]
+            lp = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                   ignore_index=-100, reduction="sum")
+            nll_sum += float(lp)
+            nll_n += int((tgt != -100).sum())
+    return em, nll_sum / max(nll_n, 1)
+
+
+def evaluate_run(run_dir: Path, base: Path, meta: dict) -> list[dict]:
+    """Accuracy and loss at step 0 (the base) and at every checkpoint of ``run_dir``."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(base)
+    import copy
+
+    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    out = []
+    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for step, path in [(0, None)] + [(int(p.name.split("-")[1]), p) for p in ckpts]:
+        model = base_model if path is None else PeftModel.from_pretrained(copy.deepcopy(base_model), path)
+        em_t, loss_t = evaluate(model, tok, meta["eval_target"])
+        em_o, _ = evaluate(model, tok, meta["eval_other"])
+        per_task = {}
+        for r, ok in zip(meta["eval_other"], em_o):
+            per_task.setdefault(r["task"], []).append(ok)
+        out.append({"step": step, "target_em": sum(em_t) / len(em_t), "other_em": sum(em_o) / len(em_o),
+                    "target_loss": loss_t, "per_task_em": {k: sum(v) / len(v) for k, v in per_task.items()}})
+    return out
+
+
+# ================================================================================================ runs
+def run_yaml(s: Settings, m: dict, seed: int, base: Path, data: Path, run_dir: Path, comp_path: Path,
+             meta: dict) -> dict:
+    cfg = {
+        "model_name_or_path": str(base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "lora_rank": s.lora_rank, "lora_alpha": 2 * s.lora_rank,
+        "dataset": "q_pool", "dataset_dir": str(data), "template": "default", "cutoff_len": 64,
+        "overwrite_cache": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": seed,
+        "output_dir": str(run_dir), "overwrite_output_dir": True, "report_to": "none", "logging_steps": 10,
+        "save_strategy": "steps", "save_steps": s.save_every, "save_only_model": True, "plot_loss": False,
+        "per_device_train_batch_size": s.batch, "gradient_accumulation_steps": 1, "learning_rate": s.lr,
+        "lr_scheduler_type": "constant", "max_steps": m["steps"], "bf16": False,
+        "include_num_input_tokens_seen": True,
+        "train_type": m["train_type"], "components_cfg_file": str(comp_path), "component_name": m["key"],
+        "warmup_step": s.warmup, "update_step": s.update_step, "update_times": -1,
+    }
+    if m["train_type"] == "dynamic_select":
+        cfg["eval_dataset"] = "q_target_dev"
+    if m["train_type"] == "dynamic_mix":
+        cfg["dataset"] = ",".join(f"q_{t}" for t in meta["domain_order"])
+        cfg["eval_dataset"] = "q_target_dev"
+    if m["train_type"] == "dynamic_weight":
+        cfg.pop("update_step")
+        cfg.pop("update_times")
+    return cfg
+
+
+def components(s: Settings, ms: list[dict], meta: dict, path: Path) -> None:
+    kinds = {"dynamic_select": "selectors", "dynamic_weight": "weighters", "dynamic_mix": "mixers"}
+    comps: dict = {"selectors": {}, "weighters": {}, "mixers": {}}
+    for k, m in enumerate(ms):
+        m["key"] = f"m{k}_{m['name']}"
+        params = dict(m["params"])
+        if "initial_proportions" in params:
+            sizes = meta["domain_sizes"]
+            params["initial_proportions"] = [n / sum(sizes) for n in sizes]
+        comps[kinds[m["train_type"]]][m["key"]] = {"name": m["name"], "params": params}
+    path.write_text(yaml.safe_dump({k: v for k, v in comps.items() if v}, sort_keys=False))
+
+
+def env_for(out: Path, trace: Path | None = None) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DISABLE_VERSION_CHECK="1",
+               HF_HOME=str(out / "hf-home"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("FORCE_TORCHRUN", None)
+    if trace is not None:
+        env["DATAFLEX_TEST_PLUGIN"] = "1"  # its trace only: the rows each step trained on
+        env["DATAFLEX_TRACE_DIR"] = str(trace)
+    return env
+
+
+def auc(scores: list[float], positive: list[bool]) -> float | None:
+    """P(score of a random positive > score of a random negative), ties half (Mann-Whitney)."""
+    pos = [v for v, p in zip(scores, positive) if p]
+    neg = [v for v, p in zip(scores, positive) if not p]
+    if not pos or not neg:
+        return None
+    ranked = sorted((v, i) for i, v in enumerate(pos + neg))
+    ranks = [0.0] * len(ranked)
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1][0] == ranked[i][0]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[ranked[k][1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(ranks[:len(pos)])
+    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def one_run(s: Settings, m: dict, seed: int, base: Path, data: Path, comp_path: Path, meta: dict) -> dict:
+    run_dir = s.out / "runs" / f"{m['key']}-s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    trace = run_dir.with_name(run_dir.name + "-trace")
+    shutil.rmtree(trace, ignore_errors=True)
+    cfg = run_yaml(s, m, seed, base, data, run_dir, comp_path, meta)
+    cfg_path = s.out / "runs" / f"{m['key']}-s{seed}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.perf_counter()
+    proc = subprocess.run(["dataflex-cli", "train", str(cfg_path)], env=env_for(s.out, trace), cwd=s.out,
+                          capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    (s.out / "runs" / f"{m['key']}-s{seed}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise SystemExit(f"[quality] {m['label']} seed {seed} failed (exit {proc.returncode}):\n{tail}")
+    t1 = time.perf_counter()
+    curve = evaluate_run(run_dir, base, meta)
+    eval_s = time.perf_counter() - t1
+    train = json.loads((run_dir / "train_results.json").read_text())
+    rows_meta = meta["domains"] if m["train_type"] == "dynamic_mix" else meta["pool"]
+    consumed: list[int] = []
+    for p in sorted(trace.glob("trace_rank*.jsonl")):
+        for line in p.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["step"] >= s.warmup:
+                consumed += rec["indices"]
+    share = {k: (sum(bool(rows_meta[i][k]) for i in consumed) / len(consumed) if consumed else None)
+             for k in ("noisy", "dup")}
+    share["target"] = sum(rows_meta[i]["task"] == TARGET for i in consumed) / len(consumed) if consumed else None
+    aucs = []
+    records = json.loads((run_dir / "dataflex" / "run.json").read_text()).get("records")
+    if records and Path(records).is_dir():
+        for p in Path(records).glob("step_*.json"):
+            rec = json.loads(p.read_text())
+            ps = (rec.get("summary") or {}).get("pool_scores")
+            if ps:
+                pairs = [(v if m["name"] == "loss" else -v, rows_meta[i]["noisy"])
+                         for i, v in zip(ps["indices"], ps["values"]) if v is not None]
+                a = auc([v for v, _ in pairs], [n for _, n in pairs])
+                if a is not None:
+                    aucs.append(a)
+    steps = m["steps"]
+    result = {
+        "label": m["label"], "name": m["name"], "train_type": m["train_type"], "seed": seed, "steps": steps,
+        "knob": m.get("knob"), "curve": curve, "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
+        "train_runtime_s": train.get("train_runtime"), "dataflex_s": train.get("dataflex_seconds", 0.0),
+        "tokens": train.get("num_input_tokens_seen"), "shares": share,
+        "noisy_auc": sum(aucs) / len(aucs) if aucs else None,
+    }
+    (run_dir.parent / f"{m['key']}-s{seed}.json").write_text(json.dumps(result, indent=1))
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints are evaluated: keep the record only
+    shutil.rmtree(trace, ignore_errors=True)
+    print(f"[quality] {m['label']} seed {seed}: target EM {curve[-1]['target_em']:.2f}, other EM "
+          f"{curve[-1]['other_em']:.2f}, selection {result['dataflex_s']:.1f}s, run {wall:.0f}s", flush=True)
+    return result
+
+
+# ================================================================================================ statistics
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % Student-t interval (0 for one value)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    mu = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return mu, 0.0
+    sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
+    return mu, T975.get(len(vals) - 1, 1.96) * sd / math.sqrt(len(vals))
+
+
+def at_step(curve: list[dict], step: float, key: str) -> float:
+    """``key`` at ``step`` by linear interpolation between checkpoints (clamped to the last one)."""
+    pts = [(c["step"], c[key]) for c in curve]
+    if step >= pts[-1][0]:
+        return pts[-1][1]
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return pts[0][1]
+
+
+def summarise(s: Settings, results: list[dict]) -> dict:
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["label"], []).append(r)
+    rand = by.get("random", [])
+    # random's seconds per training step: its training time without DataFlex's own, per step
+    step_s = (sum((r["train_runtime_s"] - r["dataflex_s"]) / r["steps"] for r in rand) / len(rand)) if rand else None
+    rows = []
+    for label, rs in by.items():
+        steps = s.steps
+        final = [at_step(r["curve"], steps, "target_em") for r in rs]
+        row = {"label": label, "seeds": len(rs), "knob": rs[0]["knob"], "train_type": rs[0]["train_type"]}
+        for key in ("target_em", "other_em", "target_loss"):
+            row[key] = mean_ci([at_step(r["curve"], steps, key) for r in rs])
+        row["target_em_each"] = final
+        for key in ("target", "noisy", "dup"):
+            row[f"{key}_share"] = mean_ci([r["shares"][key] for r in rs])
+        row["noisy_auc"] = mean_ci([r["noisy_auc"] for r in rs]) if rs[0]["noisy_auc"] is not None else None
+        row["selection_s"] = mean_ci([r["dataflex_s"] for r in rs])
+        row["total_s"] = mean_ci([r["wall_s"] for r in rs])
+        row["tokens"] = mean_ci([r["tokens"] * steps / r["steps"] if r["tokens"] else None for r in rs])
+        if rand and step_s and label != "random":
+            extra = row["selection_s"][0] / step_s
+            row["equal_compute_steps"] = steps + extra
+            row["random_at_equal_compute"] = mean_ci([at_step(r["curve"], steps + extra, "target_em") for r in rand])
+            row["random_other_at_equal_compute"] = mean_ci([at_step(r["curve"], steps + extra, "other_em")
+                                                            for r in rand])
+            row["beyond_random_curve"] = steps + extra > rand[0]["steps"]
+        rows.append(row)
+    return {"step_seconds_random": step_s, "rows": rows}
+
+
+def verdict(row: dict, rand: dict | None) -> str:
+    if rand is None or row["label"] == "random":
+        return ""
+    mu, ci = row["target_em"]
+    rmu, rci = rand["target_em"]
+    if mu - ci > rmu + rci:
+        equal_steps = "beats random at equal steps"
+    elif mu + ci < rmu - rci:
+        equal_steps = "worse than random at equal steps"
+    else:
+        equal_steps = "not distinguishable from random at equal steps"
+    if "random_at_equal_compute" in row:
+        cmu, cci = row["random_at_equal_compute"]
+        if mu - ci > cmu + cci:
+            compute = "beats it at equal compute"
+        elif mu + ci < cmu - cci:
+            compute = "loses at equal compute"
+        else:
+            compute = "a tie at equal compute"
+        if row.get("beyond_random_curve"):
+            compute += " (random's curve ends earlier: its last point)"
+        return f"{equal_steps}; {compute}"
+    return equal_steps
+
+
+def fmt(mc, digits=2) -> str:
+    if mc is None:
+        return "–"
+    mu, ci = mc
+    if mu != mu:
+        return "–"
+    return f"{mu:.{digits}f} ± {ci:.{digits}f}"
+
+
+def report(s: Settings, summary: dict, meta: dict, results: list[dict], command: str, transfer: dict | None,
+           pretrain: dict) -> str:
+    rows = summary["rows"]
+    rand = next((r for r in rows if r["label"] == "random"), None)
+    base = results[0]["curve"][0] if results else {}
+    n_target = sum(r["task"] == TARGET for r in meta["pool"])
+    lines = [
+        f"`{command}`", "",
+        f"Base: a {pretrain['params'] / 1e6:.2f}M-parameter Qwen2 (hidden {pretrain['hidden']}, {pretrain['layers']} "
+        f"layers) pretrained for {pretrain['steps']} steps ({pretrain['seconds']:.0f} s) on {', '.join(OTHER_TASKS)}; "
+        f"it has never seen `{TARGET}`. At step 0 it scores target EM {base.get('target_em', 0):.2f}, other-task "
+        f"EM {base.get('other_em', 0):.2f}.",
+        f"Pool: {len(meta['pool'])} rows, `{TARGET}` {100 * n_target / len(meta['pool']):.0f} %, wrong answers "
+        f"{100 * sum(r['noisy'] for r in meta['pool']) / len(meta['pool']):.0f} %, near-duplicates "
+        f"{100 * sum(r['dup'] for r in meta['pool']) / len(meta['pool']):.0f} %. Every method: {s.steps} optimizer "
+        f"steps x {s.batch} rows (LoRA r={s.lora_rank}, constant lr {s.lr}), warm-up {s.warmup} random steps, then a "
+        f"decision every {s.update_step} steps. Test: {len(meta['eval_target'])} held-out `{TARGET}` prompts and "
+        f"{len(meta['eval_other'])} of the other tasks, greedy exact match. Mean ± 95 % CI over seeds.",
+        "",
+        "| method | seeds | target EM | other-task EM | target loss | target share | noisy share | noisy AUC | "
+        "selection s | run s | random at equal compute (steps) | reading |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        eq = "–"
+        if "random_at_equal_compute" in r:
+            eq = f"{fmt(r['random_at_equal_compute'])} ({r['equal_compute_steps']:.0f})"
+        lines.append(
+            f"| {r['label']} | {r['seeds']} | {fmt(r['target_em'])} | {fmt(r['other_em'])} | {fmt(r['target_loss'])} | "
+            f"{fmt(r['target_share'])} | {fmt(r['noisy_share'])} | {fmt(r['noisy_auc'])} | {fmt(r['selection_s'], 1)} | "
+            f"{fmt(r['total_s'], 0)} | {eq} | {verdict(r, rand)} |")
+    if transfer:
+        lines += ["", f"Transfer: the `less` selection of the small model (seed 1, {transfer['rows']} rows) exported "
+                      f"with `dataflex-cli report --export-dataset`, then a {transfer['params'] / 1e6:.2f}M-parameter "
+                      f"base trained statically on it with `llamafactory-cli train` ({transfer['steps']} steps), against "
+                      f"the same model on a random draw of the same size:", "",
+                  "| data | seeds | target EM | other-task EM |", "|---|---|---|---|"]
+        for name, v in transfer["rows_by_data"].items():
+            lines.append(f"| {name} | {v['seeds']} | {fmt(v['target_em'])} | {fmt(v['other_em'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    by: dict[str, list[dict]] = {}
     for r in results:
-        if r["evals"]:
-            steps, losses = zip(*r["evals"])
-            ax.plot(steps, losses, marker="o", label=r["label"], linestyle="--" if "random" in r["label"] else "-")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"eval loss ({TARGET} task)")
-    ax.set_title("Selection vs random on the planted-relevance demo")
-    ax.legend(fontsize=8)
+        by.setdefault(r["label"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
+    for label, rs in by.items():
+        if rs[0]["knob"] is not None:
+            continue
+        steps = sorted({c["step"] for c in rs[0]["curve"]})
+        for ax, key in zip(axes, ("target_em", "other_em")):
+            stats = [mean_ci([at_step(r["curve"], st, key) for r in rs]) for st in steps]
+            mu = [m for m, _ in stats]
+            lo = [m - c for m, c in stats]
+            hi = [m + c for m, c in stats]
+            style = {"color": "black", "linestyle": "--", "linewidth": 2} if label == "random" else {}
+            line, = ax.plot(steps, mu, marker="o", markersize=3, label=label, **style)
+            ax.fill_between(steps, lo, hi, alpha=0.12, color=line.get_color())
+    axes[0].set_ylabel(f"exact match, target task `{TARGET}`")
+    axes[1].set_ylabel("exact match, the other tasks")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.axvline(s.steps, color="grey", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Accuracy vs step (mean, band = 95 % CI over seeds; random runs on to 2x the steps)")
     fig.tight_layout()
-    fig.savefig(out / "eval_loss.png", dpi=100)
-    print(f"\nwritten: {out / 'results.md'}, {out / 'eval_loss.png'}")
+    fig.savefig(out / "accuracy_vs_step.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    step_s = summary["step_seconds_random"]
+    if "random" in by and step_s:
+        rs = by["random"]
+        steps = sorted({c["step"] for c in rs[0]["curve"]})
+        mu = [mean_ci([at_step(r["curve"], st, "target_em") for r in rs])[0] for st in steps]
+        ax.plot([st * step_s for st in steps], mu, "k--", label="random (training seconds)")
+    for row in summary["rows"]:
+        if row["label"] == "random" or row["knob"] is not None:
+            continue
+        x = (s.steps * step_s if step_s else 0) + row["selection_s"][0]
+        ax.errorbar([x], [row["target_em"][0]], yerr=[row["target_em"][1]], fmt="o", capsize=3, label=row["label"])
+    ax.set_xlabel("compute: training seconds + selection seconds (1 thread)")
+    ax.set_ylabel(f"exact match, `{TARGET}`")
+    ax.set_title("Accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_compute.png", dpi=100)
+    plt.close(fig)
+
+    knob = [(0.0, row) for row in summary["rows"] if row["label"] == "less"]
+    knob += [(row["knob"], row) for row in summary["rows"] if row["knob"] is not None]
+    if len(knob) >= 2:
+        knob.sort(key=lambda kr: kr[0])
+        rand = next((r for r in summary["rows"] if r["label"] == "random"), None)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        xs = [k for k, _ in knob]
+        for key, name in (("target_em", f"target `{TARGET}`"), ("other_em", "other tasks")):
+            ax.errorbar(xs, [r[key][0] for _, r in knob], yerr=[r[key][1] for _, r in knob], marker="o",
+                        capsize=3, label=f"less: {name}")
+            if rand:
+                ax.axhline(rand[key][0], linestyle="--", linewidth=1, color="grey")
+        ax.set_xlabel("random_share (share of every selection drawn at random)")
+        ax.set_ylabel("exact match")
+        ax.set_title("LESS with a random share (dashed: random at equal steps)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "random_share.png", dpi=100)
+        plt.close(fig)
+
+
+# ================================================================================================ transfer
+def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_path: Path, meta: dict,
+             less_key: str) -> dict:
+    """Select with the small model, export, train the large one statically; random draw of the same size."""
+    work = s.out / "transfer"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = env_for(s.out)
+    sel = {"label": "less", "train_type": "dynamic_select", "name": "less", "key": less_key, "steps": s.steps}
+    run_dir = work / "select"
+    cfg = run_yaml(s, sel, 1, small_base, data, run_dir, comp_path, meta)
+    cfg["save_strategy"] = "no"
+    cfg.pop("save_steps")
+    (work / "select.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    subprocess.run(["dataflex-cli", "train", str(work / "select.yaml")], env=env, cwd=s.out, check=True,
+                   capture_output=True, timeout=3600)
+    exported = work / "exported"
+    subprocess.run(["dataflex-cli", "report", str(run_dir), "--export-dataset", str(exported)], env=env, cwd=s.out,
+                   check=True, capture_output=True, timeout=600)
+    info = json.loads((exported / "dataset_info.json").read_text())
+    name = next(iter(info))
+    n_rows = len(json.loads((exported / info[name]["file_name"]).read_text()))
+    pool = json.loads((data / "pool.json").read_text())
+    rng = random.Random(99)
+    (exported / "random_draw.json").write_text(json.dumps([pool[i] for i in rng.sample(range(len(pool)), min(n_rows, len(pool)))]))
+    info["q_random_draw"] = {"file_name": "random_draw.json"}
+    (exported / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    steps = math.ceil(n_rows / s.batch)
+    by_data: dict[str, dict] = {}
+    for label, dataset in (("less selection (exported)", name), ("random draw, same size", "q_random_draw")):
+        ems = {"target_em": [], "other_em": []}
+        for seed in range(1, s.seeds + 1):
+            out_dir = work / f"{dataset}-s{seed}"
+            lf = {"model_name_or_path": str(large_base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+                  "lora_target": "all", "lora_rank": s.lora_rank, "lora_alpha": 2 * s.lora_rank, "dataset": dataset,
+                  "dataset_dir": str(exported), "template": "default", "cutoff_len": 64, "overwrite_cache": True,
+                  "preprocessing_num_workers": 1, "seed": seed, "output_dir": str(out_dir),
+                  "overwrite_output_dir": True, "report_to": "none", "save_strategy": "no",
+                  "per_device_train_batch_size": s.batch, "learning_rate": s.lr, "lr_scheduler_type": "constant",
+                  "max_steps": steps, "bf16": False, "logging_steps": 10}
+            (work / f"{dataset}-s{seed}.yaml").write_text(yaml.safe_dump(lf, sort_keys=False))
+            subprocess.run(["llamafactory-cli", "train", str(work / f"{dataset}-s{seed}.yaml")], env=env, cwd=s.out,
+                           check=True, capture_output=True, timeout=3600)
+            (out_dir / "checkpoint-final").mkdir(exist_ok=True)
+            for f in out_dir.glob("adapter_*"):
+                shutil.copy(f, out_dir / "checkpoint-final" / f.name)
+            (out_dir / "checkpoint-final").rename(out_dir / f"checkpoint-{steps}")
+            curve = evaluate_run(out_dir, large_base, meta)
+            ems["target_em"].append(curve[-1]["target_em"])
+            ems["other_em"].append(curve[-1]["other_em"])
+            shutil.rmtree(out_dir, ignore_errors=True)
+        by_data[label] = {"seeds": s.seeds, "target_em": mean_ci(ems["target_em"]), "other_em": mean_ci(ems["other_em"]),
+                          "each": ems}
+        print(f"[quality] transfer, {label}: target EM {by_data[label]['target_em'][0]:.2f}", flush=True)
+    params = json.loads((large_base / "pretrain.json").read_text())["params"]
+    return {"rows": n_rows, "steps": steps, "params": params, "rows_by_data": by_data}
+
+
+# ================================================================================================ main
+def parse(argv: list[str] | None) -> tuple[Settings, str]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quality")
+    ap.add_argument("--quick", action="store_true", help="fewer seeds, methods and steps (a few minutes)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="METHOD", help="methods to run (random is always run)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (random: --seeds-random)")
+    ap.add_argument("--seeds-random", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
+    ap.add_argument("--pool", type=int, default=None)
+    ap.add_argument("--steps-per-selection", type=int, default=None)
+    ap.add_argument("--selections", type=int, default=None)
+    ap.add_argument("--warmup-steps", type=int, default=None)
+    ap.add_argument("--pretrain-steps", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--shares", type=float, nargs="*", default=None, help="random_share values for the LESS curve")
+    ap.add_argument("--no-transfer", action="store_true")
+    args = ap.parse_args(argv)
+    s = Settings(out=args.out.resolve())
+    if args.quick:
+        s.pool, s.seeds_random, s.seeds, s.shares = 600, 2, 1, [0.5]
+        s.update_step, s.update_times, s.pretrain_steps = 30, 3, 500
+        s.only = ["loss", "less", "zeroth", "less random_share=0.5", "weight loss", "mix odm"]
+    for attr, val in (("pool", args.pool), ("update_step", args.steps_per_selection),
+                      ("update_times", args.selections), ("warmup", args.warmup_steps),
+                      ("pretrain_steps", args.pretrain_steps), ("seeds", args.seeds),
+                      ("seeds_random", args.seeds_random), ("hidden", args.hidden), ("shares", args.shares)):
+        if val is not None:
+            setattr(s, attr, val)
+    if args.only:
+        s.only = args.only
+    s.jobs, s.transfer = args.jobs, not args.no_transfer
+    if s.only is not None and "random" not in s.only:
+        s.only = ["random"] + s.only
+    return s, "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    s, command = parse(argv)
+    s.out.mkdir(parents=True, exist_ok=True)
+    (s.out / "runs").mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    data = s.out / "data"
+    meta = build_data(s, data)
+    base = build_base(s.out, s.hidden, s.layers, s.pretrain_steps, s.pretrain_batch)
+    pretrain = json.loads((base / "pretrain.json").read_text())
+    ms = methods(s)
+    comp_path = s.out / "components.yaml"
+    components(s, ms, meta, comp_path)
+    jobs = [(m, seed) for m in ms for seed in m["seeds"]]
+    jobs.sort(key=lambda j: -j[0]["steps"])  # the long random runs first
+    print(f"[quality] {len(jobs)} runs of {s.steps} steps ({len(ms)} methods), {s.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+        results = list(pool.map(lambda j: one_run(s, j[0], j[1], base, data, comp_path, meta), jobs))
+    results.sort(key=lambda r: ([m["label"] for m in ms].index(r["label"]), r["seed"]))
+    trans = None
+    if s.transfer:
+        less = next((m for m in ms if m["label"] == "less"), None)
+        if less is None:
+            print("[quality] transfer skipped: needs the less method", flush=True)
+        else:
+            large = build_base(s.out, s.large_hidden, s.large_layers, s.pretrain_steps, s.pretrain_batch)
+            trans = transfer(s, base, large, data, comp_path, meta, less["key"])
+    summary = summarise(s, results)
+    table = report(s, summary, meta, results, command, trans, pretrain)
+    (s.out / "results.md").write_text(table)
+    import platform
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "llamafactory"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001 - a missing version is not worth failing over
+            versions[pkg] = None
+    (s.out / "results.json").write_text(json.dumps({
+        "command": command, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "versions": versions, "pretrain": pretrain, "summary": summary, "transfer": trans, "runs": results,
+        "seconds": round(time.perf_counter() - t_start, 1)}, indent=1))
+    plots(s, summary, results, s.out)
+    print(table)
+    print(f"[quality] written to {s.out} in {time.perf_counter() - t_start:.0f}s", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -134,3 +134,36 @@ def test_tsds_two_processes_train_on_the_rows_of_one_draw(components_file, make_
         seen = Counter(i for rank in (0, 1) for line in trace[rank] if start <= line["step"] < start + 2
                        for i in line["indices"])
         assert seen == Counter(rec["indices"])
+
+
+def test_near_finds_planted_copies_of_the_queries(make_train_yaml, run_cli, tmp_path):
+    """Planted data: the 4 eval rows are also training rows 3, 11, 20 and 33. Identical text embeds
+    identically, so each query's nearest neighbour is its copy, and round-robin takes every query's
+    first neighbour before any second one: the rank-0 picks of each selection are exactly the copies
+(the copies, all of one task, also fill each other's next ranks, so the other 4 picks come later)."""
+    import json
+
+    demo = json.loads((REPO_ROOT / "data" / "demo_mix_train.json").read_text())
+    queries = json.loads((REPO_ROOT / "data" / "demo_add_eval.json").read_text())[:4]
+    planted = {3: queries[0], 11: queries[1], 20: queries[2], 33: queries[3]}
+    rest = iter(r for r in demo if r["task"] != "add")  # no other row of the queries' task
+    train = [planted[i] if i in planted else next(rest) for i in range(40)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.json").write_text(json.dumps(train))
+    (data / "queries.json").write_text(json.dumps(queries))
+    (data / "dataset_info.json").write_text(json.dumps({"planted": {"file_name": "train.json"},
+                                                        "queries": {"file_name": "queries.json"}}))
+    comps = tmp_path / "components.yaml"
+    comps.write_text("selectors:\n  near:\n    name: near\n    params: {neighbours: 8, scoring_batch_size: 8}\n")
+    path = make_train_yaml(tmp_path / "run", component_name="near", components_cfg_file=str(comps),
+                           dataset="planted", eval_dataset="queries", dataset_dir=str(data), max_samples=None,
+                           cutoff_len=96)
+    res = run_cli(["train", path], cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, failure_report(res)
+    recs = records(tmp_path / "run" / "out")
+    assert sorted(recs) == [2, 4]
+    for rec in recs.values():
+        first = sorted(i for i, r in zip(rec["indices"], rec["per_sample"]["neighbour_rank"]) if r == 0)
+        assert first == sorted(planted), rec
+        assert not rec["summary"]["repeated"] and len(set(rec["indices"])) == 8  # then 4 rows further down the lists

@@ -66,6 +66,44 @@ def test_resume_from_the_checkpoint_alone_consumes_what_an_uninterrupted_run_wou
         assert recs[step]["per_sample"][key] == pytest.approx(ref_recs[step]["per_sample"][key], abs=1e-5)
 
 
+NEAR_COMPONENTS = "selectors:\n  near:\n    name: near\n    params: {neighbours: 6, refresh: false, scoring_batch_size: 8}\n"
+
+
+def test_an_embedding_selector_resumes_with_the_embeddings_it_pinned(make_train_yaml, run_cli, tmp_path):
+    """near with refresh: false embeds the pool once, with the model of the first selection. After a kill
+    and a resume from checkpoint-4 (a later model), the checkpoint's pinned keys must find those
+    embeddings in the cache, so the selections match the uninterrupted run's; without the cache the
+    resume says so instead of silently embedding with the current model."""
+    (tmp_path / "components.yaml").write_text(NEAR_COMPONENTS)
+    extra = {"component_name": "near", "components_cfg_file": str(tmp_path / "components.yaml")}
+    ref_yaml = make_train_yaml(tmp_path / "ref", **RESUME_CFG, **extra)
+    ref = run_cli(["train", ref_yaml], timeout=300)
+    assert ref.returncode == 0, failure_report(ref)
+    yaml_path = make_train_yaml(tmp_path / "crash", **RESUME_CFG, **extra)
+    _kill_at(5, yaml_path, tmp_path / "crash_trace", tmp_path)
+    out = tmp_path / "crash" / "out"
+    state = json.loads((out / "checkpoint-4" / "dataflex_state.json").read_text())
+    assert "embedding_keys" in json.dumps(state)
+    for path in (out / "dataflex").iterdir():  # keep only the embedding cache
+        if path.name != "embeddings":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    cached = sorted(p.name for p in (out / "dataflex" / "embeddings").iterdir())
+
+    resumed = run_cli(["train", yaml_path, f"resume_from_checkpoint={out / 'checkpoint-4'}"], timeout=300)
+    assert resumed.returncode == 0, failure_report(resumed)
+    assert "embeddings reused from" in resumed.stderr and "pinned by the checkpoint" not in resumed.stderr
+    assert sorted(p.name for p in (out / "dataflex" / "embeddings").iterdir()) == cached  # nothing re-embedded
+    ref_recs, recs = records(tmp_path / "ref" / "out"), records(out)
+    assert sorted(recs) == [4, 6]
+    for step in (4, 6):
+        assert recs[step]["indices"] == ref_recs[step]["indices"]
+
+    shutil.rmtree(out / "dataflex")
+    again = run_cli(["train", yaml_path, f"resume_from_checkpoint={out / 'checkpoint-4'}"], timeout=300)
+    assert again.returncode == 0, failure_report(again)
+    assert "pinned by the checkpoint" in again.stderr and "can differ from an uninterrupted run" in again.stderr
+
+
 def test_resume_with_another_setup_is_refused(make_train_yaml, run_cli, tmp_path):
     path = make_train_yaml(tmp_path, **{**RESUME_CFG, "max_samples": 40}, component_name="random")
     res = run_cli(["train", path], timeout=300)

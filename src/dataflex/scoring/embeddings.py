@@ -9,11 +9,14 @@ Batches go through the engine's sharded loop; only the embeddings travel between
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
 
 from .engine import Batch, eval_mode
+
+logger = logging.getLogger("dataflex")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,6 +124,16 @@ class EmbeddingSource:
             # pinned by a checkpoint (resume): the embeddings of the model as it was when they were first made
             key = self.keys.get(name) or cache_key("training-model", model_digest(engine.model), self.layer,
                                                    rows_digest(dataset))
+        if name in self.keys and self.keys[name] == key:  # pinned by a checkpoint: the cache must still hold it
+            inner, folder = compute, self.cache.folder
+
+            def compute() -> torch.Tensor:
+                if ctx.rank == 0:
+                    logger.warning("[DataFlex] the embeddings of %s pinned by the checkpoint (%s) are not in %s: "
+                                   "embedding with the current model instead, so this selection can differ from an "
+                                   "uninterrupted run (keep cache_dir with the checkpoints to resume exactly)",
+                                   name, key, folder)
+                return inner()
         self.keys[name] = key
         return self.cache.get(key, compute, ctx.agreement)
 
