@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +33,87 @@ def mixed_length_data(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def pipeline(tmp: str, n_train: int, cutoff: int = 256, eval_file: str | None = None, **overrides):
-    """Build the tiny model and tokenize ``n_train`` mixed-length samples with LLaMA-Factory."""
+# Model shapes for timing. Timing needs no trained weights, so every shape but the demo is a Qwen2
+# built from its config with random weights (nothing is downloaded). The demo tokenizer is used
+# throughout: its ids are valid for every vocabulary below, and the real vocabulary size keeps the
+# output layer's cost.
+SHAPES = {
+    "demo": None,  # the ~100k-parameter demo model (dataflex.demo.build_tiny_model)
+    "50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
+}
+
+
+def build_model(folder: Path, shape: str = "demo") -> Path:
+    """The demo tokenizer with a model of ``shape`` (see SHAPES), saved under ``folder``."""
     from dataflex.demo import build_tiny_model
+
+    if shape not in SHAPES:
+        raise SystemExit(f"--model: unknown shape {shape!r}; allowed: {', '.join(SHAPES)}")
+    model_dir = build_tiny_model(folder / "tiny", ROOT / "data")
+    if SHAPES[shape] is None:
+        return model_dir
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = folder / shape
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = Qwen2Config(max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.eos_token_id, **SHAPES[shape])
+    with torch.device("meta"):
+        Qwen2ForCausalLM(config)  # fail fast on a bad config before allocating
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def shape_info(model) -> dict:
+    """Parameters and layout of a loaded model, for the JSON records."""
+    cfg = model.config
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size}
+
+
+def machine_info() -> dict:
+    """Machine and versions, so figures from different runs can be told apart."""
+    import platform
+
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    for pkg in ("transformers", "peft", "llamafactory", "deepspeed"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: record that
+            info[pkg] = None
+    return info
+
+
+def write_json(name: str, result: dict, out: str | os.PathLike | None = None) -> Path:
+    """``bench/out/<name>.json`` (or under ``out``) with the machine and versions added."""
+    folder = Path(out) if out else ROOT / "bench" / "out"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({**result, "machine": machine_info(), "written": time.strftime("%Y-%m-%d %H:%M")},
+                               indent=1) + "\n")
+    return path
+
+
+def pipeline(tmp: str, n_train: int, cutoff: int = 256, eval_file: str | None = None, model: str = "demo",
+             **overrides):
+    """Build a model of shape ``model`` and tokenize ``n_train`` mixed-length samples with LLaMA-Factory."""
     from dataflex.integration import load_pipeline
 
     tmp_path = Path(tmp)
-    model_dir = build_tiny_model(tmp_path / "tiny", ROOT / "data")
+    model_dir = build_model(tmp_path, model)
     data_dir = tmp_path / "data"
     data_dir.mkdir(exist_ok=True)
     (data_dir / "bench_train.json").write_text(json.dumps(mixed_length_data(n_train)))

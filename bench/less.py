@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 
-from _common import pipeline  # noqa: E402
+from _common import SHAPES, pipeline, shape_info, write_json  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- memory
@@ -139,7 +139,7 @@ def setup(args):
 
     torch.set_num_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="dataflex-bench-less-")
-    parts = pipeline(tmp, args.samples, args.cutoff)
+    parts = pipeline(tmp, args.samples, args.cutoff, model=args.model)
     model, dataset, collator = parts["model"], parts["train_dataset"], parts["collator"]
     n = len(dataset)
 
@@ -169,6 +169,23 @@ def setup(args):
     return {"model": model, "dataset": dataset, "collator": collator, "engine": engine, "lengths": lengths,
             "projector": projector, "featurizer": featurizer, "moments": moments, "base_ids": base_ids,
             "trainable": trainable, "tmp": tmp}
+
+
+def train_step_rate(st, args) -> float:
+    """The floor: samples/s of one training step's forward + backward (mean loss) over the same
+    length-grouped batches - what computing these gradients at all costs, without per-sample work."""
+    from dataflex.scoring.engine import eval_mode, length_batches
+
+    model, dataset = st["model"], st["dataset"]
+    batches = length_batches(st["lengths"], range(len(dataset)), args.batch_size)
+    n, t0 = 0, time.perf_counter()
+    with eval_mode(model):
+        for ids in batches:
+            data = st["engine"].collate(dataset, ids)
+            model(**data, use_cache=False).loss.backward()
+            n += len(ids)
+    model.zero_grad(set_to_none=True)
+    return n / (time.perf_counter() - t0)
 
 
 def run_batched(st, args, ids):
@@ -209,6 +226,7 @@ def child_memory(method: str) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=list(SHAPES), default="demo")
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cutoff", type=int, default=256)
@@ -220,6 +238,7 @@ def main() -> None:
     ap.add_argument("--torch-func", action="store_true", help="also time torch.func.vmap(grad)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--memory-child", choices=["batched", "loop"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help="folder for the JSON (default bench/out)")
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args)
@@ -241,8 +260,9 @@ def main() -> None:
 
         run_batched(st, args, range(min(32, n)))  # warm-up
         run_loop(st, args, base_ids[:4])
-        batched_rates, loop_rates = [], []
+        batched_rates, loop_rates, floor_rates = [], [], []
         for _ in range(args.repeats):
+            floor_rates.append(train_step_rate(st, args))
             t0 = time.perf_counter()
             feats = run_batched(st, args, range(n))
             batched_rates.append(n / (time.perf_counter() - t0))
@@ -260,6 +280,16 @@ def main() -> None:
         print(f"speed-up     : x{statistics.median(ratios):.1f} (median of {len(ratios)} interleaved runs; "
               f"min x{min(ratios):.1f}, max x{max(ratios):.1f})")
         print(f"cosine batched vs batch-1 (same projection): min {cos.min().item():.6f}, mean {cos.mean().item():.6f}")
+        floor = statistics.median(floor_rates)
+        per_floor = floor / statistics.median(batched_rates)
+        print(f"floor (a training step's forward + backward over the same batches): {floor:.1f} samples/s -> "
+              f"LESS features cost x{per_floor:.2f} of it per sample (goal <= 1.3)")
+        result = {"benchmark": "less", "model": args.model, "shape": shape_info(st["model"]), "samples": n,
+                  "mean_tokens": sum(lengths) / n, "batch_size": args.batch_size, "proj_dim": args.proj_dim,
+                  "threads": args.threads, "batched_samples_s": statistics.median(batched_rates),
+                  "batch1_samples_s": statistics.median(loop_rates), "floor_samples_s": floor,
+                  "vs_batch1": statistics.median(ratios), "seconds_vs_floor": per_floor,
+                  "min_cosine_vs_batch1": cos.min().item()}
 
         if not args.no_memory:
             mb, ml = child_memory("batched"), child_memory("loop")
@@ -269,8 +299,11 @@ def main() -> None:
                       f"batch-1 loop {ml:.1f} MiB (ratio x{mb / max(ml, 1e-3):.2f}); per batch, features + largest "
                       f"layer's per-sample gradients: {features:.2f} MiB; "
                       f"count-sketch hashes: {st['projector'].memory_bytes() / 2**20:.2f} MiB")
+                result.update(peak_mib_batched=mb, peak_mib_batch1=ml, bound_mib_per_batch=features)
             else:
                 print("peak RSS: not measurable here (/proc/self/clear_refs or the child failed)")
+        path = write_json(f"less-{args.model}", result, args.out)
+        print(f"written: {path}")
 
         if args.torch_func:
             from dataflex.scoring.engine import eval_mode

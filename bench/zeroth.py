@@ -2,6 +2,7 @@
 
     python bench/zeroth.py [--train 600] [--ks 1 4 16 64] [--warmup-steps 100] [--epsilon 1e-3]
     python bench/zeroth.py --epsilon-sweep      # error of one finite difference vs autograd, per step size
+    python bench/zeroth.py --speed [--model 50m] [--speed-ks 1 4 16]   # seconds per sample vs the floor
 
 Set-up: the tiny demo model with LoRA (rank 8, all linear layers) through LLaMA-Factory, the
 first ``--train`` rows of ``demo_mix`` (five tasks + noisy rows, cutoff 64) as the training set and
@@ -234,6 +235,56 @@ def epsilon_sweep(args) -> None:
                 print(f"| {label} | {probe.num_params} | {rms:.3f} | {mode} | {cells} |", flush=True)
 
 
+def speed(args) -> None:
+    """Seconds per sample of the zeroth score for each K against its floor: 2K plain no-grad forwards
+    of the same length-grouped batches (a probe can do no less than two forwards per direction)."""
+    from _common import pipeline, shape_info, write_json
+
+    from dataflex.scoring.engine import ScoringEngine, eval_mode, length_batches
+    from dataflex.scoring.zeroth import ZerothOrderProbe, gaussian_direction
+
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = pipeline(tmp, args.train, args.cutoff, model=args.model)
+        model, collator, train = parts["model"], parts["collator"], parts["train_dataset"]
+        engine = ScoringEngine(model, collator, "cpu", show_progress=False)
+        n = len(train)
+        lengths = engine.lengths(train)
+        batches = length_batches(lengths, range(n), args.batch_size)
+
+        def forward_pass() -> float:
+            t0 = time.perf_counter()
+            with eval_mode(model), torch.no_grad():
+                for ids in batches:
+                    data = engine.collate(train, ids)
+                    data.pop("labels")
+                    model(**data, use_cache=False)
+            return time.perf_counter() - t0
+
+        forward_pass()  # warm-up
+        one = min(forward_pass() for _ in range(2))
+        rows = []
+        info = shape_info(model)
+        print(f"model {args.model}: {info['parameters'] / 1e6:.1f}M parameters, {info['trainable']} trainable; "
+              f"{n} samples, mean {sum(lengths) / n:.0f} tokens; one plain forward pass over them: {one:.2f}s")
+        print("| K | sample forwards | seconds per sample | floor (2K forwards) s/sample | x floor |")
+        print("|---|---|---|---|---|")
+        for K in args.speed_ks:
+            probe = ZerothOrderProbe(engine, args.epsilon)
+            dirs = [gaussian_direction(args.seed, 0, k) for k in range(K)]
+            t0 = time.perf_counter()
+            probe.differences([(train, range(n))], dirs, args.batch_size)
+            secs = time.perf_counter() - t0
+            floor = 2 * K * one
+            rows.append({"K": K, "sample_forwards": probe.cost.sample_forwards, "seconds_per_sample": secs / n,
+                         "floor_seconds_per_sample": floor / n, "vs_floor": secs / floor})
+            print(f"| {K} | {probe.cost.sample_forwards} | {secs / n:.4f} | {floor / n:.4f} | {secs / floor:.2f} |")
+        path = write_json(f"zeroth-speed-{args.model}", {
+            "benchmark": "zeroth-speed", "model": args.model, "shape": info, "samples": n,
+            "mean_tokens": sum(lengths) / n, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+            "forward_seconds": one, "rows": rows}, args.out)
+        print(f"written: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=600, help="rows of demo_mix (600 = all)")
@@ -248,9 +299,18 @@ def main() -> None:
                     help="extra directions split into disjoint groups of K for the spread of Spearman (0: skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared CPU)")
     ap.add_argument("--epsilon-sweep", action="store_true")
+    ap.add_argument("--speed", action="store_true", help="time the score against its floor (see speed())")
+    ap.add_argument("--speed-ks", type=int, nargs="+", default=[1, 4, 16])
+    from _common import SHAPES
+
+    ap.add_argument("--model", choices=list(SHAPES), default="demo", help="model shape for --speed")
+    ap.add_argument("--out", default=None, help="folder for --speed's JSON (default bench/out)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    epsilon_sweep(args) if args.epsilon_sweep else compare(args)
+    if args.speed:
+        speed(args)
+    else:
+        epsilon_sweep(args) if args.epsilon_sweep else compare(args)
 
 
 if __name__ == "__main__":
