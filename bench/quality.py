@@ -29,8 +29,9 @@ The set-up (CPU, offline, deterministic; everything is generated here):
   table (``results.md``), JSON (``results.json``) and plots (``accuracy_vs_step.png``,
   ``accuracy_vs_compute.png``, ``random_share.png``) in ``--out`` (default ``bench/out/quality``).
 * **Transfer**: select with the small model, export the selection with ``dataflex-cli report
-  --export-dataset``, train a larger base statically with plain ``llamafactory-cli train`` on it, and
-  compare with the same larger model trained on a random draw of the same size.
+  --export-dataset``: a smaller proxy base (same data, same pretraining) selects with ``less``, its
+  selection is exported, and the benchmark's base (the larger model) trains statically on it with plain
+  ``llamafactory-cli train``, against the same model trained on a random draw of the same size.
 
 Nothing here asserts who wins: that is what the table is for.
 """
@@ -115,8 +116,8 @@ class Settings:
     layers: int = 4
     pretrain_steps: int = 700
     pretrain_batch: int = 32
-    large_hidden: int = 224
-    large_layers: int = 6
+    proxy_hidden: int = 64  # the small model that selects for the transfer read-out
+    proxy_layers: int = 4
     warmup: int = 20
     update_step: int = 40
     update_times: int = 4
@@ -659,10 +660,11 @@ def report(s: Settings, summary: dict, meta: dict, results: list[dict], command:
             f"{fmt(r['target_share'])} | {fmt(r['noisy_share'])} | {fmt(r['noisy_auc'])} | {fmt(r['selection_s'], 1)} | "
             f"{fmt(r['total_s'], 0)} | {eq} | {verdict(r, rand)} |")
     if transfer:
-        lines += ["", f"Transfer: the `less` selection of the small model (seed 1, {transfer['rows']} rows) exported "
-                      f"with `dataflex-cli report --export-dataset`, then a {transfer['params'] / 1e6:.2f}M-parameter "
-                      f"base trained statically on it with `llamafactory-cli train` ({transfer['steps']} steps), against "
-                      f"the same model on a random draw of the same size:", "",
+        lines += ["", f"Transfer: `less` run on a {transfer['proxy_params'] / 1e6:.2f}M-parameter proxy (seed 1); its "
+                      f"selection ({transfer['rows']} rows, once per time chosen) exported with `dataflex-cli report "
+                      f"--export-dataset --repeats`; the {transfer['params'] / 1e6:.2f}M-parameter base above trained "
+                      f"statically on it with `llamafactory-cli train` ({transfer['steps']} steps), against the same "
+                      f"model on a random draw of the same size:", "",
                   "| data | seeds | target EM | other-task EM |", "|---|---|---|---|"]
         for name, v in transfer["rows_by_data"].items():
             lines.append(f"| {name} | {v['seeds']} | {fmt(v['target_em'])} | {fmt(v['other_em'])} |")
@@ -749,7 +751,8 @@ def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
 # ================================================================================================ transfer
 def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_path: Path, meta: dict,
              less_key: str) -> dict:
-    """Select with the small model, export, train the large one statically; random draw of the same size."""
+    """Select with the small model, export (every row once per time it was chosen), train the large one
+    statically for the benchmark's number of steps; against a random draw of the same size."""
     work = s.out / "transfer"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -763,7 +766,7 @@ def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_p
     subprocess.run(["dataflex-cli", "train", str(work / "select.yaml")], env=env, cwd=s.out, check=True,
                    capture_output=True, timeout=3600)
     exported = work / "exported"
-    subprocess.run(["dataflex-cli", "report", str(run_dir), "--export-dataset", str(exported)], env=env, cwd=s.out,
+    subprocess.run(["dataflex-cli", "report", str(run_dir), "--export-dataset", str(exported), "--repeats"], env=env, cwd=s.out,
                    check=True, capture_output=True, timeout=600)
     info = json.loads((exported / "dataset_info.json").read_text())
     name = next(iter(info))
@@ -773,7 +776,7 @@ def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_p
     (exported / "random_draw.json").write_text(json.dumps([pool[i] for i in rng.sample(range(len(pool)), min(n_rows, len(pool)))]))
     info["q_random_draw"] = {"file_name": "random_draw.json"}
     (exported / "dataset_info.json").write_text(json.dumps(info, indent=1))
-    steps = math.ceil(n_rows / s.batch)
+    steps = s.steps  # equal steps with the dynamic runs (the exported rows, once per time chosen, are cycled)
     by_data: dict[str, dict] = {}
     for label, dataset in (("less selection (exported)", name), ("random draw, same size", "q_random_draw")):
         ems = {"target_em": [], "other_em": []}
@@ -801,7 +804,8 @@ def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_p
                           "each": ems}
         print(f"[quality] transfer, {label}: target EM {by_data[label]['target_em'][0]:.2f}", flush=True)
     params = json.loads((large_base / "pretrain.json").read_text())["params"]
-    return {"rows": n_rows, "steps": steps, "params": params, "rows_by_data": by_data}
+    proxy_params = json.loads((small_base / "pretrain.json").read_text())["params"]
+    return {"rows": n_rows, "steps": steps, "params": params, "proxy_params": proxy_params, "rows_by_data": by_data}
 
 
 # ================================================================================================ main
@@ -821,12 +825,18 @@ def parse(argv: list[str] | None) -> tuple[Settings, str]:
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--shares", type=float, nargs="*", default=None, help="random_share values for the LESS curve")
     ap.add_argument("--no-transfer", action="store_true")
+    ap.add_argument("--tiny", action="store_true",
+                    help="toy sizes for the test suite: checks the pipeline, measures nothing")
     args = ap.parse_args(argv)
     s = Settings(out=args.out.resolve())
     if args.quick:
         s.pool, s.seeds_random, s.seeds, s.shares = 600, 2, 1, [0.5]
         s.update_step, s.update_times, s.pretrain_steps = 30, 3, 500
         s.only = ["loss", "less", "zeroth", "less random_share=0.5", "weight loss", "mix odm"]
+    if args.tiny:
+        s.pool, s.eval_target, s.eval_other, s.less_eval = 120, 10, 3, 4
+        s.hidden, s.layers, s.proxy_hidden, s.proxy_layers, s.pretrain_steps, s.pretrain_batch = 48, 2, 32, 2, 10, 8
+        s.warmup, s.update_step, s.update_times, s.checkpoints, s.seeds_random, s.seeds = 2, 2, 2, 2, 1, 1
     for attr, val in (("pool", args.pool), ("update_step", args.steps_per_selection),
                       ("update_times", args.selections), ("warmup", args.warmup_steps),
                       ("pretrain_steps", args.pretrain_steps), ("seeds", args.seeds),
@@ -868,8 +878,8 @@ def main(argv: list[str] | None = None) -> int:
         if less is None:
             print("[quality] transfer skipped: needs the less method", flush=True)
         else:
-            large = build_base(s.out, s.large_hidden, s.large_layers, s.pretrain_steps, s.pretrain_batch)
-            trans = transfer(s, base, large, data, comp_path, meta, less["key"])
+            proxy = build_base(s.out, s.proxy_hidden, s.proxy_layers, s.pretrain_steps, s.pretrain_batch)
+            trans = transfer(s, proxy, base, data, comp_path, meta, less["key"])
     summary = summarise(s, results)
     table = report(s, summary, meta, results, command, trans, pretrain)
     (s.out / "results.md").write_text(table)

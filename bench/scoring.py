@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "engine_vs_floor": rate / floor, "engine_vs_batch1": rate / base_rate, "max_abs_diff": diff})
             print(f"bs={bs:<3}: engine {rate:8.1f} samples/s, floor {floor:8.1f} -> engine/floor {rate / floor:5.2f}; "
                   f"vs batch-1 x{rate / base_rate:5.1f}; max |loss diff| {diff:.2e}")
-        result = {"benchmark": "scoring", "model": args.model, "shape": info, "dtype": args.dtype, "device": args.device,
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        result = {"peak_gpu_mib": peak, "benchmark": "scoring", "model": args.model, "shape": info, "dtype": args.dtype, "device": args.device,
                   "threads": args.threads, "samples": n, "mean_tokens": sum(lengths) / n,
                   "batch1_samples_s": base_rate, "rows": rows}
         path = write_json(f"scoring-{args.model}-{args.device}", result, args.out)

@@ -12,14 +12,32 @@ pytestmark = pytest.mark.e2e
 
 
 def test_quality_benchmark_runs(tmp_path):
+    """--tiny: the whole pipeline (pretraining, runs through dataflex-cli, evaluation, equal-compute
+    read-out, the random_share curve, transfer through report --export-dataset and llamafactory-cli)."""
+    import json
+
     out = tmp_path / "quality"
-    res = run_command([sys.executable, "bench/quality.py", "--out", out, "--only", "random", "less",
-                       "--seeds", "1", "--warmup-steps", "2", "--steps-per-selection", "2", "--selections", "1"],
-                      timeout=600)
+    res = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out, "--jobs", "1",
+                       "--only", "less", "less random_share=0.5", "--shares", "0.5"], timeout=900)
     assert res.returncode == 0, failure_report(res)
     table = (out / "results.md").read_text()
-    assert "| random (seed 1) |" in table and "| less |" in table
-    assert (out / "eval_loss.png").stat().st_size > 1000
+    for label in ("random", "less", "less random_share=0.5"):
+        assert f"| {label} | 1 |" in table
+    result = json.loads((out / "results.json").read_text())
+    rows = {r["label"]: r for r in result["summary"]["rows"]}
+    assert set(rows) == {"random", "less", "less random_share=0.5"}
+    for row in rows.values():
+        assert 0.0 <= row["target_em"][0] <= 1.0 and 0.0 <= row["other_em"][0] <= 1.0
+        assert 0.0 <= row["target_share"][0] <= 1.0
+    assert "random_at_equal_compute" in rows["less"] and rows["less"]["equal_compute_steps"] >= result["settings"]["warmup"]
+    random_runs = [r for r in result["runs"] if r["label"] == "random"]
+    assert [c["step"] for c in random_runs[0]["curve"]] == [0, 3, 6, 9, 12]  # 2 x 6 steps, a checkpoint every 3
+    assert result["transfer"]["rows"] > 0 and set(result["transfer"]["rows_by_data"]) == {
+        "less selection (exported)", "random draw, same size"}
+    for name in ("accuracy_vs_step.png", "accuracy_vs_compute.png", "random_share.png"):
+        assert (out / name).stat().st_size > 1000
+    base = next(out.glob("base-h48-l2-*"))
+    assert json.loads((base / "pretrain.json").read_text())["never_seen"] == "reverse"
 
 
 def test_selector_agreement_benchmark_runs(tmp_path):
@@ -31,3 +49,24 @@ def test_selector_agreement_benchmark_runs(tmp_path):
     row = result["ranking"]["cluster_less"][0]
     assert row["gradients"] < result["ranking"]["less"]["gradients"]  # fewer gradients than full LESS
     assert -1 <= row["spearman"] <= 1 and result["search"]["torch_s"] > 0
+
+
+def test_gpu_script_dry_run_runs_its_plan_on_the_cpu(tmp_path):
+    import json
+
+    import torch
+
+    res = run_command([sys.executable, "bench/gpu.py", "--dry-run", "--out", tmp_path], timeout=600)
+    assert res.returncode == 0, failure_report(res)
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 4
+    by_name = {s["step"]: s for s in result["steps"]}
+    scoring = by_name["scoring demo (cpu)"]["data"]
+    assert scoring["rows"][0]["engine_vs_floor"] > 0 and scoring["machine"]["torch"] == torch.__version__
+    e2e = by_name["e2e less train (demo)"]["data"]
+    assert 0 < e2e["selection_share"] < 1
+    assert "| e2e less train (demo) | ok |" in result["table"]
+    if not torch.cuda.is_available():  # without --dry-run it refuses, in one line, before doing anything
+        res = run_command([sys.executable, "bench/gpu.py", "--out", tmp_path / "real"], timeout=120)
+        assert res.returncode == 2 and "no CUDA device here" in res.stderr
+        assert not (tmp_path / "real").exists()
