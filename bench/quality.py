@@ -8,7 +8,9 @@ The set-up (CPU, offline, deterministic; everything is generated here):
 
 * **Tasks with checkable answers**: ``upper`` (capitalise words), ``sort`` (sort digits),
   ``lookup`` (a name's code from a fixed table), ``date`` (YYYY-MM-DD to DD/MM/YYYY) and the
-  target task ``reverse`` (reverse a list of letters).
+  target task ``date_us`` (YYYY-MM-DD to MM.DD.YYYY: a new format close to a known one, which a
+  LoRA learns in ~100 steps of target rows). ``reverse`` (letters) and ``swap`` (word order) are
+  generated too but are not used: the small base does not learn them in a few hundred steps.
 * **A base model that knows the format**: a small Qwen2 (digits are single tokens) pretrained
   from scratch for a few CPU minutes on the other four tasks in LLaMA-Factory's ``default``
   template. It has never seen the target task. Built once and cached under ``<out>/base-<hash>``;
@@ -55,7 +57,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = "reverse"
+TARGET = "date_us"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = ("apple river planet garden silver window market forest candle rocket pencil orange castle dragon "
          "basket meadow violet thunder harbor lantern marble pepper saddle timber velvet walnut zebra anchor").split()
@@ -65,6 +67,8 @@ INSTRUCTIONS = {
     "lookup": "Give the code of the name.",
     "date": "Write the date as day/month/year.",
     "reverse": "Reverse the list of letters.",
+    "swap": "Write the words in reverse order.",
+    "date_us": "Write the date as month.day.year.",
 }
 REWORDED = {  # near-duplicates keep prompt and answer and change the instruction's wording
     "upper": "Write these words in capitals.",
@@ -72,6 +76,8 @@ REWORDED = {  # near-duplicates keep prompt and answer and change the instructio
     "lookup": "What is the code of this name?",
     "date": "Convert the date to day/month/year.",
     "reverse": "Write the letters in reverse order.",
+    "swap": "Reverse the order of the words.",
+    "date_us": "Convert the date to month.day.year.",
 }
 _TABLE_RNG = random.Random(7)
 NAMES = sorted({"".join(_TABLE_RNG.choice(LETTERS) for _ in range(5)).capitalize() for _ in range(40)})
@@ -95,10 +101,16 @@ def make(task: str, rng: random.Random) -> tuple[str, str]:
     if task == "reverse":
         letters = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
         return " ".join(letters), " ".join(reversed(letters))
+    if task == "swap":
+        words = rng.sample(WORDS, rng.randint(2, 3))
+        return " ".join(words), " ".join(reversed(words))
+    if task == "date_us":
+        y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+        return f"{y}-{m:02d}-{d:02d}", f"{m:02d}.{d:02d}.{y}"
     raise ValueError(task)
 
 
-OTHER_TASKS = [t for t in INSTRUCTIONS if t != TARGET]
+OTHER_TASKS = ["upper", "sort", "lookup", "date"]  # what the base is pretrained on, and the pool's other tasks
 
 
 # ================================================================================================ settings
@@ -114,7 +126,7 @@ class Settings:
     less_eval: int = 32  # target rows the eval-driven selectors (less, zeroth, near, ...) see
     hidden: int = 128
     layers: int = 4
-    pretrain_steps: int = 700
+    pretrain_steps: int = 600
     pretrain_batch: int = 32
     proxy_hidden: int = 64  # the small model that selects for the transfer read-out
     proxy_layers: int = 4
@@ -149,7 +161,8 @@ def methods(s: Settings) -> list[dict]:
         ("loss", "loss", {"focus": "medium", "record_scores": True, **pool}),  # the original's components.yaml
         ("delta_loss", "delta_loss", {"record_scores": True, **pool}),
         ("less", "less", {"proj_dim": 1024, **pool}),
-        ("zeroth", "zeroth", {"num_directions": 16, **pool}),
+        # 2K = 32 forwards per scored row: a 30 % candidate pool (still more rows than a selection takes)
+        ("zeroth", "zeroth", {"num_directions": 16, "candidate_pool": s.scoring_pool or 0.3}),
         ("cluster_less", "cluster_less", {"proj_dim": 1024, "cluster_size": 16, "samples_per_cluster": 4}),
         ("near", "near", {}),
         ("tsds", "tsds", {"kde_K": 50, "max_K": 200}),
@@ -423,11 +436,9 @@ def run_yaml(s: Settings, m: dict, seed: int, base: Path, data: Path, run_dir: P
         "train_type": m["train_type"], "components_cfg_file": str(comp_path), "component_name": m["key"],
         "warmup_step": s.warmup, "update_step": s.update_step, "update_times": -1,
     }
-    if m["train_type"] == "dynamic_select":
-        cfg["eval_dataset"] = "q_target_dev"
+    cfg["eval_dataset"] = "q_target_dev"  # the target-task rows eval-driven components aim at (never the test set)
     if m["train_type"] == "dynamic_mix":
         cfg["dataset"] = ",".join(f"q_{t}" for t in meta["domain_order"])
-        cfg["eval_dataset"] = "q_target_dev"
     if m["train_type"] == "dynamic_weight":
         cfg.pop("update_step")
         cfg.pop("update_times")

@@ -37,7 +37,7 @@ def test_quality_benchmark_runs(tmp_path):
     for name in ("accuracy_vs_step.png", "accuracy_vs_compute.png", "random_share.png"):
         assert (out / name).stat().st_size > 1000
     base = next(out.glob("base-h48-l2-*"))
-    assert json.loads((base / "pretrain.json").read_text())["never_seen"] == "reverse"
+    assert json.loads((base / "pretrain.json").read_text())["never_seen"] == "date_us"
 
 
 def test_selector_agreement_benchmark_runs(tmp_path):
