@@ -52,6 +52,18 @@ def test_top_k_matches_a_brute_force_sort_and_never_returns_empty_rows():
         assert sims[q].tolist() == pytest.approx([v for v, _ in best], abs=1e-6)
 
 
+def test_faiss_backend_finds_the_same_neighbours_as_torch():
+    pytest.importorskip("faiss")  # in the test extra; skipped only where it was left out on purpose
+    gen = torch.Generator().manual_seed(3)
+    keys = unit(torch.randn(500, 32, generator=gen))
+    keys[[4, 250]] = float("nan")
+    queries = unit(torch.randn(20, 32, generator=gen))
+    sims_t, idx_t = top_k(queries, keys, 25)
+    sims_f, idx_f = top_k(queries, keys, 25, backend="faiss")
+    assert idx_f.tolist() == idx_t.tolist() and not ({4, 250} & set(idx_f.flatten().tolist()))
+    assert torch.allclose(sims_f, sims_t, atol=1e-5)
+
+
 def test_near_precision_on_planted_neighbours():
     gen = torch.Generator().manual_seed(1)
     queries = unit(torch.randn(4, 16, generator=gen))
