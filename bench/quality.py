@@ -141,6 +141,7 @@ class Settings:
     seeds: int = 3
     jobs: int = 2
     shares: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    knob_selectors: list[str] = field(default_factory=lambda: ["less", "tsds"])  # run with each share
     only: list[str] | None = None
     transfer: bool = True
     scoring_pool: float | None = None
@@ -171,9 +172,11 @@ def methods(s: Settings) -> list[dict]:
             "seeds": list(range(1, s.seeds_random + 1)), "steps": 2 * s.steps}]
     for label, name, params in sel:
         out.append({"label": label, "train_type": "dynamic_select", "name": name, "params": params})
-    for share in s.shares:
-        out.append({"label": f"less random_share={share}", "train_type": "dynamic_select", "name": "less",
-                    "params": {"proj_dim": 1024, "random_share": share, **pool}, "knob": share})
+    for name in s.knob_selectors:
+        params = next(p for label, n, p in sel if n == name)
+        for share in s.shares:
+            out.append({"label": f"{name} random_share={share}", "train_type": "dynamic_select", "name": name,
+                        "params": {**params, "random_share": share}, "knob": share})
     out.append({"label": "weight loss", "train_type": "dynamic_weight", "name": "loss", "params": {}})
     out.append({"label": "weight adapt", "train_type": "dynamic_weight", "name": "adapt",
                 "params": {"refresh_interval": 20, "anchor_batch_size": 8}})
@@ -605,29 +608,25 @@ def summarise(s: Settings, results: list[dict]) -> dict:
     return {"step_seconds_random": step_s, "rows": rows}
 
 
+def compare(a: tuple[float, float], b: tuple[float, float]) -> int:
+    """1 when interval a lies above interval b (mean ± half-width), -1 below, 0 when they overlap."""
+    if a[0] - a[1] > b[0] + b[1]:
+        return 1
+    return -1 if a[0] + a[1] < b[0] - b[1] else 0
+
+
 def verdict(row: dict, rand: dict | None) -> str:
     if rand is None or row["label"] == "random":
         return ""
-    mu, ci = row["target_em"]
-    rmu, rci = rand["target_em"]
-    if mu - ci > rmu + rci:
-        equal_steps = "beats random at equal steps"
-    elif mu + ci < rmu - rci:
-        equal_steps = "worse than random at equal steps"
-    else:
-        equal_steps = "not distinguishable from random at equal steps"
-    if "random_at_equal_compute" in row:
-        cmu, cci = row["random_at_equal_compute"]
-        if mu - ci > cmu + cci:
-            compute = "beats it at equal compute"
-        elif mu + ci < cmu - cci:
-            compute = "loses at equal compute"
-        else:
-            compute = "a tie at equal compute"
-        if row.get("beyond_random_curve"):
-            compute += " (random's curve ends earlier: its last point)"
-        return f"{equal_steps}; {compute}"
-    return equal_steps
+    equal_steps = {1: "beats random at equal steps", -1: "worse than random at equal steps",
+                   0: "not distinguishable from random at equal steps"}[compare(row["target_em"], rand["target_em"])]
+    if "random_at_equal_compute" not in row:
+        return equal_steps
+    compute = {1: "beats it at equal compute", -1: "loses at equal compute",
+               0: "a tie at equal compute"}[compare(row["target_em"], row["random_at_equal_compute"])]
+    if row.get("beyond_random_curve"):
+        compute += " (random's curve ends earlier: its last point)"
+    return f"{equal_steps}; {compute}"
 
 
 def fmt(mc, digits=2) -> str:
@@ -737,23 +736,30 @@ def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
     fig.savefig(out / "accuracy_vs_compute.png", dpi=100)
     plt.close(fig)
 
-    knob = [(0.0, row) for row in summary["rows"] if row["label"] == "less"]
-    knob += [(row["knob"], row) for row in summary["rows"] if row["knob"] is not None]
-    if len(knob) >= 2:
-        knob.sort(key=lambda kr: kr[0])
+    curves: dict[str, list[tuple[float, dict]]] = {}
+    for row in summary["rows"]:
+        if row["knob"] is not None:  # label "<selector> random_share=<x>"; share 0 is the selector's own row
+            curves.setdefault(row["label"].split(" random_share=")[0], []).append((row["knob"], row))
+    for name in list(curves):
+        plain = next((r for r in summary["rows"] if r["label"] == name), None)
+        if plain is not None:
+            curves[name].append((0.0, plain))
+        curves[name].sort(key=lambda kr: kr[0])
+    if curves:
         rand = next((r for r in summary["rows"] if r["label"] == "random"), None)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        xs = [k for k, _ in knob]
-        for key, name in (("target_em", f"target `{TARGET}`"), ("other_em", "other tasks")):
-            ax.errorbar(xs, [r[key][0] for _, r in knob], yerr=[r[key][1] for _, r in knob], marker="o",
-                        capsize=3, label=f"less: {name}")
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, key, what in ((axes[0], "target_em", f"target `{TARGET}`"), (axes[1], "other_em", "other tasks")):
+            for name, pts in curves.items():
+                ax.errorbar([k for k, _ in pts], [r[key][0] for _, r in pts], yerr=[r[key][1] for _, r in pts],
+                            marker="o", capsize=3, label=name)
             if rand:
-                ax.axhline(rand[key][0], linestyle="--", linewidth=1, color="grey")
-        ax.set_xlabel("random_share (share of every selection drawn at random)")
-        ax.set_ylabel("exact match")
-        ax.set_title("LESS with a random share (dashed: random at equal steps)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+                ax.axhline(rand[key][0], linestyle="--", linewidth=1, color="grey", label="random (equal steps)")
+            ax.set_xlabel("random_share (share of every selection drawn at random)")
+            ax.set_title(f"exact match, {what}")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("exact match")
+        axes[1].legend(fontsize=8)
+        fig.suptitle("A random share of every selection (mean, 95 % CI over seeds)")
         fig.tight_layout()
         fig.savefig(out / "random_share.png", dpi=100)
         plt.close(fig)
@@ -788,29 +794,34 @@ def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_p
     info["q_random_draw"] = {"file_name": "random_draw.json"}
     (exported / "dataset_info.json").write_text(json.dumps(info, indent=1))
     steps = s.steps  # equal steps with the dynamic runs (the exported rows, once per time chosen, are cycled)
+    datasets = (("less selection (exported)", name), ("random draw, same size", "q_random_draw"))
+
+    def static_run(dataset: str, seed: int) -> dict:
+        out_dir = work / f"{dataset}-s{seed}"
+        lf = {"model_name_or_path": str(large_base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+              "lora_target": "all", "lora_rank": s.lora_rank, "lora_alpha": 2 * s.lora_rank, "dataset": dataset,
+              "dataset_dir": str(exported), "template": "default", "cutoff_len": 64, "overwrite_cache": True,
+              "preprocessing_num_workers": 1, "seed": seed, "output_dir": str(out_dir),
+              "overwrite_output_dir": True, "report_to": "none", "save_strategy": "no",
+              "per_device_train_batch_size": s.batch, "learning_rate": s.lr, "lr_scheduler_type": "constant",
+              "max_steps": steps, "bf16": False, "logging_steps": 10}
+        (work / f"{dataset}-s{seed}.yaml").write_text(yaml.safe_dump(lf, sort_keys=False))
+        subprocess.run(["llamafactory-cli", "train", str(work / f"{dataset}-s{seed}.yaml")], env=env, cwd=s.out,
+                       check=True, capture_output=True, timeout=3600)
+        (out_dir / "checkpoint-final").mkdir(exist_ok=True)
+        for f in out_dir.glob("adapter_*"):
+            shutil.copy(f, out_dir / "checkpoint-final" / f.name)
+        (out_dir / "checkpoint-final").rename(out_dir / f"checkpoint-{steps}")
+        last = evaluate_run(out_dir, large_base, meta)[-1]
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return last
+
+    runs = [(label, dataset, seed) for label, dataset in datasets for seed in range(1, s.seeds + 1)]
+    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+        finals = list(pool.map(lambda r: static_run(r[1], r[2]), runs))
     by_data: dict[str, dict] = {}
-    for label, dataset in (("less selection (exported)", name), ("random draw, same size", "q_random_draw")):
-        ems = {"target_em": [], "other_em": []}
-        for seed in range(1, s.seeds + 1):
-            out_dir = work / f"{dataset}-s{seed}"
-            lf = {"model_name_or_path": str(large_base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-                  "lora_target": "all", "lora_rank": s.lora_rank, "lora_alpha": 2 * s.lora_rank, "dataset": dataset,
-                  "dataset_dir": str(exported), "template": "default", "cutoff_len": 64, "overwrite_cache": True,
-                  "preprocessing_num_workers": 1, "seed": seed, "output_dir": str(out_dir),
-                  "overwrite_output_dir": True, "report_to": "none", "save_strategy": "no",
-                  "per_device_train_batch_size": s.batch, "learning_rate": s.lr, "lr_scheduler_type": "constant",
-                  "max_steps": steps, "bf16": False, "logging_steps": 10}
-            (work / f"{dataset}-s{seed}.yaml").write_text(yaml.safe_dump(lf, sort_keys=False))
-            subprocess.run(["llamafactory-cli", "train", str(work / f"{dataset}-s{seed}.yaml")], env=env, cwd=s.out,
-                           check=True, capture_output=True, timeout=3600)
-            (out_dir / "checkpoint-final").mkdir(exist_ok=True)
-            for f in out_dir.glob("adapter_*"):
-                shutil.copy(f, out_dir / "checkpoint-final" / f.name)
-            (out_dir / "checkpoint-final").rename(out_dir / f"checkpoint-{steps}")
-            curve = evaluate_run(out_dir, large_base, meta)
-            ems["target_em"].append(curve[-1]["target_em"])
-            ems["other_em"].append(curve[-1]["other_em"])
-            shutil.rmtree(out_dir, ignore_errors=True)
+    for label, _ in datasets:
+        ems = {key: [f[key] for (lab, _, _), f in zip(runs, finals) if lab == label] for key in ("target_em", "other_em")}
         by_data[label] = {"seeds": s.seeds, "target_em": mean_ci(ems["target_em"]), "other_em": mean_ci(ems["other_em"]),
                           "each": ems}
         print(f"[quality] transfer, {label}: target EM {by_data[label]['target_em'][0]:.2f}", flush=True)
@@ -838,6 +849,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, str]:
     ap.add_argument("--shares", type=float, nargs="*", default=None, help="random_share values for the LESS curve")
     ap.add_argument("--no-transfer", action="store_true")
     ap.add_argument("--replot", action="store_true", help="only redraw the plots from <out>/results.json")
+    ap.add_argument("--merge", type=Path, default=None, metavar="DIR",
+                    help="add the methods of DIR/results.json (same set-up) to <out>'s results, no training")
     ap.add_argument("--tiny", action="store_true",
                     help="toy sizes for the test suite: checks the pipeline, measures nothing")
     args = ap.parse_args(argv)
@@ -877,10 +890,40 @@ def replot(s: Settings) -> int:
     return 0
 
 
+def merge(s: Settings, other: Path) -> int:
+    """Add the runs of methods that ``<out>/results.json`` lacks from ``other/results.json`` (same set-up:
+    pool, base and schedule must match), then rewrite the table, JSON and plots of ``<out>``."""
+    mine = json.loads((s.out / "results.json").read_text())
+    theirs = json.loads((Path(other) / "results.json").read_text())
+    keys = ("pool", "target_share", "noise_share", "hidden", "layers", "pretrain_steps", "warmup", "update_step",
+            "batch", "lr", "lora_rank")
+    diff = [k for k in keys if mine["settings"].get(k) != theirs["settings"].get(k)]
+    if diff or mine["pretrain"]["fingerprint"] != theirs["pretrain"]["fingerprint"]:
+        raise SystemExit(f"--merge: {other} was run with another set-up ({', '.join(diff) or 'base model'})")
+    for key, value in mine["settings"].items():
+        if key != "out" and hasattr(s, key):
+            setattr(s, key, value)
+    have = {r["label"] for r in mine["runs"]}
+    added = [r for r in theirs["runs"] if r["label"] not in have]
+    runs = mine["runs"] + added
+    meta = json.loads((s.out / "data" / "meta.json").read_text())
+    summary = summarise(s, runs)
+    command = mine["command"] + f" (+ {theirs['command']}, merged)"
+    (s.out / "results.md").write_text(report(s, summary, meta, runs, command, mine["transfer"], mine["pretrain"]))
+    mine.update(runs=runs, summary=summary, command=command)
+    (s.out / "results.json").write_text(json.dumps(mine, indent=1))
+    plots(s, summary, runs, s.out)
+    print(f"[quality] merged {len(added)} runs ({sorted({r['label'] for r in added})}) into {s.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     s, command = parse(argv)
-    if "--replot" in (argv if argv is not None else sys.argv[1:]):
+    args_list = argv if argv is not None else sys.argv[1:]
+    if "--replot" in args_list:
         return replot(s)
+    if "--merge" in args_list:
+        return merge(s, Path(args_list[args_list.index("--merge") + 1]))
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "runs").mkdir(exist_ok=True)
     t_start = time.perf_counter()
