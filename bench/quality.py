@@ -672,7 +672,7 @@ def report(s: Settings, summary: dict, meta: dict, results: list[dict], command:
     if transfer:
         lines += ["", f"Transfer: `less` run on a {transfer['proxy_params'] / 1e6:.2f}M-parameter proxy (seed 1); its "
                       f"selection ({transfer['rows']} rows, once per time chosen) exported with `dataflex-cli report "
-                      f"--export-dataset --repeats`; the {transfer['params'] / 1e6:.2f}M-parameter base above trained "
+                      f"OUTPUT_DIR --export-dataset DIR --repeats`; the {transfer['params'] / 1e6:.2f}M-parameter base above trained "
                       f"statically on it with `llamafactory-cli train` ({transfer['steps']} steps), against the same "
                       f"model on a random draw of the same size:", "",
                   "| data | seeds | target EM | other-task EM |", "|---|---|---|---|"]
