@@ -954,18 +954,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(s, results)
     table = report(s, summary, meta, results, command, trans, pretrain)
     (s.out / "results.md").write_text(table)
-    import platform
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import machine_info
 
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "llamafactory"):
-        try:
-            versions[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - a missing version is not worth failing over
-            versions[pkg] = None
     (s.out / "results.json").write_text(json.dumps({
         "command": command, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "versions": versions, "pretrain": pretrain, "summary": summary, "transfer": trans, "runs": results,
+        "machine": machine_info(),
+        "pretrain": pretrain, "summary": summary, "transfer": trans, "runs": results,
         "seconds": round(time.perf_counter() - t_start, 1)}, indent=1))
     plots(s, summary, results, s.out)
     print(table)
