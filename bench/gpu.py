@@ -3,13 +3,18 @@
     python bench/gpu.py                 # on a machine with a CUDA GPU
     python bench/gpu.py --dry-run       # the same plan at the demo shape on the CPU, in tiny sizes (CI-checkable)
 
-The plan (each step under its own time limit; a failed or timed-out step is reported, the others run):
+The plan (each step under its own time limit, and all of them within ``--budget`` seconds, 480 by
+default: a step gets at most what is left; a failed or timed-out step is reported, the others run):
 
 1. ``bench/scoring.py`` at the Qwen2.5-0.5B and Qwen2.5-1.5B shapes in bf16: loss scoring samples/s
    vs batch-1 and vs the floor (a bare batched forward of the same batches), peak GPU memory.
-2. ``bench/zeroth.py --speed`` at the 0.5B shape: seconds per sample for K = 1, 4, 16 vs 2K forwards.
-3. ``tests/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
-4. An end-to-end ``dataflex-cli train`` of the seed's ``less.yaml`` shape (LoRA r16 on all linears,
+   The same 0.5B scoring in fp32, so bf16's gain is measured in the same session.
+2. ``bench/less.py`` at the 0.5B shape (bf16 frozen weights, fp32 LoRA): LESS features vs a training
+   step's forward + backward and vs batch-1, peak GPU memory; ``bench/projection.py`` at 0.5B: count
+   sketch vs dense (all 24 layers, nothing extrapolated) vs factored projection on the GPU.
+3. ``bench/zeroth.py --speed`` at the 0.5B shape: seconds per sample for K = 1, 4, 16 vs 2K forwards.
+4. ``tests/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
+5. An end-to-end ``dataflex-cli train`` of the seed's ``less.yaml`` shape (LoRA r16 on all linears,
    bf16, the Qwen2.5-0.5B shape with random weights, ZeRO-3 when 2+ GPUs): the selection's share of
    the wall time, from the run's own ``dataflex_seconds`` and ``train_runtime``.
 
@@ -44,6 +49,11 @@ def plan(dry: bool, out: Path) -> list[dict]:
         zeroth = [("zeroth speed demo (cpu)", [py, "bench/zeroth.py", "--speed", "--model", "demo", "--train", "48",
                                                "--speed-ks", "1", "4", "--out", str(out)], 180,
                    out / "zeroth-speed-demo.json")]
+        feats = [("less demo (cpu)", [py, "bench/less.py", "--model", "demo", "--samples", "48", "--baseline-samples",
+                                      "8", "--repeats", "1", "--no-memory", "--out", str(out)], 180,
+                  out / "less-demo.json"),
+                 ("projection demo (cpu)", [py, "bench/projection.py", "--model", "demo", "--seeds", "1", "--out",
+                                            str(out)], 180, out / "projection-demo-cpu.json")]
         deepspeed = [("tests/test_deepspeed.py (collect only)",
                       [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--collect-only",
                        "tests/test_deepspeed.py"], 120, None)]
@@ -53,6 +63,18 @@ def plan(dry: bool, out: Path) -> list[dict]:
                                           "bfloat16", "--samples", "2000", "--baseline-samples", "200",
                                           "--batch-sizes", "16", "32", "64", "--out", str(out)], 150,
                     out / f"scoring-{m}-cuda.json") for m in ("qwen2.5-0.5b", "qwen2.5-1.5b")]
+        # the same 0.5B scoring in fp32: bf16's gain, measured in the same session (written under out/fp32)
+        scoring.append(("scoring qwen2.5-0.5b fp32", [py, "bench/scoring.py", "--model", "qwen2.5-0.5b", "--device",
+                                                      "cuda", "--samples", "1000", "--baseline-samples", "100",
+                                                      "--batch-sizes", "32", "--out", str(out / "fp32")], 90,
+                        out / "fp32" / "scoring-qwen2.5-0.5b-cuda.json"))
+        feats = [("less qwen2.5-0.5b bf16", [py, "bench/less.py", "--model", "qwen2.5-0.5b", "--device", "cuda",
+                                             "--dtype", "bfloat16", "--samples", "600", "--baseline-samples", "60",
+                                             "--repeats", "1", "--out", str(out)], 120,
+                  out / "less-qwen2.5-0.5b-cuda.json"),
+                 ("projection qwen2.5-0.5b", [py, "bench/projection.py", "--model", "qwen2.5-0.5b", "--device", "cuda",
+                                              "--batch", "16", "--tokens", "512", "--dense-layers", "24", "--out",
+                                              str(out)], 90, out / "projection-qwen2.5-0.5b-cuda.json")]
         zeroth = [("zeroth speed qwen2.5-0.5b", [py, "bench/zeroth.py", "--speed", "--model", "qwen2.5-0.5b",
                                                  "--train", "200", "--out", str(out)], 90,
                    out / "zeroth-speed-qwen2.5-0.5b.json")]
@@ -60,7 +82,7 @@ def plan(dry: bool, out: Path) -> list[dict]:
                                                          "-m", "gpu", "tests/test_deepspeed.py"], 150, None)]
         e2e_model, e2e_rows = "qwen2.5-0.5b", 400
         e2e_extra = {"bf16": True}
-    steps = [{"name": n, "cmd": c, "limit": t, "json": j} for n, c, t, j in scoring + zeroth + deepspeed]
+    steps = [{"name": n, "cmd": c, "limit": t, "json": j} for n, c, t, j in scoring + feats + zeroth + deepspeed]
     steps.append({"name": f"e2e less train ({e2e_model})", "e2e": (e2e_model, e2e_rows, e2e_extra),
                   "limit": 120 if dry else 150, "json": None})
     return steps
@@ -118,6 +140,13 @@ def summary_of(step: dict, data: dict | None) -> str:
         mem = f", peak {data['peak_gpu_mib']:.0f} MiB" if data.get("peak_gpu_mib") else ""
         return (f"{best['engine_samples_s']:.0f} samples/s at bs {best['batch_size']}: x{best['engine_vs_batch1']:.1f} "
                 f"batch-1, {best['engine_vs_floor']:.2f} of floor{mem}")
+    if data.get("benchmark") == "less":
+        mem = f", peak {data['peak_gpu_mib_batched']:.0f} MiB" if data.get("peak_gpu_mib_batched") else ""
+        return (f"{data['batched_samples_s']:.0f} samples/s: x{data['vs_batch1']:.1f} batch-1, "
+                f"x{data['seconds_vs_floor']:.2f} of a training step's fwd+bwd{mem}")
+    if data.get("benchmark") == "projection":
+        return "; ".join(f"{r['method'].split(' (')[0]} {r['seconds_per_batch']:.3f}s, cos err {r['cos_err_rms']:.3f}"
+                         for r in data["rows"])
     if data.get("benchmark") == "zeroth-speed":
         return ", ".join(f"K={r['K']}: x{r['vs_floor']:.2f} floor" for r in data["rows"])
     if "selection_share" in data:
@@ -131,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="the plan at the demo shape on the CPU, tiny sizes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    ap.add_argument("--budget", type=float, default=480.0,
+                    help="seconds for the whole plan: a step gets at most what is left, and is skipped under 20 s")
     args = ap.parse_args(argv)
     import torch
 
@@ -144,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     for step in plan(args.dry_run, args.out):
         t0 = time.perf_counter()
         status, detail, data = "ok", "", None
+        left = args.budget - (t0 - t_all)
+        if not args.dry_run and left < 20:
+            results.append({"step": step["name"], "status": "skipped", "seconds": 0.0,
+                            "summary": f"the {args.budget:.0f} s budget is spent", "data": None})
+            print(f"[gpu] {step['name']}: skipped (budget spent)", flush=True)
+            continue
+        if not args.dry_run:
+            step["limit"] = min(step["limit"], left)
         try:
             if "e2e" in step:
                 with tempfile.TemporaryDirectory(prefix="dataflex-gpu-") as work:

@@ -81,13 +81,14 @@ def batch1_features(model, collator, dataset, ids, projector, moments, names):
     from dataflex.scoring.gradients import adam_direction
 
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
     rows = []
     with eval_mode(model):
         for i in ids:
-            batch = collator([dataset[int(i)]])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([dataset[int(i)]]).items()}
             model.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
-            out = torch.zeros(1, projector.proj_dim)
+            out = torch.zeros(1, projector.proj_dim, device=device)
             for name in names:
                 g = params[name].grad.reshape(1, -1)
                 if moments is not None:
@@ -142,6 +143,10 @@ def setup(args):
     parts = pipeline(tmp, args.samples, args.cutoff, model=args.model)
     model, dataset, collator = parts["model"], parts["train_dataset"], parts["collator"]
     n = len(dataset)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    for p in model.parameters():  # frozen weights in --dtype, LoRA in fp32 (as LLaMA-Factory trains in bf16)
+        p.data = p.data.to(device, dtype=torch.float32 if p.requires_grad else dtype)
 
     # a few real AdamW steps: non-zero LoRA B matrices, and Adam moments to precondition with
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -151,11 +156,12 @@ def setup(args):
     for _ in range(5):
         ids = torch.randperm(n, generator=gen)[:8].tolist()
         opt.zero_grad()
-        model(**collator([dataset[i] for i in ids])).loss.backward()
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([dataset[i] for i in ids]).items()}
+        model(**batch).loss.backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
 
-    engine = ScoringEngine(model, collator, "cpu", show_progress=False)
+    engine = ScoringEngine(model, collator, device, show_progress=False)
     lengths = engine.lengths(dataset)
     projector = CountSketchProjector(args.proj_dim, seed=123)
     featurizer = GradientFeaturizer(model, projector)
@@ -184,6 +190,7 @@ def train_step_rate(st, args) -> float:
             data = st["engine"].collate(dataset, ids)
             model(**data, use_cache=False).loss.backward()
             n += len(ids)
+    _sync()
     model.zero_grad(set_to_none=True)
     return n / (time.perf_counter() - t0)
 
@@ -224,6 +231,18 @@ def child_memory(method: str) -> float | None:
     return None
 
 
+def _sync() -> None:
+    """Wait for queued CUDA work, so a timer reads the work's own time (nothing on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=list(SHAPES), default="demo")
@@ -235,6 +254,8 @@ def main() -> None:
                     help="samples timed in the batch-1 loop (spread over all lengths)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: peak memory from the allocator)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype")
     ap.add_argument("--torch-func", action="store_true", help="also time torch.func.vmap(grad)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--memory-child", choices=["batched", "loop"], help=argparse.SUPPRESS)
@@ -265,11 +286,13 @@ def main() -> None:
             floor_rates.append(train_step_rate(st, args))
             t0 = time.perf_counter()
             feats = run_batched(st, args, range(n))
+            _sync()
             batched_rates.append(n / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             ref = run_loop(st, args, base_ids)
+            _sync()
             loop_rates.append(len(base_ids) / (time.perf_counter() - t0))
-        cos = (feats[base_ids] * ref).sum(dim=1)
+        cos = (feats[base_ids].to(ref.device) * ref).sum(dim=1)
         assert all(p.grad is None for p in trainable)
 
         ratios = [b / l for b, l in zip(batched_rates, loop_rates)]
@@ -291,7 +314,21 @@ def main() -> None:
                   "vs_batch1": statistics.median(ratios), "seconds_vs_floor": per_floor,
                   "min_cosine_vs_batch1": cos.min().item()}
 
-        if not args.no_memory:
+        if args.device != "cpu" and not args.no_memory:
+            import torch
+
+            peaks = {}
+            for name, method in (("batched", run_batched), ("loop", run_loop)):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                method(st, args, base_ids)
+                torch.cuda.synchronize()
+                peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            print(f"peak GPU memory added over the {len(base_ids)} samples: batched {peaks['batched']:.0f} MiB, "
+                  f"batch-1 loop {peaks['loop']:.0f} MiB")
+            result.update(peak_gpu_mib_batched=peaks["batched"], peak_gpu_mib_batch1=peaks["loop"])
+        elif not args.no_memory:
             mb, ml = child_memory("batched"), child_memory("loop")
             if mb is not None and ml is not None:
                 features = args.batch_size * (args.proj_dim + largest) * 4 / 2**20
@@ -302,7 +339,9 @@ def main() -> None:
                 result.update(peak_mib_batched=mb, peak_mib_batch1=ml, bound_mib_per_batch=features)
             else:
                 print("peak RSS: not measurable here (/proc/self/clear_refs or the child failed)")
-        path = write_json(f"less-{args.model}", result, args.out)
+        result.update(device=args.device, dtype=args.dtype)
+        suffix = "" if args.device == "cpu" else f"-{torch_device_type(args.device)}"
+        path = write_json(f"less-{args.model}{suffix}", result, args.out)
         print(f"written: {path}")
 
         if args.torch_func:

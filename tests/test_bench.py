@@ -59,10 +59,21 @@ def test_gpu_script_dry_run_runs_its_plan_on_the_cpu(tmp_path):
     res = run_command([sys.executable, "bench/gpu.py", "--dry-run", "--out", tmp_path], timeout=600)
     assert res.returncode == 0, failure_report(res)
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 4
+    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 6
     by_name = {s["step"]: s for s in result["steps"]}
     scoring = by_name["scoring demo (cpu)"]["data"]
     assert scoring["rows"][0]["engine_vs_floor"] > 0 and scoring["machine"]["torch"] == torch.__version__
+    less = by_name["less demo (cpu)"]["data"]
+    assert less["seconds_vs_floor"] > 0 and less["min_cosine_vs_batch1"] > 0.999  # batched == batch-1 features
+    projection = by_name["projection demo (cpu)"]["data"]
+    methods = [r["method"].split(" (")[0] for r in projection["rows"]]
+    assert methods == ["count sketch", "factored", "dense gaussian", "dense rademacher"]
+    # every projection estimates the exact cosines and squared norms to within a few sqrt(1/proj_dim)
+    # (0.016 at 4096); the norms catch a projection that is merely random (cosines near 0 would not)
+    # (the factored one, k = 16 per side over the demo's few layers, is the loosest: 0.12 measured)
+    for row in projection["rows"]:
+        assert row["cos_err_rms"] < 0.08, row
+        assert row["sq_norm_err_rms"] < (0.35 if row["method"].startswith("factored") else 0.1), row
     e2e = by_name["e2e less train (demo)"]["data"]
     assert 0 < e2e["selection_share"] < 1
     assert "| e2e less train (demo) | ok |" in result["table"]

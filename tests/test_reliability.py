@@ -28,7 +28,9 @@ def _kill_at(step: int, yaml_path, trace_dir, tmp_path, timeout: float = 240) ->
     kill_at_step(["train", yaml_path], step, tmp_path, env={"DATAFLEX_TRACE_DIR": str(trace_dir)}, timeout=timeout)
 
 
-@pytest.mark.parametrize("component", ["loss", "delta_loss", "less"])
+# loss keeps no state of its own beyond the core's: delta_loss (baseline losses) and less (cumulative
+# scores) cover the same resume path and more; loss is in the slow set
+@pytest.mark.parametrize("component", [pytest.param("loss", marks=pytest.mark.slow), "delta_loss", "less"])
 def test_resume_from_the_checkpoint_alone_consumes_what_an_uninterrupted_run_would(component, make_train_yaml,
                                                                                     run_cli, tmp_path):
     extra = {"component_name": component}
