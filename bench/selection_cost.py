@@ -12,8 +12,8 @@ schedule a user would run: every ``--update-step`` steps a selection over ``--po
     share = selection / (selection + update_step x step)
 
 for loss / delta_loss (one scoring pass), less (one gradient-feature pass + the eval set's),
-zeroth (2K forwards per row, K = 16; and ``direction: eval_gradient``, one backward over the eval
-set then 2 forwards per row) and random (nothing). The per-sample rates are measured on
+zeroth (2K forwards per row, K = 16; K + 1 with ``difference: forward``; and ``direction:
+eval_gradient``, one backward over the eval set then 2 forwards per row) and random (nothing). The per-sample rates are measured on
 ``--samples`` rows; the shares are computed from them (stated as such in the output and the JSON,
 ``bench/out/selection_cost-<model>.json``).
 """
@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
         # zeroth with direction: eval_gradient is one direction (2 forwards per row) after one backward over
         # the eval set; that backward is taken at LESS's per-row cost (a forward + backward per row)
         per_sample = {"loss": loss_s, "delta_loss": loss_s, "less": less_s, "zeroth (K=16)": 16 * zeroth_per_direction,
+                      "zeroth (K=16, difference: forward)": 17 / 2 * zeroth_per_direction,
                       "zeroth (eval_gradient)": zeroth_per_direction, "random": 0.0}
+        # difference: forward is K + 1 forwards per row instead of 2K: 17 at K = 16, i.e. 8.5 directions' worth
         extra_eval = {"less": less_s * args.eval_rows, "zeroth (K=16)": 16 * zeroth_per_direction * args.eval_rows,
+                      "zeroth (K=16, difference: forward)": 17 / 2 * zeroth_per_direction * args.eval_rows,
                       "zeroth (eval_gradient)": (less_s + zeroth_per_direction) * args.eval_rows}
         info = shape_info(model)
         print(f"model {args.model}: {info['parameters'] / 1e6:.1f}M parameters; rows: mean {sum(lengths) / n:.0f} "

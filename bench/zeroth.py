@@ -124,6 +124,7 @@ def compare(args) -> None:
         exact_top = topk(exact, k_top)
 
         rows = []
+        forward_vs_central: dict[int, float] = {}
         rows.append(("exact (autograd, batch-1 loop)", "-", f"{N + M} fwd+bwd", t_exact, 1.0, 1.0,
                      add_share(exact_top)))
         for run, K in enumerate(args.ks):
@@ -136,6 +137,26 @@ def compare(args) -> None:
             picks = topk(score, k_top)
             rows.append((f"zeroth random, K={K}", str(K), f"{probe.cost.sample_forwards} fwd", seconds,
                          spearman(score, exact), len(picks & exact_top) / k_top, add_share(picks)))
+            if args.no_forward:
+                continue
+            # difference: forward, the same K directions (only the difference scheme changes), then
+            # K' = 2K - 1 other directions: the same number of forwards as central at K
+            variants = [(f"K={K}, same directions", K, dirs)]
+            if K > 1:  # at K = 1 both schemes take 2 forwards per row
+                variants.append((f"K={2 * K - 1}, equal forwards", 2 * K - 1,
+                                 [gaussian_direction(args.seed, 500 + run, k) for k in range(2 * K - 1)]))
+            for label, kk, dd in variants:
+                probe = ZerothOrderProbe(engine, args.epsilon)
+                t0 = time.perf_counter()
+                f_train, f_eval = probe.differences([(train, range(N)), (evals, range(M))], dd, args.batch_size,
+                                                    scheme="forward")
+                seconds = time.perf_counter() - t0
+                f_score = f_train @ f_eval.mean(dim=0) / kk
+                picks = topk(f_score, k_top)
+                rows.append((f"zeroth random forward, {label}", str(kk), f"{probe.cost.sample_forwards} fwd", seconds,
+                             spearman(f_score, exact), len(picks & exact_top) / k_top, add_share(picks)))
+                if dd is dirs:
+                    forward_vs_central[K] = spearman(f_score, score)
 
         # spread: disjoint groups of K among many more directions (independent estimates)
         spreads: dict[int, list[float]] = {}
@@ -165,11 +186,14 @@ def compare(args) -> None:
         print("|---|---|---|---|---|---|---|---|")
         for name, K, cost, secs, rho, overlap, share in rows:
             spread = "-"
-            if K != "-" and name.startswith("zeroth random") and int(K) in spreads:
+            if K != "-" and name.startswith("zeroth random,") and int(K) in spreads:
                 r = torch.tensor(spreads[int(K)])
                 sd = float(r.std()) if len(r) > 1 else 0.0
                 spread = f"{float(r.mean()):.3f} ± {sd:.3f} ({len(r)})"
             print(f"| {name} | {K} | {cost} | {secs:.1f} | {rho:.3f} | {spread} | {overlap:.2f} | {share:.2f} |")
+        if forward_vs_central:
+            print("\nSpearman of forward vs central differences along the same directions: " + ", ".join(
+                f"K={k}: {r:.4f}" for k, r in forward_vs_central.items()))
         print(f"\nrandom top-{k_top} overlap by chance: {k_top / N:.2f}; equal cost: eval_gradient = {M} fwd+bwd "
               f"(~{3 * M} forward equivalents) + {2 * N} fwd = ~{3 * M + 2 * N}, random K=1 = {2 * (N + M)} fwd")
 
@@ -299,6 +323,7 @@ def main() -> None:
                     help="extra directions split into disjoint groups of K for the spread of Spearman (0: skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a shared CPU)")
     ap.add_argument("--epsilon-sweep", action="store_true")
+    ap.add_argument("--no-forward", action="store_true", help="skip the difference: forward rows")
     ap.add_argument("--speed", action="store_true", help="time the score against its floor (see speed())")
     ap.add_argument("--speed-ks", type=int, nargs="+", default=[1, 4, 16])
     from _common import SHAPES

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from dataflex.core.agreement import AgreedFailure, Agreement
 from dataflex.core.records import RunLog
-from dataflex.core.rounds import LocalSignals, MixRound, MixSetup, SelectRound, WeightRound, normalise_weights
+from dataflex.core.rounds import LocalSignals, SelectRound, WeightRound, normalise_weights
 from dataflex.core.sampling import DomainSampler, largest_remainder
 from dataflex.errors import SelectionError
 from dataflex.schedule import Schedule

@@ -368,7 +368,7 @@ def test_e2e_records_and_log(less_runs):
     # checkpoint-4 was saved after the selection at step 2 and before the one at step 4
     assert len(_cumulative(one, 4)) == 120
     # S at the second selection = S at the first + η2 · Score2, for every chosen sample
-    first, second = recs["step_2.json"], recs["step_4.json"]
+    second = recs["step_4.json"]
     s_before = _cumulative(one, 4)
     lr2 = second["summary"]["learning_rate"]
     assert lr2 > 0

@@ -33,14 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from .component import KIND_OF_TRAIN_TYPE
 from .components import build_component, get_component
 from .core.agreement import Agreement
-from .core.records import RunLog, atomic_write_json, fingerprint, new_run_id
+from .core.records import RunLog, fingerprint, new_run_id
 from .core.rounds import LocalSignals, MixRound, MixSetup, SelectRound, WeightRound
 from .core.sampling import DomainSampler
 from .core.state import check_setup, load_state, save_state
 from .errors import ConfigError
 from .schedule import Schedule, Stretch, rank_micro_batch, total_steps
 from .scoring.engine import ScoringEngine, dataset_lengths, eval_mode
-from .scoring.losses import sample_loss_sums, supervised_logits, token_loss_sums, token_losses
+from .scoring.losses import sample_loss_sums, supervised_logits, token_loss_sums
 from .seeding import seeded_generator
 from .selectors.base import SelectionContext
 
@@ -177,7 +177,7 @@ class DataFlexTrainerMixin:
                                     self.df_spec.key, log_fn=self.log)
 
     def _df_setup_mix(self) -> None:
-        fa, targs = self.finetuning_args, self.args
+        fa = self.finetuning_args
         mixer = self.df_component
         info = self.df_data
         if info is None or not info.parts or not info.exact:

@@ -301,37 +301,52 @@ class ZerothOrderProbe:
         batch_size: int,
         h: float | None = None,
         desc: str = "zeroth differences",
+        scheme: str = "central",
     ) -> list[torch.Tensor]:
         """``d`` for every ``(dataset, indices)`` in ``sets``: one float64 tensor ``[len(indices), K]`` each.
 
+        ``scheme="central"``: (f(θ+hξ) − f(θ−hξ)) / 2h, 2K passes, error O(h²).
+        ``scheme="forward"``: (f(θ+hξ) − f(θ)) / h with f(θ) computed once, K + 1 passes, error O(h).
         NaN where a sample has no supervised token. Parameters are restored before returning.
         """
+        if scheme not in ("central", "forward"):
+            raise ValueError(f"scheme must be 'central' or 'forward', got {scheme!r}")
         h = self.step() if h is None else h
         K = len(directions)
         out = [torch.full((len(ids), K), float("nan"), dtype=torch.float64) for _, ids in sets]
         engine = self.engine
         progress = None
-        if engine.show_progress:  # one bar over the 2K perturbed passes instead of one per engine call
+        passes = 2 * K if scheme == "central" else K + 1
+        if engine.show_progress:  # one bar over the perturbed passes instead of one per engine call
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=2 * K, desc=f"[DataFlex] {desc}", unit="pass", leave=False)
+            progress = tqdm(total=passes, desc=f"[DataFlex] {desc}", unit="pass", leave=False)
         shown, engine.show_progress = engine.show_progress, False
+
+        def one_pass() -> list[torch.Tensor]:
+            per_set = []
+            for dataset, ids in sets:
+                per_set.append(engine.losses(dataset, ids, batch_size, desc=desc))
+                self.cost.rank_forwards += engine.forward_passes
+                self.cost.sample_forwards += len(ids)
+            if progress is not None:
+                progress.update(1)
+            return per_set
+
         try:
+            base = one_pass() if scheme == "forward" else None  # f(θ), shared by every direction
             with self.perturbation() as pert:
                 for k, direction in enumerate(directions):
-                    values = []
-                    for sign in (1.0, -1.0):
-                        pert.apply(direction, sign * h)
-                        per_set = []
-                        for dataset, ids in sets:
-                            per_set.append(engine.losses(dataset, ids, batch_size, desc=desc))
-                            self.cost.rank_forwards += engine.forward_passes
-                            self.cost.sample_forwards += len(ids)
-                        values.append(per_set)
-                        if progress is not None:
-                            progress.update(1)
+                    pert.apply(direction, h)
+                    plus = one_pass()
+                    if base is None:
+                        pert.apply(direction, -h)
+                        minus = one_pass()
                     for s in range(len(sets)):
-                        out[s][:, k] = (values[0][s] - values[1][s]) / (2.0 * h)
+                        if base is None:
+                            out[s][:, k] = (plus[s] - minus[s]) / (2.0 * h)
+                        else:
+                            out[s][:, k] = (plus[s] - base[s]) / h
         finally:
             engine.show_progress = shown
             if progress is not None:

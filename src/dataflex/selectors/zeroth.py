@@ -8,7 +8,10 @@ see :mod:`dataflex.scoring.zeroth`):
     score(z) = (1/M) Σ_{z'} d(z)·d(z') / K  =  d(z)·mean_{z'} d(z') / K
 
 an unbiased estimate (up to the O(h²) difference error) of ∇f(z)·ḡ_eval, the first-order
-change of the mean eval loss when training on z. K = 1 is the seed's formula
+change of the mean eval loss when training on z. ``difference: forward`` uses
+d_k(z) = (f(θ + hξ_k; z) − f(θ; z)) / h instead, with f(θ; z) computed once for all directions:
+K + 1 forwards per sample instead of 2K (1.9x fewer at K = 16) for an O(h) difference error,
+which at the default step is far below the sampling noise of K directions. K = 1 is the seed's formula
 (2ε)⁻²(f(θ+εξ; z) − f(θ−εξ; z))(f(θ+εξ; z') − f(θ−εξ; z')), averaged over the eval samples.
 
 ``direction: eval_gradient`` replaces the random directions by ḡ_eval itself (one backward over
@@ -61,6 +64,11 @@ class ZerothParams(ScoringParams):
         default="random",
         metadata={"help": "random: K Gaussian directions; eval_gradient: the eval-set gradient (one backward)."},
     )
+    difference: Literal["central", "forward"] = field(
+        default="central",
+        metadata={"help": "central: (f(θ+hξ) − f(θ−hξ)) / 2h, 2K forwards per sample (the seed's formula); "
+                          "forward: (f(θ+hξ) − f(θ)) / h, K + 1 forwards (error O(h) instead of O(h²))."},
+    )
     save_differences: bool = field(
         default=False,
         metadata={"help": "Also write the difference vectors to <run records>/zeroth_step_{N}.pt (rank 0)."},
@@ -95,7 +103,7 @@ class ZerothSelector(Selector):
             K = p.num_directions
             directions = [gaussian_direction(p.seed, ctx.selection, k) for k in range(K)]
             d_train, d_eval = probe.differences([(ctx.train_dataset, pool), (ctx.eval_dataset, eval_ids)],
-                                                directions, p.scoring_batch_size, h=h)
+                                                directions, p.scoring_batch_size, h=h, scheme=p.difference)
             eval_valid = ~torch.isnan(d_eval[:, 0])
             n_eval = int(eval_valid.sum())
             if n_eval == 0:
@@ -112,7 +120,8 @@ class ZerothSelector(Selector):
                 raise ValueError("the eval-set gradient is zero: nothing to align with (try direction: random)")
             root_n = probe.num_params ** 0.5
             direction = tensor_direction(grad, root_n / norm)  # length sqrt(n), like a Gaussian direction
-            (d_train,) = probe.differences([(ctx.train_dataset, pool)], [direction], p.scoring_batch_size, h=h)
+            (d_train,) = probe.differences([(ctx.train_dataset, pool)], [direction], p.scoring_batch_size, h=h,
+                                           scheme=p.difference)
             target = torch.tensor([norm / root_n], dtype=torch.float64)
             scores = d_train[:, 0] * target[0]
 
@@ -127,9 +136,9 @@ class ZerothSelector(Selector):
         if ctx.rank == 0:
             what = f"{K} random direction(s)" if p.direction == "random" else "the eval-gradient direction"
             logger.info(
-                "[DataFlex] zeroth: %s over %d train + %d eval samples, step h=%.3g (epsilon %g x rms %.3g); "
-                "pool scores min %.4g, median %.4g, max %.4g; %d sample forwards",
-                what, len(pool), len(eval_ids), h, p.epsilon, probe.rms, float(scores[valid].min()),
+                "[DataFlex] zeroth: %s over %d train + %d eval samples, %s differences, step h=%.3g (epsilon %g x "
+                "rms %.3g); pool scores min %.4g, median %.4g, max %.4g; %d sample forwards",
+                what, len(pool), len(eval_ids), p.difference, h, p.epsilon, probe.rms, float(scores[valid].min()),
                 float(scores[valid].median()), float(scores[valid].max()), cost.sample_forwards,
             )
             if p.save_differences:
@@ -143,6 +152,7 @@ class ZerothSelector(Selector):
             summary={
                 "direction": p.direction,
                 "num_directions": K,
+                "difference": p.difference,
                 "fd_step": h,
                 "eval_samples": n_eval,
                 "pool_size": len(pool),
