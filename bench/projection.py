@@ -63,6 +63,16 @@ def _generator(device, seed: int, key: str):
     return torch.Generator(device=device).manual_seed(derive_seed(seed, key))
 
 
+def _tokens(x, gy, mask):
+    """A layer call's inputs and output gradients as ``batch x tokens x features`` fp32, padding zeroed."""
+    b = x.shape[0]
+    x = x.reshape(b, -1, x.shape[-1]).float()
+    gy = gy.reshape(b, -1, gy.shape[-1]).float()
+    if mask is not None and mask.shape == gy.shape[:2]:
+        gy = gy * mask.unsqueeze(-1)
+    return x, gy
+
+
 def layer_grads(records, mask):
     """``(name, batch x numel)`` per-sample gradients of each LoRA layer (the bmm both dense methods need)."""
     import torch
@@ -70,11 +80,7 @@ def layer_grads(records, mask):
     for target, calls in records:
         weight = None
         for x, gy in calls:
-            b = x.shape[0]
-            x = x.reshape(b, -1, x.shape[-1]).float()
-            gy = gy.reshape(b, -1, gy.shape[-1]).float()
-            if mask is not None and mask.shape == gy.shape[:2]:
-                gy = gy * mask.unsqueeze(-1)
+            x, gy = _tokens(x, gy, mask)
             w = torch.bmm(gy.transpose(1, 2), x)
             weight = w if weight is None else weight + w
         yield target.weight_name, weight.reshape(weight.shape[0], -1)
@@ -135,11 +141,7 @@ class Factored:
         for target, calls in records:
             block = None
             for x, gy in calls:
-                b = x.shape[0]
-                x = x.reshape(b, -1, x.shape[-1]).float()
-                gy = gy.reshape(b, -1, gy.shape[-1]).float()
-                if mask is not None and mask.shape == gy.shape[:2]:
-                    gy = gy * mask.unsqueeze(-1)
+                x, gy = _tokens(x, gy, mask)
                 p_in = self._matrix(f"{target.weight_name}:in", x.shape[-1])
                 p_out = self._matrix(f"{target.weight_name}:out", gy.shape[-1])
                 xp = x @ p_in if p_in is not None else x
