@@ -29,7 +29,9 @@ def _records(out):
     return {f"step_{k}.json": v for k, v in records(out).items()}
 
 
-@pytest.fixture(scope="module", params=["random", "loss", "delta_loss"])
+# random's records and its 1-vs-2-process draws are in test_e2e_random.py (traces of every step), and
+# loss / delta_loss draw through the same seeded core: random here is in the slow set
+@pytest.fixture(scope="module", params=[pytest.param("random", marks=pytest.mark.slow), "loss", "delta_loss"])
 def runs(request, make_train_yaml, run_cli, tmp_path_factory):
     component = request.param
     tmp = tmp_path_factory.mktemp(component)

@@ -276,8 +276,8 @@ def test_finite_difference_matches_directional_derivative_float64(tiny_model):
     assert forward[1e-3] < 5e-2 and forward[1e-3] > 10 * errors[1e-3], (forward, errors)
     # by hand: the unperturbed losses and the perturbed ones, through the model's own loss
     h = 1e-2
-    base_losses = torch.tensor([float(model(**collator([r])).loss) for r in rows], dtype=torch.float64)
     with torch.no_grad():
+        base_losses = torch.tensor([float(model(**collator([r])).loss) for r in rows], dtype=torch.float64)
         backup = [p.detach().clone() for _, p in params]
         for (_, p), x in zip(params, xi):
             p.add_(h * x)
