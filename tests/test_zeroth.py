@@ -521,9 +521,11 @@ def _records(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.e2e
-# random directions on two processes are also compared with one process in test_deepspeed.py (ZeRO-3)
-@pytest.mark.parametrize("direction", [pytest.param("random", marks=pytest.mark.slow), "eval_gradient"])
-def test_cli_train_one_and_two_processes_agree(direction, make_train_yaml, run_cli, tmp_path):
+# random directions with central differences on two processes are also compared with one process in
+# test_deepspeed.py (ZeRO-3); here random runs with forward differences (the shared unperturbed pass)
+@pytest.mark.parametrize("direction, difference", [pytest.param("random", "central", marks=pytest.mark.slow),
+                                                   ("random", "forward"), ("eval_gradient", "central")])
+def test_cli_train_one_and_two_processes_agree(direction, difference, make_train_yaml, run_cli, tmp_path):
     """Same global batch (4 x 1 process, 2 x 2 processes): the same samples are trained on, so every
     selection must choose the same indices with the same scores."""
     runs = {}
@@ -532,7 +534,7 @@ def test_cli_train_one_and_two_processes_agree(direction, make_train_yaml, run_c
         comps_file = tmp_path / f"components_{name}.yaml"
         comps_file.write_text(yaml.safe_dump({"selectors": {"zeroth": {"name": "zeroth", "params": {
             "cache_dir": str(cache), "seed": 42, "num_directions": 2, "scoring_batch_size": 16,
-            "direction": direction}}}}))
+            "direction": direction, "difference": difference}}}}))
         cfg = make_train_yaml(tmp_path / name, component_name="zeroth", components_cfg_file=str(comps_file),
                               per_device_train_batch_size=per_device, **E2E)
         res = run_cli(["train", cfg], env=env, timeout=400)
@@ -545,7 +547,8 @@ def test_cli_train_one_and_two_processes_agree(direction, make_train_yaml, run_c
     one, two = _records(runs["one"][0]), _records(runs["two"][0])
     assert sorted(one) == sorted(two) == ["step_2.json", "step_4.json"]
     K = 2 if direction == "random" else 1
-    forwards = 2 * K * (120 + 40) if direction == "random" else 40 + 2 * 120
+    passes = 2 * K if difference == "central" else K + 1
+    forwards = passes * (120 + 40) if direction == "random" else 40 + 2 * 120
     for step in one:
         a, b = one[step], two[step]
         assert a["selector"] == "zeroth" and len(a["indices"]) == 8
@@ -554,6 +557,7 @@ def test_cli_train_one_and_two_processes_agree(direction, make_train_yaml, run_c
         # rounding that this moves is divided by 2h (about 1e-4 here): a few 1e-3 relative
         assert a["per_sample"]["score"] == pytest.approx(b["per_sample"]["score"], rel=2e-2, abs=1e-4)
         assert a["summary"]["direction"] == direction and a["summary"]["num_directions"] == K
+        assert a["summary"]["difference"] == b["summary"]["difference"] == difference
         assert a["summary"]["eval_samples"] == 40 and a["summary"]["sample_forwards"] == forwards
     assert one["step_2.json"]["per_sample"]["score"] != one["step_4.json"]["per_sample"]["score"]
     log = runs["one"][1]

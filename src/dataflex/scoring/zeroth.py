@@ -339,14 +339,13 @@ class ZerothOrderProbe:
                 for k, direction in enumerate(directions):
                     pert.apply(direction, h)
                     plus = one_pass()
-                    if base is None:
+                    if base is None:  # central: f(θ − hξ) over a span of 2h
                         pert.apply(direction, -h)
-                        minus = one_pass()
+                        lower, span = one_pass(), 2.0 * h
+                    else:
+                        lower, span = base, h
                     for s in range(len(sets)):
-                        if base is None:
-                            out[s][:, k] = (plus[s] - minus[s]) / (2.0 * h)
-                        else:
-                            out[s][:, k] = (plus[s] - base[s]) / h
+                        out[s][:, k] = (plus[s] - lower[s]) / span
         finally:
             engine.show_progress = shown
             if progress is not None:
