@@ -63,45 +63,23 @@ def _generator(device, seed: int, key: str):
     return torch.Generator(device=device).manual_seed(derive_seed(seed, key))
 
 
-def _tokens(x, gy, mask):
-    """A layer call's inputs and output gradients as ``batch x tokens x features`` fp32, padding zeroed."""
-    b = x.shape[0]
-    x = x.reshape(b, -1, x.shape[-1]).float()
-    gy = gy.reshape(b, -1, gy.shape[-1]).float()
-    if mask is not None and mask.shape == gy.shape[:2]:
-        gy = gy * mask.unsqueeze(-1)
-    return x, gy
-
-
-def layer_grads(records, mask):
-    """``(name, batch x numel)`` per-sample gradients of each LoRA layer (the bmm both dense methods need)."""
-    import torch
-
-    for target, calls in records:
-        weight = None
-        for x, gy in calls:
-            x, gy = _tokens(x, gy, mask)
-            w = torch.bmm(gy.transpose(1, 2), x)
-            weight = w if weight is None else weight + w
-        yield target.weight_name, weight.reshape(weight.shape[0], -1)
-
-
-def count_sketch(records, mask, projector, batch, device):
+def count_sketch(grads, projector, batch, device):
+    """Form each layer's per-sample gradients (``BatchGradients`` iteration: one bmm), then sketch them."""
     import torch
 
     out = torch.zeros(batch, projector.proj_dim, device=device)
-    for name, g in layer_grads(records, mask):
+    for name, g in grads:
         projector.project_into(out, name, g)
     return out
 
 
-def dense(records, mask, proj_dim, seed, batch, device, kind: str, chunk: int = 8192):
+def dense(grads, proj_dim, seed, batch, device, kind: str, chunk: int = 8192):
     """Gradients times a ``numel x proj_dim`` random matrix made ``chunk`` rows at a time."""
     import torch
 
     out = torch.zeros(batch, proj_dim, device=device)
     scale = 1.0 / math.sqrt(proj_dim)
-    for name, g in layer_grads(records, mask):
+    for name, g in grads:
         gen = _generator(device, seed, f"dense:{name}")
         for start in range(0, g.shape[1], chunk):
             rows = min(chunk, g.shape[1] - start)
@@ -134,14 +112,13 @@ class Factored:
     def state_bytes(self) -> int:
         return sum(m.numel() * m.element_size() for m in self._mats.values())
 
-    def __call__(self, records, mask, batch):
+    def __call__(self, grads, batch):
         import torch
 
         out = torch.zeros(batch, self.projector.proj_dim, device=self.device)
-        for target, calls in records:
+        for target, calls in grads.layer_calls():
             block = None
             for x, gy in calls:
-                x, gy = _tokens(x, gy, mask)
                 p_in = self._matrix(f"{target.weight_name}:in", x.shape[-1])
                 p_out = self._matrix(f"{target.weight_name}:out", gy.shape[-1])
                 xp = x @ p_in if p_in is not None else x
@@ -153,9 +130,9 @@ class Factored:
 
 
 # ----------------------------------------------------------------------------- error against exact
-def exact_gram(records, mask):
+def exact_gram(grads):
     gram = None
-    for _, g in layer_grads(records, mask):
+    for _, g in grads:
         g = g.double()
         gram = g @ g.T if gram is None else gram + g @ g.T
     return gram
@@ -276,17 +253,16 @@ def main(argv: list[str] | None = None) -> dict:
     grads = per_sample_gradients(model, inputs, labels, targets)
     sync()
     fwd_bwd_s = time.perf_counter() - t0
-    records, mask = grads._records, grads._mask
     batch = args.batch
     del model  # only the captured activations are needed from here on
     print(f"{args.model} + LoRA r{args.lora_rank}: {n_trainable / 1e6:.2f}M trainable, forward + backward "
           f"of {batch} x {args.tokens} tokens: {fwd_bwd_s:.1f} s", flush=True)
 
-    gram = exact_gram(records, mask)
+    gram = exact_gram(grads)
     sub_layers = {f"layers.{i}." for i in range(args.dense_layers)}
-    subset = [r for r in records if any(s in r[0].weight_name for s in sub_layers)]
-    sub_numel = sum(r[0].module.weight.numel() for r in subset)
-    sub_gram = exact_gram(subset, mask)
+    subset = grads.subset(lambda t: any(s in t.weight_name for s in sub_layers))
+    sub_numel = sum(t.module.weight.numel() for t in subset.targets)
+    sub_gram = exact_gram(subset)
     scale_up = n_trainable / sub_numel
 
     rows = []
@@ -302,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     # forming the per-sample gradients alone (the part both dense methods share with the sketch)
     def form():
         total = 0.0
-        for _, g in layer_grads(records, mask):
+        for _, g in grads:
             total += float(g[0, 0])
         return total
 
@@ -313,23 +289,23 @@ def main(argv: list[str] | None = None) -> dict:
     errs, sketch_s, sketch_mib, proj = [], None, None, None
     for s in range(args.seeds):
         proj = CountSketchProjector(args.proj_dim, seed=100 + s)
-        out, sec, mib = timed(lambda p=proj: count_sketch(records, mask, p, batch, device))
+        out, sec, mib = timed(lambda p=proj: count_sketch(grads, p, batch, device))
         errs.append(errors(out, gram))
         if s == 0:
             sketch_s, sketch_mib, state = sec, mib, proj.memory_bytes()
-    largest = max(r[0].module.weight.numel() for r in records)
+    largest = max(t.module.weight.numel() for t in grads.targets)
     add("count sketch", sketch_s, sketch_mib, pooled(errs), state, 2 * batch * largest * 4)
     sub_errs = []
     for s in range(args.seeds):
         proj_s = CountSketchProjector(args.proj_dim, seed=100 + s)
-        sub_errs.append(errors(count_sketch(subset, mask, proj_s, batch, device), sub_gram))
+        sub_errs.append(errors(count_sketch(subset, proj_s, batch, device), sub_gram))
     sketch_sub = pooled(sub_errs)
 
     # factored (LoGra-style)
     errs = []
     for s in range(args.seeds):
         fac = Factored(args.factored_k, CountSketchProjector(args.proj_dim, seed=200 + s), 300 + s, device)
-        out, sec, mib = timed(lambda f=fac: f(records, mask, batch))
+        out, sec, mib = timed(lambda f=fac: f(grads, batch))
         errs.append(errors(out, gram))
         if s == 0:
             fac_s, fac_mib, fac_state = sec, mib, fac.state_bytes() + fac.projector.memory_bytes()
@@ -339,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     # dense, on the subset, extrapolated
     dense_rows = {}
     for kind in ("gaussian", "rademacher"):
-        out, sec, mib = timed(lambda k=kind: dense(subset, mask, args.proj_dim, 7, batch, device, k),
+        out, sec, mib = timed(lambda k=kind: dense(subset, args.proj_dim, 7, batch, device, k),
                                 repeats=1)
         err = errors(out, sub_gram)
         dense_rows[kind] = err

@@ -112,15 +112,32 @@ class BatchGradients:
         self._records = records  # [(target, [(input, output_grad), ...])]
         self._mask = token_mask
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+    @property
+    def targets(self) -> list[LinearTarget]:
+        return [target for target, _ in self._records]
+
+    def subset(self, keep: Callable[[LinearTarget], bool]) -> "BatchGradients":
+        """The same batch restricted to the layers ``keep`` accepts."""
+        return BatchGradients(self.losses, self.counts, [r for r in self._records if keep(r[0])], self._mask)
+
+    def layer_calls(self) -> Iterator[tuple[LinearTarget, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+        """Per layer, its calls' ``(inputs, output gradients)`` as ``batch x tokens x features`` fp32,
+        output gradients at padded positions zeroed - what every per-sample quantity is built from."""
         for target, calls in self._records:
+            yield target, (self._tokens(x, gy) for x, gy in calls)
+
+    def _tokens(self, x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, x.shape[-1]).float()
+        gy = gy.reshape(batch, -1, gy.shape[-1]).float()
+        if self._mask is not None and self._mask.shape == gy.shape[:2]:
+            gy = gy * self._mask.unsqueeze(-1)
+        return x, gy
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for target, calls in self.layer_calls():
             weight, bias = None, None
             for x, gy in calls:
-                batch = x.shape[0]
-                x = x.reshape(batch, -1, x.shape[-1]).float()
-                gy = gy.reshape(batch, -1, gy.shape[-1]).float()
-                if self._mask is not None and self._mask.shape == gy.shape[:2]:
-                    gy = gy * self._mask.unsqueeze(-1)
                 if target.weight_name is not None:
                     w = torch.bmm(gy.transpose(1, 2), x)  # batch x out x in
                     weight = w if weight is None else weight + w

@@ -7,8 +7,9 @@ dimensions. A dense Gaussian or Rademacher matrix of ``num_params x proj_dim`` c
 and regenerating it block by block costs ``num_params x proj_dim`` random numbers and
 multiply-adds for every batch - on a CPU that is far more than the per-sample gradients
 themselves (``bench/projection.py``: at the Qwen2.5-0.5B LoRA r16 shape a dense projection to
-4096 takes ~8x the forward + backward, the count sketch 2 % of it, at the same accuracy). We use the sparse alternative of the same family, the count sketch (a sparse
-Johnson-Lindenstrauss transform with one non-zero per input coordinate):
+4096 takes ~8x the forward + backward, the count sketch 2 % of it, at the same accuracy). We
+use the sparse alternative of the same family, the count sketch (a sparse Johnson-Lindenstrauss
+transform with one non-zero per input coordinate):
 
     coordinate j of parameter tensor P goes to bucket h_P(j) in [0, proj_dim) with sign s_P(j) = ±1
     (S x)[c] = sum over j with h(j) = c of s(j) x_j
