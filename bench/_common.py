@@ -45,6 +45,12 @@ SHAPES = {
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
+    # SmolLM2-135M's architecture (Llama, grouped-query attention, tied embeddings) with random weights:
+    # for machines that cannot hold the real asset (the GPU machine); speed and memory do not depend on
+    # the weights' values.
+    "smollm2-shape": dict(architecture="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                          rope_theta=1e5),
 }
 
 
@@ -58,17 +64,20 @@ def build_model(folder: Path, shape: str = "demo") -> Path:
     if SHAPES[shape] is None:
         return model_dir
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = folder / shape
     tok.save_pretrained(out)
     torch.manual_seed(0)
-    config = Qwen2Config(max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.eos_token_id, **SHAPES[shape])
+    spec = dict(SHAPES[shape])
+    config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if spec.pop("architecture", "qwen2") == "llama"
+                             else (Qwen2Config, Qwen2ForCausalLM))
+    config = config_cls(max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                        bos_token_id=tok.eos_token_id, **spec)
     with torch.device("meta"):
-        Qwen2ForCausalLM(config)  # fail fast on a bad config before allocating
-    Qwen2ForCausalLM(config).save_pretrained(out)
+        model_cls(config)  # fail fast on a bad config before allocating
+    model_cls(config).save_pretrained(out)
     return out
 
 

@@ -6,10 +6,10 @@
 The plan (each step under its own time limit, and all of them within ``--budget`` seconds, 480 by
 default: a step gets at most what is left; a failed or timed-out step is reported, the others run):
 
-1. ``bench/scoring.py`` at the Qwen2.5-0.5B and Qwen2.5-1.5B shapes in bf16: loss scoring samples/s
+1. ``bench/scoring.py`` at the SmolLM2-135M, Qwen2.5-0.5B and Qwen2.5-1.5B shapes in bf16: loss scoring samples/s
    vs batch-1 and vs the floor (a bare batched forward of the same batches), peak GPU memory.
    The same 0.5B scoring in fp32, so bf16's gain is measured in the same session.
-2. ``bench/less.py`` at the 0.5B shape (bf16 frozen weights, fp32 LoRA): LESS features vs a training
+2. ``bench/less.py`` at the SmolLM2-135M and 0.5B shapes (bf16 frozen weights, fp32 LoRA): LESS features vs a training
    step's forward + backward and vs batch-1, peak GPU memory; ``bench/projection.py`` at 0.5B: count
    sketch vs dense (all 24 layers, nothing extrapolated) vs factored projection on the GPU.
 3. ``bench/zeroth.py --speed`` at the 0.5B shape: seconds per sample for K = 1, 4, 16 vs 2K forwards.
@@ -62,13 +62,17 @@ def plan(dry: bool, out: Path) -> list[dict]:
         scoring = [(f"scoring {m} bf16", [py, "bench/scoring.py", "--model", m, "--device", "cuda", "--dtype",
                                           "bfloat16", "--samples", "2000", "--baseline-samples", "200",
                                           "--batch-sizes", "16", "32", "64", "--out", str(out)], 150,
-                    out / f"scoring-{m}-cuda.json") for m in ("qwen2.5-0.5b", "qwen2.5-1.5b")]
+                    out / f"scoring-{m}-cuda.json") for m in ("smollm2-shape", "qwen2.5-0.5b", "qwen2.5-1.5b")]
         # the same 0.5B scoring in fp32: bf16's gain, measured in the same session (written under out/fp32)
         scoring.append(("scoring qwen2.5-0.5b fp32", [py, "bench/scoring.py", "--model", "qwen2.5-0.5b", "--device",
                                                       "cuda", "--samples", "1000", "--baseline-samples", "100",
                                                       "--batch-sizes", "32", "--out", str(out / "fp32")], 90,
                         out / "fp32" / "scoring-qwen2.5-0.5b-cuda.json"))
-        feats = [("less qwen2.5-0.5b bf16", [py, "bench/less.py", "--model", "qwen2.5-0.5b", "--device", "cuda",
+        feats = [("less smollm2-shape bf16", [py, "bench/less.py", "--model", "smollm2-shape", "--device", "cuda",
+                                              "--dtype", "bfloat16", "--samples", "600", "--baseline-samples", "60",
+                                              "--repeats", "1", "--out", str(out)], 90,
+                  out / "less-smollm2-shape-cuda.json"),
+                 ("less qwen2.5-0.5b bf16", [py, "bench/less.py", "--model", "qwen2.5-0.5b", "--device", "cuda",
                                              "--dtype", "bfloat16", "--samples", "600", "--baseline-samples", "60",
                                              "--repeats", "1", "--out", str(out)], 120,
                   out / "less-qwen2.5-0.5b-cuda.json"),
