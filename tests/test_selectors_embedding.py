@@ -52,6 +52,20 @@ def test_top_k_matches_a_brute_force_sort_and_never_returns_empty_rows():
         assert sims[q].tolist() == pytest.approx([v for v, _ in best], abs=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_k_beyond_the_rows_with_tokens_returns_only_those_rows(backend):
+    """k >= the number of valid keys: the NaN row (a sample without tokens) used to come back as the
+    last neighbour, and near's round-robin then picked it."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [float("nan"), float("nan")], [0.6, 0.8]])
+    sims, ids = top_k(torch.tensor([[1.0, 0.0]]), keys, 10, backend=backend)
+    assert ids.tolist() == [[0, 3, 1]]
+    assert sims.tolist() == [pytest.approx([1.0, 0.6, 0.0])]
+    picks, _, repeated = round_robin(ids, 4)  # what near does with them
+    assert picks == [0, 3, 1, 0] and repeated
+
+
 def test_faiss_backend_finds_the_same_neighbours_as_torch():
     pytest.importorskip("faiss")  # in the test extra; skipped only where it was left out on purpose
     gen = torch.Generator().manual_seed(3)

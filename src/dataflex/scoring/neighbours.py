@@ -32,8 +32,8 @@ def top_k(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 1024,
     Among the ``k`` returned, equal similarities are in key order. Rows of NaN (samples without
     tokens) are never returned as neighbours.
     """
-    k = min(k, keys.shape[0])
     valid_keys = ~torch.isnan(keys).any(dim=1)
+    k = min(k, int(valid_keys.sum()))  # never more than the rows with tokens: the rest would be NaN rows
     keys = torch.nan_to_num(keys.float())
     if backend == "faiss":
         return _faiss_top_k(queries, keys, valid_keys, k)
