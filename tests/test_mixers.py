@@ -461,3 +461,39 @@ def test_selection_on_pretraining_text(make_train_yaml, run_cli, tmp_path):
     assert res.returncode == 0, failure_report(res)
     recs = records(tmp_path / "out")
     assert sorted(recs) == [2, 4] and all(len(r["indices"]) == 8 for r in recs.values())
+
+
+def test_starting_proportions_by_rule_yaml_and_mixer():
+    """init_mixture_proportions wins; unset, the mixer's own starting proportions hold from step 0."""
+    from dataflex.mixers.base import starting_proportions
+    from dataflex.mixers.odm import OdmMixer, OdmParams
+    from dataflex.mixers.random import RandomMixer
+
+    odm = OdmMixer(OdmParams(initial_proportions=[9, 1]))
+    domains, sizes = ["a", "b"], [30, 10]
+    assert starting_proportions("mixture", sizes, None, domains, odm)[0] == [0.9, 0.1]
+    assert starting_proportions("mixture", sizes, [0.3, 0.7], domains, odm) == ([0.3, 0.7], "init_mixture_proportions")
+    assert starting_proportions("mixture", sizes, None, domains, OdmMixer(OdmParams()))[0] == [0.5, 0.5]
+    assert starting_proportions("mixture", sizes, None, domains, RandomMixer(RandomMixer.Params()))[0] == [0.5, 0.5]
+    assert starting_proportions("stratified", sizes, None, domains, odm)[0] == [0.75, 0.25]
+    assert starting_proportions("uniform", sizes, [0.3, 0.7], domains, odm)[0] == [0.5, 0.5]
+    with pytest.raises(ConfigError, match="initial_proportions"):
+        starting_proportions("mixture", sizes, None, ["a", "b", "c"], odm)
+
+
+@pytest.mark.e2e
+def test_odm_initial_proportions_hold_through_the_yaml_warm_up(tiny_model, run_cli, tmp_path):
+    """warmup_step 3, ODM warmup_steps 6, initial_proportions [0.9, 0.1], no init_mixture_proportions:
+    [0.9, 0.1] is in force from step 0 (it used to be [0.5, 0.5] until step 3) until ODM starts at 6."""
+    work = _work(tmp_path)
+    comps = tmp_path / "odm.yaml"
+    comps.write_text("mixers:\n  odm: {name: odm, params: {warmup_steps: 6, initial_proportions: [0.9, 0.1]}}\n")
+    out = tmp_path / "out"
+    _run(run_cli, ORIGINAL["full"] / "odm_dynamic_qwen_pt_full.yaml", tiny_model, out, work, "max_steps=7",
+         "warmup_step=3", "per_device_train_batch_size=2", "gradient_accumulation_steps=1", "num_train_epochs=1.0",
+         f"components_cfg_file={comps}", "init_mixture_proportions=null")
+    recs = records(out)
+    assert (recs[0]["kind"], recs[0]["num_steps"]) == ("warmup", 3)  # the YAML's warm-up: steps 0-2
+    for step in (0, 3, 4, 5):  # then ODM's own warm-up, one record per step
+        assert recs[step]["proportions"] == pytest.approx([0.9, 0.1]), (step, recs[step]["proportions"])
+    assert recs[6]["proportions"] == pytest.approx([0.5, 0.5])  # ODM's first policy: no reward yet

@@ -42,6 +42,7 @@ from .schedule import Schedule, Stretch, rank_micro_batch, total_steps
 from .scoring.engine import ScoringEngine, dataset_lengths, eval_mode
 from .scoring.losses import sample_loss_sums, supervised_logits, token_loss_sums
 from .seeding import seeded_generator
+from .mixers.base import starting_proportions
 from .selectors.base import SelectionContext
 
 logger = logging.getLogger("dataflex")
@@ -185,18 +186,8 @@ class DataFlexTrainerMixin:
         domains = [p[0] for p in info.parts]
         sizes = [p[2] - p[1] for p in info.parts]
         rule = fa.mixture_sample_rule or "mixture"
-        if rule == "stratified":
-            initial = [s / sum(sizes) for s in sizes]
-        elif rule == "uniform" or fa.init_mixture_proportions is None:
-            initial = [1.0 / len(domains)] * len(domains)
-        else:
-            initial = [float(x) for x in fa.init_mixture_proportions]
+        initial, how = starting_proportions(rule, sizes, fa.init_mixture_proportions, domains, mixer)
         if self.df_rank == 0:
-            how = {"stratified": "by dataset size (mixture_sample_rule: stratified)",
-                   "uniform": "equal (mixture_sample_rule: uniform)"}.get(rule)
-            if how is None:
-                how = "init_mixture_proportions" if fa.init_mixture_proportions is not None else \
-                    "uniform (init_mixture_proportions unset)"
             logger.info("[DataFlex] domains %s with %s rows; starting proportions %s: %s", domains, sizes,
                         [round(x, 4) for x in initial], how)
         if mixer.every_step:

@@ -104,6 +104,11 @@ class Mixer(Component):
         """Called once on every rank before training, with the starting proportions."""
         self.domains = list(domains)
 
+    def own_start(self, domains: Sequence[str]) -> list[float] | None:
+        """The mixer's own starting proportions (a param), or None. They hold from step 0 when the YAML
+        sets no ``init_mixture_proportions``; checked against the number of domains here."""
+        return None
+
     def initial_loss_weights(self) -> list[float] | None:
         """Per-domain loss weights before the first update (None: plain loss)."""
         return None
@@ -125,3 +130,23 @@ class Mixer(Component):
 def normalise(values: Sequence[float]) -> list[float]:
     total = float(sum(values))
     return [float(v) / total for v in values]
+
+
+def starting_proportions(rule: str, sizes: Sequence[int], init: Sequence[float] | None, domains: Sequence[str],
+                         mixer: "Mixer | None") -> tuple[list[float], str]:
+    """The proportions in force from step 0, and where they come from (for the log).
+
+    ``stratified`` and ``uniform`` rules fix them; under ``mixture`` the YAML's
+    ``init_mixture_proportions`` wins, then the mixer's own starting proportions, then equal shares.
+    """
+    k = len(sizes)
+    if rule == "stratified":
+        return [s / sum(sizes) for s in sizes], "by dataset size (mixture_sample_rule: stratified)"
+    if rule == "uniform":
+        return [1.0 / k] * k, "equal (mixture_sample_rule: uniform)"
+    if init is not None:
+        return [float(x) for x in init], "init_mixture_proportions"
+    own = mixer.own_start(domains) if mixer is not None else None
+    if own is not None:
+        return list(own), f"mixer '{mixer.name}' starting proportions (init_mixture_proportions unset)"
+    return [1.0 / k] * k, "uniform (init_mixture_proportions unset)"

@@ -14,8 +14,9 @@ from π, so domain d is observed with probability π_d. To keep that meaning, ro
 one domain per micro-batch: every micro-batch of every rank draws its domain from π (the
 official runs' ``mixed_minibatches`` setting; with one process and no gradient accumulation
 this is exactly one domain per step). ``warmup_steps`` counts optimizer steps from the start of
-training, like the YAML's ``warmup_step``: ODM keeps the initial proportions until both have
-passed (the run logs the step it starts at).
+training, like the YAML's ``warmup_step``: ODM starts when both have passed. Before, its
+``initial_proportions`` hold (from step 0 when the YAML sets no ``init_mixture_proportions``,
+else after the YAML's warm-up).
 """
 
 from __future__ import annotations
@@ -76,12 +77,17 @@ class OdmMixer(Mixer):
     every_step = True
     summary = "ODM: EXP3 bandit over domains, rewarded by their training loss"
 
+    def own_start(self, domains) -> list[float] | None:
+        p = self.params
+        if p.initial_proportions is not None and len(p.initial_proportions) != len(domains):
+            p.fail("initial_proportions", f"{len(domains)} numbers, one per domain of dataset ({', '.join(domains)})")
+        return normalise(p.initial_proportions) if p.initial_proportions is not None else None
+
     def setup(self, domains, sizes, initial, total_steps, warmup_step) -> None:
         super().setup(domains, sizes, initial, total_steps, warmup_step)
         k = len(domains)
         p = self.params
-        if p.initial_proportions is not None and len(p.initial_proportions) != k:
-            p.fail("initial_proportions", f"{k} numbers, one per domain of dataset ({', '.join(domains)})")
+        self.own_start(domains)
         if k > 1 and p.min_exploration_rate > 1.0 / k:
             p.fail("min_exploration_rate", f"a number in [0, 1/K] = [0, {1.0 / k:.4g}] for K = {k} domains")
         self.initial = normalise(p.initial_proportions) if p.initial_proportions is not None else list(initial)

@@ -31,11 +31,15 @@ class StaticMixer(Mixer):
     Params = StaticParams
     summary = "fixed proportions"
 
-    def setup(self, domains, sizes, initial, total_steps, warmup_step) -> None:
-        super().setup(domains, sizes, initial, total_steps, warmup_step)
+    def own_start(self, domains) -> list[float] | None:
         p = self.params.proportions
         if p is not None and len(p) != len(domains):
             self.params.fail("proportions", f"{len(domains)} numbers, one per domain of dataset ({', '.join(domains)})")
+        return normalise(p) if p is not None else None
+
+    def setup(self, domains, sizes, initial, total_steps, warmup_step) -> None:
+        super().setup(domains, sizes, initial, total_steps, warmup_step)
+        self.own_start(domains)
 
     def update(self, ctx: MixContext) -> MixDecision:
         props = self.params.proportions
