@@ -653,19 +653,21 @@ def _mix_sections(run: dict[str, Any], records: list[dict[str, Any]]) -> list[st
     note = "rows drawn per domain over the run: " + ", ".join(
         f"{d} {n} ({100 * n / grand:.1f}%)" for d, n in zip(domains, totals))
     out.append(_section("proportions", "Mixture proportions", chart, note))
-    extra = [("domain-loss", "Loss per domain", "mean token loss since the previous update", _domain_loss),
-             ("loss-weights", "Loss weights", "weights of the domain losses in the training loss",
+    extra = [("domain-loss", "Loss per domain", "token loss", "mean token loss per domain since the previous update",
+              _domain_loss),
+             ("loss-weights", "Loss weights", "loss weight", "weights of the domain losses in the training loss",
               lambda r: r.get("loss_weights")),
-             ("excess-loss", "DoReMi excess loss", "loss above the reference model per domain",
+             ("excess-loss", "DoReMi excess loss", "excess loss", "loss above the reference model per domain",
               lambda r: (r.get("summary") or {}).get("excess_loss")),
-             ("average-weights", "DoReMi averaged domain weights", "running average of the domain weights",
+             ("average-weights", "DoReMi averaged domain weights", "weight",
+              "running average of DoReMi's domain weights (what step 3 trains with)",
               lambda r: (r.get("summary") or {}).get("average_domain_weights")),
-             ("rewards", "ODM rewards", "per-domain reward estimate of the bandit",
+             ("rewards", "ODM rewards", "reward", "the bandit's reward estimate per domain",
               lambda r: (r.get("summary") or {}).get("rewards"))]
-    for sid, title, ylabel, get in extra:
+    for sid, title, ylabel, note, get in extra:
         series = _per_domain(records, domains, get)
         if any(pts for _, pts in series):
-            out.append(_section(sid, title, line_chart(sid, series, "optimizer step", ylabel, title=title)))
+            out.append(_section(sid, title, line_chart(sid, series, "optimizer step", ylabel, title=title), note))
     return out
 
 
