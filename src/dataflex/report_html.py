@@ -13,13 +13,14 @@ import html
 import json
 import math
 import os
-import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from .core.records import atomic_write_text
 from .errors import ConfigError
-from .report import dataset_info, load_run, primary_score, source_of, source_rows
+from .report import dataset_info, load_run, source_of, source_rows
 
 MAX_POINTS = 400  # a drawn series keeps at most this many points
 MAX_BARS = 120  # stacked bars (selections) drawn at most
@@ -113,7 +114,8 @@ class _Frame:
                 parts.append(f'<text x="{x:.1f}" y="{H - MB + 16}" class="tick" text-anchor="middle">{_fmt(t)}</text>')
         parts.append(f'<line x1="{ML}" x2="{W - MR}" y1="{H - MB}" y2="{H - MB}" class="axis"/>'
                      f'<line x1="{ML}" x2="{ML}" y1="{MT}" y2="{H - MB}" class="axis"/>'
-                     f'<text x="{(ML + W - MR) / 2}" y="{H - 6}" class="label" text-anchor="middle">{esc(self.xlabel)}</text>'
+                     f'<text x="{(ML + W - MR) / 2}" y="{H - 6}" class="label" text-anchor="middle">'
+                     f'{esc(self.xlabel)}</text>'
                      f'<text x="14" y="{(MT + H - MB) / 2}" class="label" text-anchor="middle" '
                      f'transform="rotate(-90 14 {(MT + H - MB) / 2})">{esc(self.ylabel)}</text>')
         return "".join(parts)
@@ -129,14 +131,16 @@ def _legend(names: Sequence[str], dashed: Sequence[bool] | None = None) -> str:
     items = []
     for k, name in enumerate(names):
         style = "border-top-style:dashed" if dashed and dashed[k] else ""
-        items.append(f'<span class="key"><i style="border-color:{PALETTE[k % len(PALETTE)]};{style}"></i>{esc(name)}</span>')
+        color = PALETTE[k % len(PALETTE)]
+        items.append(f'<span class="key"><i style="border-color:{color};{style}"></i>{esc(name)}</span>')
     return f'<div class="legend">{"".join(items)}</div>'
 
 
 def line_chart(name: str, series: list[tuple[str, list[tuple[float, float]]]], xlabel: str, ylabel: str,
                marks: Sequence[float] = (), dashed: Sequence[bool] | None = None, title: str = "") -> str:
     """Lines (one per named series of (x, y)); ``marks``: x positions drawn as thin vertical lines."""
-    series = [(label, downsample([p for p in pts if p[1] is not None and math.isfinite(p[1])])) for label, pts in series]
+    series = [(label, downsample([p for p in pts if p[1] is not None and math.isfinite(p[1])]))
+              for label, pts in series]
     xs = [x for _, pts in series for x, _ in pts] + list(marks)
     frame = _Frame(xs, [y for _, pts in series for _, y in pts], xlabel, ylabel)
     body = [frame.axes()]
@@ -240,9 +244,11 @@ def band_chart(name: str, steps: list[float], bands: list[tuple[float, float, fl
         y = frame.py(ref)
         body.append(f'<line x1="{ML}" x2="{W - MR}" y1="{y:.1f}" y2="{y:.1f}" class="ref"/>')
     path = " ".join(f"{frame.px(s):.1f},{frame.py(b[2]):.1f}" for s, b in zip(steps, bands))
-    body.append(f'<polyline points="{path}" fill="none" stroke="#1f3b73" stroke-width="2"><title>median</title></polyline>')
+    body.append(f'<polyline points="{path}" fill="none" stroke="#1f3b73" stroke-width="2">'
+                '<title>median</title></polyline>')
     legend = ('<div class="legend"><span class="key"><i style="border-color:#1f3b73"></i>median</span>'
-              f'<span class="key"><i class="box" style="background:{PALETTE[0]};opacity:.55"></i>10th-90th percentile</span>'
+              f'<span class="key"><i class="box" style="background:{PALETTE[0]};opacity:.55"></i>'
+              '10th-90th percentile</span>'
               f'<span class="key"><i class="box" style="background:{PALETTE[0]};opacity:.25"></i>min-max</span></div>')
     return _svg(name, len(keep), "".join(body), title or ylabel) + legend
 
@@ -465,7 +471,8 @@ def _header(run: dict[str, Any], results: dict[str, Any] | None) -> str:
     rows.append(("resumed from", f"{run['resumed_from']} (step {run.get('resumed_at')})" if run.get("resumed_from")
                  else "no (a fresh start)"))
     cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
-    return f'<section id="header"><h1>DataFlex run {esc(run.get("run_id"))}</h1><table class="kv">{cells}</table></section>'
+    return (f'<section id="header"><h1>DataFlex run {esc(run.get("run_id"))}</h1>'
+            f'<table class="kv">{cells}</table></section>')
 
 
 def _loss_section(output_dir: Path, run: dict[str, Any], records: list[dict[str, Any]]) -> str:
@@ -498,12 +505,12 @@ def _pick_scores(rec: dict[str, Any]) -> tuple[str, list[tuple[int, float]]] | N
     return None
 
 
-def _groups(labels_per_bar: list[list[str]]) -> tuple[list[str], list[list[float]]]:
-    """Category names (most common first, the tail folded into "other") and counts per bar."""
+def _groups(labels_per_bar: list[list[str]], order: Sequence[str] = ()) -> tuple[list[str], list[list[float]]]:
+    """Category names (``order`` first, then the most common; the tail folded into "other") and counts per bar."""
     total: Counter[str] = Counter()
     for labels in labels_per_bar:
         total.update(labels)
-    names = [n for n, _ in total.most_common()]
+    names = [n for n in order if n in total] + [n for n, _ in total.most_common() if n not in order]
     if len(names) > MAX_GROUPS:
         names = names[:MAX_GROUPS - 1] + ["other"]
     index = {n: k for k, n in enumerate(names)}
@@ -523,6 +530,17 @@ def _text_cells(rows: Rows, i: int) -> list[str]:
     return [f'<span class="text">{esc(prompt)}</span>', f'<span class="text">{esc(response)}</span>']
 
 
+def _extremes(sid: str, title: str, ends: tuple[str, str], headers: list[str], ranked: list[int], line,
+              top: int, rows: Rows, note: str) -> str:
+    """A section with the first and the last ``top`` of ``ranked`` as tables (``line(i)``: a row's cells)."""
+    n = min(top, len(ranked))
+    body = (f"<h3>{ends[0]} {n}</h3>" + _table(headers, [line(i) for i in ranked[:top]], "rows") +
+            f"<h3>{ends[1]} {n}</h3>" + _table(headers, [line(i) for i in ranked[::-1][:top]], "rows"))
+    if not rows.ok:
+        note += f"; row text not shown: {rows.reason}"
+    return _section(sid, title, body, note)
+
+
 def _select_sections(run: dict[str, Any], records: list[dict[str, Any]], rows: Rows, group_by: str | None,
                      top: int) -> list[str]:
     parts = (run.get("data_sources") or {}).get("parts")
@@ -539,7 +557,9 @@ def _select_sections(run: dict[str, Any], records: list[dict[str, Any]], rows: R
         table_rows.append([esc(rec.get("selection", 0) + 1), esc(rec["step"]), esc(len(idx)), esc(len(set(idx))),
                            esc(len(idx) - len(set(idx))), esc(f"{rec.get('seconds', 0):.2f}"), esc(stat)])
     shown = downsample(table_rows, 2 * top) if len(table_rows) > 2 * top else table_rows
-    note = f"{len(records)} selections" + (f"; {len(shown)} shown, evenly spaced" if len(shown) < len(table_rows) else "")
+    note = f"{len(records)} selections"
+    if len(shown) < len(table_rows):
+        note += f"; {len(shown)} shown, evenly spaced"
     out.append(_section("selections", "Selections", _table(
         ["#", "step", "rows", "unique", "repeats", "seconds", "score of the picks"], shown), note))
     # score distribution: picks against the scored pool
@@ -571,7 +591,8 @@ def _select_sections(run: dict[str, Any], records: list[dict[str, Any]], rows: R
     # composition over selections
     comp = []
     if parts:
-        names, counts = _groups([[source_of(i, parts) for i in rec.get("indices") or []] for rec in records])
+        names, counts = _groups([[source_of(i, parts) for i in rec.get("indices") or []] for rec in records],
+                                [p[0] for p in parts])
         comp.append("<h3>by dataset</h3>" + stacked_bars("composition-dataset", [str(r["step"]) for r in records],
                                                          names, counts, "selection at step",
                                                          title="picks by dataset per selection"))
@@ -608,12 +629,8 @@ def _select_sections(run: dict[str, Any], records: list[dict[str, Any]], rows: R
         cells += [esc(counts[i]), esc(_fmt(mean.get(i)))]
         return cells + _text_cells(rows, i)
 
-    body = (f"<h3>top {min(top, len(ranked))}</h3>" + _table(headers, [line(i) for i in ranked[:top]], "rows") +
-            f"<h3>bottom {min(top, len(ranked))}</h3>" + _table(headers, [line(i) for i in ranked[::-1][:top]], "rows"))
-    note = f"{len(counts)} distinct rows picked, ranked {how}"
-    if not rows.ok:
-        note += f"; row text not shown: {rows.reason}"
-    out.append(_section("picks", "Top and bottom picks", body, note))
+    out.append(_extremes("picks", "Top and bottom picks", ("top", "bottom"), headers, ranked, line, top, rows,
+                         f"{len(counts)} distinct rows picked, ranked {how}"))
     return out
 
 
@@ -698,12 +715,8 @@ def _weight_sections(run: dict[str, Any], lines: list[dict[str, Any]], rows: Row
     def line(i: int) -> list[str]:
         return [esc(i), esc(source_of(i, parts)), esc(_fmt(mean[i])), esc(seen[i])] + _text_cells(rows, i)
 
-    body = (f"<h3>heaviest {min(top, len(ranked))}</h3>" + _table(headers, [line(i) for i in ranked[:top]], "rows") +
-            f"<h3>lightest {min(top, len(ranked))}</h3>" + _table(headers, [line(i) for i in ranked[::-1][:top]], "rows"))
-    note = f"{len(mean)} rows weighted, ranked by mean weight"
-    if not rows.ok:
-        note += f"; row text not shown: {rows.reason}"
-    out.append(_section("heavy", "Heaviest and lightest rows", body, note))
+    out.append(_extremes("heavy", "Heaviest and lightest rows", ("heaviest", "lightest"), headers, ranked, line, top,
+                         rows, f"{len(mean)} rows weighted, ranked by mean weight"))
     return out
 
 
@@ -750,7 +763,8 @@ def _compare_section(output_dir: Path, run: dict[str, Any], records: list[dict[s
     a, b = trained_rows(run, records), trained_rows(other, other_records)
     names, counts = _groups([
         [source_of(i, (run.get("data_sources") or {}).get("parts")) for i, c in a.items() for _ in range(c)],
-        [source_of(i, (other.get("data_sources") or {}).get("parts")) for i, c in b.items() for _ in range(c)]])
+        [source_of(i, (other.get("data_sources") or {}).get("parts")) for i, c in b.items() for _ in range(c)]],
+        [p[0] for p in (run.get("data_sources") or {}).get("parts") or []])
     comp = stacked_bars("compare-composition", ["this run", "other run"], names, counts, "run",
                         title="rows trained on by dataset")
     ov = overlap(a, b)
@@ -864,24 +878,10 @@ def write_page(output_dir: str | os.PathLike, target: str | os.PathLike, **kwarg
     """Build the page and write it to ``target`` through a temp file: never a half-written page."""
     page = build_page(output_dir, **kwargs)
     target = Path(target)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ConfigError(f"--html: folder '{folder}' does not exist")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--html: folder '{target.parent}' does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        atomic_write_text(target, page, shared=True)
     except OSError as err:
-        raise ConfigError(f"--html: cannot write to '{folder}': {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the page from a web server or a colleague
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        raise ConfigError(f"--html: cannot write '{target}': {err.strerror or err}") from None
     return target
