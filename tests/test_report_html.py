@@ -24,7 +24,7 @@ EVIL = "<script>alert('x')</script> and </table><b>bold</b>"
 def fake_run(folder: Path, mode: str = "select", records: Sequence[dict[str, Any]] = (),
              weights: Sequence[dict[str, Any]] = (), rows: Sequence[dict[str, Any]] | None = None,
              losses: Sequence[float] = (1.0, 0.9, 0.8, 0.7), finished: bool = True, dataset_dir: Path | None = None,
-             schedule: dict[str, Any] | None = None, parts: list | None = None) -> Path:
+             schedule: dict[str, Any] | None = None, parts: list | None = None, **extra: Any) -> Path:
     """An output_dir holding what a run writes: manifest, records, trainer_log.jsonl, train_results.json."""
     out = folder / "out"
     rec_dir = out / "dataflex" / "run-1"
@@ -44,6 +44,7 @@ def fake_run(folder: Path, mode: str = "select", records: Sequence[dict[str, Any
         "data_sources": {"dataset_dir": str(dataset_dir), "parts": parts or [["toy", 0, len(rows)]]},
         "schedule": schedule or {"warmup_step": 1, "update_step": 1, "update_times": 1, "global_batch": 4,
                                  "total_steps": len(losses), "updates": [r["step"] for r in records]},
+        **extra,
     }
     (out / "dataflex" / "run.json").write_text(json.dumps(manifest))
     for rec in records:
@@ -81,8 +82,10 @@ def test_select_page_sections_and_numbers(tmp_path):
     recs = [selection(1, [0, 1, 1, 2], [0.9, 0.8, 0.8, 0.1], k=0,
                       pool_scores={"indices": list(range(10)), "values": [0.1 * i for i in range(10)]}),
             selection(2, [1, 3, 4, 5], [0.7, 0.6, 0.5, 0.2], k=1)]
-    out = fake_run(tmp_path, records=recs)
+    out = fake_run(tmp_path, records=recs, resumed_from="/runs/x/checkpoint-1", resumed_at=1,
+                   versions={"dataflex": "9.9", "torch": None})
     page = build_page(out, group_by="task", top=3)
+    assert "/runs/x/checkpoint-1 (step 1)" in page and "dataflex 9.9, torch -" in page
     for sid in ("header", "loss", "selections", "scores", "composition", "picks"):
         assert f'<section id="{sid}">' in page
     c = charts(page)
@@ -182,6 +185,8 @@ def test_cli_errors_name_the_flag_and_write_nothing(tmp_path, run_cli):
     res = run_cli(["report", out, "--html", page, "--compare", unfinished])
     assert res.returncode == 2 and "--compare:" in res.stderr and "has not finished" in res.stderr
     assert not page.exists() and not list(tmp_path.glob(".page.html.*"))
+    res = run_cli(["report", out, "--html", tmp_path / "no" / "page.html"])
+    assert res.returncode == 2 and "--html: folder" in res.stderr
     res = run_cli(["report", out, "--group-by", "task"])
     assert res.returncode == 2 and "--group-by: only used with --html" in res.stderr
     res = run_cli(["report", out, "--html", page, "--group-by", "task"])
