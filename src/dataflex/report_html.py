@@ -146,7 +146,7 @@ def line_chart(name: str, series: list[tuple[str, list[tuple[float, float]]]], x
     body = [frame.axes()]
     for m in downsample(list(marks), MAX_BARS):
         x = frame.px(m)
-        body.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" class="mark"><title>decision at step '
+        body.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{MT}" y2="{H - MB}" class="mark"><title>step '
                     f'{_fmt(m)}</title></line>')
     count = 0
     for k, (label, pts) in enumerate(series):
@@ -163,7 +163,7 @@ def line_chart(name: str, series: list[tuple[str, list[tuple[float, float]]]], x
         count += len(pts)
     legend = _legend([s[0] for s in series], dashed) if len(series) > 1 or marks else ""
     if marks:
-        legend = legend.replace("</div>", '<span class="key"><i class="markkey"></i>decision steps</span></div>')
+        legend = legend.replace("</div>", '<span class="key"><i class="markkey"></i>marked steps</span></div>')
     return _svg(name, count, "".join(body), title or ylabel) + legend
 
 
@@ -482,9 +482,13 @@ def _loss_section(output_dir: Path, run: dict[str, Any], records: list[dict[str,
     series = [("train loss", [(float(s), v) for s, v in loss])]
     if evals:
         series.append(("eval loss", [(float(s), v) for s, v in evals]))
-    chart = line_chart("loss", series, "optimizer step", "loss", marks=_decision_steps(run, records),
-                       title="training loss over steps")
-    return _section("loss", "Training loss", chart, "vertical lines: steps at which the component decided")
+    marks = _decision_steps(run, records)
+    note = "vertical lines: steps at which the component decided" if marks else ""
+    warmup = (run.get("schedule") or {}).get("warmup_step")
+    if run.get("mode") == "weight" and warmup:
+        marks, note = [warmup], f"vertical line: end of the warm-up (step {warmup}); every later step is weighted"
+    chart = line_chart("loss", series, "optimizer step", "loss", marks=marks, title="training loss over steps")
+    return _section("loss", "Training loss", chart, note)
 
 
 def _pick_counts(records: list[dict[str, Any]]) -> Counter[int]:
