@@ -45,3 +45,7 @@ for record in "${records[@]}"; do
     echo "                     $record"
 done
 echo "  Merged model:      $MERGED_DIR"
+echo
+echo "See what the selector picked, as text or as one HTML page to open in a browser:"
+echo "  dataflex-cli report $ADAPTER_DIR"
+echo "  dataflex-cli report $ADAPTER_DIR --html $ADAPTER_DIR/dataflex_report.html --group-by task"

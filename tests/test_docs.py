@@ -170,5 +170,8 @@ def test_readme_quick_start_and_doc_commands(tmp_path, monkeypatch):
         ran += 1
     assert ran >= 5 and checked >= 4, (ran, checked, commands)
     assert (tmp_path / "selected" / "dataset_info.json").is_file()
+    # getting started writes the quick-start run's HTML report: one offline page, small enough to attach
+    page = work / "saves" / "quickstart_report.html"
+    assert page.is_file() and page.stat().st_size < 2_000_000
     saves_after = sorted((REPO_ROOT / "saves").rglob("*")) if (REPO_ROOT / "saves").exists() else []
     assert saves_after == saves_before  # the checkout's saves/ was not touched

@@ -167,13 +167,28 @@ def report(
     name: str = typer.Option("dataflex_selected", "--name", help="Dataset name to register the export under."),
     repeats: bool = typer.Option(False, "--repeats", help="Export a sample once per time it was chosen."),
     top: int = typer.Option(10, "--top", help="How many of the most chosen samples to list."),
+    html: Optional[Path] = typer.Option(
+        None, "--html", help="Also write a self-contained HTML page about the run to this file."),
+    group_by: Optional[str] = typer.Option(
+        None, "--group-by", help="With --html: show the picks' composition by this dataset column too (e.g. task)."),
+    compare: Optional[Path] = typer.Option(
+        None, "--compare", help="With --html: compare with the finished run in this output_dir (e.g. a random baseline)."),
 ) -> None:
     """Summarise what a run selected; optionally export the selection as a dataset (static selection)."""
     from .report import export_subset, load_run, summary
 
     try:
+        if html is None and (group_by is not None or compare is not None):
+            raise ConfigError(f"{'--group-by' if group_by is not None else '--compare'}: only used with --html FILE")
         run, records = load_run(output_dir)
+        if html is not None:
+            from .report_html import write_page
+
+            # before the text report: a bad flag fails with nothing printed or written
+            write_page(output_dir, html, group_by=group_by, compare=compare, top=top)
         typer.echo(summary(run, records, top=top))
+        if html is not None:
+            typer.echo(f"\nHTML report written to {html}")
         if export_dataset is not None:
             names = export_subset(run, records, export_dataset, name=name, repeats=repeats)
             typer.echo(f"\nExported to {export_dataset}: dataset {', '.join(names)}")

@@ -273,6 +273,30 @@ def _read_rows(path: Path) -> list[Any]:
     return json.loads(text)
 
 
+def dataset_info(sources: dict[str, Any]) -> dict[str, Any]:
+    """The ``dataset_info.json`` a run's datasets were registered in (ConfigError if unreadable)."""
+    info_path = Path(sources["dataset_dir"]) / "dataset_info.json"
+    try:
+        return json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(f"{info_path} is not readable") from None
+
+
+def source_rows(sources: dict[str, Any], src: str, attrs: dict[str, Any]) -> list[Any]:
+    """The rows of one source dataset, in file order: a run's index ``start + i`` is row ``i``.
+
+    Only local json/jsonl files can be read back (hub datasets may have changed since the run).
+    """
+    file_name = attrs.get("file_name")
+    if not file_name or any(k in attrs for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
+        raise ConfigError(f"dataset '{src}': only local json/jsonl files can be read back")
+    path = Path(sources["dataset_dir"]) / file_name
+    try:
+        return _read_rows(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"dataset '{src}': {path} is not readable ({err})") from None
+
+
 def export_subset(run: dict[str, Any], records: list[dict[str, Any]], out_dir: str | os.PathLike,
                   name: str = "dataflex_selected", repeats: bool = False) -> list[str]:
     """Write the rows a run trained on by choice as dataset files registered in ``out_dir/dataset_info.json``.
@@ -291,11 +315,10 @@ def export_subset(run: dict[str, Any], records: list[dict[str, Any]], out_dir: s
     if run.get("mode") == "mix":
         raise ConfigError("cannot export rows of a mixing run as text: with stage pt they are token blocks; "
                           "use the proportions it recorded (init_mixture_proportions) instead")
-    info_path = Path(sources["dataset_dir"]) / "dataset_info.json"
     try:
-        source_info = json.loads(info_path.read_text(encoding="utf-8"))
-    except OSError:
-        raise ConfigError(f"cannot export: {info_path} is not readable") from None
+        source_info = dataset_info(sources)
+    except ConfigError as err:
+        raise ConfigError(f"cannot export: {err}") from None
     picks: list[int] = []
     for rec in records:
         picks.extend(rec["indices"])
@@ -311,10 +334,10 @@ def export_subset(run: dict[str, Any], records: list[dict[str, Any]], out_dir: s
         if not rows:
             continue
         attrs = dict(source_info.get(src) or {})
-        file_name = attrs.get("file_name")
-        if not file_name or any(k in attrs for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
-            raise ConfigError(f"cannot export dataset '{src}': only local json/jsonl files can be exported")
-        data = _read_rows(Path(sources["dataset_dir"]) / file_name)
+        try:
+            data = source_rows(sources, src, attrs)
+        except ConfigError as err:
+            raise ConfigError(f"cannot export {err}") from None
         entry = name if len(parts) == 1 else f"{name}_{src}"
         target = f"{entry}.json"
         (out / target).write_text(json.dumps([data[r] for r in rows], ensure_ascii=False, indent=1) + "\n",

@@ -58,6 +58,18 @@ def _first(batch: list) -> Any:
     return batch[0]
 
 
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in ("dataflex", "llamafactory", "transformers", "torch"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 class IndexedRows(Dataset):
     """The training set with each row's index added under ``INDEX_KEY`` (weight mode)."""
 
@@ -342,6 +354,7 @@ class DataFlexTrainerMixin:
         if isinstance(checkpoint, bool):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
         self.df_resumed_at = None
+        self.df_resumed_from = str(checkpoint) if checkpoint else None
         if checkpoint:
             run_id = self._df_resume(str(checkpoint))
             saved = set(os.listdir(checkpoint))
@@ -408,6 +421,10 @@ class DataFlexTrainerMixin:
             "global_batch": self.df_global_batch,
             "data_sources": {"dataset_dir": info.dataset_dir, "parts": info.parts} if info and info.parts else None,
             "setup": self._df_setup_digest(),
+            # for the report's header: what produced the run, and where a resumed run picked up
+            "versions": _versions(),
+            "resumed_from": getattr(self, "df_resumed_from", None),
+            "resumed_at": getattr(self, "df_resumed_at", None),
         }
         if self.df_schedule is not None:
             s = self.df_schedule

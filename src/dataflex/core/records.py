@@ -45,14 +45,24 @@ def manifest_path(output_dir: str | os.PathLike) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, shared: bool = False) -> None:
+    """Write ``text`` to a temp file in the same folder, fsync, then rename over ``path``: readers see the
+    old file or the whole new one. ``shared``: the permissions of a plain new file (umask), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        if shared:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:
