@@ -1,0 +1,83 @@
+"""bench/bigbench.py: BIG-bench tasks as alpaca rows (disjoint seeded splits, planted wrong answers)
+and the multiple-choice evaluator (option log-likelihoods against a direct computation)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import bigbench  # noqa: E402
+
+
+def _task(path, name, n, options=("yes", "no"), prefix=""):
+    examples = [{"input": f"{name} question {i}?", "target_scores": {o: int(j == i % len(options))
+                                                                     for j, o in enumerate(options)}}
+                for i in range(n)]
+    examples.append({"input": "two right answers", "target_scores": {o: 1 for o in options}})  # skipped
+    examples.append({"input": "free text", "target": "x"})  # not multiple choice: skipped
+    path.write_text(json.dumps({"name": name, "task_prefix": prefix, "examples": examples}))
+    return path
+
+
+def test_questions_keep_one_correct_option_and_the_prefix_unless_stripped(tmp_path):
+    path = _task(tmp_path / "t.json", "t", 5, options=("a", "b", "c"), prefix="Answer carefully.")
+    qs = bigbench.load_questions("t", path)
+    assert len(qs) == 5 and [q.answer for q in qs] == [0, 1, 2, 0, 1]
+    assert qs[0].text == "Answer carefully.\n\nt question 0?"
+    assert bigbench.load_questions("t", path, strip_prefix=True)[0].text == "t question 0?"
+    assert bigbench.prompt_of(qs[1]).splitlines()[-5:] == ["(A) a", "(B) b", "(C) c", "",
+                                                          "Answer with the text of the correct option."]
+
+
+def test_pool_splits_are_disjoint_and_wrong_answers_planted_exactly(tmp_path):
+    paths = {"tgt": _task(tmp_path / "tgt.json", "tgt", 60), "o1": _task(tmp_path / "o1.json", "o1", 50),
+             "o2": _task(tmp_path / "o2.json", "o2", 50)}
+    out = tmp_path / "data"
+    summary = bigbench.write_pool(out, "tgt", ["o1", "o2"], paths, seed=3, target_train=10, other_train=20,
+                                  n_eval=8, n_test=30, wrong_share=0.2)
+    assert summary == {"train": 50, "target_rows": 10, "wrong_rows": 10, "eval": 8,
+                       "tests": {"tgt": 30, "o1": 30, "o2": 30}}
+    train = json.loads((out / "bb_train.json").read_text())
+    evals = json.loads((out / "bb_eval.json").read_text())
+    test = json.loads((out / "bb_test_tgt.json").read_text())
+    key = lambda r: r["instruction"]  # noqa: E731
+    tgt_train = {key(r) for r in train if r["task"] == "tgt"}
+    assert not (tgt_train & {key(r) for r in evals}) and not (tgt_train & {key(r) for r in test})
+    assert not ({key(r) for r in evals} & {key(r) for r in test})
+    for r in train:
+        assert (r["output"] != r["answer"]) == r["wrong"] and r["output"] in r["options"]
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert sorted(info) == ["bb_eval", "bb_test_o1", "bb_test_o2", "bb_test_tgt", "bb_train"]
+    again = tmp_path / "again"
+    bigbench.write_pool(again, "tgt", ["o1", "o2"], paths, seed=3, target_train=10, other_train=20, n_eval=8,
+                        n_test=30, wrong_share=0.2)
+    assert (again / "bb_train.json").read_text() == (out / "bb_train.json").read_text()  # seeded
+
+
+def test_wilson_interval_hand_computed():
+    lo, hi = bigbench.wilson(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert bigbench.wilson(0, 0) == (0.0, 1.0)
+
+
+def test_option_logprobs_equal_one_forward_per_option(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompt = tok("Add the two numbers. 3 + 4 =", add_special_tokens=False)["input_ids"]
+    options = ["7", "12", "seven hundred"]
+    got = bigbench.option_logprobs(model, tok, prompt, options)
+    for (total, n), option in zip(got, options):
+        ids = prompt + tok(option, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        want = sum(float(logp[p - 1, ids[p]]) for p in range(len(prompt), len(ids)))
+        assert n == len(ids) - len(prompt)
+        assert total == pytest.approx(want, abs=1e-4)
