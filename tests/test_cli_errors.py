@@ -121,7 +121,7 @@ PREPARE_CASES = {
                                    {}, [], ["eval_dataset: required by weighter 'adapt'"]),
     "weight_component_from_the_selectors": ({"train_type": "dynamic_weight", "component_name": "random"}, {}, [],
                                             ["component_name: 'random' is not in the weighters of",
-                                             "known weighter components: adapt, custom, loss"]),
+                                             "known weighter components: adapt, custom, joint_update_aware, loss"]),
     # dynamic_mix
     "mix_without_update_step": ({"train_type": "dynamic_mix", "component_name": "random", "update_step": None,
                                  "dataset": "wiki_demo,c4_demo"}, {}, [], ["update_step: required with train_type: dynamic_mix"]),

@@ -10,11 +10,13 @@ and the original DataFlex's weighter YAMLs train.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -23,8 +25,10 @@ from conftest import REPO_ROOT, failure_report, kill_at_step, llamafactory_cli, 
 
 from dataflex.errors import ConfigError
 from dataflex.weighters.adapt import AdaptParams, AdaptWeighter, adapt_weights
-from dataflex.weighters.base import WeightSignals
+from dataflex.weighters.base import WeightContext, WeightSignals
 from dataflex.weighters.custom import CustomWeighter, CustomWeightParams
+from dataflex.weighters.joint_update_aware import (JointUpdateAwareParams, JointUpdateAwareWeighter,
+                                                   joint_weights)
 from dataflex.weighters.loss import LossWeighter, LossWeightParams, loss_weights, rescale, strategy_score
 
 LOSSES = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64)  # min 1, max 5
@@ -90,11 +94,108 @@ def test_weighters_turn_signals_into_weights():
     (AdaptParams, {"refresh_interval": 0}, "refresh_interval"),
     (AdaptParams, {"clip": 0}, "clip"),
     (CustomWeightParams, {"strategy": "random"}, "strategy"),
+    (JointUpdateAwareParams, {"beta": -0.1}, "beta"),
+    (JointUpdateAwareParams, {"tau": 0}, "tau"),
+    (JointUpdateAwareParams, {"damping": 0}, "damping"),
+    (JointUpdateAwareParams, {"damping": 1.5}, "damping"),
+    (JointUpdateAwareParams, {"max_iter": 0}, "max_iter"),
+    (JointUpdateAwareParams, {"tol": 0}, "tol"),
+    (JointUpdateAwareParams, {"target_update_step": 0}, "target_update_step"),
+    (JointUpdateAwareParams, {"target_num_batches": -1}, "target_num_batches"),
+    (JointUpdateAwareParams, {"pooling": "max"}, "pooling"),
 ])
 def test_bad_params_are_one_line_errors(cls, params, key):
     with pytest.raises(ConfigError, match=f"'{key}'") as err:
         cls.from_dict("w", params)
     assert "\n" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- joint_update_aware
+def _hand_made(seed=0, b=6, d=4):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(b, d, generator=gen, dtype=torch.float64), dim=1)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
+    return z, u
+
+
+@pytest.mark.parametrize("beta, tau", [(0.5, 0.2), (2.0, 0.1), (5.0, 0.5)])
+def test_joint_weights_solve_the_simplex_problem(beta, tau):
+    """The fixed point against scipy's SLSQP on the same objective, and the KKT conditions: at an
+    interior optimum s_i − β(Sw)_i − τ(log w_i + 1) is the same for every row."""
+    from scipy.optimize import minimize
+
+    z, u = _hand_made()
+    w, info = joint_weights(z, u, beta, tau, damping=0.5, max_iter=5000, tol=1e-13)
+    assert info["converged"]
+    s, gram = (z @ u).numpy(), (z @ z.T).numpy()
+
+    def negative(x):
+        x = np.clip(x, 1e-300, None)
+        return -(s @ x - beta / 2 * x @ gram @ x - tau * np.sum(x * np.log(x)))
+
+    res = minimize(negative, np.full(len(s), 1 / len(s)), method="SLSQP", bounds=[(1e-12, 1)] * len(s),
+                   constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}], options={"ftol": 1e-14, "maxiter": 500})
+    assert res.success
+    assert w.numpy() == pytest.approx(res.x, abs=1e-5)
+    assert float(w.sum()) == pytest.approx(1.0, abs=1e-12) and bool((w > 0).all())
+    grad = s - beta * gram @ w.numpy() - tau * (np.log(w.numpy()) + 1)
+    assert np.ptp(grad) < 1e-9
+
+
+def test_joint_weights_with_beta_zero_are_softmax_over_tau():
+    z, u = _hand_made(1)
+    w, _ = joint_weights(z, u, beta=0.0, tau=0.3, damping=1.0, tol=1e-15)
+    assert torch.allclose(w, torch.softmax(z @ u / 0.3, dim=0), atol=1e-12)
+
+
+def test_rows_that_repeat_each_other_share_their_weight():
+    """Two copies of one row and one other row with the same alignment: with beta > 0 the copies get less
+    each than the single row (their updates would add up); with beta 0 all three are equal."""
+    u = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    a = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)
+    z = torch.stack([a, a, b])
+    w0, _ = joint_weights(z, u, 0.0, 0.2)
+    w, _ = joint_weights(z, u, 2.0, 0.2, max_iter=2000, tol=1e-12)
+    assert torch.allclose(w0, torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert w[0] == pytest.approx(float(w[1]), abs=1e-9) and w[0] < w[2]
+
+
+def test_the_weighter_gives_mean_one_over_rows_with_tokens_and_keeps_its_target_in_the_state():
+    z, u = _hand_made(2, b=5)
+    z = torch.cat([z.float(), torch.full((1, 4), float("nan"))])  # a row without tokens
+    jw = JointUpdateAwareWeighter(JointUpdateAwareParams(beta=1.0, tau=0.2))
+    jw.target, jw.target_step = u, 3
+    weights, info = jw.weights(WeightSignals(step=4, indices=list(range(6)), tokens=torch.ones(6), embeddings=z))
+    expected, _ = joint_weights(z[:5], u, 1.0, 0.2)
+    assert torch.allclose(weights[:5], expected * 5, atol=1e-6) and float(weights[5]) == 1.0
+    assert info["target_step"] == 3
+    again = JointUpdateAwareWeighter(JointUpdateAwareParams(beta=1.0, tau=0.2))
+    again.load_state_dict(json.loads(json.dumps(jw.state_dict())))
+    assert torch.equal(again.target, jw.target) and again.target_step == 3
+
+
+def test_without_an_eval_set_the_target_is_the_batch_mean_with_one_warning(caplog):
+    z, _ = _hand_made(3)
+    jw = JointUpdateAwareWeighter(JointUpdateAwareParams(beta=0.0, tau=0.5))
+    jw.prepare(WeightContext(step=0, scorer=None, eval_dataset=None))
+    with caplog.at_level(logging.WARNING, logger="dataflex"):
+        w, _ = jw.weights(WeightSignals(step=0, indices=list(range(6)), tokens=torch.ones(6), embeddings=z.float()))
+        jw.weights(WeightSignals(step=1, indices=list(range(6)), tokens=torch.ones(6), embeddings=z.float()))
+    mean = z.mean(dim=0)
+    want = torch.softmax(z @ (mean / mean.norm()) / 0.5, dim=0) * 6
+    assert torch.allclose(w, want, atol=1e-5)
+    assert sum("no eval_dataset" in r.message for r in caplog.records) == 1
+
+
+def test_pooling_the_last_token_takes_each_rows_last_attended_position():
+    from dataflex.scoring.embeddings import pool_states
+
+    hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2) + 1
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    out = pool_states([hidden], mask, layer=-1, pooling="last")
+    assert torch.allclose(out[0], torch.nn.functional.normalize(hidden[0, 1], dim=0))
+    assert bool(torch.isnan(out[1]).all())
 
 
 def test_adapt_refreshes_its_anchors_every_refresh_interval():
@@ -303,6 +404,38 @@ def test_adapt_resumes_with_the_weights_of_an_uninterrupted_run(make_train_yaml,
         assert x["anchor_step"] == y["anchor_step"]
 
 
+@pytest.mark.e2e
+def test_joint_update_aware_on_one_and_two_processes_and_after_a_kill(make_train_yaml, run_cli, tmp_path):
+    """The same weights on 1 process (2 x GA 2) and 2 (2 x GA 1); a run killed at step 7 and resumed
+    from checkpoint-6 gives the uninterrupted run's weights (its target u comes from the checkpoint)."""
+    (tmp_path / "components.yaml").write_text(
+        "weighters:\n  jua:\n    name: joint_update_aware\n    params: {beta: 2.0, tau: 0.05, target_update_step: 4}\n")
+    common = dict(eval_dataset="demo_add_eval", components_cfg_file=str(tmp_path / "components.yaml"), train_step=8,
+                  save_steps=3, warmup_step=1)
+    ref = _weight_config(make_train_yaml, tmp_path / "ref", "jua", **common)
+    res = run_cli(["train", ref], timeout=300)
+    assert res.returncode == 0, failure_report(res)
+    two = _weight_config(make_train_yaml, tmp_path / "two", "jua", gradient_accumulation_steps=1, **common)
+    res = run_cli(["train", two], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=400)
+    assert res.returncode == 0, failure_report(res)
+    crash = _weight_config(make_train_yaml, tmp_path / "crash", "jua", **common)
+    kill_at_step(["train", crash], 7, tmp_path)
+    out = tmp_path / "crash" / "out"
+    state = json.loads((out / "checkpoint-6" / "dataflex_state.json").read_text())
+    assert state["round"]["component"]["target_step"] == 5  # steps 1 and 5 recompute u
+    res = run_cli(["train", crash, f"resume_from_checkpoint={out / 'checkpoint-6'}"], timeout=300)
+    assert res.returncode == 0, failure_report(res)
+    a, b, c = weight_lines(tmp_path / "ref" / "out"), weight_lines(tmp_path / "two" / "out"), weight_lines(out)
+    assert [ln["step"] for ln in a] == [ln["step"] for ln in b] == [ln["step"] for ln in c] == list(range(1, 8))
+    for x, y, z in zip(a, b, c):
+        assert x["converged"] and len(set(x["weights"])) > 1
+        assert sum(x["weights"]) == pytest.approx(len(x["weights"]), abs=1e-5)  # mean 1
+        wx, wy = dict(zip(x["indices"], x["weights"])), dict(zip(y["indices"], y["weights"]))
+        assert wx.keys() == wy.keys() and all(wx[i] == pytest.approx(wy[i], abs=1e-4) for i in wx)
+        assert x["indices"] == z["indices"] and x["weights"] == pytest.approx(z["weights"], abs=1e-6)
+        assert x["target_step"] == z["target_step"]
+
+
 # --------------------------------------------------------------------------- the original's YAMLs
 ORIGINAL = REPO_ROOT / "examples" / "train_lora" / "weighters"
 CPU = ["bf16=false", "cutoff_len=64", "max_samples=48", "train_step=4", "warmup_step=2", "save_steps=1000",
@@ -310,7 +443,7 @@ CPU = ["bf16=false", "cutoff_len=64", "max_samples=48", "train_step=4", "warmup_
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", ["loss", "adapt", "custom"])
+@pytest.mark.parametrize("name", ["loss", "adapt", "custom", "joint_update_aware"])
 def test_the_original_weighter_yamls_train(name, tiny_model, run_cli, tmp_path):
     """The original's example YAMLs, unchanged on disk; on the command line only what a CPU run needs
     (the tiny model, no bf16, the demo data) and a short run."""

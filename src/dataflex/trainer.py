@@ -528,10 +528,12 @@ class DataFlexTrainerMixin:
         losses = embeddings = None
         with eval_mode(model), torch.no_grad():
             if "embeddings" in needs:
-                from .scoring.embeddings import pool
+                from .scoring.embeddings import pool_states
 
+                comp = self.df_component
                 out = model(**inputs, output_hidden_states=True)
-                embeddings = pool(out.hidden_states[-1], inputs.get("attention_mask")).cpu()
+                embeddings = pool_states(out.hidden_states, inputs.get("attention_mask"), comp.embedding_layer,
+                                         comp.embedding_pooling).cpu()
                 if "losses" in needs:
                     sums, counts = sample_loss_sums(out.logits, labels)
                     losses = (sums.double() / counts.clamp(min=1)).masked_fill(counts == 0, float("nan")).cpu()
@@ -586,9 +588,11 @@ class DataFlexTrainerMixin:
         if "losses" in needs:
             losses = (sums.detach().double() / counts.clamp(min=1)).masked_fill(counts == 0, float("nan")).cpu()
         if "embeddings" in needs:
-            from .scoring.embeddings import pool
+            from .scoring.embeddings import pool_states
 
-            embeddings = pool(outputs.hidden_states[-1].detach(), inputs.get("attention_mask")).cpu()
+            comp = self.df_component
+            embeddings = pool_states([h.detach() for h in outputs.hidden_states], inputs.get("attention_mask"),
+                                     comp.embedding_layer, comp.embedding_pooling).cpu()
         local = LocalSignals(ids.tolist(), counts.cpu(), losses, embeddings)
         (w,) = self.df_round.decide(step, [local], micro=micro)
         self.df_pending_logs = dict(self.df_round.last_logs)

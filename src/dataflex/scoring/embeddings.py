@@ -34,6 +34,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Ten
     return out
 
 
+def pool_last(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The hidden state of each row's last attended token, L2-normalised, float32 [B, H]; NaN rows for empty samples."""
+    hidden = hidden.float()
+    if attention_mask is None or attention_mask.dim() != 2:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    else:
+        mask = (attention_mask != 0).long().to(hidden.device)
+    positions = torch.arange(mask.shape[1], device=hidden.device).expand_as(mask)
+    last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).max(dim=1).values
+    out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.clamp(min=0)]
+    norms = out.norm(dim=1, keepdim=True)
+    out = out / norms.clamp(min=1e-30)
+    out[(last < 0) | (norms.squeeze(1) == 0)] = float("nan")
+    return out
+
+
+POOLING = {"mean": pool, "last": pool_last}
+
+
+def pool_states(states: Sequence[torch.Tensor], attention_mask: torch.Tensor | None, layer: int = -1,
+                pooling: str = "mean") -> torch.Tensor:
+    """``POOLING[pooling]`` of ``states[layer]`` (the ``hidden_states`` of one forward)."""
+    if not -len(states) <= layer < len(states):
+        raise ValueError(f"embedding layer {layer} does not exist: the model has {len(states)} hidden states "
+                         f"(embeddings + {len(states) - 1} layers)")
+    return POOLING[pooling](states[layer], attention_mask)
+
+
 def hidden_states_of(model: torch.nn.Module, inputs: dict[str, Any], layer: int) -> torch.Tensor:
     """``hidden_states[layer]`` of one forward (no logits are computed beyond one position)."""
     try:
@@ -58,6 +86,21 @@ def embed(engine: Any, dataset: Any, indices: Sequence[int], batch_size: int, la
 
     def run(batch: Batch) -> torch.Tensor:
         return pool(hidden_states_of(model, batch.inputs, layer), batch.inputs.get("attention_mask"))
+
+    with eval_mode(model), torch.no_grad():
+        values = engine.map(dataset, indices, batch_size, run, desc)
+    if not values:
+        return torch.empty(0, 0)
+    return torch.stack(values)
+
+
+def embed_with(engine: Any, dataset: Any, indices: Sequence[int], batch_size: int, layer: int = -1,
+               pooling: str = "mean", desc: str = "embeddings") -> torch.Tensor:
+    """:func:`embed` with a choice of pooling (``mean`` or ``last``)."""
+    model = engine.model
+
+    def run(batch: Batch) -> torch.Tensor:
+        return POOLING[pooling](hidden_states_of(model, batch.inputs, layer), batch.inputs.get("attention_mask"))
 
     with eval_mode(model), torch.no_grad():
         values = engine.map(dataset, indices, batch_size, run, desc)

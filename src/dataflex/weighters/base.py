@@ -62,6 +62,8 @@ class Weighter(Component):
     kind: ClassVar[str] = "weighters"
     Params: ClassVar[type[Params]] = WeightParams
     needs: ClassVar[frozenset[str]] = frozenset()  # signals: "losses", "embeddings"
+    embedding_layer: int = -1  # which hidden state the "embeddings" signal pools
+    embedding_pooling: str = "mean"  # how: "mean" over the row's tokens, or its "last" token
 
     def prepare(self, ctx: WeightContext) -> None:
         """Called on every rank at every weighted step before the signals are gathered (e.g. to refresh anchors)."""
