@@ -218,17 +218,120 @@ def memory_child(args) -> None:
     print(json.dumps({"method": args.memory_child, "peak_mib": mem.mib}))
 
 
-def child_memory(method: str) -> float | None:
+class DevicePeak:
+    """Peak memory a block adds (MiB): the CUDA allocator's on a GPU, the RSS high-water mark on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+
+    def __enter__(self):
+        import torch
+
+        if not self.cuda:
+            self.rss = PeakMemory().__enter__()
+            return self
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if not self.cuda:
+            self.rss.__exit__(*exc)
+            self.mib, self.resident_mib = self.rss.mib, self.rss.start / 1024 if self.rss.start else None
+            return False
+        torch.cuda.synchronize()
+        self.mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        self.resident_mib = self.start / 2**20
+        return False
+
+
+def micro_batch_child(args) -> None:
+    """Peak memory of one micro-batch of ``--peak-batch`` rows of the longest length, in a process of
+    its own (prints JSON): ``train`` is a training step's forward + backward as LLaMA-Factory runs it
+    (train mode, its gradient checkpointing as it enabled it), ``less`` the LESS feature pass."""
+    import json
+
+    import torch
+
+    from dataflex.scoring.engine import ScoringEngine
+    from dataflex.scoring.gradients import GradientFeaturizer, sharded_features
+    from dataflex.scoring.projection import CountSketchProjector
+
+    torch.set_num_threads(args.threads)
+    rows = args.peak_batch
+    tmp = tempfile.mkdtemp(prefix="dataflex-bench-peak-")
+    parts = pipeline(tmp, max(64, 4 * rows), args.cutoff, model=args.model)
+    model, dataset, collator = parts["model"], parts["train_dataset"], parts["collator"]
+    device = torch.device(args.device)
+    for p in model.parameters():
+        p.data = p.data.to(device, dtype=torch.float32 if p.requires_grad else getattr(torch, args.dtype))
+    engine = ScoringEngine(model, collator, device, show_progress=False)
+    lengths = engine.lengths(dataset)
+    ids = sorted(range(len(dataset)), key=lambda i: (-lengths[i], i))[:rows]
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    if args.peak_child == "train":
+        def run(batch_ids):
+            model.train()
+            model(**engine.collate(dataset, batch_ids)).loss.backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        featurizer = GradientFeaturizer(model, CountSketchProjector(args.proj_dim, seed=123))
+
+        def run(batch_ids):
+            sharded_features(engine, dataset, batch_ids, len(batch_ids), featurizer)
+    run(ids[-1:])  # warm-up on one row: first-call allocations are not the micro-batch's
+    with DevicePeak(device) as mem:
+        run(ids)
+    print(json.dumps({"kind": args.peak_child, "rows": rows, "tokens": max(lengths[i] for i in ids),
+                      "peak_mib": mem.mib, "resident_mib": mem.resident_mib, "checkpointing": checkpointing}))
+
+
+def child_json(extra: list[str], env: dict | None = None) -> dict | None:
+    """Run this script again with ``extra`` arguments and read the JSON line it prints last."""
     import json
     import subprocess
 
     argv = [a for a in sys.argv[1:] if a != "--torch-func"]
-    res = subprocess.run([sys.executable, __file__, *argv, "--memory-child", method], capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True, check=False,
+                         env=dict(os.environ, **(env or {})))
     for line in reversed(res.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)["peak_mib"]
+            return json.loads(line)
+    print(res.stderr[-2000:], file=sys.stderr)
     return None
+
+
+def micro_batch_memory(args) -> list[dict]:
+    """Per micro-batch size: the LESS pass's peak against a training step's, each in its own process.
+    On the CPU glibc's allocator is told to return large blocks at once, so the RSS high-water mark
+    follows the tensors' lifetimes."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = []
+    for rows in args.micro_batches:
+        got = {kind: child_json(["--peak-child", kind, "--peak-batch", str(rows)], env) for kind in ("train", "less")}
+        if None in got.values() or None in (got["train"]["peak_mib"], got["less"]["peak_mib"]):
+            print(f"micro-batch {rows}: peak memory not measurable here")
+            continue
+        train, less = got["train"], got["less"]
+        row = {"rows": rows, "tokens": train["tokens"], "train_peak_mib": train["peak_mib"],
+               "less_peak_mib": less["peak_mib"], "less_vs_train": less["peak_mib"] / max(train["peak_mib"], 1e-3),
+               "resident_mib": train["resident_mib"], "train_checkpointing": train["checkpointing"]}
+        total = (less["peak_mib"] + row["resident_mib"]) / (train["peak_mib"] + row["resident_mib"])
+        row["less_vs_train_with_resident"] = total
+        out.append(row)
+        print(f"micro-batch {rows} x {row['tokens']} tokens: a training step adds {row['train_peak_mib']:.0f} MiB "
+              f"(gradient checkpointing {'on' if row['train_checkpointing'] else 'off'}), the LESS pass "
+              f"{row['less_peak_mib']:.0f} MiB -> x{row['less_vs_train']:.2f} (goal <= 1.3); with the "
+              f"{row['resident_mib']:.0f} MiB already resident x{total:.2f}", flush=True)
+    return out
+
+
+def child_memory(method: str) -> float | None:
+    got = child_json(["--memory-child", method])
+    return None if got is None else got["peak_mib"]
 
 
 def _sync() -> None:
@@ -258,11 +361,19 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype")
     ap.add_argument("--torch-func", action="store_true", help="also time torch.func.vmap(grad)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--micro-batches", type=int, nargs="*", default=[4, 16],
+                    help="micro-batch sizes (rows of the longest length) whose peak memory is compared: the LESS "
+                         "pass vs a LLaMA-Factory training step")
     ap.add_argument("--memory-child", choices=["batched", "loop"], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-child", choices=["train", "less"], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/out)")
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args)
+        return
+    if args.peak_child:
+        micro_batch_child(args)
         return
 
     import shutil
@@ -339,6 +450,8 @@ def main() -> None:
                 result.update(peak_mib_batched=mb, peak_mib_batch1=ml, bound_mib_per_batch=features)
             else:
                 print("peak RSS: not measurable here (/proc/self/clear_refs or the child failed)")
+        if not args.no_memory and args.micro_batches:
+            result["micro_batch_memory"] = micro_batch_memory(args)
         result.update(device=args.device, dtype=args.dtype)
         suffix = "" if args.device == "cpu" else f"-{torch_device_type(args.device)}"
         path = write_json(f"less-{args.model}{suffix}", result, args.out)
