@@ -195,6 +195,24 @@ def train_step_rate(st, args) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def checkpointed_step_rate(st, args) -> float:
+    """Samples/s of a training step's forward + backward as LLaMA-Factory runs it (train mode, its
+    gradient checkpointing), over the same batches."""
+    from dataflex.scoring.engine import length_batches
+
+    model, dataset = st["model"], st["dataset"]
+    was_training = model.training
+    model.train()
+    n, t0 = 0, time.perf_counter()
+    for ids in length_batches(st["lengths"], range(len(dataset)), args.batch_size):
+        model(**st["engine"].collate(dataset, ids), use_cache=False).loss.backward()
+        n += len(ids)
+    _sync()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return n / (time.perf_counter() - t0)
+
+
 def run_batched(st, args, ids):
     from dataflex.scoring.gradients import sharded_features
 
@@ -360,7 +378,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: peak memory from the allocator)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype")
     ap.add_argument("--torch-func", action="store_true", help="also time torch.func.vmap(grad)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--memory", choices=["all", "micro-batch", "none"], default="all",
+                    help="peak memory: batched vs batch-1 and the micro-batch comparison, only the latter, or none")
+    ap.add_argument("--no-memory", action="store_const", const="none", dest="memory", help="the same as --memory none")
     ap.add_argument("--micro-batches", type=int, nargs="*", default=[4, 16],
                     help="micro-batch sizes (rows of the longest length) whose peak memory is compared: the LESS "
                          "pass vs a LLaMA-Factory training step")
@@ -392,9 +412,10 @@ def main() -> None:
 
         run_batched(st, args, range(min(32, n)))  # warm-up
         run_loop(st, args, base_ids[:4])
-        batched_rates, loop_rates, floor_rates = [], [], []
+        batched_rates, loop_rates, floor_rates, ckpt_rates = [], [], [], []
         for _ in range(args.repeats):
             floor_rates.append(train_step_rate(st, args))
+            ckpt_rates.append(checkpointed_step_rate(st, args))
             t0 = time.perf_counter()
             feats = run_batched(st, args, range(n))
             _sync()
@@ -418,14 +439,19 @@ def main() -> None:
         per_floor = floor / statistics.median(batched_rates)
         print(f"floor (a training step's forward + backward over the same batches): {floor:.1f} samples/s -> "
               f"LESS features cost x{per_floor:.2f} of it per sample (goal <= 1.3)")
+        ckpt = statistics.median(ckpt_rates)
+        per_ckpt = ckpt / statistics.median(batched_rates)
+        print(f"a training step as LLaMA-Factory runs it (gradient checkpointing on): {ckpt:.1f} samples/s -> "
+              f"LESS features cost x{per_ckpt:.2f} of it")
         result = {"benchmark": "less", "model": args.model, "shape": shape_info(st["model"]), "samples": n,
                   "mean_tokens": sum(lengths) / n, "batch_size": args.batch_size, "proj_dim": args.proj_dim,
                   "threads": args.threads, "batched_samples_s": statistics.median(batched_rates),
                   "batch1_samples_s": statistics.median(loop_rates), "floor_samples_s": floor,
                   "vs_batch1": statistics.median(ratios), "seconds_vs_floor": per_floor,
+                  "checkpointed_step_samples_s": ckpt, "seconds_vs_checkpointed_step": per_ckpt,
                   "min_cosine_vs_batch1": cos.min().item()}
 
-        if args.device != "cpu" and not args.no_memory:
+        if args.memory == "all" and args.device != "cpu":
             import torch
 
             peaks = {}
@@ -439,7 +465,7 @@ def main() -> None:
             print(f"peak GPU memory added over the {len(base_ids)} samples: batched {peaks['batched']:.0f} MiB, "
                   f"batch-1 loop {peaks['loop']:.0f} MiB")
             result.update(peak_gpu_mib_batched=peaks["batched"], peak_gpu_mib_batch1=peaks["loop"])
-        elif not args.no_memory:
+        elif args.memory == "all":
             mb, ml = child_memory("batched"), child_memory("loop")
             if mb is not None and ml is not None:
                 features = args.batch_size * (args.proj_dim + largest) * 4 / 2**20
@@ -450,7 +476,7 @@ def main() -> None:
                 result.update(peak_mib_batched=mb, peak_mib_batch1=ml, bound_mib_per_batch=features)
             else:
                 print("peak RSS: not measurable here (/proc/self/clear_refs or the child failed)")
-        if not args.no_memory and args.micro_batches:
+        if args.memory != "none" and args.micro_batches:
             result["micro_batch_memory"] = micro_batch_memory(args)
         result.update(device=args.device, dtype=args.dtype)
         suffix = "" if args.device == "cpu" else f"-{torch_device_type(args.device)}"

@@ -25,6 +25,11 @@ training mode is restored afterwards.
 Only the logits of positions whose next token is supervised are computed (``logits_to_keep``),
 which leaves the loss and every gradient unchanged and saves most of the vocabulary projection.
 
+:func:`per_sample_gradients` keeps every layer's inputs and output gradients until it returns.
+The LESS features use :func:`stream_per_sample_gradients` instead, which recomputes each decoder
+block in the backward and hands each layer's per-sample gradient on as soon as it is formed, so
+its memory is a checkpointed training step's rather than a whole batch's activations.
+
 Hooks versus ``torch.func``
 ---------------------------
 Measured with ``python bench/less.py --torch-func`` (tiny demo model, CPU, 1 thread, batch 16,
