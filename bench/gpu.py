@@ -61,7 +61,7 @@ def plan(dry: bool, out: Path) -> list[dict]:
                  ("projection demo (cpu)", [py, "bench/projection.py", "--model", "demo", "--seeds", "1", "--out",
                                             str(out)], 180, out / "projection-demo-cpu.json")]
         weighting = [("weighting demo (cpu)", [py, "bench/weighting.py", "--model", "demo", "--steps", "2", "--modes",
-                                               "plain", "loss_global", "loss_micro", "--out", str(out)], 240,
+                                               "plain", "loss_global", "--out", str(out)], 300,
                       out / "weighting-demo.json")]
         deepspeed = [("tests/test_deepspeed.py (collect only)",
                       [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--collect-only",
