@@ -130,7 +130,7 @@ def torch_func_rate(model, collator, dataset, batches) -> float:
 
 
 def setup(args):
-    """Tiny model + data through LLaMA-Factory, a few AdamW steps, the featurizer with Adam moments."""
+    """The model + data through LLaMA-Factory, a few AdamW steps, the featurizer with Adam moments."""
     import torch
 
     from dataflex.scoring.engine import ScoringEngine
@@ -153,7 +153,7 @@ def setup(args):
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(5):
+    for _ in range(args.adam_steps):
         ids = torch.randperm(n, generator=gen)[:8].tolist()
         opt.zero_grad()
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([dataset[i] for i in ids]).items()}
@@ -374,6 +374,8 @@ def main() -> None:
     ap.add_argument("--baseline-samples", type=int, default=150,
                     help="samples timed in the batch-1 loop (spread over all lengths)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--adam-steps", type=int, default=5,
+                    help="AdamW steps (batch 8) before measuring: non-zero LoRA B matrices and Adam moments")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: peak memory from the allocator)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype")
