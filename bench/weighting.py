@@ -34,6 +34,14 @@ from _common import SHAPES  # noqa: E402
 MODES = ("plain", "custom", "loss_global", "loss_micro")
 
 
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=24)
@@ -82,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {**base, **extra, "output_dir": str(tmp / name)}
             path = tmp / f"{name}.yaml"
             path.write_text(yaml.safe_dump(cfg))
+            cpu0 = _children_cpu()
             res = subprocess.run([sys.executable, "-m", "dataflex.cli", "train", str(path)], env=env,
                                  capture_output=True, text=True, timeout=1800)
             if res.returncode != 0:
@@ -89,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             metrics = json.loads((tmp / name / "all_results.json").read_text())
             rows[name] = {"seconds_per_step": metrics["train_runtime"] / args.steps,
+                          "process_cpu_seconds": round(_children_cpu() - cpu0, 2),
                           "dataflex_seconds": metrics.get("dataflex_seconds", 0.0)}
             print(f"{name:<12} {rows[name]['seconds_per_step']:.3f} s/step", flush=True)
     plain = rows["plain"]["seconds_per_step"] if "plain" in rows else float("nan")
     for row in rows.values():
         row["ratio_to_plain"] = round(row["seconds_per_step"] / plain, 3)
         row["seconds_per_step"] = round(row["seconds_per_step"], 4)
+        if "plain" in rows:  # CPU time barely moves with other jobs' load, wall time does; start-up included
+            row["process_cpu_ratio_to_plain"] = round(row["process_cpu_seconds"] / rows["plain"]["process_cpu_seconds"], 3)
     import torch
 
     n_params = args.hidden * args.hidden * 12 * args.layers
