@@ -33,12 +33,15 @@ def mixed_length_data(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-# Model shapes for timing. Timing needs no trained weights, so every shape but the demo is a Qwen2
-# built from its config with random weights (nothing is downloaded). The demo tokenizer is used
-# throughout: its ids are valid for every vocabulary below, and the real vocabulary size keeps the
-# output layer's cost.
+# Model shapes for timing. Timing needs no trained weights, so every shape but the demo and the real
+# asset is a Qwen2 (or Llama) built from its config with random weights (nothing is downloaded). The
+# demo tokenizer is used with them: its ids are valid for every vocabulary below, and the real
+# vocabulary size keeps the output layer's cost.
 SHAPES = {
     "demo": None,  # the ~100k-parameter demo model (dataflex.demo.build_tiny_model)
+    # the real SmolLM2-135M-Instruct (dataflex.assets) with its own tokenizer and template: not a
+    # shape but the converted weights, for machines that hold the asset
+    "smollm2": "asset",
     "50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -54,12 +57,26 @@ SHAPES = {
 }
 
 
+def template_for(shape: str) -> str:
+    """The LLaMA-Factory template a model of ``shape`` is trained with."""
+    if SHAPES.get(shape) == "asset":
+        from dataflex.assets import ASSETS
+
+        return ASSETS[shape].template
+    return "default"
+
+
 def build_model(folder: Path, shape: str = "demo") -> Path:
-    """The demo tokenizer with a model of ``shape`` (see SHAPES), saved under ``folder``."""
+    """The demo tokenizer with a model of ``shape`` (see SHAPES), saved under ``folder``; for the
+    real asset, its cached folder (fetched once per machine)."""
     from dataflex.demo import build_tiny_model
 
     if shape not in SHAPES:
         raise SystemExit(f"--model: unknown shape {shape!r}; allowed: {', '.join(SHAPES)}")
+    if SHAPES[shape] == "asset":
+        from dataflex.assets import fetch_locked
+
+        return fetch_locked(shape)
     model_dir = build_tiny_model(folder / "tiny", ROOT / "data")
     if SHAPES[shape] is None:
         return model_dir
@@ -139,7 +156,7 @@ def pipeline(tmp: str, n_train: int, cutoff: int = 256, eval_file: str | None = 
         "lora_rank": 8,
         "dataset": "bench_train",
         "dataset_dir": str(data_dir),
-        "template": "default",
+        "template": template_for(model),
         "cutoff_len": cutoff,
         "preprocessing_num_workers": 1,
         "output_dir": str(tmp_path / "out"),

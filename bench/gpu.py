@@ -1,17 +1,22 @@
-"""One command for a CUDA machine: everything a GPU can tell us, in about 8 minutes, as one table + JSON.
+"""One command for a CUDA machine: everything a GPU can tell us, in under 10 minutes, as one table + JSON.
 
     python bench/gpu.py                 # on a machine with a CUDA GPU
     python bench/gpu.py --dry-run       # the same plan at the demo shape on the CPU, in tiny sizes (CI-checkable)
 
-The plan (each step under its own time limit, and all of them within ``--budget`` seconds, 480 by
+The plan (each step under its own time limit, and all of them within ``--budget`` seconds, 570 by
 default: a step gets at most what is left; a failed or timed-out step is reported, the others run):
 
 1. ``bench/scoring.py`` at the SmolLM2-135M, Qwen2.5-0.5B and Qwen2.5-1.5B shapes in bf16: loss scoring samples/s
    vs batch-1 and vs the floor (a bare batched forward of the same batches), peak GPU memory.
    The same 0.5B scoring in fp32, so bf16's gain is measured in the same session.
 2. ``bench/less.py`` at the SmolLM2-135M and 0.5B shapes (bf16 frozen weights, fp32 LoRA): LESS features vs a training
-   step's forward + backward and vs batch-1, peak GPU memory; ``bench/projection.py`` at 0.5B: count
+   step's forward + backward and vs batch-1, peak GPU memory, and the LESS pass's peak against a training
+   step's (gradient checkpointing on) at micro-batches 4 and 16; ``bench/projection.py`` at 0.5B: count
    sketch vs dense (all 24 layers, nothing extrapolated) vs factored projection on the GPU.
+   ``bench/weighting.py`` at the SmolLM2-135M and 0.5B shapes: seconds per step of ``loss`` weighting
+   (``scope: global_batch`` and ``micro_batch``) against plain LLaMA-Factory. The real SmolLM2 weights
+   cannot be carried to a GPU machine, so its shape (random weights) stands in: speed and memory do not
+   depend on the weights' values.
 3. ``bench/zeroth.py --speed`` at the 0.5B shape: seconds per sample for K = 1, 4, 16 vs 2K forwards.
 4. ``tests/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
 5. An end-to-end ``dataflex-cli train`` of the seed's ``less.yaml`` shape (LoRA r16 on all linears,
@@ -50,10 +55,14 @@ def plan(dry: bool, out: Path) -> list[dict]:
                                                "--speed-ks", "1", "4", "--out", str(out)], 180,
                    out / "zeroth-speed-demo.json")]
         feats = [("less demo (cpu)", [py, "bench/less.py", "--model", "demo", "--samples", "48", "--baseline-samples",
-                                      "8", "--repeats", "1", "--no-memory", "--out", str(out)], 180,
+                                      "8", "--repeats", "1", "--memory", "micro-batch", "--micro-batches", "2",
+                                      "--out", str(out)], 180,
                   out / "less-demo.json"),
                  ("projection demo (cpu)", [py, "bench/projection.py", "--model", "demo", "--seeds", "1", "--out",
                                             str(out)], 180, out / "projection-demo-cpu.json")]
+        weighting = [("weighting demo (cpu)", [py, "bench/weighting.py", "--model", "demo", "--steps", "2", "--modes",
+                                               "plain", "loss_global", "--out", str(out)], 300,
+                      out / "weighting-demo.json")]
         deepspeed = [("tests/test_deepspeed.py (collect only)",
                       [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--collect-only",
                        "tests/test_deepspeed.py"], 120, None)]
@@ -68,13 +77,15 @@ def plan(dry: bool, out: Path) -> list[dict]:
                                                       "cuda", "--samples", "1000", "--baseline-samples", "100",
                                                       "--batch-sizes", "32", "--out", str(out / "fp32")], 90,
                         out / "fp32" / "scoring-qwen2.5-0.5b-cuda.json"))
+        # LESS also compares its pass's peak memory with a training step's at micro-batches 4 and 16
+        # (each in a process of its own); the real SmolLM2 asset is not on the GPU machine, so its shape
         feats = [("less smollm2-shape bf16", [py, "bench/less.py", "--model", "smollm2-shape", "--device", "cuda",
                                               "--dtype", "bfloat16", "--samples", "600", "--baseline-samples", "60",
-                                              "--repeats", "1", "--out", str(out)], 90,
+                                              "--repeats", "1", "--micro-batches", "4", "16", "--out", str(out)], 150,
                   out / "less-smollm2-shape-cuda.json"),
                  ("less qwen2.5-0.5b bf16", [py, "bench/less.py", "--model", "qwen2.5-0.5b", "--device", "cuda",
                                              "--dtype", "bfloat16", "--samples", "600", "--baseline-samples", "60",
-                                             "--repeats", "1", "--out", str(out)], 120,
+                                             "--repeats", "1", "--micro-batches", "4", "16", "--out", str(out)], 180,
                   out / "less-qwen2.5-0.5b-cuda.json"),
                  ("projection qwen2.5-0.5b", [py, "bench/projection.py", "--model", "qwen2.5-0.5b", "--device", "cuda",
                                               "--batch", "16", "--tokens", "512", "--dense-layers", "24", "--out",
@@ -82,11 +93,15 @@ def plan(dry: bool, out: Path) -> list[dict]:
         zeroth = [("zeroth speed qwen2.5-0.5b", [py, "bench/zeroth.py", "--speed", "--model", "qwen2.5-0.5b",
                                                  "--train", "200", "--out", str(out)], 90,
                    out / "zeroth-speed-qwen2.5-0.5b.json")]
+        weighting = [(f"weighting {m}", [py, "bench/weighting.py", "--model", m, "--steps", "30", "--modes", "plain",
+                                         "loss_global", "loss_micro", "--out", str(out)], 150,
+                      out / f"weighting-{m}.json") for m in ("smollm2-shape", "qwen2.5-0.5b")]
         deepspeed = [("tests/test_deepspeed.py -m gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
                                                          "-m", "gpu", "tests/test_deepspeed.py"], 150, None)]
         e2e_model, e2e_rows = "qwen2.5-0.5b", 400
         e2e_extra = {"bf16": True}
-    steps = [{"name": n, "cmd": c, "limit": t, "json": j} for n, c, t, j in scoring + feats + zeroth + deepspeed]
+    steps = [{"name": n, "cmd": c, "limit": t, "json": j}
+             for n, c, t, j in scoring + feats + weighting + zeroth + deepspeed]
     steps.append({"name": f"e2e less train ({e2e_model})", "e2e": (e2e_model, e2e_rows, e2e_extra),
                   "limit": 120 if dry else 150, "json": None})
     return steps
@@ -146,8 +161,13 @@ def summary_of(step: dict, data: dict | None) -> str:
                 f"batch-1, {best['engine_vs_floor']:.2f} of floor{mem}")
     if data.get("benchmark") == "less":
         mem = f", peak {data['peak_gpu_mib_batched']:.0f} MiB" if data.get("peak_gpu_mib_batched") else ""
+        mem += "".join(f"; micro-batch {r['rows']}: x{r['less_vs_train']:.2f} a training step's peak"
+                       for r in data.get("micro_batch_memory", []))
         return (f"{data['batched_samples_s']:.0f} samples/s: x{data['vs_batch1']:.1f} batch-1, "
                 f"x{data['seconds_vs_floor']:.2f} of a training step's fwd+bwd{mem}")
+    if data.get("benchmark") == "weighting overhead per step":
+        return ", ".join(f"{name} x{row['ratio_to_plain']:.2f}" for name, row in data["modes"].items()
+                         if name != "plain") + " of plain per step"
     if data.get("benchmark") == "projection":
         return "; ".join(f"{r['method'].split(' (')[0]} {r['seconds_per_batch']:.3f}s, cos err {r['cos_err_rms']:.3f}"
                          for r in data["rows"])
@@ -164,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="the plan at the demo shape on the CPU, tiny sizes")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
-    ap.add_argument("--budget", type=float, default=480.0,
+    ap.add_argument("--budget", type=float, default=570.0,
                     help="seconds for the whole plan: a step gets at most what is left, and is skipped under 20 s")
     args = ap.parse_args(argv)
     import torch

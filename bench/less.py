@@ -130,7 +130,7 @@ def torch_func_rate(model, collator, dataset, batches) -> float:
 
 
 def setup(args):
-    """Tiny model + data through LLaMA-Factory, a few AdamW steps, the featurizer with Adam moments."""
+    """The model + data through LLaMA-Factory, a few AdamW steps, the featurizer with Adam moments."""
     import torch
 
     from dataflex.scoring.engine import ScoringEngine
@@ -153,7 +153,7 @@ def setup(args):
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(5):
+    for _ in range(args.adam_steps):
         ids = torch.randperm(n, generator=gen)[:8].tolist()
         opt.zero_grad()
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator([dataset[i] for i in ids]).items()}
@@ -195,6 +195,24 @@ def train_step_rate(st, args) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def checkpointed_step_rate(st, args) -> float:
+    """Samples/s of a training step's forward + backward as LLaMA-Factory runs it (train mode, its
+    gradient checkpointing), over the same batches."""
+    from dataflex.scoring.engine import length_batches
+
+    model, dataset = st["model"], st["dataset"]
+    was_training = model.training
+    model.train()
+    n, t0 = 0, time.perf_counter()
+    for ids in length_batches(st["lengths"], range(len(dataset)), args.batch_size):
+        model(**st["engine"].collate(dataset, ids), use_cache=False).loss.backward()
+        n += len(ids)
+    _sync()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return n / (time.perf_counter() - t0)
+
+
 def run_batched(st, args, ids):
     from dataflex.scoring.gradients import sharded_features
 
@@ -218,17 +236,120 @@ def memory_child(args) -> None:
     print(json.dumps({"method": args.memory_child, "peak_mib": mem.mib}))
 
 
-def child_memory(method: str) -> float | None:
+class DevicePeak:
+    """Peak memory a block adds (MiB): the CUDA allocator's on a GPU, the RSS high-water mark on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+
+    def __enter__(self):
+        import torch
+
+        if not self.cuda:
+            self.rss = PeakMemory().__enter__()
+            return self
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if not self.cuda:
+            self.rss.__exit__(*exc)
+            self.mib, self.resident_mib = self.rss.mib, self.rss.start / 1024 if self.rss.start else None
+            return False
+        torch.cuda.synchronize()
+        self.mib = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        self.resident_mib = self.start / 2**20
+        return False
+
+
+def micro_batch_child(args) -> None:
+    """Peak memory of one micro-batch of ``--peak-batch`` rows of the longest length, in a process of
+    its own (prints JSON): ``train`` is a training step's forward + backward as LLaMA-Factory runs it
+    (train mode, its gradient checkpointing as it enabled it), ``less`` the LESS feature pass."""
+    import json
+
+    import torch
+
+    from dataflex.scoring.engine import ScoringEngine
+    from dataflex.scoring.gradients import GradientFeaturizer, sharded_features
+    from dataflex.scoring.projection import CountSketchProjector
+
+    torch.set_num_threads(args.threads)
+    rows = args.peak_batch
+    tmp = tempfile.mkdtemp(prefix="dataflex-bench-peak-")
+    parts = pipeline(tmp, max(64, 4 * rows), args.cutoff, model=args.model)
+    model, dataset, collator = parts["model"], parts["train_dataset"], parts["collator"]
+    device = torch.device(args.device)
+    for p in model.parameters():
+        p.data = p.data.to(device, dtype=torch.float32 if p.requires_grad else getattr(torch, args.dtype))
+    engine = ScoringEngine(model, collator, device, show_progress=False)
+    lengths = engine.lengths(dataset)
+    ids = sorted(range(len(dataset)), key=lambda i: (-lengths[i], i))[:rows]
+    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    if args.peak_child == "train":
+        def run(batch_ids):
+            model.train()
+            model(**engine.collate(dataset, batch_ids)).loss.backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        featurizer = GradientFeaturizer(model, CountSketchProjector(args.proj_dim, seed=123))
+
+        def run(batch_ids):
+            sharded_features(engine, dataset, batch_ids, len(batch_ids), featurizer)
+    run(ids[-1:])  # warm-up on one row: first-call allocations are not the micro-batch's
+    with DevicePeak(device) as mem:
+        run(ids)
+    print(json.dumps({"kind": args.peak_child, "rows": rows, "tokens": max(lengths[i] for i in ids),
+                      "peak_mib": mem.mib, "resident_mib": mem.resident_mib, "checkpointing": checkpointing}))
+
+
+def child_json(extra: list[str], env: dict | None = None) -> dict | None:
+    """Run this script again with ``extra`` arguments and read the JSON line it prints last."""
     import json
     import subprocess
 
     argv = [a for a in sys.argv[1:] if a != "--torch-func"]
-    res = subprocess.run([sys.executable, __file__, *argv, "--memory-child", method], capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run([sys.executable, __file__, *argv, *extra], capture_output=True, text=True, check=False,
+                         env=dict(os.environ, **(env or {})))
     for line in reversed(res.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)["peak_mib"]
+            return json.loads(line)
+    print(res.stderr[-2000:], file=sys.stderr)
     return None
+
+
+def micro_batch_memory(args) -> list[dict]:
+    """Per micro-batch size: the LESS pass's peak against a training step's, each in its own process.
+    On the CPU glibc's allocator is told to return large blocks at once, so the RSS high-water mark
+    follows the tensors' lifetimes."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = []
+    for rows in args.micro_batches:
+        got = {kind: child_json(["--peak-child", kind, "--peak-batch", str(rows)], env) for kind in ("train", "less")}
+        if None in got.values() or None in (got["train"]["peak_mib"], got["less"]["peak_mib"]):
+            print(f"micro-batch {rows}: peak memory not measurable here")
+            continue
+        train, less = got["train"], got["less"]
+        row = {"rows": rows, "tokens": train["tokens"], "train_peak_mib": train["peak_mib"],
+               "less_peak_mib": less["peak_mib"], "less_vs_train": less["peak_mib"] / max(train["peak_mib"], 1e-3),
+               "resident_mib": train["resident_mib"], "train_checkpointing": train["checkpointing"]}
+        total = (less["peak_mib"] + row["resident_mib"]) / (train["peak_mib"] + row["resident_mib"])
+        row["less_vs_train_with_resident"] = total
+        out.append(row)
+        print(f"micro-batch {rows} x {row['tokens']} tokens: a training step adds {row['train_peak_mib']:.0f} MiB "
+              f"(gradient checkpointing {'on' if row['train_checkpointing'] else 'off'}), the LESS pass "
+              f"{row['less_peak_mib']:.0f} MiB -> x{row['less_vs_train']:.2f} (goal <= 1.3); with the "
+              f"{row['resident_mib']:.0f} MiB already resident x{total:.2f}", flush=True)
+    return out
+
+
+def child_memory(method: str) -> float | None:
+    got = child_json(["--memory-child", method])
+    return None if got is None else got["peak_mib"]
 
 
 def _sync() -> None:
@@ -253,16 +374,28 @@ def main() -> None:
     ap.add_argument("--baseline-samples", type=int, default=150,
                     help="samples timed in the batch-1 loop (spread over all lengths)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--adam-steps", type=int, default=5,
+                    help="AdamW steps (batch 8) before measuring: non-zero LoRA B matrices and Adam moments")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: peak memory from the allocator)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="frozen weights' dtype")
     ap.add_argument("--torch-func", action="store_true", help="also time torch.func.vmap(grad)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--memory", choices=["all", "micro-batch", "none"], default="all",
+                    help="peak memory: batched vs batch-1 and the micro-batch comparison, only the latter, or none")
+    ap.add_argument("--no-memory", action="store_const", const="none", dest="memory", help="the same as --memory none")
+    ap.add_argument("--micro-batches", type=int, nargs="*", default=[4, 16],
+                    help="micro-batch sizes (rows of the longest length) whose peak memory is compared: the LESS "
+                         "pass vs a LLaMA-Factory training step")
     ap.add_argument("--memory-child", choices=["batched", "loop"], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-child", choices=["train", "less"], help=argparse.SUPPRESS)
+    ap.add_argument("--peak-batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="folder for the JSON (default bench/out)")
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args)
+        return
+    if args.peak_child:
+        micro_batch_child(args)
         return
 
     import shutil
@@ -281,9 +414,10 @@ def main() -> None:
 
         run_batched(st, args, range(min(32, n)))  # warm-up
         run_loop(st, args, base_ids[:4])
-        batched_rates, loop_rates, floor_rates = [], [], []
+        batched_rates, loop_rates, floor_rates, ckpt_rates = [], [], [], []
         for _ in range(args.repeats):
             floor_rates.append(train_step_rate(st, args))
+            ckpt_rates.append(checkpointed_step_rate(st, args))
             t0 = time.perf_counter()
             feats = run_batched(st, args, range(n))
             _sync()
@@ -307,14 +441,19 @@ def main() -> None:
         per_floor = floor / statistics.median(batched_rates)
         print(f"floor (a training step's forward + backward over the same batches): {floor:.1f} samples/s -> "
               f"LESS features cost x{per_floor:.2f} of it per sample (goal <= 1.3)")
+        ckpt = statistics.median(ckpt_rates)
+        per_ckpt = ckpt / statistics.median(batched_rates)
+        print(f"a training step as LLaMA-Factory runs it (gradient checkpointing on): {ckpt:.1f} samples/s -> "
+              f"LESS features cost x{per_ckpt:.2f} of it")
         result = {"benchmark": "less", "model": args.model, "shape": shape_info(st["model"]), "samples": n,
                   "mean_tokens": sum(lengths) / n, "batch_size": args.batch_size, "proj_dim": args.proj_dim,
                   "threads": args.threads, "batched_samples_s": statistics.median(batched_rates),
                   "batch1_samples_s": statistics.median(loop_rates), "floor_samples_s": floor,
                   "vs_batch1": statistics.median(ratios), "seconds_vs_floor": per_floor,
+                  "checkpointed_step_samples_s": ckpt, "seconds_vs_checkpointed_step": per_ckpt,
                   "min_cosine_vs_batch1": cos.min().item()}
 
-        if args.device != "cpu" and not args.no_memory:
+        if args.memory == "all" and args.device != "cpu":
             import torch
 
             peaks = {}
@@ -328,7 +467,7 @@ def main() -> None:
             print(f"peak GPU memory added over the {len(base_ids)} samples: batched {peaks['batched']:.0f} MiB, "
                   f"batch-1 loop {peaks['loop']:.0f} MiB")
             result.update(peak_gpu_mib_batched=peaks["batched"], peak_gpu_mib_batch1=peaks["loop"])
-        elif not args.no_memory:
+        elif args.memory == "all":
             mb, ml = child_memory("batched"), child_memory("loop")
             if mb is not None and ml is not None:
                 features = args.batch_size * (args.proj_dim + largest) * 4 / 2**20
@@ -339,6 +478,8 @@ def main() -> None:
                 result.update(peak_mib_batched=mb, peak_mib_batch1=ml, bound_mib_per_batch=features)
             else:
                 print("peak RSS: not measurable here (/proc/self/clear_refs or the child failed)")
+        if args.memory != "none" and args.micro_batches:
+            result["micro_batch_memory"] = micro_batch_memory(args)
         result.update(device=args.device, dtype=args.dtype)
         suffix = "" if args.device == "cpu" else f"-{torch_device_type(args.device)}"
         path = write_json(f"less-{args.model}{suffix}", result, args.out)

@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def shape_info_from(n_trainable: int, args) -> dict:
-    info = dict(SHAPES[args.model] or {"model": "demo"})
+    spec = SHAPES[args.model]
+    info = dict(spec) if isinstance(spec, dict) else {"model": args.model}
     info["lora_trainable"] = n_trainable
     return info
 

@@ -56,15 +56,19 @@ def test_gpu_script_dry_run_runs_its_plan_on_the_cpu(tmp_path):
 
     import torch
 
-    res = run_command([sys.executable, "bench/gpu.py", "--dry-run", "--out", tmp_path], timeout=600)
+    res = run_command([sys.executable, "bench/gpu.py", "--dry-run", "--out", tmp_path], timeout=900)
     assert res.returncode == 0, failure_report(res)
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 6
+    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 7
     by_name = {s["step"]: s for s in result["steps"]}
     scoring = by_name["scoring demo (cpu)"]["data"]
     assert scoring["rows"][0]["engine_vs_floor"] > 0 and scoring["machine"]["torch"] == torch.__version__
     less = by_name["less demo (cpu)"]["data"]
     assert less["seconds_vs_floor"] > 0 and less["min_cosine_vs_batch1"] > 0.999  # batched == batch-1 features
+    (peaks,) = less["micro_batch_memory"]  # the LESS pass's peak against a training step's, micro-batch 2
+    assert peaks["rows"] == 2 and peaks["train_checkpointing"] and peaks["less_vs_train"] >= 0
+    weighting = by_name["weighting demo (cpu)"]["data"]["modes"]
+    assert set(weighting) == {"plain", "loss_global"} and weighting["loss_global"]["ratio_to_plain"] > 0
     projection = by_name["projection demo (cpu)"]["data"]
     methods = [r["method"].split(" (")[0] for r in projection["rows"]]
     assert methods == ["count sketch", "factored", "dense gaussian", "dense rademacher"]

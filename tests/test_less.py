@@ -17,6 +17,7 @@ from dataflex.scoring.engine import ScoringEngine, eval_mode
 from dataflex.scoring.gradients import (
     GradientFeaturizer,
     UnsupportedParameters,
+    decoder_layers,
     per_sample_gradients,
     sharded_features,
     trainable_linears,
@@ -118,6 +119,74 @@ def test_sharded_features_equal_batch1_and_are_dropout_free(lf_pipeline):
     scores = sharded_features(engine, rows, [3, 0, 5], 2, featurizer, reduce=lambda f: f @ target)
     assert scores.shape == (3,)
     assert torch.allclose(scores, batched[[3, 0, 5]] @ target, atol=1e-5)
+
+
+def _features_kept_whole(featurizer, inputs, labels):
+    """The features as they were formed before the recomputing pass: every layer's inputs and output
+    gradients kept to the end of one backward, then projected layer by layer."""
+    out = torch.zeros(labels.shape[0], featurizer.projector.proj_dim)
+    grads = per_sample_gradients(featurizer.model, inputs, labels, featurizer.targets)
+    for name, g in grads:
+        if featurizer.moments is not None:
+            g = adam_direction(g, featurizer.moments[name])
+        featurizer.projector.project_into(out, name, g)
+    return out, grads.counts > 0
+
+
+def _compare_recomputed_features(model, collator, rows, proj_dim=512):
+    """Features from the streamed, recomputing pass against the whole-batch pass (with Adam moments)."""
+    featurizer = GradientFeaturizer(model, CountSketchProjector(proj_dim, seed=7))
+    assert featurizer.recompute and len(decoder_layers(model)) == model.config.num_hidden_layers
+    gen = torch.Generator().manual_seed(3)
+    featurizer.moments = {}
+    for t in featurizer.targets:
+        numel = t.module.weight.numel()
+        featurizer.moments[t.weight_name] = AdamMoment(torch.randn(numel, generator=gen) * 1e-3,
+                                                       torch.rand(numel, generator=gen) * 1e-6, 0.9, 0.999, 1e-8)
+    batch = collator(rows)
+    labels = batch.pop("labels")
+    inputs = {**batch, "use_cache": False}
+    model.train()
+    new, valid = featurizer(inputs, labels)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    forwards = []
+    handle = featurizer.targets[0].module.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        featurizer(inputs, labels)
+    finally:
+        handle.remove()
+    assert len(forwards) == 2  # once in the forward, once more in the backward's recompute
+    featurizer.recompute = False
+    plain, _ = featurizer(inputs, labels)
+    old, old_valid = _features_kept_whole(featurizer, inputs, labels)
+    assert valid.tolist() == old_valid.tolist()
+    cos = torch.nn.functional.cosine_similarity(new[valid], old[valid], dim=1)
+    cos_plain = torch.nn.functional.cosine_similarity(plain[valid], old[valid], dim=1)
+    assert float(cos.min()) >= 0.99999 and float(cos_plain.min()) >= 0.99999, (cos.min(), cos_plain.min())
+    assert torch.allclose(new[valid].norm(dim=1), old[valid].norm(dim=1), rtol=1e-4)
+    assert torch.allclose(new[~valid], old[~valid], rtol=1e-4, atol=1e-6)  # the moments alone there
+    return cos
+
+
+def test_recomputed_features_equal_the_whole_batch_pass(lf_pipeline):
+    """The memory-saving pass (blocks recomputed in the backward, each layer's gradient formed and
+    projected as soon as it arrives) gives the features the whole-batch pass gives."""
+    rows = _rows(lf_pipeline["train_dataset"])
+    _compare_recomputed_features(lf_pipeline["model"], lf_pipeline["collator"], rows)
+
+
+def test_recomputed_features_equal_the_whole_batch_pass_on_smollm2(smollm2, tmp_path):
+    """The same on the real SmolLM2 (30 Llama blocks, grouped-query attention), 4 short rows."""
+    from conftest import load_lf_pipeline
+
+    parts = load_lf_pipeline(smollm2, tmp_path, template="smollm2", max_samples=4, cutoff_len=64)
+    with torch.no_grad():  # LoRA B off zero, so the A matrices get gradients too
+        gen = torch.Generator().manual_seed(5)
+        for p in parts["model"].parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+    rows = [parts["train_dataset"][i] for i in range(len(parts["train_dataset"]))]
+    _compare_recomputed_features(parts["model"], parts["collator"], rows, proj_dim=2048)
 
 
 def test_trainable_parameters_outside_linear_layers_are_rejected():

@@ -25,6 +25,11 @@ training mode is restored afterwards.
 Only the logits of positions whose next token is supervised are computed (``logits_to_keep``),
 which leaves the loss and every gradient unchanged and saves most of the vocabulary projection.
 
+:func:`per_sample_gradients` keeps every layer's inputs and output gradients until it returns.
+The LESS features use :func:`stream_per_sample_gradients` instead, which recomputes each decoder
+block in the backward and hands each layer's per-sample gradient on as soon as it is formed, so
+its memory is a checkpointed training step's rather than a whole batch's activations.
+
 Hooks versus ``torch.func``
 ---------------------------
 Measured with ``python bench/less.py --torch-func`` (tiny demo model, CPU, 1 thread, batch 16,
@@ -41,12 +46,13 @@ Adam preconditioning of the training features lives in :mod:`dataflex.scoring.op
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .engine import Batch, eval_mode
+from .engine import Batch, eval_mode, is_partitioned
 from .losses import supervised_logits, token_loss_sums
 from .optimizer_state import AdamMoment, adam_direction
 from .projection import CountSketchProjector
@@ -98,6 +104,40 @@ def trainable_linears(model: torch.nn.Module) -> list[LinearTarget]:
 
 
 # --------------------------------------------------------------------------- per-sample gradients
+def _token_view(x: torch.Tensor, gy: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch x tokens x features`` fp32 views of a call's input and output gradient, the output
+    gradient zeroed at padded positions."""
+    batch = x.shape[0]
+    x = x.reshape(batch, -1, x.shape[-1]).float()
+    gy = gy.reshape(batch, -1, gy.shape[-1]).float()
+    if mask is not None and mask.shape == gy.shape[:2]:
+        gy = gy * mask.unsqueeze(-1)
+    return x, gy
+
+
+class _LayerSum:
+    """One layer's per-sample weight / bias gradients, summed over its calls."""
+
+    def __init__(self, target: LinearTarget):
+        self.target = target
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, gy: torch.Tensor) -> None:
+        if self.target.weight_name is not None:
+            w = torch.bmm(gy.transpose(1, 2), x)  # batch x out x in
+            self.weight = w if self.weight is None else self.weight + w
+        if self.target.bias_name is not None:
+            b = gy.sum(dim=1)
+            self.bias = b if self.bias is None else self.bias + b
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.weight is not None:
+            yield self.target.weight_name, self.weight.reshape(self.weight.shape[0], -1)
+        if self.bias is not None:
+            yield self.target.bias_name, self.bias
+
+
 class BatchGradients:
     """Result of :func:`per_sample_gradients`: losses now, gradients layer by layer on demand.
 
@@ -127,27 +167,14 @@ class BatchGradients:
             yield target, (self._tokens(x, gy) for x, gy in calls)
 
     def _tokens(self, x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = x.shape[0]
-        x = x.reshape(batch, -1, x.shape[-1]).float()
-        gy = gy.reshape(batch, -1, gy.shape[-1]).float()
-        if self._mask is not None and self._mask.shape == gy.shape[:2]:
-            gy = gy * self._mask.unsqueeze(-1)
-        return x, gy
+        return _token_view(x, gy, self._mask)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for target, calls in self.layer_calls():
-            weight, bias = None, None
+            acc = _LayerSum(target)
             for x, gy in calls:
-                if target.weight_name is not None:
-                    w = torch.bmm(gy.transpose(1, 2), x)  # batch x out x in
-                    weight = w if weight is None else weight + w
-                if target.bias_name is not None:
-                    b = gy.sum(dim=1)
-                    bias = b if bias is None else bias + b
-            if weight is not None:
-                yield target.weight_name, weight.reshape(weight.shape[0], -1)
-            if bias is not None:
-                yield target.bias_name, bias
+                acc.add(x, gy)
+            yield from acc.items()
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {name: grad for name, grad in self}
@@ -205,6 +232,169 @@ def per_sample_gradients(
     return BatchGradients(losses.detach(), counts, records, token_mask)
 
 
+# --------------------------------------------------------------------------- streamed, recomputing
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's checkpointable blocks (transformers' ``GradientCheckpointingLayer``), outermost only."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no recomputation, streaming only
+        return []
+    layers, inside = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, GradientCheckpointingLayer):
+            layers.append(module)
+            inside.add(name + ".")
+    return layers
+
+
+class _Stream:
+    """Book-keeping of :func:`stream_per_sample_gradients`: which layer runs, and in which pass."""
+
+    def __init__(self, n_targets: int):
+        self.n_targets = n_targets
+        self.reset()
+
+    def reset(self) -> None:
+        self.layer: int | None = None  # the checkpointed block running now (None: outside every block)
+        self.recompute = False
+        self.calls: dict[int, int] = {}  # target -> its calls so far in this run of the block
+        self.runs: dict[int, int] = {}  # block -> times it ran (1: the forward, 2: the recompute)
+        self.inputs: dict[tuple, torch.Tensor] = {}  # call -> its input, until its output gradient comes
+        self.pending: dict[tuple, torch.Tensor] = {}  # call -> output gradient that came before its input
+        self.expected = [0] * self.n_targets  # calls per target in the forward
+        self.done = [0] * self.n_targets
+
+    def key(self, i: int) -> tuple:
+        k = self.calls.get(i, 0)
+        self.calls[i] = k + 1
+        return (self.layer, i, k)
+
+
+@contextmanager
+def _recomputed(layers: list[torch.nn.Module], state: _Stream) -> Iterator[None]:
+    """Run each block under non-reentrant activation checkpointing, telling ``state`` which pass it is."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(idx: int, forward: Callable) -> Callable:
+        def inner(*args, **kwargs):
+            saved = (state.layer, state.recompute, state.calls)
+            runs = state.runs.get(idx, 0)
+            state.runs[idx] = runs + 1
+            state.layer, state.recompute, state.calls = idx, runs > 0, {}
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                state.layer, state.recompute, state.calls = saved
+
+        def checkpointed(*args, **kwargs):
+            # no early stop: the recompute must run the whole block, so every linear layer's input comes
+            return checkpoint(inner, *args, use_reentrant=False, early_stop=False, **kwargs)
+        return checkpointed
+
+    patched = []
+    try:
+        for idx, layer in enumerate(layers):
+            had_own = "forward" in layer.__dict__
+            patched.append((layer, had_own, layer.forward))
+            layer.forward = wrap(idx, layer.forward)
+        yield
+    finally:
+        for layer, had_own, forward in patched:
+            if had_own:
+                layer.forward = forward
+            else:
+                del layer.forward
+
+
+def stream_per_sample_gradients(
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    labels: torch.Tensor,
+    targets: Sequence[LinearTarget],
+    consume: Callable[[str, torch.Tensor], None],
+    recompute: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample gradients of :func:`per_sample_gradients`, handed to ``consume(name, batch x
+    numel)`` layer by layer during the backward instead of being kept; returns ``(losses, counts)``.
+
+    With ``recompute`` every decoder block runs under activation checkpointing: the forward keeps
+    only the blocks' inputs (as a training step with gradient checkpointing does), each block is
+    run again when the backward reaches it, and the linear layers' inputs are taken from that second
+    run. A layer's input is held only until its output gradient arrives, so at any moment the
+    memory is one block's activations plus the blocks' inputs. A layer that never receives an
+    output gradient (its output does not reach the loss) has gradient zero and is not handed on.
+    """
+    targets = list(targets)
+    state = _Stream(len(targets))
+    mask = inputs.get("attention_mask")
+    token_mask = (mask != 0).float() if torch.is_tensor(mask) and mask.dim() == 2 else None
+    sums: dict[int, _LayerSum] = {}
+    anchor = torch.zeros((), device=labels.device, requires_grad=True)  # every output's gradient flows to it
+
+    def finish(i: int) -> None:
+        acc = sums.pop(i, None)
+        if acc is not None:
+            for name, grad in acc.items():
+                consume(name, grad)
+
+    def pair(key: tuple, x: torch.Tensor, gy: torch.Tensor) -> None:
+        i = key[1]
+        sums.setdefault(i, _LayerSum(targets[i])).add(*_token_view(x, gy, token_mask))
+        state.done[i] += 1
+        if state.done[i] == state.expected[i]:
+            finish(i)
+
+    def output_grad(key: tuple) -> Callable:
+        def hook(gy):
+            x = state.inputs.pop(key, None)
+            if x is None:
+                state.pending[key] = gy.detach()
+            else:
+                pair(key, x, gy.detach())
+        return hook
+
+    def hook_for(i: int) -> Callable:
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["input"]
+            key = state.key(i)
+            if state.recompute:  # the input now; the output's gradient is (or will be) on its way
+                gy = state.pending.pop(key, None)
+                if gy is None:
+                    state.inputs[key] = x.detach()
+                else:
+                    pair(key, x.detach(), gy)
+                return output + anchor
+            state.expected[i] += 1
+            if state.layer is None or not recompute:  # no second run: keep the input from this one
+                state.inputs[key] = x.detach()
+            output = output + anchor
+            output.register_hook(output_grad(key))
+            return output
+        return hook
+
+    handles = [t.module.register_forward_hook(hook_for(i), with_kwargs=True) for i, t in enumerate(targets)]
+    layers = decoder_layers(model) if recompute else []
+    try:
+        with eval_mode(model), torch.enable_grad(), _recomputed(layers, state):
+            logits, kept = supervised_logits(model, inputs, labels, on_retry=state.reset)
+            loss_sums, counts = token_loss_sums(logits, kept)
+            del logits
+            losses = loss_sums / counts.clamp(min=1)
+            total = losses.sum()
+            if total.requires_grad:
+                torch.autograd.grad(total, [anchor], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    if state.pending:
+        raise RuntimeError("per-sample gradients: an output gradient arrived without its layer's input")
+    for i in list(sums):  # layers some of whose calls got no output gradient: those calls add zero
+        finish(i)
+    return losses.detach(), counts
+
+
 # --------------------------------------------------------------------------- projected features
 class GradientFeaturizer:
     """Projected (optionally Adam-preconditioned) per-sample gradients of a model's trainable linears."""
@@ -215,6 +405,9 @@ class GradientFeaturizer:
         self.projector = projector
         self.moments = moments
         self.targets = trainable_linears(model)
+        # recompute each block's activations in the backward (a training step's memory), except with
+        # ZeRO-3 partitions, whose gathers are left to the plain forward
+        self.recompute = not is_partitioned(model)
 
     @property
     def param_names(self) -> list[str]:
@@ -222,14 +415,16 @@ class GradientFeaturizer:
 
     def __call__(self, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(features batch x proj_dim fp32, valid batch bool)``; invalid = no supervised token."""
-        grads = per_sample_gradients(self.model, inputs, labels, self.targets)
-        batch = labels.shape[0]
-        out = torch.zeros(batch, self.projector.proj_dim, dtype=torch.float32, device=labels.device)
-        for name, g in grads:
+        out = torch.zeros(labels.shape[0], self.projector.proj_dim, dtype=torch.float32, device=labels.device)
+
+        def project(name: str, g: torch.Tensor) -> None:
             if self.moments is not None:
                 g = adam_direction(g, self.moments[name])
             self.projector.project_into(out, name, g)
-        return out, grads.counts > 0
+
+        _, counts = stream_per_sample_gradients(self.model, inputs, labels, self.targets, project,
+                                                recompute=self.recompute)
+        return out, counts > 0
 
 
 def normalise_rows(features: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
