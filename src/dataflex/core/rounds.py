@@ -42,9 +42,9 @@ class Round:
 
     what = "decision"
 
-    def __init__(self, agreement: Agreement, log: RunLog, seed: int, log_fn: LogFn | None = None):
+    def __init__(self, agreement: Agreement, log: RunLog | None, seed: int, log_fn: LogFn | None = None):
         self.agreement = agreement
-        self.log = log
+        self.log = log  # None until training starts (the mode's start() hands it the run's records)
         self.seed = seed
         self.log_fn = log_fn or _no_log
         self.seconds = 0.0
@@ -67,7 +67,8 @@ class Round:
 class StretchRound(Round):
     """select and mix: the schedule's stretches, each fed by one draw of ``G x steps`` rows."""
 
-    def __init__(self, schedule: Schedule, agreement: Agreement, log: RunLog, seed: int, log_fn: LogFn | None = None):
+    def __init__(self, schedule: Schedule, agreement: Agreement, log: RunLog | None, seed: int,
+                 log_fn: LogFn | None = None):
         super().__init__(agreement, log, seed, log_fn)
         self.schedule = schedule
         self.stretch: Stretch | None = None

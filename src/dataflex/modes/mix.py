@@ -55,7 +55,7 @@ class MixRound(StretchRound):
     what = "mixture update"
 
     def __init__(self, schedule: Schedule, mixer: Any, sampler: DomainSampler, setup: MixSetup,
-                 scorer: Callable[[], Any], agreement: Agreement, log: RunLog, seed: int, component: str,
+                 scorer: Callable[[], Any], agreement: Agreement, log: RunLog | None, seed: int, component: str,
                  log_fn: LogFn | None = None):
         super().__init__(schedule, agreement, log, seed, log_fn)
         self.mixer = mixer
@@ -291,7 +291,7 @@ class MixMode(Mode):
                          self.world, total, eval_sets)
         self.sampler = DomainSampler([tuple(p) for p in info.parts], targs.seed)
         self.round = MixRound(self.schedule, mixer, self.sampler, setup, self.engine, self.agreement,
-                              RunLog(self.cache_dir, "-", enabled=False), targs.seed, self.spec.key,
+                              None, targs.seed, self.spec.key,
                               log_fn=self.trainer.log)
         self.reference = None
         if mixer.reference_model_path:

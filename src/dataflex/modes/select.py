@@ -28,7 +28,7 @@ class SelectRound(StretchRound):
     what = "selection"
 
     def __init__(self, schedule: Schedule, selector: Any, context: Callable[[Stretch, int], Any], train_size: int,
-                 agreement: Agreement, log: RunLog, seed: int, component: str, log_fn: LogFn | None = None):
+                 agreement: Agreement, log: RunLog | None, seed: int, component: str, log_fn: LogFn | None = None):
         super().__init__(schedule, agreement, log, seed, log_fn)
         self.selector = selector
         self.context = context
@@ -125,7 +125,7 @@ class SelectMode(Mode):
         self.schedule = Schedule.build(fa.warmup_step, fa.update_step, fa.update_times, self.global_batch, total)
         targs.max_steps = total  # the LR schedule spans exactly the schedule
         self.round = SelectRound(self.schedule, self.component, self.context, len(self.train), self.agreement,
-                                 RunLog(self.cache_dir, "-", enabled=False), targs.seed, self.spec.key,
+                                 None, targs.seed, self.spec.key,
                                  log_fn=self.trainer.log)
 
     def learning_rate(self) -> float:

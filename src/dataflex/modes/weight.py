@@ -43,8 +43,8 @@ class WeightRound(Round):
 
     what = "weighting"
 
-    def __init__(self, weighter: Any, warmup_step: int, agreement: Agreement, log: RunLog, seed: int, component: str,
-                 log_fn: LogFn | None = None):
+    def __init__(self, weighter: Any, warmup_step: int, agreement: Agreement, log: RunLog | None, seed: int,
+                 component: str, log_fn: LogFn | None = None):
         super().__init__(agreement, log, seed, log_fn)
         self.weighter = weighter
         self.warmup_step = warmup_step
@@ -182,7 +182,7 @@ class WeightMode(Mode):
         if fa.train_step:
             targs.max_steps = fa.train_step
         self.round = WeightRound(self.component, fa.warmup_step, self.agreement,
-                                 RunLog(self.cache_dir, "-", enabled=False), targs.seed, self.spec.key)
+                                 None, targs.seed, self.spec.key)
         self.micro = 0
 
     def start(self, log: RunLog) -> None:
