@@ -60,8 +60,10 @@ class Run:
         self.configured = False  # LLaMA-Factory has accepted the arguments
 
     @property
-    def train_type(self) -> str | None:
-        return self.plan.train_type if self.plan is not None else None
+    def domains_apart(self) -> bool:
+        """Whether the run's mode needs every dataset of ``dataset`` tokenized on its own."""
+        mode = self.plan.mode if self.plan is not None else None
+        return mode is not None and mode.mode_class().domains_apart
 
 
 def _classes():
@@ -170,7 +172,7 @@ def _then_barrier(last_step):
 # --------------------------------------------------------------------------------------------- data
 def _dataflex_get_dataset(get_dataset, run: Run):
     def wrapped(template, model_args, data_args, training_args, stage, **kwargs):
-        if run.train_type == "dynamic_mix":
+        if run.domains_apart:
             eval_names = names(run.plan.cfg.get("mixer_eval_dataset"))
             module, run.data = _domain_datasets(eval_names, template, model_args, data_args, training_args, stage,
                                                 **kwargs)

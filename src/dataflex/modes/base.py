@@ -61,6 +61,7 @@ class Mode:
 
     name = ""
     orders_rows = True  # the schedule decides which rows each step sees (LLaMA-Factory's sampler is unused)
+    domains_apart = False  # every training dataset (domain) tokenized on its own, its rows known
 
     # ------------------------------------------------------------------ checks before training (class level)
     @classmethod

@@ -221,6 +221,7 @@ class MixRound(StretchRound):
 
 class MixMode(Mode):
     name = "mix"
+    domains_apart = True
 
     @classmethod
     def check_steps(cls, cfg: dict[str, Any], component: Any) -> None:
