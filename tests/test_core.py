@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dataflex.core.agreement import AgreedFailure, Agreement
+from dataflex.dist.agreement import AgreedFailure, Agreement
 from dataflex.core.records import RunLog
-from dataflex.core.rounds import LocalSignals, SelectRound, WeightRound, normalise_weights
+from dataflex.modes.select import SelectRound
+from dataflex.modes.weight import LocalSignals, WeightRound, normalise_weights
 from dataflex.core.sampling import DomainSampler, largest_remainder
 from dataflex.errors import SelectionError
 from dataflex.schedule import Schedule

@@ -37,7 +37,8 @@ def _commands(prefix: str) -> list[str]:
 
 
 def test_docs_exist_for_every_component():
-    from dataflex.component import KINDS, available
+    from dataflex.components import available
+    from dataflex.modes import SECTIONS as KINDS
 
     for kind in KINDS:
         for name in available(kind):
@@ -54,10 +55,10 @@ def test_relative_links_resolve():
 
 def test_yaml_snippets_validate(tmp_path):
     """Components snippets build their components; training snippets pass DataFlex's checks."""
-    from dataflex.args import validate_config
-    from dataflex.component import KINDS
     from dataflex.components import build_component, load_components
     from dataflex.integration import known_train_keys
+    from dataflex.modes import SECTIONS as KINDS
+    from dataflex.plan import validate_config
 
     known = known_train_keys()
     checked = 0

@@ -22,10 +22,10 @@ import yaml
 
 from conftest import REPO_ROOT, failure_report, records, traces
 
-from dataflex.args import read_proportions
-from dataflex.core.agreement import Agreement
+from dataflex.values import read_proportions
+from dataflex.dist.agreement import Agreement
 from dataflex.core.records import RunLog
-from dataflex.core.rounds import MixRound, MixSetup
+from dataflex.modes.mix import MixRound, MixSetup
 from dataflex.core.sampling import DomainSampler, largest_remainder
 from dataflex.errors import ConfigError
 from dataflex.mixers.base import DomainStats, MixContext
@@ -321,7 +321,7 @@ def test_pt_blocks_never_cross_domains(tiny_model, tmp_path):
     """Every domain tokenized alone: its rows are exactly what LLaMA-Factory makes of that dataset alone."""
     from conftest import DATA_DIR
 
-    from dataflex.integration import _RUN, load_pipeline
+    from dataflex.integration import load_pipeline
 
     common = {"model_name_or_path": str(tiny_model), "stage": "pt", "do_train": True, "finetuning_type": "lora",
               "dataset_dir": str(DATA_DIR), "template": "default", "cutoff_len": 64, "preprocessing_num_workers": 1,
@@ -329,15 +329,9 @@ def test_pt_blocks_never_cross_domains(tiny_model, tmp_path):
     alone = {}
     for name in ("wiki_demo", "demo_code"):
         alone[name] = load_pipeline({**common, "dataset": name})["train_dataset"]
-    _RUN.update({"train_type": "dynamic_mix"})
-    try:
-        mixed = load_pipeline({**common, "dataset": "wiki_demo,demo_code", "train_type": "dynamic_mix",
-                               "component_name": "static"})
-    finally:
-        _RUN.clear()
-    from dataflex.integration import data_info
-
-    parts = data_info().parts
+    mixed = load_pipeline({**common, "dataset": "wiki_demo,demo_code", "train_type": "dynamic_mix",
+                           "component_name": "static"})
+    parts = mixed["data_info"].parts
     assert [p[0] for p in parts] == ["wiki_demo", "demo_code"]
     train = mixed["train_dataset"]
     for name, start, end in parts:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pytest
 import torch
 
-from dataflex.component import component_class
+from dataflex.components import component_class
 from dataflex.components import (
     PACKAGED_COMPONENTS,
     ComponentSpec,

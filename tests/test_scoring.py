@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from dataflex.core.agreement import Agreement
+from dataflex.dist.agreement import Agreement
 from dataflex.scoring.engine import ScoringEngine, dataset_lengths, length_batches, public_dataset_lengths
 from dataflex.scoring.losses import sample_loss_sums, token_loss_sums, token_losses
 

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dataflex.core.agreement import Agreement
+from dataflex.dist.agreement import Agreement
 from dataflex.errors import ConfigError
 from dataflex.selectors.base import SelectionContext, SelectionResult, sampling_probabilities, weighted_draw
 from dataflex.selectors.delta_loss import DeltaLossParams, DeltaLossSelector, window_bounds

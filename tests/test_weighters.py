@@ -232,7 +232,7 @@ def test_weighted_loss_gradient_equals_the_hand_weighted_sum_of_per_sample_gradi
     from transformers import AutoModelForCausalLM
 
     from dataflex.scoring.losses import sample_loss_sums
-    from dataflex.trainer import DataFlexTrainerMixin
+    from dataflex.modes.base import weight_correction
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float64)
@@ -247,7 +247,7 @@ def test_weighted_loss_gradient_equals_the_hand_weighted_sum_of_per_sample_gradi
     n_items = int((labels[:, 1:] != -100).sum())
     out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items)
     sums, counts = sample_loss_sums(out.logits, labels)
-    loss = out.loss + DataFlexTrainerMixin._df_weight_correction(fake, weights, sums, counts, n_items)
+    loss = out.loss + weight_correction(fake, weights, sums, counts, n_items)
     params = [p for p in model.parameters()]
     got = torch.autograd.grad(loss, params)
 
@@ -260,7 +260,7 @@ def test_weighted_loss_gradient_equals_the_hand_weighted_sum_of_per_sample_gradi
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=1e-6, rtol=1e-5)
     # with weights exactly 1 the correction is exactly 0: the model's own loss, bit for bit
-    zero = DataFlexTrainerMixin._df_weight_correction(fake, torch.ones(3, dtype=torch.float64), sums, counts, n_items)
+    zero = weight_correction(fake, torch.ones(3, dtype=torch.float64), sums, counts, n_items)
     assert zero.item() == 0.0
 
 

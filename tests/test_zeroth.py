@@ -492,7 +492,7 @@ def test_seed_components_entry_and_packaged_entry(tmp_path):
 
 def test_seed_training_yaml_passes_the_selector_checks(repo_root, monkeypatch):
     """The seed page's training YAML (examples/train_lora/selectors/zeroth.yaml) validates with this selector."""
-    from dataflex.args import validate_config
+    from dataflex.plan import validate_config
     from dataflex.components import PACKAGED_COMPONENTS
 
     monkeypatch.chdir(repo_root)

@@ -79,27 +79,27 @@ def train(
 
     overrides = list(ctx.args)
     setup_logging()
+    run = None
     try:
         from . import integration
-        from .launcher import prepare
+        from .launcher import make_plan
 
-        cfg = prepare(config, overrides)
-        plan = integration.launch_plan()
-        if plan["force_torchrun"] or (plan["device_count"] > 1 and not plan["ray_or_kt"]):
-            cmd = torchrun_command(str(config), overrides, dict(os.environ), plan["device_count"])
+        plan = make_plan(config, overrides)
+        launch = integration.launch_plan()
+        if launch["force_torchrun"] or (launch["device_count"] > 1 and not launch["ray_or_kt"]):
+            cmd = torchrun_command(str(config), overrides, dict(os.environ), launch["device_count"])
             typer.echo(f"[DataFlex] launching: {' '.join(cmd[2:])}", err=True)
             code = subprocess.run(cmd, env=dict(os.environ)).returncode
             if code != 0:
                 _fail(f"training failed in a worker process (exit code {code}); see the messages above", code)
             return
-        integration.run_train(cfg)
+        run = integration.Run(plan)
+        integration.run_train(run)
     except (DataFlexError, ValueError, FileNotFoundError) as err:
         if debug:
             raise
-        from . import integration
-
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if isinstance(err, DataFlexError) or not integration.PHASE["configured"]:
+        if isinstance(err, DataFlexError) or run is None or not run.configured:
             # a configuration problem (ours, or LLaMA-Factory's parser), or a failure whose traceback the
             # failing rank has already logged: one line
             hint = "" if isinstance(err, (ConfigError, DataFlexError)) else "  (--debug shows the traceback)"
@@ -134,11 +134,10 @@ def list_components(
     components: Optional[Path] = typer.Option(None, "--components", "-c", help="A components YAML (default: packaged)."),
 ) -> None:
     """Show the selectors, mixers and weighters with their parameters and defaults, and a file's components."""
-    from .component import SINGULAR, available
-    from .components import PACKAGED_COMPONENTS, load_components, resolve_components_path
+    from .components import PACKAGED_COMPONENTS, available, load_components, resolve_components_path
+    from .modes import BY_SECTION, TABLE
 
-    modes = {"selectors": "dynamic_select", "mixers": "dynamic_mix", "weighters": "dynamic_weight"}
-    for kind, train_type in modes.items():
+    for kind, train_type in ((m.section, m.train_type) for m in TABLE):
         typer.echo(f"{kind.capitalize()} (train_type: {train_type}; component `name:`) and their params:")
         for name, cls in sorted(available(kind).items()):
             extra = " [needs eval_dataset]" if cls.needs_eval else ""
@@ -156,7 +155,7 @@ def list_components(
     for kind, specs in sections.items():
         for key, spec in specs.items():
             note = f"  (invalid: {spec.error})" if spec.error else ""
-            typer.echo(f"  {SINGULAR[kind]:<9} {key:<20} name: {spec.name:<14} params: {spec.params}{note}")
+            typer.echo(f"  {BY_SECTION[kind].singular:<9} {key:<20} name: {spec.name:<14} params: {spec.params}{note}")
 
 
 @app.command()

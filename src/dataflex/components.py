@@ -17,15 +17,23 @@ A file without any section holds selectors at its top level (the first DataFlex 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import logging
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .component import KINDS, SINGULAR, Component, component_class
+from .component import REGISTRY, Component
 from .errors import ConfigError, parse_problem
+from .modes import BY_SECTION, SECTIONS
+
+logger = logging.getLogger("dataflex")
 
 PACKAGED_COMPONENTS = Path(__file__).resolve().parent / "configs" / "components.yaml"
 # The path the original DataFlex examples use, relative to a DataFlex source checkout.
@@ -35,7 +43,7 @@ SEED_RELATIVE_PATH = Path("src/dataflex/configs/components.yaml")
 @dataclass(frozen=True)
 class ComponentSpec:
     key: str  # component_name
-    kind: str  # "selectors" | "mixers" | "weighters"
+    kind: str  # the section it was found in ("selectors", ...)
     name: str  # `name:` in the file (a registered name, or file.py:Class)
     params: dict[str, Any]
     source: Path
@@ -83,8 +91,8 @@ def load_components(path: str | os.PathLike) -> dict[str, dict[str, ComponentSpe
     """``{kind: {component_name: spec}}`` for every section of the file (missing sections are empty)."""
     path = Path(path)
     data = _read(path)
-    has_sections = any(isinstance(data.get(kind), dict) for kind in KINDS)
-    sections = {kind: (data.get(kind) or {}) if has_sections else {} for kind in KINDS}
+    has_sections = any(isinstance(data.get(kind), dict) for kind in SECTIONS)
+    sections = {kind: (data.get(kind) or {}) if has_sections else {} for kind in SECTIONS}
     if not has_sections:
         sections["selectors"] = data
     out: dict[str, dict[str, ComponentSpec]] = {}
@@ -114,7 +122,7 @@ def get_component(path: str | os.PathLike, component_name: str, kind: str = "sel
     if component_name not in specs:
         known = ", ".join(sorted(specs)) or "(none)"
         raise ConfigError(f"component_name: '{component_name}' is not in the {kind} of '{path}'; "
-                          f"known {SINGULAR[kind]} components: {known}")
+                          f"known {BY_SECTION[kind].singular} components: {known}")
     spec = specs[component_name]
     if spec.error:
         raise ConfigError(spec.error)
@@ -125,3 +133,61 @@ def build_component(spec: ComponentSpec, warn: bool = True) -> Component:
     """Instantiate the component an entry names, with strictly checked params."""
     cls = component_class(spec.kind, spec.name, spec.key, base_dir=spec.source.parent)
     return cls(cls.Params.from_dict(spec.key, spec.params, warn=warn))
+
+
+def available(kind: str) -> dict[str, type[Component]]:
+    """The built-in components of a section, by name (importing the package registers them)."""
+    BY_SECTION[kind].package()
+    return REGISTRY.get(kind, {})
+
+
+def _user_class(spec: str, kind: str, component: str, base_dir: Path | None) -> type[Component]:
+    """Load ``path/to/file.py:Class`` or ``package.module:Class`` (a user's own component)."""
+    where, _, cls_name = spec.rpartition(":")
+    if not where or not cls_name:
+        raise ConfigError(f"component '{component}': name '{spec}' must be 'file.py:Class' or 'package.module:Class'")
+    try:
+        if where.endswith(".py") or "/" in where or os.sep in where:
+            path = Path(os.path.expanduser(where))
+            candidates = [path] if path.is_absolute() else [Path.cwd() / path] + ([base_dir / path] if base_dir else [])
+            found = next((c for c in candidates if c.is_file()), None)
+            if found is None:
+                tried = ", ".join(str(c) for c in candidates)
+                raise ConfigError(f"component '{component}': file '{where}' not found (tried {tried})")
+            mod_name = f"dataflex_user_{abs(hash(str(found.resolve())))}"
+            module = sys.modules.get(mod_name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(mod_name, found)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[mod_name] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(mod_name, None)
+                    raise
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: show where it broke, once, then one line
+        logger.error("[DataFlex] loading component '%s' from '%s' failed:\n%s", component, where,
+                     traceback.format_exc())
+        raise ConfigError(f"component '{component}': loading '{where}' failed: {type(err).__name__}: {err}") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"component '{component}': '{where}' has no class '{cls_name}'")
+    base = BY_SECTION[kind].base_class()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"component '{component}': '{spec}' is not a subclass of dataflex {base.__name__}")
+    return cls
+
+
+def component_class(kind: str, name: str, component: str, base_dir: Path | None = None) -> type[Component]:
+    """The class a components-file entry names, for ``kind``; a ``:`` in the name loads a user's class."""
+    if ":" in name:
+        return _user_class(name, kind, component, base_dir)
+    known = available(kind)
+    if name not in known:
+        raise ConfigError(f"component '{component}': unknown {BY_SECTION[kind].singular} name '{name}'; "
+                          f"available: {', '.join(sorted(known))} (or 'file.py:Class' for your own)")
+    return known[name]

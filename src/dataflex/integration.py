@@ -1,11 +1,14 @@
 """The only module that touches LLaMA-Factory internals (0.9.5).
 
-Patches, applied by :func:`install` in every process (torchrun children re-import everything,
-so the launcher module installs them too):
+Patches (torchrun children re-import everything, so each one applies them itself):
 
-1. ``llamafactory.hparams.parser._TRAIN_ARGS``: LLaMA-Factory's ``FinetuningArguments`` is
-   replaced by a subclass carrying DataFlex's keys, so they are parsed - and unknown keys are
-   still rejected - by LLaMA-Factory's own ``HfArgumentParser``.
+1. ``llamafactory.hparams.parser._TRAIN_ARGS`` (:func:`install`, once per process): LLaMA-Factory's
+   ``FinetuningArguments`` is replaced by a subclass carrying DataFlex's keys, so they are parsed -
+   and unknown keys are still rejected - by LLaMA-Factory's own ``HfArgumentParser``.
+
+The others are bound to one :class:`Run` (its plan, what was learnt of its data) for the time
+:func:`run_train` runs it, and put back afterwards:
+
 2. The SFT and PT workflows' trainer classes (``CustomSeq2SeqTrainer``, ``CustomTrainer``): the
    workflow builds DataFlex's trainer when ``train_type`` is set, LLaMA-Factory's otherwise.
 3. The workflows' ``get_dataset``: for ``dynamic_mix`` every dataset of ``dataset: a,b,c`` (a
@@ -25,14 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from .args import DataFlexArguments
 from .errors import ConfigError
+from .values import names
 
 _INSTALLED = False
-PHASE = {"configured": False}  # set once LLaMA-Factory has parsed the arguments
 TEST_PLUGIN_ENV = "DATAFLEX_TEST_PLUGIN"  # tests only: "1" installs dataflex.testing (traces, pauses, faults)
 
 
@@ -47,11 +51,19 @@ class DataInfo:
     mixer_eval_names: list[str] = field(default_factory=list)
 
 
-_DATA = DataInfo()
+class Run:
+    """One training run in this process: its plan, what DataFlex learnt of its data, how far it got."""
 
+    def __init__(self, plan: Any):
+        self.plan = plan
+        self.data = DataInfo()
+        self.configured = False  # LLaMA-Factory has accepted the arguments
 
-def data_info() -> DataInfo:
-    return _DATA
+    @property
+    def domains_apart(self) -> bool:
+        """Whether the run's mode needs every dataset of ``dataset`` tokenized on its own."""
+        mode = self.plan.mode if self.plan is not None else None
+        return mode is not None and mode.mode_class().domains_apart
 
 
 def _classes():
@@ -83,43 +95,63 @@ def _build_types():
     return DataFlexFinetuningArguments, DataFlexSeq2SeqTrainer, DataFlexPtTrainer
 
 
-def _factory(dataflex_cls, original):
+def _factory(dataflex_cls, original, run: Run):
     def make_trainer(*args: Any, finetuning_args: Any, **kwargs: Any):
         if getattr(finetuning_args, "train_type", None):
-            return dataflex_cls(*args, finetuning_args=finetuning_args, dataflex_data=_DATA, **kwargs)
+            return dataflex_cls(*args, finetuning_args=finetuning_args, dataflex_plan=run.plan,
+                                dataflex_data=run.data, **kwargs)
         return original(*args, finetuning_args=finetuning_args, **kwargs)
 
     return make_trainer
 
 
+_TRAINER_TYPES: tuple[Any, Any] | None = None
+
+
 def install() -> None:
-    """Patch LLaMA-Factory in this process (idempotent)."""
-    global _INSTALLED
+    """Give LLaMA-Factory's argument parser DataFlex's keys in this process (idempotent)."""
+    global _INSTALLED, _TRAINER_TYPES
     if _INSTALLED:
         return
     import llamafactory.hparams.parser as parser
+
+    args_cls, sft_cls, pt_cls = _build_types()
+    parser._TRAIN_ARGS[:] = [args_cls if cls.__name__ == "FinetuningArguments" else cls for cls in parser._TRAIN_ARGS]
+    _TRAINER_TYPES = (sft_cls, pt_cls)
+    _INSTALLED = True
+
+
+@contextmanager
+def _bound(run: Run) -> Iterator[None]:
+    """LLaMA-Factory's workflows build DataFlex's trainer and data for ``run`` while this is open."""
     import llamafactory.train.pt.workflow as pt_workflow
     import llamafactory.train.sft.workflow as sft_workflow
     import llamafactory.train.tuner as tuner
 
-    args_cls, sft_cls, pt_cls = _build_types()
-    parser._TRAIN_ARGS[:] = [args_cls if cls.__name__ == "FinetuningArguments" else cls for cls in parser._TRAIN_ARGS]
-    sft_workflow.CustomSeq2SeqTrainer = _factory(sft_cls, sft_workflow.CustomSeq2SeqTrainer)
-    pt_workflow.CustomTrainer = _factory(pt_cls, pt_workflow.CustomTrainer)
-    sft_workflow.get_dataset = _dataflex_get_dataset(sft_workflow.get_dataset)
-    pt_workflow.get_dataset = _dataflex_get_dataset(pt_workflow.get_dataset)
+    install()
+    sft_cls, pt_cls = _TRAINER_TYPES
+    saved = [(m, name, getattr(m, name)) for m in (sft_workflow, pt_workflow)
+             for name in ("get_dataset", "create_modelcard_and_push")]
+    saved += [(sft_workflow, "CustomSeq2SeqTrainer", sft_workflow.CustomSeq2SeqTrainer),
+              (pt_workflow, "CustomTrainer", pt_workflow.CustomTrainer), (tuner, "get_train_args", tuner.get_train_args)]
+    sft_workflow.CustomSeq2SeqTrainer = _factory(sft_cls, sft_workflow.CustomSeq2SeqTrainer, run)
+    pt_workflow.CustomTrainer = _factory(pt_cls, pt_workflow.CustomTrainer, run)
     for workflow in (sft_workflow, pt_workflow):
+        workflow.get_dataset = _dataflex_get_dataset(workflow.get_dataset, run)
         workflow.create_modelcard_and_push = _then_barrier(workflow.create_modelcard_and_push)
-
     original_get_train_args = tuner.get_train_args
 
     def get_train_args(*args: Any, **kwargs: Any):
         out = original_get_train_args(*args, **kwargs)
-        PHASE["configured"] = True
+        run.configured = True
         return out
 
     tuner.get_train_args = get_train_args
-    _INSTALLED = True
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _then_barrier(last_step):
@@ -138,21 +170,18 @@ def _then_barrier(last_step):
 
 
 # --------------------------------------------------------------------------------------------- data
-def _dataflex_get_dataset(get_dataset):
+def _dataflex_get_dataset(get_dataset, run: Run):
     def wrapped(template, model_args, data_args, training_args, stage, **kwargs):
-        global _DATA
-        if _RUN.get("train_type") == "dynamic_mix":
-            module, _DATA = _domain_datasets(template, model_args, data_args, training_args, stage, **kwargs)
+        if run.domains_apart:
+            eval_names = names(run.plan.cfg.get("mixer_eval_dataset"))
+            module, run.data = _domain_datasets(eval_names, template, model_args, data_args, training_args, stage,
+                                                **kwargs)
             return module
         module, parts = _tracked(get_dataset, template, model_args, data_args, training_args, stage, **kwargs)
-        _DATA = DataInfo(dataset_dir=os.path.abspath(data_args.dataset_dir), parts=parts)
+        run.data = DataInfo(dataset_dir=os.path.abspath(data_args.dataset_dir), parts=parts)
         return module
 
     return wrapped
-
-
-# The DataFlex keys of the run in progress that the data loader needs (set by run_train).
-_RUN: dict[str, Any] = {}
 
 
 def _tracked(get_dataset, template, model_args, data_args, training_args, stage, **kwargs):
@@ -188,32 +217,31 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
     return module, parts
 
 
-def _domain_datasets(template, model_args, data_args, training_args, stage, tokenizer, processor=None):
+def _domain_datasets(eval_names, template, model_args, data_args, training_args, stage, tokenizer, processor=None):
     """Every domain tokenized on its own, then concatenated (``dynamic_mix``)."""
     from datasets import concatenate_datasets
     from llamafactory.data import loader
     from llamafactory.data.data_utils import split_dataset
 
-    names = list(data_args.dataset or [])
-    eval_names = split_names(_RUN.get("mixer_eval_dataset"))
+    domains = list(data_args.dataset or [])
     local = not data_args.data_shared_file_system
     with training_args.main_process_first(desc="load dataset", local=local):
-        raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage) for name in names]
+        raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage) for name in domains]
         eval_raw = loader._get_merged_dataset(data_args.eval_dataset, model_args, data_args, training_args, stage,
                                               return_dict=data_args.eval_on_each_dataset)
         mixer_raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage)
                      for name in eval_names]
     with training_args.main_process_first(desc="pre-process dataset", local=local):
-        domains = [loader._get_preprocessed_dataset(ds, data_args, training_args, stage, template, tokenizer, processor,
-                                                    is_eval=False) for ds in raw]
+        tokenized = [loader._get_preprocessed_dataset(ds, data_args, training_args, stage, template, tokenizer,
+                                                      processor, is_eval=False) for ds in raw]
         parts, start = [], 0
-        for name, ds in zip(names, domains):
+        for name, ds in zip(domains, tokenized):
             if len(ds) == 0:
                 raise ConfigError(f"dataset: domain '{name}' has no rows after tokenization"
                                   + (f" (its texts are shorter than cutoff_len {data_args.cutoff_len}?)" if stage == "pt" else ""))
             parts.append([name, start, start + len(ds)])
             start += len(ds)
-        train = concatenate_datasets(domains)
+        train = concatenate_datasets(tokenized)
         _, eval_dict = split_dataset(None, eval_raw, data_args, seed=training_args.seed)
         for key in eval_dict:
             eval_dict[key] = loader._get_preprocessed_dataset(eval_dict[key], data_args, training_args, stage, template,
@@ -230,14 +258,6 @@ def _domain_datasets(template, model_args, data_args, training_args, stage, toke
     return module, info
 
 
-def split_names(value: Any) -> list[str]:
-    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]``."""
-    if not value:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v).strip() for v in value]
-    return [n.strip() for n in str(value).split(",") if n.strip()]
-
 
 # --------------------------------------------------------------------------------------------- entry points
 def known_train_keys() -> set[str]:
@@ -248,8 +268,8 @@ def known_train_keys() -> set[str]:
     return {f.name for cls in parser._TRAIN_ARGS for f in dataclasses.fields(cls) if f.init}
 
 
-def run_train(cfg: dict[str, Any]) -> None:
-    """Run LLaMA-Factory's training entry point on an already-validated config dict."""
+def run_train(run: Run) -> None:
+    """Run LLaMA-Factory's training entry point on the checked configuration of ``run``'s plan."""
     install()
     from llamafactory.train.tuner import run_exp
 
@@ -257,9 +277,8 @@ def run_train(cfg: dict[str, Any]) -> None:
         from . import testing
 
         testing.install()
-    _RUN.clear()
-    _RUN.update({"train_type": cfg.get("train_type"), "mixer_eval_dataset": cfg.get("mixer_eval_dataset")})
-    run_exp(args=cfg)
+    with _bound(run):
+        run_exp(args=run.plan.cfg)
 
 
 def run_export(cfg: dict[str, Any]) -> None:
@@ -296,6 +315,14 @@ def dataset_registry(dataset_dir: str) -> dict[str, Any] | None:
     return data
 
 
+def dataset_entry(name: str, dataset_dir: str) -> Any:
+    """LLaMA-Factory's reading of one registered dataset (raises ValueError or KeyError when unusable)."""
+    from llamafactory.data.parser import get_dataset_list
+
+    (attr,) = get_dataset_list([name], dataset_dir)
+    return attr
+
+
 def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     """Model, tokenizer, tokenized datasets and collator exactly as LLaMA-Factory's workflow builds
     them for ``cfg`` - without training. Used by benchmarks and tests to score real data.
@@ -308,12 +335,16 @@ def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     from transformers import DataCollatorForLanguageModeling
 
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
+    from .modes import BY_TRAIN_TYPE
+    from .plan import RunPlan
+
+    run = Run(RunPlan(dict(cfg), BY_TRAIN_TYPE.get(cfg.get("train_type"))))
     stage = finetuning_args.stage
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     # through DataFlex's wrapper, as the workflows call it: per-domain tokenization under dynamic_mix
-    dataset_module = _dataflex_get_dataset(get_dataset)(template, model_args, data_args, training_args, stage=stage,
+    dataset_module = _dataflex_get_dataset(get_dataset, run)(template, model_args, data_args, training_args, stage=stage,
                                                         **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
     if stage == "pt":
@@ -338,4 +369,5 @@ def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
         "collator": collator,
         "training_args": training_args,
         "finetuning_args": finetuning_args,
+        "data_info": run.data,
     }

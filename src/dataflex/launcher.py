@@ -1,8 +1,9 @@
 """Entry point of every training process: ``python -m dataflex.launcher CONFIG [key=value ...]``.
 
-``dataflex-cli train`` runs :func:`prepare` + :func:`dataflex.integration.run_train` in its own
-process, or - for multi-process training - starts ``torchrun -m dataflex.launcher ...`` so each
-child installs the LLaMA-Factory patches itself before parsing its arguments.
+``dataflex-cli train`` builds the run plan (:func:`make_plan`) and runs it with
+:func:`dataflex.integration.run_train` in its own process, or - for multi-process training - starts
+``torchrun -m dataflex.launcher ...``: each child builds its plan once from the same YAML and
+overrides, and patches LLaMA-Factory itself before its arguments are parsed.
 """
 
 from __future__ import annotations
@@ -12,17 +13,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .args import names, read_config, validate_config
 from .errors import ConfigError
 from .log import setup_logging
+from .values import names
+
 
 def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read, check and resolve a training config. Raises ConfigError with a one-line message."""
-    from . import integration
+    """The checked and resolved configuration of a training YAML (see :func:`make_plan`)."""
+    return make_plan(config, overrides).cfg
 
-    cfg = read_config(config, overrides)
+
+def make_plan(config: str | os.PathLike, overrides: list[str] | None = None) -> Any:
+    """Read, check and resolve a training config into its run plan. Raises ConfigError with a one-line message."""
+    from . import integration
+    from .plan import plan_from_file
+
     # DataFlex's own checks first: they need no LLaMA-Factory import, so most mistakes fail at once
-    cfg = validate_config(cfg, yaml_dir=Path(config).resolve().parent)
+    plan = plan_from_file(config, overrides)
+    cfg = plan.cfg
     if os.environ.get("ALLOW_EXTRA_ARGS", "0").lower() not in ("1", "true", "y"):
         known = integration.known_train_keys()
         unknown = sorted(k for k in cfg if k not in known)
@@ -32,18 +40,16 @@ def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> di
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"unknown key '{unknown[0]}' in {config}: not a LLaMA-Factory or DataFlex argument{hint}")
-    if cfg.get("train_type") is not None:
+    if plan.mode is not None:
         check_datasets(cfg)
-        check_models(cfg)
-        check_outputs(cfg)
-    return cfg
+        check_models(plan)
+        check_outputs(plan)
+    return plan
 
 
 def check_datasets(cfg: dict[str, Any]) -> None:
     """Every dataset name is registered and every local file exists (LLaMA-Factory's own registry parser)."""
-    from llamafactory.data.parser import get_dataset_list
-
-    from .integration import dataset_registry
+    from .integration import dataset_entry, dataset_registry
 
     dataset_dir = cfg.get("dataset_dir", "data")
     if dataset_dir == "ONLINE" or str(dataset_dir).startswith("REMOTE:"):
@@ -58,7 +64,7 @@ def check_datasets(cfg: dict[str, Any]) -> None:
                 raise ConfigError(f"{key}: '{name}' is not registered in {os.path.join(dataset_dir, 'dataset_info.json')}; "
                                   f"registered: {', '.join(sorted(registry))}")
             try:
-                (attr,) = get_dataset_list([name], dataset_dir)
+                attr = dataset_entry(name, dataset_dir)
             except (ValueError, KeyError) as err:
                 raise ConfigError(f"{key}: dataset '{name}' is not usable: {err}") from None
             if attr.load_from == "file":
@@ -69,14 +75,10 @@ def check_datasets(cfg: dict[str, Any]) -> None:
                                       "hub-registered dataset")
 
 
-def check_models(cfg: dict[str, Any]) -> None:
-    """What a component needs of the model, checked on its config and tokenizer before anything is loaded."""
-    from .component import KIND_OF_TRAIN_TYPE
-    from .components import build_component, get_component
-
-    spec = get_component(cfg["components_cfg_file"], cfg["component_name"], KIND_OF_TRAIN_TYPE[cfg["train_type"]])
-    component = build_component(spec, warn=False)
-    needs = getattr(component, "needs", frozenset())
+def check_models(plan: Any) -> None:
+    """What the component says it needs of the model, checked on configs and tokenizers before anything is loaded."""
+    cfg, spec, component = plan.cfg, plan.spec, plan.component
+    needs = component.needs
     model_path = cfg.get("model_name_or_path")
     if ("router" in needs or cfg.get("freeze_gate")) and model_path:
         from .scoring.reference import num_experts
@@ -86,8 +88,8 @@ def check_models(cfg: dict[str, Any]) -> None:
             what = f"mixer '{component.name}'" if "router" in needs else "freeze_gate: true"
             raise ConfigError(f"model_name_or_path: {what} needs a mixture-of-experts model that reports router "
                               f"logits (Qwen2-MoE, Mixtral, ...); '{model_path}' ({config.model_type}) has no experts")
-    if "excess" in needs and model_path:
-        ref = component.params.reference_model_path
+    ref = component.reference_model_path
+    if ref and model_path:
         ours, theirs = _auto_config(model_path, cfg), _auto_config(ref, cfg)
         if ours is not None and theirs is not None and getattr(ours, "vocab_size", None) != getattr(theirs, "vocab_size", None):
             raise ConfigError(f"component '{spec.key}': param 'reference_model_path' = '{ref}' has a vocabulary of "
@@ -122,20 +124,18 @@ def _check_same_tokenizer(model_path: str, ref_path: str, component: str) -> Non
                           "step 1, trained with this model's tokenizer")
 
 
-def check_outputs(cfg: dict[str, Any]) -> None:
+def check_outputs(plan: Any) -> None:
     """The folders a run writes into can be written (before any model is loaded); nothing is left behind
     when one of them cannot."""
     import shutil
 
-    from .component import KIND_OF_TRAIN_TYPE
-    from .components import build_component, get_component
     from .core.records import check_writable
 
+    cfg, spec = plan.cfg, plan.spec
     output_dir = cfg.get("output_dir")
     if not output_dir:
         raise ConfigError("output_dir: required")
-    spec = get_component(cfg["components_cfg_file"], cfg["component_name"], KIND_OF_TRAIN_TYPE[cfg["train_type"]])
-    cache_dir = build_component(spec, warn=False).params.cache_dir
+    cache_dir = plan.component.params.cache_dir
     created = [p for p in (Path(output_dir), Path(cache_dir) if cache_dir else None) if p is not None and not p.exists()]
     try:
         check_writable(output_dir, "output_dir")
@@ -153,10 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m dataflex.launcher CONFIG.yaml [key=value ...]")
     setup_logging()
     from .errors import DataFlexError
-    from .integration import run_train
+    from .integration import Run, run_train
 
     try:
-        run_train(prepare(argv[0], argv[1:]))
+        run_train(Run(make_plan(argv[0], argv[1:])))
     except DataFlexError as err:
         # one line per process; the failing rank has already logged the full traceback
         rank = os.environ.get("RANK")

@@ -13,10 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .core.records import MANIFEST, manifest_path, read_lines, read_records
+from .core.records import MANIFEST, manifest_path, primary_score, read_lines, read_records
 from .errors import ConfigError
 
-PLOTS = {"select": "dataflex_selection.png", "mix": "dataflex_proportions.png", "weight": "dataflex_weights.png"}
 
 
 def load_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -37,14 +36,6 @@ def load_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, An
     else:
         records = read_records(folder, run["run_id"])
     return run, records
-
-
-def primary_score(rec: dict[str, Any]) -> tuple[str, list[float]] | None:
-    """The first per-sample list of floats of a selection record (the selector's score)."""
-    for key, values in (rec.get("per_sample") or {}).items():
-        if values and all(isinstance(v, float) for v in values):
-            return key, values
-    return None
 
 
 def source_of(index: int, parts: list[list[Any]] | None) -> str:
@@ -175,94 +166,21 @@ def _weight_summary(run: dict[str, Any], lines_in: list[dict[str, Any]], top: in
 # --------------------------------------------------------------------------------------------- plots
 def plot_run(output_dir: str | os.PathLike) -> list[Path]:
     """The PNG of a finished run beside LLaMA-Factory's training_loss.png (``plot_loss: true``)."""
+    from .modes import BY_NAME
+
     run, records = load_run(output_dir)
-    mode = run.get("mode", "select")
-    path = Path(output_dir) / PLOTS[mode]
+    mode = BY_NAME[run.get("mode", "select")]
+    path = Path(output_dir) / mode.plot_file
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if mode == "mix":
-        fig = _plot_mix(plt, run, records)
-    elif mode == "weight":
-        fig = _plot_weights(plt, run, records)
-    else:
-        fig = _plot_select(plt, run, records)
+    fig = mode.module.plot(plt, run, records)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
-
-
-def _plot_select(plt, run, records):
-    counts: Counter[int] = Counter()
-    for rec in records:
-        counts.update(rec["indices"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    hist = Counter(counts.get(i, 0) for i in range(run["train_size"]))
-    xs = sorted(hist)
-    ax1.bar(xs, [hist[x] for x in xs], color="#4c72b0")
-    ax1.set_xticks(xs)
-    ax1.set_xlabel("times chosen over all selections")
-    ax1.set_ylabel("training samples")
-    ax1.set_title(f"{run['name']}: {len(counts)} of {run['train_size']} samples chosen")
-    data, labels, key = [], [], None
-    for rec in records:
-        score = primary_score(rec)
-        if score:
-            key = score[0]
-            data.append(score[1])
-            labels.append(str(rec["step"]))
-    if data:
-        ax2.boxplot(data)
-        ax2.set_xticks(range(1, len(labels) + 1), labels)
-        ax2.set_xlabel("selection at step")
-        ax2.set_ylabel(f"{key} of chosen samples")
-        ax2.set_title("score distribution per selection")
-    else:
-        ax2.text(0.5, 0.5, "no per-sample scores recorded", ha="center", va="center")
-        ax2.set_axis_off()
-    return fig
-
-
-def _plot_mix(plt, run, records):
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if records:
-        domains = records[0]["domains"]
-        steps = [r["step"] for r in records] + [run["schedule"]["total_steps"]]
-        for d, name in enumerate(domains):
-            ys = [r["proportions"][d] for r in records]
-            ax.step(steps, ys + ys[-1:], where="post", label=name)
-        if any(r.get("loss_weights") for r in records):
-            for d, name in enumerate(domains):
-                ys = [(r.get("loss_weights") or [float("nan")] * len(domains))[d] for r in records]
-                ax.step(steps, ys + ys[-1:], where="post", linestyle="--", label=f"{name} (loss weight)")
-        ax.legend()
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("proportion")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{run['name']}: domain proportions over training")
-    return fig
-
-
-def _plot_weights(plt, run, lines):
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if lines:
-        steps = [ln["step"] for ln in lines]
-        w = [np.asarray(ln["weights"]) for ln in lines]
-        for lo, hi, alpha in ((0, 100, 0.15), (10, 90, 0.3), (25, 75, 0.5)):
-            ax.fill_between(steps, [np.percentile(x, lo) for x in w], [np.percentile(x, hi) for x in w],
-                            color="#4c72b0", alpha=alpha, linewidth=0, label=f"{lo}-{hi}th percentile")
-        ax.plot(steps, [np.median(x) for x in w], color="#1f3b73", label="median")
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.legend(loc="upper right")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("sample weight")
-    ax.set_title(f"{run['name']}: weight distribution per step")
-    return fig
 
 
 # --------------------------------------------------------------------------------------------- export

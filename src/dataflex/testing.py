@@ -38,16 +38,13 @@ def _fault() -> tuple[str, int, int] | None:
     return where, int(rank), int(rest[0]) if rest else 1
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def install() -> None:
     global _INSTALLED
     if _INSTALLED:
         return
     _INSTALLED = True
-    from .trainer import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY, DataFlexTrainerMixin
+    from .modes.base import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY
+    from .trainer import DataFlexTrainerMixin
 
     fault = _fault()
 
@@ -90,7 +87,7 @@ def install() -> None:
 
     # ------------------------------------------------------------------ faults
     if where == "selection":
-        from .core.rounds import SelectRound
+        from .modes.select import SelectRound
 
         original_select = SelectRound._select
 

@@ -1,4 +1,4 @@
-"""The mode-independent core: the cross-rank protocol, rounds, records, checkpoint state, sampling.
+"""The mode-independent core: what every round shares, records, checkpoint state, sampling.
 
-Nothing here imports LLaMA-Factory or transformers; the trainer mixin drives it.
+Nothing here imports LLaMA-Factory or transformers; the modes drive it.
 """

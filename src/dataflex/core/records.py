@@ -158,3 +158,11 @@ def read_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return out
+
+
+def primary_score(rec: dict[str, Any]) -> tuple[str, list[float]] | None:
+    """The first per-sample list of floats of a selection record (the selector's score)."""
+    for key, values in (rec.get("per_sample") or {}).items():
+        if values and all(isinstance(v, float) for v in values):
+            return key, values
+    return None

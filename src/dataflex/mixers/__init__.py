@@ -10,6 +10,6 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _mod != "base":
         importlib.import_module(f"{__name__}.{_mod}")
 
-MIXERS = REGISTRY["mixers"]
+MIXERS = REGISTRY.setdefault("mixers", {})
 
 __all__ = ["MIXERS", "DomainStats", "MixContext", "MixDecision", "Mixer"]

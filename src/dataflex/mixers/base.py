@@ -15,13 +15,18 @@ the model itself. What it may look at:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 
 from ..component import Component
+from ..errors import ConfigError
 from ..params import Params
+from ..values import names
+
+logger = logging.getLogger("dataflex")
 
 
 @dataclass
@@ -95,9 +100,20 @@ class Mixer(Component):
 
     kind: ClassVar[str] = "mixers"
     Params: ClassVar[type[Params]] = Params
-    needs: ClassVar[frozenset[str]] = frozenset()  # "losses", "excess" (a reference model), "router"
     granularity: ClassVar[str] = "sample"  # "sample": mixed rows; "micro_batch": one domain per micro-batch
     every_step: ClassVar[bool] = False  # update after every optimizer step (ignores update_step)
+
+    def check_domains(self, cfg: dict[str, Any], domains: Sequence[str]) -> None:
+        """Checks against the training datasets (the domains): a mixer that measures the model on each
+        domain ("router") needs one ``mixer_eval_dataset`` per domain."""
+        evals = names(cfg.get("mixer_eval_dataset"))
+        if "router" in self.needs:
+            if len(evals) != len(domains):
+                raise ConfigError(f"mixer_eval_dataset: mixer '{self.name}' needs one eval dataset per training "
+                                  f"dataset ({len(domains)}: {', '.join(domains)}), got {len(evals)}")
+        elif cfg.get("mixer_eval_dataset"):
+            logger.warning("[DataFlex] mixer_eval_dataset is only used by mixers that measure the model per domain "
+                           "(dynamic_moe); mixer '%s' ignores it", self.name)
 
     def setup(self, domains: Sequence[str], sizes: Sequence[int], initial: Sequence[float], total_steps: int,
               warmup_step: int) -> None:

@@ -74,6 +74,10 @@ class DoremiMixer(Mixer):
     needs = frozenset({"excess"})
     summary = "DoReMi step 2: domain weights from the excess loss over a reference model (Group DRO)"
 
+    @property
+    def reference_model_path(self) -> str | None:
+        return self.params.reference_model_path
+
     def setup(self, domains, sizes, initial, total_steps, warmup_step) -> None:
         super().setup(domains, sizes, initial, total_steps, warmup_step)
         k = len(domains)

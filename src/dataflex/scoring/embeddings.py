@@ -10,11 +10,13 @@ Batches go through the engine's sharded loop; only the embeddings travel between
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .engine import Batch, eval_mode
+from .neighbours import EmbeddingCache, cache_key, model_digest, rows_digest
 
 logger = logging.getLogger("dataflex")
 
@@ -120,8 +122,6 @@ class EmbeddingSource:
 
     def __init__(self, model_path: str | None, layer: int = -1, dtype: str = "auto", batch_size: int = 16,
                  cache_dir: str | None = None):
-        from .neighbours import EmbeddingCache
-
         self.model_path = model_path
         self.layer = layer
         self.dtype = dtype
@@ -134,18 +134,12 @@ class EmbeddingSource:
         return f"'{self.model_path}'" if self.model_path else f"the training model (hidden state {self.layer})"
 
     def embed(self, ctx: Any, dataset: Any, name: str, fresh: bool) -> torch.Tensor:
-        from pathlib import Path
-
-        from .neighbours import EmbeddingCache, cache_key, model_digest, rows_digest
-
         engine = ctx.scorer
-        if self.cache.folder is None and ctx.records_dir:  # <cache_dir>/embeddings, shared by runs (keyed by content)
-            self.cache = EmbeddingCache(Path(ctx.records_dir).parent)
+        if self.cache.folder is None and ctx.cache_dir:  # <cache_dir>/embeddings, shared by runs (keyed by content)
+            self.cache = EmbeddingCache(ctx.cache_dir)
         indices = range(len(dataset))
         if self.model_path:
             if self.external is None:
-                from .neighbours import ExternalEmbedder
-
                 self.external = ExternalEmbedder(self.model_path, engine.device, self.dtype)
             tokenizer = ctx.tokenizer
             if tokenizer is None:
@@ -195,3 +189,51 @@ class EmbeddingSource:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.keys = dict(state.get("embedding_keys") or {})
+
+
+class ExternalEmbedder:
+    """A frozen HF model of its own (``embedding_model_name_or_path``), loaded once.
+
+    The training rows are decoded with the training tokenizer and re-tokenized with the model's
+    own; sentence-transformers is used when it is installed and the folder is one of its models,
+    else the masked mean of the last hidden state of ``AutoModel``.
+    """
+
+    def __init__(self, path: str, device: Any, dtype: str = "auto"):
+        self.path = path
+        self.device = device
+        self.st = None
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            if (Path(path) / "modules.json").is_file():
+                self.st = SentenceTransformer(path, device=str(device))
+        except ImportError:
+            pass
+        if self.st is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        self.digest = self._digest()
+
+    def _digest(self) -> str:
+        if self.st is not None:
+            return model_digest(self.st)
+        return model_digest(self.model)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        if self.st is not None:
+            out = self.st.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
+            return out.float().cpu()
+        parts = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                                   max_length=512, return_tensors="pt").to(self.device)
+            hidden = self.model(**batch).last_hidden_state
+            parts.append(pool(hidden, batch["attention_mask"]).cpu())
+        return torch.cat(parts) if parts else torch.empty(0, 0)

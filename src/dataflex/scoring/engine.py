@@ -9,7 +9,7 @@ gradient features, zeroth-order probes, an eval-set gradient - goes through one 
 * batch ``b`` runs on rank ``b % world_size``; every rank runs the same number of batches (ranks
   short of one repeat a batch and drop its result), because DeepSpeed ZeRO-3 needs every rank
   in every forward;
-* every batch is collated, then the ranks meet at a fence (:mod:`dataflex.core.agreement`)
+* every batch is collated, then the ranks meet at a fence (:mod:`dataflex.dist.agreement`)
   before any rank starts the batch's forward, so a failure in collation on one rank (a
   malformed row, an out-of-memory outside the model) stops every rank before the next forward;
   a failure inside a forward is carried to the next fence, or - with partitioned (ZeRO-3)
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..core.agreement import Agreement
+from ..dist.agreement import Agreement
 from .losses import mean_losses, supervised_loss_sums
 from .optimizer_state import is_partitioned_param
 

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -131,53 +131,3 @@ class EmbeddingCache:
 
 def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:20]
-
-
-class ExternalEmbedder:
-    """A frozen HF model of its own (``embedding_model_name_or_path``), loaded once.
-
-    The training rows are decoded with the training tokenizer and re-tokenized with the model's
-    own; sentence-transformers is used when it is installed and the folder is one of its models,
-    else the masked mean of the last hidden state of ``AutoModel``.
-    """
-
-    def __init__(self, path: str, device: Any, dtype: str = "auto"):
-        self.path = path
-        self.device = device
-        self.st = None
-        try:
-            from sentence_transformers import SentenceTransformer
-
-            if (Path(path) / "modules.json").is_file():
-                self.st = SentenceTransformer(path, device=str(device))
-        except ImportError:
-            pass
-        if self.st is None:
-            from transformers import AutoModel, AutoTokenizer
-
-            torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-        self.digest = self._digest()
-
-    def _digest(self) -> str:
-        if self.st is not None:
-            return model_digest(self.st)
-        return model_digest(self.model)
-
-    @torch.no_grad()
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        from .embeddings import pool
-
-        if self.st is not None:
-            out = self.st.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-            return out.float().cpu()
-        parts = []
-        for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                   max_length=512, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            parts.append(pool(hidden, batch["attention_mask"]).cpu())
-        return torch.cat(parts) if parts else torch.empty(0, 0)

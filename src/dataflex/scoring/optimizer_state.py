@@ -27,7 +27,7 @@ Under DeepSpeed the moments of a parameter are spread over the ranks; every rank
 of every sample with a run without DeepSpeed.
 
 Every function here that touches DeepSpeed runs collectives (all ranks, same order): callers
-wrap it in :meth:`dataflex.core.agreement.Agreement.section`.
+wrap it in :meth:`dataflex.dist.agreement.Agreement.section`.
 """
 
 from __future__ import annotations
@@ -71,11 +71,6 @@ def optimizer_chain(optimizer: Any) -> list[Any]:
             break
         chain.append(inner)
     return chain
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside accelerate's (or another) wrapper exposing ``.optimizer``."""
-    return optimizer_chain(optimizer)[-1]
 
 
 def adam_moments(optimizer: Any, model: torch.nn.Module, names: Sequence[str], device: Any = None

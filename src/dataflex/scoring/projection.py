@@ -1,41 +1,11 @@
 """Seeded random projection of gradient vectors to ``proj_dim`` numbers (a count sketch).
 
-Why a count sketch
-------------------
-LESS compares gradients of millions of parameters through a random projection to a few thousand
-dimensions. A dense Gaussian or Rademacher matrix of ``num_params x proj_dim`` cannot be stored,
-and regenerating it block by block costs ``num_params x proj_dim`` random numbers and
-multiply-adds for every batch - on a CPU that is far more than the per-sample gradients
-themselves (``bench/projection.py``: at the Qwen2.5-0.5B LoRA r16 shape a dense projection to
-4096 takes ~8x the forward + backward, the count sketch 2 % of it, at the same accuracy). We
-use the sparse alternative of the same family, the count sketch (a sparse Johnson-Lindenstrauss
-transform with one non-zero per input coordinate):
-
-    coordinate j of parameter tensor P goes to bucket h_P(j) in [0, proj_dim) with sign s_P(j) = ±1
-    (S x)[c] = sum over j with h(j) = c of s(j) x_j
-
-``h_P`` and ``s_P`` are drawn from a CPU ``torch.Generator`` seeded with ``(seed, name of P)``,
-so the projection is the same on every rank, on every device and in every run with that seed,
-and it does not depend on the order in which parameters are projected. The projection matrix
-is never formed: for each parameter tensor only its bucket index (int64) and sign (fp32) are
-kept, 12 bytes per trainable parameter - O(num_params), not O(num_params x proj_dim). Projecting
-a batch costs one ``index_add_`` of ``batch x numel`` values per parameter tensor.
-
-Accuracy
---------
-The sketch is linear, so parameter tensors can be projected one at a time and summed. It is
-unbiased, E<Sx, Sy> = <x, y>, with variance
-
-    Var <Sx, Sy> = (|x|^2 |y|^2 + <x, y>^2 - 2 sum_j x_j^2 y_j^2) / proj_dim,
-
-never larger than that of a dense Gaussian projection scaled by 1/sqrt(proj_dim),
-(|x|^2 |y|^2 + <x, y>^2) / proj_dim. For unit vectors the error of an inner product (a cosine)
-therefore has a standard deviation of at most sqrt(2 / proj_dim): 0.022 at 4096, 0.016 at 8192,
-and about sqrt(1 / proj_dim) for nearly orthogonal vectors. Its weakness compared with a dense
-projection is the tail for vectors dominated by a handful of coordinates (two heavy coordinates
-that collide in one bucket stay collided); Adam-preconditioned LoRA gradients, whose entries are
-of similar size, are the favourable case. ``tests/test_less.py`` checks determinism and the
-error on random vectors against this formula.
+Coordinate ``j`` of parameter tensor ``P`` goes to bucket ``h_P(j)`` with sign ``s_P(j) = ±1``,
+both drawn from a generator seeded with ``(seed, name of P)``: the same projection on every rank,
+device and run with that seed, whatever the order parameters are projected in. Only the bucket
+and sign of each coordinate are kept (12 bytes per parameter) and a batch costs one ``index_add_``
+per tensor. The sketch is linear and unbiased; why it was chosen over dense projections, its
+variance and the measurements are in ``docs/selectors/less.md`` and ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

@@ -1,80 +1,13 @@
 """Zeroth-order (SPSA) probes: directional derivatives of per-sample losses from forward passes.
 
-What is computed
-----------------
-For the trainable parameters θ (LoRA's ``lora_A`` / ``lora_B`` in practice), a direction ξ of
-the same shape and a step ``h``, the central finite difference of a sample's loss f(·; z) is
-
-    d(z) = (f(θ + hξ; z) − f(θ − hξ; z)) / (2h)  ≈  ∇f(θ; z) · ξ
-
-with an error of order h² (the even terms of the Taylor expansion cancel). ``f`` is the scoring
-engine's per-sample loss: the mean token cross-entropy over the sample's supervised tokens, the
-number the model reports for the sample alone. With ξ ~ N(0, I), E[d(z) d(z')] ≈ ∇f(z)·∇f(z'),
-so K shared directions give an unbiased estimate of a gradient inner product from 2K forwards
-per sample and no backward pass.
-
-Directions
-----------
-ξ is never stored. Direction ``k`` of a parameter is drawn from a fresh CPU ``torch.Generator``
-seeded with a hash of ``(seed, selection, k, parameter name)`` in float32 and moved to the
-parameter's device, so it can be regenerated at will, is the same on every rank and every
-device type, and does not depend on the order in which parameters are visited. Only one
-parameter's slice of ξ exists at a time.
-
-The step h
-----------
-``h = epsilon x rms(θ)``, where rms(θ) is the root mean square of all trainable parameters
-together (float64; ``epsilon`` itself when θ is all zeros). The step is thus a fixed fraction
-``epsilon`` of the parameter vector's length (‖hξ‖ ≈ epsilon ‖θ‖ since ‖ξ‖ ≈ √n). One scalar
-for all parameters keeps ξ isotropic, so d(z)·d(z') still estimates the plain inner product.
-
-Why relative: ``bench/zeroth.py --epsilon-sweep`` compares d with autograd's ∇f·ξ. On the demo
-model, rescaling LoRA's A and B by 10 or 0.1 (and the LoRA scaling by the inverse square: the
-same function) moved the best absolute step by two decades, while the relative step kept the
-same error at every epsilon (about 1e-3 at epsilon 1e-3 in float32). Real LoRA set-ups differ
-in exactly this way (rank, alpha, rsLoRA, PiSSA-style inits, hidden size). When the forward runs
-in fp16 / bf16 the loss itself carries rounding noise and epsilon 1e-3 is too small (relative
-error 0.45 in fp16, 3.6 in bf16); epsilon 1e-2 brought it to 0.05 / 0.24, so the probe warns
-below :data:`HALF_PRECISION_EPSILON` on half-precision models.
-
-Arithmetic and restoring the parameters
----------------------------------------
-A copy of every trainable parameter (its own dtype) is kept. A perturbed value is always
-formed from that copy, in float32: ``θ± = (float32(θ0) ± h·ξ).to(dtype)``, never by adding
-to the already perturbed tensor, so no rounding error accumulates over directions, and the
-copy is written back at the end (``copy_`` of the original tensor: bit-exact), also when a
-forward fails. With float32 parameters (LLaMA-Factory upcasts trainable LoRA weights to float32
-unless ``pure_bf16``) the perturbation is applied to float32 precision. With half-precision
-trainable parameters the rounding to bf16/fp16 changes the applied step; both signs and every
-sample see the same rounded θ±, so train and eval differences still refer to the same effective
-direction, but steps smaller than half a unit in the last place are lost - a warning says so.
-
-DeepSpeed ZeRO-3
-----------------
-Under ZeRO-3 every rank holds only a slice of each parameter, so θ cannot be overwritten in
-place. The perturbation is then applied to the outputs instead: a forward hook on every
-trainable ``nn.Linear`` (LoRA's ``lora_A`` / ``lora_B``) adds ``x (hξ_W)^T + hξ_b`` to the
-layer's output, which is exactly the output of the layer with weights ``W + hξ_W`` (a linear
-layer is linear in its weights) and leaves the parameters untouched. ξ is generated in full on
-every rank from the same seed (LoRA weights are small), rms(θ) is taken inside DeepSpeed's
-``GatheredParameters``, and the eval gradient comes from the per-sample gradient identity of
-:mod:`dataflex.scoring.gradients` (gradients of the layers' outputs, no parameter ``.grad``).
-Only linear trainable parameters are supported on this path.
-
-Eval-gradient direction
------------------------
-:meth:`ZerothOrderProbe.eval_gradient` computes ḡ = ∇ (1/M) Σ f(θ; z') over the eval samples
-with one forward and backward per batch (sharded like the losses, gradients summed over ranks).
-Probing along u = ḡ √n / ‖ḡ‖ (the length of a typical Gaussian ξ, so the same ``h`` applies)
-gives d(z) ≈ ∇f(z)·u, and ``d(z) ‖ḡ‖ / √n ≈ ∇f(z)·ḡ`` from 2 forwards per sample.
-
-Sharding
---------
-The perturbed forwards go through :meth:`ScoringEngine.losses` (length-grouped batches, batch
-``b`` on rank ``b % world``, equal forward counts on every rank, results gathered to every rank,
-errors raised on every rank); every rank applies the same perturbation before each call. The
-eval gradient uses :meth:`ScoringEngine.map` with the same batching; a rank keeps the gradients
-of its own batches only, not those of the count-equalising repeats.
+``d(z) = (f(θ + hξ; z) − f(θ − hξ; z)) / 2h ≈ ∇f(θ; z)·ξ`` over the trainable parameters, with
+``f`` the engine's per-sample mean token loss. Directions ξ are regenerated from a seed per
+(selection, direction, parameter name), so they are the same on every rank and never stored; the
+step is relative, ``h = epsilon x rms(θ)``, and every perturbed value is formed from a saved copy
+of θ, which is written back bit-exactly at the end. Under DeepSpeed ZeRO-3 the perturbation is
+added to the outputs of the trainable linear layers instead of their sharded weights. The
+forwards go through the scoring engine (sharded, gathered on every rank). The derivation, the
+choice of ``epsilon`` and its measured errors are in ``docs/selectors/zeroth.md``.
 """
 
 from __future__ import annotations

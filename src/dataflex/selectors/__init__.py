@@ -14,6 +14,6 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _mod != "base":
         importlib.import_module(f"{__name__}.{_mod}")
 
-SELECTORS = REGISTRY["selectors"]
+SELECTORS = REGISTRY.setdefault("selectors", {})
 
 __all__ = ["SELECTORS", "SelectionContext", "SelectionResult", "Selector", "register"]

@@ -36,6 +36,7 @@ class SelectionContext:
     optimizer: Any = None
     learning_rate: float = 0.0  # η of the coming step (the LoRA-A parameter group's, see docs/selectors/less.md)
     tokenizer: Any = None  # the training tokenizer (to decode rows, e.g. for a reward model or an embedding model)
+    cache_dir: str = "."  # the run's cache_dir: files shared by runs, keyed by content (embeddings)
 
     @property
     def train_size(self) -> int:

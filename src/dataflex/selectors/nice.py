@@ -40,8 +40,6 @@ from ..seeding import derive_seed
 from .base import SelectionContext, logger, nothing_supervised
 from .less import LessParams, LessSelector
 
-BACKENDS = ("hf", "callable", "api", "local_vllm")
-
 
 @dataclass
 class NiceParams(LessParams):

@@ -10,6 +10,6 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _mod != "base":
         importlib.import_module(f"{__name__}.{_mod}")
 
-WEIGHTERS = REGISTRY["weighters"]
+WEIGHTERS = REGISTRY.setdefault("weighters", {})
 
 __all__ = ["WEIGHTERS", "WeightContext", "WeightParams", "WeightSignals", "Weighter"]

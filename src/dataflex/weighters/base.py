@@ -21,8 +21,6 @@ import torch
 from ..component import Component
 from ..params import Params
 
-SCOPES = ("global_batch", "micro_batch")
-
 
 @dataclass
 class WeightParams(Params):

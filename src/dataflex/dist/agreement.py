@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 
 from ..errors import SelectionError
-from ..scoring.distributed import is_distributed, object_device
+from .group import is_distributed, object_device
 
 logger = logging.getLogger("dataflex")
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """Small helpers over torch.distributed that also work in a single process.
 
-Collectives that take part in a decision go through :class:`dataflex.core.agreement.Agreement`;
-this module only answers "am I distributed, which rank, which device for object tensors".
+Collectives that take part in a decision go through :class:`dataflex.dist.agreement.Agreement`;
+this module only answers "is a process group up, and on which device do its object tensors live".
 """
 
 from __future__ import annotations
@@ -12,14 +12,6 @@ import torch.distributed as dist
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
 
 
 def object_device() -> torch.device | None:
