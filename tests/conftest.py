@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from warm_cli import Zygote, forkable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
@@ -175,31 +176,98 @@ def kill_at_step(args: Sequence[Any], step: int, folder: str | os.PathLike, cwd=
                  env: Mapping[str, str | None] | None = None, timeout: float = 240) -> None:
     """Start ``dataflex-cli ARGS``, wait until the test plugin pauses it at ``step``, then SIGKILL its
     whole process group (a crash: nothing is flushed). stderr goes to a file (a pipe nobody reads
-    could fill and stall the run) and is shown if the run ends before the pause."""
+    could fill and stall the run) and is shown if the run ends before the pause. The run is a fork
+    of the warm zygote when it can be (in its own session, like a new process), a subprocess otherwise."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker, log = folder / f"paused-{step}", folder / f"killed-at-{step}.stderr"
     full_env = _cli_env({**(env or {}), "DATAFLEX_TEST_PAUSE_AT_STEP": str(step), "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
-    with log.open("w") as err:
-        proc = subprocess.Popen(cli_command(args), env=full_env, cwd=cwd or REPO_ROOT, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
-        try:
-            deadline = time.time() + timeout
-            while not marker.exists():
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline, f"run never reached step {step}"
-                time.sleep(0.5)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    cwd = str(cwd or REPO_ROOT)
+    if forkable(full_env, _BASE_ENV):
+        proc = _zygote().start([str(a) for a in args], full_env, cwd, os.devnull, log)
+        _wait_for_pause(proc, marker, log, step, timeout)
+    else:
+        with log.open("w") as err:
+            proc = subprocess.Popen(cli_command(args), env=full_env, cwd=cwd, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)
+            _wait_for_pause(proc, marker, log, step, timeout)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _wait_for_pause(proc, marker: Path, log: Path, step: int, timeout: float) -> None:
+    try:
+        deadline = time.time() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"run never reached step {step}"
+            time.sleep(0.5)
+    finally:
+        _kill_group(proc.pid)
+        proc.wait(timeout=30)
+
+
+def _kill_group(pid: int) -> None:
+    for kill in (os.killpg, os.kill):  # the group; the leader alone if it has not made its group yet
+        try:
+            kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- the warm CLI
+# Every worker forks its CLI runs from one zygote that has imported the whole stack (tests/warm_cli.py);
+# DATAFLEX_TEST_SUBPROCESS=1 makes them real subprocesses again.
+_BASE_ENV = dict(os.environ)  # the environment set above: the zygote's, and what forked runs are compared with
+_ZYGOTES: list[Zygote] = []
+
+
+def _zygote() -> Zygote:
+    """This worker's zygote, started on first use (or again if it died)."""
+    if not _ZYGOTES or not _ZYGOTES[-1].alive():
+        log = Path(_HF_HOME) / f"warm-cli-{os.getpid()}-{len(_ZYGOTES)}.log"
+        _ZYGOTES.append(Zygote(_BASE_ENV, REPO_ROOT, log))
+    return _ZYGOTES[-1]
+
+
+def _close_zygotes() -> None:
+    for zygote in _ZYGOTES:
+        zygote.close()
+
+
+atexit.register(_close_zygotes)
+
+
+def run_forked(args: Sequence[Any], env: Mapping[str, str | None] | None = None, cwd=None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m dataflex.cli ARGS`` as a fork of the warm zygote, with subprocess.run's result
+    (and its TimeoutExpired, after killing the run's process group)."""
+    full_env = _cli_env(env)
+    with tempfile.TemporaryDirectory(prefix="dataflex-cli-run-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = _zygote().start([str(a) for a in args], full_env, str(cwd or REPO_ROOT), out, err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait(timeout=30)
+            raise subprocess.TimeoutExpired(cli_command(args), timeout, output=out.read_text(errors="replace"),
+                                            stderr=err.read_text(errors="replace")) from None
+        return subprocess.CompletedProcess(cli_command(args), proc.returncode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
-    """``run_cli(args, env=None, cwd=repo_root, timeout=120)`` -> ``python -m dataflex.cli ARGS``."""
+    """``run_cli(args, env=None, cwd=repo_root, timeout=120, real=False)`` -> the result of
+    ``python -m dataflex.cli ARGS``: a fork of the warm zygote, or with ``real=True`` (or an
+    environment the zygote cannot take) a real subprocess."""
+    if forkable(_BASE_ENV, _BASE_ENV):
+        _zygote()  # starts importing now, while the test sets up
 
-    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120, real: bool = False
+             ) -> subprocess.CompletedProcess:
+        if not real and forkable(_cli_env(env), _BASE_ENV):
+            return run_forked(args, env=env, cwd=cwd, timeout=timeout)
         return run_command(cli_command(args), env=env, cwd=cwd, timeout=timeout)
 
     return _run
