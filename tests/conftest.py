@@ -16,13 +16,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from warm_cli import Zygote, forkable
+from warm_cli import Zygote, enabled, import_time_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
@@ -183,7 +184,7 @@ def kill_at_step(args: Sequence[Any], step: int, folder: str | os.PathLike, cwd=
     marker, log = folder / f"paused-{step}", folder / f"killed-at-{step}.stderr"
     full_env = _cli_env({**(env or {}), "DATAFLEX_TEST_PAUSE_AT_STEP": str(step), "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
     cwd = str(cwd or REPO_ROOT)
-    if forkable(full_env, _BASE_ENV):
+    if _forkable(full_env):
         proc = _zygote().start([str(a) for a in args], full_env, cwd, os.devnull, log)
         _wait_for_pause(proc, marker, log, step, timeout)
     else:
@@ -217,7 +218,7 @@ def _kill_group(pid: int) -> None:
 # --------------------------------------------------------------------------- the warm CLI
 # Every worker forks its CLI runs from one zygote that has imported the whole stack (tests/warm_cli.py);
 # DATAFLEX_TEST_SUBPROCESS=1 makes them real subprocesses again.
-_BASE_ENV = dict(os.environ)  # the environment set above: the zygote's, and what forked runs are compared with
+_BASE_ENV = dict(os.environ)  # the environment set above, the zygote's
 _ZYGOTES: list[Zygote] = []
 
 
@@ -227,6 +228,17 @@ def _zygote() -> Zygote:
         log = Path(_HF_HOME) / f"warm-cli-{os.getpid()}-{len(_ZYGOTES)}.log"
         _ZYGOTES.append(Zygote(_BASE_ENV, REPO_ROOT, log))
     return _ZYGOTES[-1]
+
+
+def _forkable(env: Mapping[str, str]) -> bool:
+    """Whether a run with this full environment can be forked (else: a real subprocess)."""
+    return enabled() and _zygote().can_run(env)
+
+
+def _differences(env: Mapping[str, str]) -> list[str]:
+    """The variables that keep a run with this environment from being forked."""
+    zygote = _zygote()
+    return import_time_differences({**zygote.set_by_imports, **env}, {**zygote.env, **zygote.set_by_imports})
 
 
 def _close_zygotes() -> None:
@@ -258,15 +270,22 @@ def run_forked(args: Sequence[Any], env: Mapping[str, str | None] | None = None,
 
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
-    """``run_cli(args, env=None, cwd=repo_root, timeout=120, real=False)`` -> the result of
-    ``python -m dataflex.cli ARGS``: a fork of the warm zygote, or with ``real=True`` (or an
-    environment the zygote cannot take) a real subprocess."""
-    if forkable(_BASE_ENV, _BASE_ENV):
+    """``run_cli(args, env=None, cwd=repo_root, timeout=120, real=None)`` -> the result of
+    ``python -m dataflex.cli ARGS``: a fork of the warm zygote where the environment allows it,
+    a real subprocess otherwise or with ``real=True``; ``real=False`` insists on the fork."""
+    if enabled():
         _zygote()  # starts importing now, while the test sets up
 
-    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120, real: bool = False
+    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120, real: bool | None = None
              ) -> subprocess.CompletedProcess:
-        if not real and forkable(_cli_env(env), _BASE_ENV):
+        full_env = _cli_env(env)
+        fork = not real and _forkable(full_env)
+        if not fork and not real and enabled():
+            keys = _differences(full_env)
+            assert real is None, f"this run cannot be forked from the warm CLI: {', '.join(keys)} differ"
+            if not set(keys) & set(env or {}):  # not the test's choice: something changed this worker's environment
+                warnings.warn(f"a CLI run fell back to a subprocess (slow): {', '.join(keys)} differ", stacklevel=2)
+        if fork:
             return run_forked(args, env=env, cwd=cwd, timeout=timeout)
         return run_command(cli_command(args), env=env, cwd=cwd, timeout=timeout)
 

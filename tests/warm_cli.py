@@ -10,7 +10,7 @@ So each run starts from the same untouched state a new process would have, minus
 The zygote is a separate process (not the pytest worker) because in-process tests patch
 LLaMA-Factory, install logging handlers and leave caches behind; a child of the zygote sees none
 of that. Runs whose environment differs from the zygote's in anything read at import time (see
-:func:`forkable`) still use a real subprocess, and ``DATAFLEX_TEST_SUBPROCESS=1`` turns the fork
+:meth:`Zygote.can_run`) still use a real subprocess, and ``DATAFLEX_TEST_SUBPROCESS=1`` turns the fork
 path off entirely.
 
 Protocol (one run at a time per zygote): the client writes one JSON request per line on the
@@ -38,6 +38,7 @@ PROG_NAME = "python -m dataflex.cli"  # what click calls the program under `pyth
 RUNTIME_VARS = frozenset({
     "FORCE_TORCHRUN", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID",
     "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS", "ALLOW_EXTRA_ARGS", "PYTEST_CURRENT_TEST",
+    "PYTORCH_NVML_BASED_CUDA_CHECK",  # set by in-process tests; read when torch.cuda is first asked
 })
 RUNTIME_PREFIXES = ("DATAFLEX_TRACE_DIR", "DATAFLEX_TEST_FAULT", "DATAFLEX_TEST_PAUSE_")
 
@@ -50,14 +51,14 @@ WARM_MODULES = (
 )
 
 
-def forkable(env: Mapping[str, str], base: Mapping[str, str]) -> bool:
-    """Whether a run with environment ``env`` can be forked from a zygote started with ``base``."""
-    if os.environ.get(SUBPROCESS_ENV, "") not in ("", "0"):
-        return False
-    for key in set(env) | set(base):
-        if env.get(key) != base.get(key) and key not in RUNTIME_VARS and not key.startswith(RUNTIME_PREFIXES):
-            return False
-    return True
+def enabled() -> bool:
+    return os.environ.get(SUBPROCESS_ENV, "") in ("", "0")
+
+
+def import_time_differences(env: Mapping[str, str], base: Mapping[str, str]) -> list[str]:
+    """The variables that differ between ``env`` and the zygote's ``base`` and may matter at import time."""
+    return sorted(key for key in set(env) | set(base) if env.get(key) != base.get(key)
+                  and key not in RUNTIME_VARS and not key.startswith(RUNTIME_PREFIXES))
 
 
 # --------------------------------------------------------------------------- client side
@@ -74,6 +75,7 @@ class Zygote:
                                          pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         self._fd, self._buffer, self._ready, self.busy = read_fd, b"", False, False
+        self.set_by_imports: dict[str, str] = {}  # variables the zygote's imports set (a new process sets them too)
 
     def _message(self, timeout: float | None) -> dict | None:
         """The next reply, or None when none came within ``timeout`` seconds."""
@@ -93,8 +95,16 @@ class Zygote:
     def wait_ready(self, timeout: float = 600) -> None:
         if not self._ready:
             message = self._message(timeout)
-            assert message == {"ready": True}, f"the warm CLI zygote did not start: {message}"
-            self._ready = True
+            assert message and message.get("ready"), f"the warm CLI zygote did not start: {message}"
+            self.set_by_imports, self._ready = message["set_by_imports"], True
+
+    def can_run(self, env: Mapping[str, str]) -> bool:
+        """Whether a run with environment ``env`` sees what a new process would at import time.
+        Variables the imports set themselves (TORCHINDUCTOR_CACHE_DIR) count as equal when ``env``
+        lacks them or agrees: the child gets them as a new process would."""
+        self.wait_ready()
+        env = {**self.set_by_imports, **env}
+        return not import_time_differences(env, {**self.env, **self.set_by_imports})
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -152,7 +162,7 @@ def _child(request: dict) -> None:
         os.setsid()  # its own process group, like start_new_session: a test can kill the whole run
         os.chdir(request["cwd"])
         os.environ.clear()
-        os.environ.update(request["env"])
+        os.environ.update({**request["set_by_imports"], **request["env"]})
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         for fd, key in ((1, "stdout"), (2, "stderr")):
@@ -202,6 +212,7 @@ def serve(reply_fd: int) -> None:
     """The zygote: import the stack, then fork one child per request line on stdin."""
     import importlib
 
+    start_env = dict(os.environ)
     for name in WARM_MODULES:
         try:
             importlib.import_module(name)
@@ -220,9 +231,10 @@ def serve(reply_fd: int) -> None:
     def reply(message: dict) -> None:
         os.write(reply_fd, (json.dumps(message) + "\n").encode())
 
-    reply({"ready": True})
+    set_by_imports = {k: v for k, v in os.environ.items() if start_env.get(k) != v}
+    reply({"ready": True, "set_by_imports": set_by_imports})
     for line in sys.stdin:
-        request = json.loads(line)
+        request = {**json.loads(line), "set_by_imports": set_by_imports}
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
