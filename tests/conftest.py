@@ -8,6 +8,7 @@ any test) and every subprocess inherits it.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import time
 import signal
@@ -399,3 +400,76 @@ def smollm2() -> Path:
         if "could not download" in str(err):
             pytest.skip(f"the SmolLM2 asset cannot be fetched here: {err}")
         raise
+
+
+# --------------------------------------------------------------------------- balancing the workers
+# xdist's loadgroup reads the group from a node id suffix that pytest >= 9 no longer lets it set, so
+# the workers write {node id: group} to a file the controller's scheduler reads.
+_GROUPS_ENV = "DATAFLEX_TEST_GROUPS_FILE"
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[_GROUPS_ENV] = os.path.join(_HF_HOME, "xdist-groups.json")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups marked below (also under pytest >= 9)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroupScheduling(LoadGroupScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if "@" in nodeid.rpartition("]")[2]:  # xdist's own suffix, where pytest lets it set one
+                return super()._split_scope(nodeid)
+            if self.groups is None:
+                path = Path(os.environ[_GROUPS_ENV])
+                self.groups = json.loads(path.read_text()) if path.exists() else {}
+            return self.groups.get(nodeid, nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    """Mark tests for ``--dist loadgroup``: tests that share a module- or class-scoped fixture (one
+    expensive run) form one group, so the run happens once, on one worker; every other test is
+    scheduled on its own, so a long file no longer keeps one worker busy while the other idles."""
+    parent: dict[Any, Any] = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        keys = []
+        for name in info.names_closure if info else ():
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope in ("module", "class", "package"):
+                owner = item.module.__name__ if defs[-1].scope != "class" else f"{item.module.__name__}::{item.cls}"
+                keys.append((owner, name, repr(params.get(name))))
+        shared[item] = keys
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+    groups = {}
+    for item, keys in shared.items():
+        if keys:
+            groups[item.nodeid] = "|".join(find(keys[0]))
+            item.add_marker(pytest.mark.xdist_group(name=groups[item.nodeid]))
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_GROUPS_ENV):
+        # for the controller's scheduler (below): every worker collects the same items
+        tmp = f"{os.environ[_GROUPS_ENV]}.{os.getpid()}"
+        Path(tmp).write_text(json.dumps(groups))
+        os.replace(tmp, os.environ[_GROUPS_ENV])
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # long work first (the scheduler hands out groups in this order), so no long run starts last;
+        # stable, so each module's long tests stay together and no module fixture is built twice
+        def short(item) -> bool:
+            uses = getattr(item, "fixturenames", ())
+            return not (shared[item] or item.get_closest_marker("e2e") or "run_cli" in uses)
+
+        items.sort(key=short)
