@@ -47,6 +47,11 @@ os.environ.update(
         "DATAFLEX_TEST_PLUGIN": "1",
     }
 )
+# Where xdist workers leave the test groups for the controller's scheduler (end of this file); set
+# here, before the warm CLI takes its copy of the environment.
+_GROUPS_ENV = "DATAFLEX_TEST_GROUPS_FILE"
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[_GROUPS_ENV] = os.path.join(_HF_HOME, "xdist-groups.json")
 # Tiny model on a small shared CPU: one thread per process avoids oversubscription (torchrun
 # sets the same default for its workers). Same value for every run, so comparisons stay exact.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -404,10 +409,7 @@ def smollm2() -> Path:
 
 # --------------------------------------------------------------------------- balancing the workers
 # xdist's loadgroup reads the group from a node id suffix that pytest >= 9 no longer lets it set, so
-# the workers write {node id: group} to a file the controller's scheduler reads.
-_GROUPS_ENV = "DATAFLEX_TEST_GROUPS_FILE"
-if not os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ[_GROUPS_ENV] = os.path.join(_HF_HOME, "xdist-groups.json")
+# the workers write {node id: group} to a file (_GROUPS_ENV, set above) the controller's scheduler reads.
 
 
 def pytest_xdist_make_scheduler(config, log):
