@@ -8,6 +8,7 @@ any test) and every subprocess inherits it.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import time
 import signal
@@ -16,12 +17,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from warm_cli import Zygote, enabled, import_time_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
@@ -44,6 +47,11 @@ os.environ.update(
         "DATAFLEX_TEST_PLUGIN": "1",
     }
 )
+# Where xdist workers leave the test groups for the controller's scheduler (end of this file); set
+# here, before the warm CLI takes its copy of the environment.
+_GROUPS_ENV = "DATAFLEX_TEST_GROUPS_FILE"
+if not os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ[_GROUPS_ENV] = os.path.join(_HF_HOME, "xdist-groups.json")
 # Tiny model on a small shared CPU: one thread per process avoids oversubscription (torchrun
 # sets the same default for its workers). Same value for every run, so comparisons stay exact.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -175,31 +183,116 @@ def kill_at_step(args: Sequence[Any], step: int, folder: str | os.PathLike, cwd=
                  env: Mapping[str, str | None] | None = None, timeout: float = 240) -> None:
     """Start ``dataflex-cli ARGS``, wait until the test plugin pauses it at ``step``, then SIGKILL its
     whole process group (a crash: nothing is flushed). stderr goes to a file (a pipe nobody reads
-    could fill and stall the run) and is shown if the run ends before the pause."""
+    could fill and stall the run) and is shown if the run ends before the pause. The run is a fork
+    of the warm zygote when it can be (in its own session, like a new process), a subprocess otherwise."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker, log = folder / f"paused-{step}", folder / f"killed-at-{step}.stderr"
     full_env = _cli_env({**(env or {}), "DATAFLEX_TEST_PAUSE_AT_STEP": str(step), "DATAFLEX_TEST_PAUSE_FILE": str(marker)})
-    with log.open("w") as err:
-        proc = subprocess.Popen(cli_command(args), env=full_env, cwd=cwd or REPO_ROOT, stdout=subprocess.DEVNULL,
-                                stderr=err, start_new_session=True)
-        try:
-            deadline = time.time() + timeout
-            while not marker.exists():
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline, f"run never reached step {step}"
-                time.sleep(0.5)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    cwd = str(cwd or REPO_ROOT)
+    if _forkable(full_env):
+        proc = _zygote().start([str(a) for a in args], full_env, cwd, os.devnull, log)
+        _wait_for_pause(proc, marker, log, step, timeout)
+    else:
+        with log.open("w") as err:
+            proc = subprocess.Popen(cli_command(args), env=full_env, cwd=cwd, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)
+            _wait_for_pause(proc, marker, log, step, timeout)
     assert proc.returncode == -signal.SIGKILL
+
+
+def _wait_for_pause(proc, marker: Path, log: Path, step: int, timeout: float) -> None:
+    try:
+        deadline = time.time() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"run never reached step {step}"
+            time.sleep(0.5)
+    finally:
+        _kill_group(proc.pid)
+        proc.wait(timeout=30)
+
+
+def _kill_group(pid: int) -> None:
+    for kill in (os.killpg, os.kill):  # the group; the leader alone if it has not made its group yet
+        try:
+            kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --------------------------------------------------------------------------- the warm CLI
+# Every worker forks its CLI runs from one zygote that has imported the whole stack (tests/warm_cli.py);
+# DATAFLEX_TEST_SUBPROCESS=1 makes them real subprocesses again.
+_BASE_ENV = dict(os.environ)  # the environment set above, the zygote's
+_ZYGOTES: list[Zygote] = []
+
+
+def _zygote() -> Zygote:
+    """This worker's zygote, started on first use (or again if it died)."""
+    if not _ZYGOTES or not _ZYGOTES[-1].alive():
+        log = Path(_HF_HOME) / f"warm-cli-{os.getpid()}-{len(_ZYGOTES)}.log"
+        _ZYGOTES.append(Zygote(_BASE_ENV, REPO_ROOT, log))
+    return _ZYGOTES[-1]
+
+
+def _forkable(env: Mapping[str, str]) -> bool:
+    """Whether a run with this full environment can be forked (else: a real subprocess)."""
+    return enabled() and _zygote().can_run(env)
+
+
+def _differences(env: Mapping[str, str]) -> list[str]:
+    """The variables that keep a run with this environment from being forked."""
+    zygote = _zygote()
+    return import_time_differences({**zygote.set_by_imports, **env}, {**zygote.env, **zygote.set_by_imports})
+
+
+def _close_zygotes() -> None:
+    for zygote in _ZYGOTES:
+        zygote.close()
+
+
+atexit.register(_close_zygotes)
+
+
+def run_forked(args: Sequence[Any], env: Mapping[str, str | None] | None = None, cwd=None,
+               timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m dataflex.cli ARGS`` as a fork of the warm zygote, with subprocess.run's result
+    (and its TimeoutExpired, after killing the run's process group)."""
+    full_env = _cli_env(env)
+    with tempfile.TemporaryDirectory(prefix="dataflex-cli-run-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = _zygote().start([str(a) for a in args], full_env, str(cwd or REPO_ROOT), out, err)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait(timeout=30)
+            raise subprocess.TimeoutExpired(cli_command(args), timeout, output=out.read_text(errors="replace"),
+                                            stderr=err.read_text(errors="replace")) from None
+        return subprocess.CompletedProcess(cli_command(args), proc.returncode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., subprocess.CompletedProcess]:
-    """``run_cli(args, env=None, cwd=repo_root, timeout=120)`` -> ``python -m dataflex.cli ARGS``."""
+    """``run_cli(args, env=None, cwd=repo_root, timeout=120, real=None)`` -> the result of
+    ``python -m dataflex.cli ARGS``: a fork of the warm zygote where the environment allows it,
+    a real subprocess otherwise or with ``real=True``; ``real=False`` insists on the fork."""
+    if enabled():
+        _zygote()  # starts importing now, while the test sets up
 
-    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    def _run(args: Sequence[Any], env=None, cwd=None, timeout: float = 120, real: bool | None = None
+             ) -> subprocess.CompletedProcess:
+        full_env = _cli_env(env)
+        fork = not real and _forkable(full_env)
+        if not fork and not real and enabled():
+            keys = _differences(full_env)
+            assert real is None, f"this run cannot be forked from the warm CLI: {', '.join(keys)} differ"
+            if not set(keys) & set(env or {}):  # not the test's choice: something changed this worker's environment
+                warnings.warn(f"a CLI run fell back to a subprocess (slow): {', '.join(keys)} differ", stacklevel=2)
+        if fork:
+            return run_forked(args, env=env, cwd=cwd, timeout=timeout)
         return run_command(cli_command(args), env=env, cwd=cwd, timeout=timeout)
 
     return _run
@@ -312,3 +405,73 @@ def smollm2() -> Path:
         if "could not download" in str(err):
             pytest.skip(f"the SmolLM2 asset cannot be fetched here: {err}")
         raise
+
+
+# --------------------------------------------------------------------------- balancing the workers
+# xdist's loadgroup reads the group from a node id suffix that pytest >= 9 no longer lets it set, so
+# the workers write {node id: group} to a file (_GROUPS_ENV, set above) the controller's scheduler reads.
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups marked below (also under pytest >= 9)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroupScheduling(LoadGroupScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if "@" in nodeid.rpartition("]")[2]:  # xdist's own suffix, where pytest lets it set one
+                return super()._split_scope(nodeid)
+            if self.groups is None:
+                path = Path(os.environ[_GROUPS_ENV])
+                self.groups = json.loads(path.read_text()) if path.exists() else {}
+            return self.groups.get(nodeid, nodeid)
+
+    return FileGroupScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    """Mark tests for ``--dist loadgroup``: tests that share a module- or class-scoped fixture (one
+    expensive run) form one group, so the run happens once, on one worker; every other test is
+    scheduled on its own, so a long file no longer keeps one worker busy while the other idles."""
+    parent: dict[Any, Any] = {}
+
+    def find(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        keys = []
+        for name in info.names_closure if info else ():
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope in ("module", "class", "package"):
+                owner = item.module.__name__ if defs[-1].scope != "class" else f"{item.module.__name__}::{item.cls}"
+                keys.append((owner, name, repr(params.get(name))))
+        shared[item] = keys
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+    groups = {}
+    for item, keys in shared.items():
+        if keys:
+            groups[item.nodeid] = "|".join(find(keys[0]))
+            item.add_marker(pytest.mark.xdist_group(name=groups[item.nodeid]))
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(_GROUPS_ENV):
+        # for the controller's scheduler (below): every worker collects the same items
+        tmp = f"{os.environ[_GROUPS_ENV]}.{os.getpid()}"
+        Path(tmp).write_text(json.dumps(groups))
+        os.replace(tmp, os.environ[_GROUPS_ENV])
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # long work first (the scheduler hands out groups in this order), so no long run starts last;
+        # stable, so each module's long tests stay together and no module fixture is built twice
+        def short(item) -> bool:
+            uses = getattr(item, "fixturenames", ())
+            return not (shared[item] or item.get_closest_marker("e2e") or "run_cli" in uses)
+
+        items.sort(key=short)

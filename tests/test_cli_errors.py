@@ -1,23 +1,23 @@
 """``dataflex-cli`` as a user meets it: one-line errors for bad configs, and the informational commands.
 
-Every bad config fails before a model is loaded (the model path does not even exist), so these
-tests take a few seconds each - the cost of importing LLaMA-Factory. The cases run two at a time.
+Every bad config fails before a model is loaded (the model path does not even exist), so a case
+costs what importing LLaMA-Factory costs: once, in the warm CLI, for all but the first case.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import cli_command, run_command, write_yaml
+from conftest import run_command, write_yaml
 
 NO_MODEL = "/nonexistent/dataflex-test-model"  # proves no model is loaded before the error
 
 # id -> (YAML overrides (None removes a key), extra files {name: text}, extra CLI args, expected fragments)
-# These go through the real CLI in a subprocess (each pays for importing LLaMA-Factory).
+# These go through the CLI: the first one selected in a real subprocess (it pays for importing
+# LLaMA-Factory), the others forked from the warm CLI (tests/warm_cli.py).
 CASES = {
     "unknown_yaml_key": ({"warmup_stepz": 2}, {}, [], ["unknown key 'warmup_stepz'", "did you mean 'warmup_step'"]),
     "unknown_component": ({"component_name": "nope"}, {}, [],
@@ -175,7 +175,7 @@ def _write_case(folder: Path, train_config, overrides, files) -> Path:
 
 
 def _selected_cases(request) -> list[str]:
-    """The CASES this session will actually check (so `-k one_case` runs one subprocess)."""
+    """The CASES this session will actually check (so `-k one_case` runs one CLI)."""
     wanted = []
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
@@ -185,18 +185,16 @@ def _selected_cases(request) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bad_config_runs(request, tmp_path_factory, train_config, repo_root):
-    """Run every selected bad config through the CLI, two at a time; {case: (result, output_dir)}."""
-    jobs = {}
-    for case in _selected_cases(request):
+def bad_config_runs(request, tmp_path_factory, train_config, repo_root, run_cli):
+    """Run every selected bad config through the CLI; {case: (result, output_dir)}. The first case is a
+    real ``python -m dataflex.cli`` subprocess, the others forks of the warm CLI (the same app, warm)."""
+    runs = {}
+    for n, case in enumerate(_selected_cases(request)):
         overrides, files, args, _ = CASES[case]
         folder = tmp_path_factory.mktemp(case)
         config = _write_case(folder, train_config, overrides, files)
-        jobs[case] = (cli_command(["train", config, *args]), folder / "out")
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {case: pool.submit(run_command, cmd, None, repo_root, 120) for case, (cmd, _) in jobs.items()}
-        return {case: (futures[case].result(), jobs[case][1]) for case in jobs}
+        runs[case] = (run_cli(["train", config, *args], cwd=repo_root, real=n == 0), folder / "out")
+    return runs
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
