@@ -396,7 +396,7 @@ class TestParams:
         assert component_class("selectors", "random", "k") is RandomSelector
         with pytest.raises(ConfigError, match=r"component 'k': unknown selector name 'bogus'; available: .*random"):
             component_class("selectors", "bogus", "k")
-        with pytest.raises(ConfigError, match=r"unknown weighter name 'random'; available: adapt, custom, loss"):
+        with pytest.raises(ConfigError, match=r"unknown weighter name 'random'; available: adapt, custom, joint_update_aware, loss"):
             component_class("weighters", "random", "k")
 
 
