@@ -84,16 +84,7 @@ def hidden_states_of(model: torch.nn.Module, inputs: dict[str, Any], layer: int)
 def embed(engine: Any, dataset: Any, indices: Sequence[int], batch_size: int, layer: int = -1,
           desc: str = "embeddings") -> torch.Tensor:
     """``[len(indices), hidden]`` float32 embeddings of ``dataset[indices]`` with ``engine.model``."""
-    model = engine.model
-
-    def run(batch: Batch) -> torch.Tensor:
-        return pool(hidden_states_of(model, batch.inputs, layer), batch.inputs.get("attention_mask"))
-
-    with eval_mode(model), torch.no_grad():
-        values = engine.map(dataset, indices, batch_size, run, desc)
-    if not values:
-        return torch.empty(0, 0)
-    return torch.stack(values)
+    return embed_with(engine, dataset, indices, batch_size, layer, "mean", desc)
 
 
 def embed_with(engine: Any, dataset: Any, indices: Sequence[int], batch_size: int, layer: int = -1,
