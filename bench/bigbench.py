@@ -32,8 +32,10 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def default_cache() -> Path:
-    root = os.environ.get("DATAFLEX_ASSETS") or Path.home() / ".cache" / "dataflex" / "assets"
-    return Path(root) / "bigbench"
+    """Beside the models that ``dataflex-cli assets`` fetches (``$DATAFLEX_ASSETS``)."""
+    from dataflex.assets import default_dir
+
+    return default_dir("bigbench")
 
 
 def _sha256(path: Path) -> str:
