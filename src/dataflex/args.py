@@ -32,7 +32,8 @@ class DataFlexArguments:
     train_type: Optional[str] = field(
         default=None,
         metadata={"help": "dynamic_select (a selector picks the rows), dynamic_mix (a mixer sets the datasets' "
-                          "proportions) or dynamic_weight (a weighter weights each sample's loss); "
+                          "proportions), dynamic_weight (a weighter weights each sample's loss) or dynamic_reorder "
+                          "(a reorderer sets the order the rows are consumed in); "
                           "unset = plain LLaMA-Factory."},
     )
     components_cfg_file: Optional[str] = field(
@@ -45,13 +46,14 @@ class DataFlexArguments:
     )
     warmup_step: int = field(
         default=0, metadata={"help": "Optimizer steps before the component starts: random rows (select), the initial "
-                                     "proportions (mix), weights 1 (weight)."}
+                                     "proportions (mix), weights 1 (weight), random order (reorder)."}
     )
     update_step: Optional[int] = field(
-        default=None, metadata={"help": "Optimizer steps between two decisions (select, mix)."}
+        default=None, metadata={"help": "Optimizer steps between two decisions (select, mix, a dynamic reorderer)."}
     )
     update_times: Optional[int] = field(
-        default=None, metadata={"help": "Decisions per cycle (select) or in all (mix); -1: until training ends."}
+        default=None, metadata={"help": "Decisions per cycle (select) or in all (mix, reorder); -1: until training "
+                                        "ends (reorder: also when unset)."}
     )
     train_step: Optional[int] = field(
         default=None, metadata={"help": "Total optimizer steps (like max_steps; overrides num_train_epochs)."}

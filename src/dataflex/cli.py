@@ -133,7 +133,7 @@ def export(
 def list_components(
     components: Optional[Path] = typer.Option(None, "--components", "-c", help="A components YAML (default: packaged)."),
 ) -> None:
-    """Show the selectors, mixers and weighters with their parameters and defaults, and a file's components."""
+    """Show the selectors, mixers, weighters and reorderers with their parameters and defaults, and a file's components."""
     from .components import PACKAGED_COMPONENTS, available, load_components, resolve_components_path
     from .modes import BY_SECTION, TABLE
 

@@ -1,6 +1,6 @@
 """The components YAML: where it is, what it holds, and turning an entry into a component.
 
-Format: three optional sections, one per training mode; ``train_type`` decides which section
+Format: four optional sections, one per training mode; ``train_type`` decides which section
 ``component_name`` is looked up in, so the same key may exist in several sections::
 
     selectors:                   # train_type: dynamic_select
@@ -11,6 +11,8 @@ Format: three optional sections, one per training mode; ``train_type`` decides w
       doremi: {name: doremi, params: {reference_model_path: ...}}
     weighters:                   # train_type: dynamic_weight
       loss: {name: loss, params: {strategy: linupper}}
+    reorderers:                  # train_type: dynamic_reorder
+      by_length: {name: static, params: {score: length, order: ascending}}
 
 A file without any section holds selectors at its top level (the first DataFlex format).
 """

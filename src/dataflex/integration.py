@@ -49,6 +49,7 @@ class DataInfo:
     exact: bool = False  # parts come from per-domain tokenization (dynamic_mix)
     mixer_eval: list[Any] = field(default_factory=list)  # tokenized mixer_eval_dataset sets, in order
     mixer_eval_names: list[str] = field(default_factory=list)
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # raw columns a mode asked for, per training row
 
 
 class Run:
@@ -64,6 +65,12 @@ class Run:
         """Whether the run's mode needs every dataset of ``dataset`` tokenized on its own."""
         mode = self.plan.mode if self.plan is not None else None
         return mode is not None and mode.mode_class().domains_apart
+
+    @property
+    def columns(self) -> list[str]:
+        """Raw dataset columns the run's mode needs, one value per training row."""
+        mode = self.plan.mode if self.plan is not None else None
+        return mode.mode_class().data_columns(self.plan.component) if mode is not None else []
 
 
 def _classes():
@@ -177,19 +184,43 @@ def _dataflex_get_dataset(get_dataset, run: Run):
             module, run.data = _domain_datasets(eval_names, template, model_args, data_args, training_args, stage,
                                                 **kwargs)
             return module
-        module, parts = _tracked(get_dataset, template, model_args, data_args, training_args, stage, **kwargs)
-        run.data = DataInfo(dataset_dir=os.path.abspath(data_args.dataset_dir), parts=parts)
+        wanted = run.columns
+        module, parts, columns = _tracked(get_dataset, template, model_args, data_args, training_args, stage,
+                                          columns=wanted, owner=f"component '{run.plan.spec.key}'" if wanted else "",
+                                          **kwargs)
+        if wanted and parts is None:
+            raise ConfigError(f"component '{run.plan.spec.key}': param 'column' = '{wanted[0]}': the training rows "
+                              "cannot be matched to dataset rows (rows were dropped during preprocessing, or "
+                              "mix_strategy / val_size / packing / tokenized_path changed them); allowed: plain "
+                              "concatenated datasets")
+        run.data = DataInfo(dataset_dir=os.path.abspath(data_args.dataset_dir), parts=parts, columns=columns)
         return module
 
     return wrapped
 
 
-def _tracked(get_dataset, template, model_args, data_args, training_args, stage, **kwargs):
-    """LLaMA-Factory's get_dataset, noting how many rows each dataset contributes (plain concat only)."""
+def _tracked(get_dataset, template, model_args, data_args, training_args, stage, columns=(), owner="", **kwargs):
+    """LLaMA-Factory's get_dataset, noting how many rows each dataset contributes (plain concat only) and
+    reading the raw ``columns`` of the training datasets (before LLaMA-Factory's alignment drops them)."""
     import llamafactory.data.loader as loader
 
     sizes: list[tuple[str, int]] = []
     original = loader._load_single_dataset
+    original_align = loader.align_dataset
+    train_names = list(data_args.dataset or [])
+    captured: list[dict[str, list[Any]]] = []
+
+    def capturing(dataset, dataset_attr, *args, **kw):
+        if columns and len(captured) < len(train_names):  # the training datasets load first, then eval
+            have = list(getattr(dataset, "column_names", None) or [])
+            got = {}
+            for col in columns:
+                if col not in have:
+                    raise ConfigError(f"{owner}: param 'column' = '{col}' is not a column of dataset "
+                                      f"'{train_names[len(captured)]}'; its columns: {', '.join(have) or 'none'}")
+                got[col] = list(dataset[col])
+            captured.append(got)
+        return original_align(dataset, dataset_attr, *args, **kw)
 
     def recording(dataset_attr, *args, **kw):
         ds = original(dataset_attr, *args, **kw)
@@ -200,10 +231,12 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
         return ds
 
     loader._load_single_dataset = recording
+    loader.align_dataset = capturing
     try:
         module = get_dataset(template, model_args, data_args, training_args, stage, **kwargs)
     finally:
         loader._load_single_dataset = original
+        loader.align_dataset = original_align
     names = list(data_args.dataset or [])
     train = module.get("train_dataset")
     plain = (data_args.mix_strategy == "concat" and not data_args.streaming and data_args.tokenized_path is None
@@ -214,7 +247,8 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
         for name, (_, n) in zip(names, sizes):
             parts.append([name, start, start + n])
             start += n
-    return module, parts
+    values = {col: [v for part in captured for v in part[col]] for col in columns} if captured else {}
+    return module, parts, values
 
 
 def _domain_datasets(eval_names, template, model_args, data_args, training_args, stage, tokenizer, processor=None):

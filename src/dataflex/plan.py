@@ -20,7 +20,7 @@ from .args import DATAFLEX_KEYS, STAGES, DataFlexArguments
 from .component import Component
 from .components import ComponentSpec, build_component, get_component, resolve_components_path
 from .errors import ConfigError
-from .modes import BY_TRAIN_TYPE, ModeInfo
+from .modes import BY_TRAIN_TYPE, TRAIN_TYPES, ModeInfo
 from .values import truthy
 
 logger = logging.getLogger("dataflex")
@@ -55,7 +55,7 @@ class RunPlan:
             stray = [k for k in DATAFLEX_KEYS if k in cfg and k != "train_type"]
             if stray:
                 logger.warning("DataFlex keys %s are set but train_type is not: training plainly "
-                               "(add train_type: dynamic_select, dynamic_mix or dynamic_weight)", ", ".join(stray))
+                               "(add train_type: %s)", ", ".join(stray), " | ".join(TRAIN_TYPES))
             return cls(cfg)
 
         keys = {k: cfg[k] for k in DATAFLEX_KEYS if k in cfg}

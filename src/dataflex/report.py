@@ -2,7 +2,7 @@
 
 Reads ``{output_dir}/dataflex/run.json`` (written when training starts: mode, component, schedule,
 which rows come from which dataset, the run id and its record folder) and that run's records
-only (``step_*.json``; weight mode: ``weights.jsonl``).
+only (``step_*.json``; weight mode: ``weights.jsonl``; reorder mode: ``order.jsonl``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ def load_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, An
         run = json.loads(found.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConfigError(f"'{found}' is not a readable DataFlex manifest ({err})") from None
+    from .modes import BY_NAME
+
     folder = Path(run["records"])
-    if run.get("mode") == "weight":
-        records = read_lines(folder / "weights.jsonl")
+    mode = BY_NAME.get(run.get("mode", "select"))
+    if mode is not None and mode.lines:
+        records = read_lines(folder / mode.lines)
     else:
         records = read_records(folder, run["run_id"])
     return run, records
@@ -63,6 +66,8 @@ def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int = 10) -
         lines += _weight_summary(run, records, top)
     elif mode == "mix":
         lines += _mix_summary(run, records)
+    elif mode == "reorder":
+        lines += _reorder_summary(run, records)
     else:
         lines += _select_summary(run, records, top)
     return "\n".join(lines)
@@ -163,6 +168,34 @@ def _weight_summary(run: dict[str, Any], lines_in: list[dict[str, Any]], top: in
     return lines
 
 
+def _reorder_summary(run: dict[str, Any], lines_in: list[dict[str, Any]]) -> list[str]:
+    import statistics
+
+    sched = run["schedule"]
+    lines = [f"  {sched['total_steps']} steps; warm-up {sched['warmup_step']} steps in random order; "
+             f"ordering(s) at step(s) {sched['updates']}; {len(lines_in)} step(s) recorded"]
+    if not lines_in:
+        return lines
+    epochs = sorted({ln["epoch"] for ln in lines_in if ln.get("epoch") is not None})
+    seen: Counter[int] = Counter()
+    for ln in lines_in:
+        seen.update(ln["indices"])
+    lines.append(f"  {len(seen)} of {run['train_size']} rows consumed, {sum(seen.values())} row-steps"
+                 + (f", epochs {epochs[0]}-{epochs[-1]}" if epochs else " (paced draws)"))
+    lines.append(f"  {'step':>6} {'epoch':>5} {'scored':>6} {'mean score':>10} {'min':>10} {'max':>10}"
+                 + ("  competence" if any("competence" in ln for ln in lines_in) else ""))
+    shown = lines_in if len(lines_in) <= 20 else lines_in[:10] + lines_in[-10:]
+    for k, ln in enumerate(shown):
+        if len(lines_in) > 20 and k == 10:
+            lines.append("  ...")
+        s = [v for v in ln.get("scores") or [] if v is not None]
+        stats = (f"{statistics.fmean(s):>10.4f} {min(s):>10.4f} {max(s):>10.4f}" if s else f"{'-':>10} {'-':>10} {'-':>10}")
+        comp = f"  {ln['competence']:.3f} ({ln.get('available')} rows)" if ln.get("competence") is not None else ""
+        epoch = "-" if ln.get("epoch") is None else str(ln["epoch"])
+        lines.append(f"  {ln['step']:>6} {epoch:>5} {len(s):>6} {stats}{comp}")
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- plots
 def plot_run(output_dir: str | os.PathLike) -> list[Path]:
     """The PNG of a finished run beside LLaMA-Factory's training_loss.png (``plot_loss: true``)."""
@@ -225,6 +258,9 @@ def export_subset(run: dict[str, Any], records: list[dict[str, Any]], out_dir: s
     """
     if run.get("mode") == "weight":
         raise ConfigError("cannot export: a weighting run trains on every row (export the weights from weights.jsonl)")
+    if run.get("mode") == "reorder":
+        raise ConfigError("cannot export: a reorder run trains on every row, only in another order (the order of "
+                          "consumption is in order.jsonl)")
     sources = run.get("data_sources") or {}
     parts = sources.get("parts")
     if not parts:

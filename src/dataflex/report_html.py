@@ -434,6 +434,8 @@ def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
 def _decision_steps(run: dict[str, Any], records: list[dict[str, Any]]) -> list[int]:
     if run.get("mode") == "weight":
         return []
+    if run.get("mode") == "reorder":
+        return list((run.get("schedule") or {}).get("updates") or [])
     return [r["step"] for r in records if r.get("kind") in ("selection", "update") or "selection" in r]
 
 
@@ -724,23 +726,47 @@ def _weight_sections(run: dict[str, Any], lines: list[dict[str, Any]], rows: Row
     return out
 
 
-def _reorder_sections(records: list[dict[str, Any]]) -> list[str]:
-    """A mode that only orders the rows: the mean score of the rows consumed per step."""
-    pts = []
-    for rec in records:
-        score = _pick_scores(rec)
-        if score and score[1]:
-            vals = [v for _, v in score[1]]
-            pts.append((float(rec["step"]), sum(vals) / len(vals)))
-    return [_section("order", "Score of the rows per step",
-                     line_chart("order", [("mean score", pts)], "optimizer step", "score") if pts else "",
-                     "" if pts else "no per-row score recorded")]
+def _reorder_sections(run: dict[str, Any], lines: list[dict[str, Any]], rows: Rows | None, top: int) -> list[str]:
+    """The order of consumption: the scores of each step's rows, the pacing share, the first and last rows."""
+    steps, bands = [], []
+    for ln in lines:
+        v = sorted(float(x) for x in ln.get("scores") or [] if x is not None)
+        if v:
+            steps.append(float(ln["step"]))
+            bands.append((v[0], quantile(v, 0.1), quantile(v, 0.5), quantile(v, 0.9), v[-1]))
+    score = (run.get("params") or {}).get("score", "score")
+    if steps:
+        chart = band_chart("order", steps, bands, "optimizer step", f"{score} of the step's rows",
+                           title="scores of the rows consumed per step")
+        note = f"{len(lines)} steps recorded; warm-up steps (random order, not yet scored) have no band"
+    else:
+        chart, note = "", "no scored row consumed yet"
+    out = [_section("order", "Order of consumption", chart, note)]
+    paced = [(float(ln["step"]), float(ln["competence"])) for ln in lines if ln.get("competence") is not None]
+    if paced:
+        out.append(_section("pacing", "Curriculum pacing",
+                            line_chart("pacing", [("competence c(t)", paced)], "optimizer step", "share of rows available",
+                                       title="share of the ordered rows a step draws from"),
+                            "each paced step draws its rows uniformly from the easiest share c(t)"))
+    parts = (run.get("data_sources") or {}).get("parts")
+    first: list[tuple[int, int, float | None]] = []
+    for ln in lines:
+        for i, sc in zip(ln.get("indices") or [], ln.get("scores") or []):
+            first.append((ln["step"], i, sc))
+    if first:
+        headers = ["step", "row", "dataset", score, "instruction", "response"]
+        ends = first[:top] + first[-top:] if len(first) > 2 * top else first
+        body = [[esc(st), esc(i), esc(source_of(i, parts)), esc("-" if sc is None else _fmt(sc))]
+                + (_text_cells(rows, i) if rows is not None else ["", ""]) for st, i, sc in ends]
+        out.append(_section("consumed", "First and last rows consumed", _table(headers, body),
+                            f"the first and last {min(top, len(first))} of {len(first)} row-steps"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ compare
 def trained_rows(run: dict[str, Any], records: list[dict[str, Any]]) -> Counter[int]:
     """How often each training row was trained on by decision (select / mix: the records' rows; weight: all)."""
-    if run.get("mode") == "weight":
+    if run.get("mode") in ("weight", "reorder"):
         counts: Counter[int] = Counter()
         for ln in records:
             counts.update(ln.get("indices") or [])
@@ -828,7 +854,7 @@ def build_page(output_dir: str | os.PathLike, group_by: str | None = None, compa
     run, records = load_run(output_dir)
     mode = run.get("mode", "select")
     results = _read_json(output_dir / "train_results.json")
-    rows = Rows(run) if mode in ("select", "weight") else None
+    rows = Rows(run) if mode in ("select", "weight", "reorder") else None
     if group_by:
         if mode != "select":
             raise ConfigError(f"--group-by: applies to selection runs; this is a {mode} run")
@@ -853,8 +879,8 @@ def build_page(output_dir: str | os.PathLike, group_by: str | None = None, compa
         sections += _mix_sections(run, records)
     elif mode == "weight":
         sections += _weight_sections(run, records, rows, top)
-    else:
-        sections += _reorder_sections(records)
+    elif mode == "reorder":
+        sections += _reorder_sections(run, records, rows, top)
     if other is not None:
         sections.append(_compare_section(output_dir, run, records, other_dir, other, other_records))
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in _nav(sections))

@@ -21,6 +21,7 @@ class ModeInfo:
     plot_file: str  # the PNG `plot_loss: true` writes beside LLaMA-Factory's loss curve
     hooks: str  # the mode's class, "module:Class" under dataflex.modes (its module also has `plot`)
     base: str  # the components' base class, "package.module:Class" under dataflex
+    lines: str | None = None  # the per-step JSON-lines record the report reads (None: the step_N.json records)
 
     @property
     def module(self) -> Any:
@@ -45,7 +46,9 @@ TABLE = (
     ModeInfo("dynamic_mix", "mix", "mixers", "mixer", "dataflex_proportions.png", "mix:MixMode",
              "mixers.base:Mixer"),
     ModeInfo("dynamic_weight", "weight", "weighters", "weighter", "dataflex_weights.png", "weight:WeightMode",
-             "weighters.base:Weighter"),
+             "weighters.base:Weighter", lines="weights.jsonl"),
+    ModeInfo("dynamic_reorder", "reorder", "reorderers", "reorderer", "dataflex_order.png", "reorder:ReorderMode",
+             "reorderers.base:Reorderer", lines="order.jsonl"),
 )
 
 TRAIN_TYPES = tuple(m.train_type for m in TABLE)

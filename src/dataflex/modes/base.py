@@ -77,6 +77,11 @@ class Mode:
     def check_config(cls, cfg: dict[str, Any], component: Any, yaml_dir: Any) -> None:
         """The mode's own checks of the raw config, last; may resolve values in ``cfg``."""
 
+    @classmethod
+    def data_columns(cls, component: Any) -> list[str]:
+        """Raw dataset columns the mode needs, one value per training row (read while the data loads)."""
+        return []
+
     def __init__(self, trainer: Any, plan: Any, data: Any):
         targs = trainer.args
         self.trainer = trainer
@@ -154,11 +159,15 @@ class Mode:
         """select and mix: a loader of slots (``step * GA + micro``) that carry no data."""
         from torch.utils.data import DataLoader
 
-        slots = range(self.schedule.total_steps * self.ga)
+        slots = range(self.planned_steps() * self.ga)
         return DataLoader(slots, batch_size=1, shuffle=False, collate_fn=_first)
 
     def num_examples(self, dataloader: Any, default: Callable[[Any], int]) -> int:
-        return self.schedule.total_steps * self.global_batch
+        return self.planned_steps() * self.global_batch
+
+    def planned_steps(self) -> int:
+        """The run's optimizer steps (select and mix: their schedule's)."""
+        return self.schedule.total_steps
 
     def step_batches(self, epoch_iterator: Any, num_batches: int, device: Any, default: Callable) -> Any:
         """select and mix: the coming step's slots turned into this rank's micro-batches."""
