@@ -180,6 +180,17 @@ def methods(s: Settings) -> list[dict]:
     out.append({"label": "weight loss", "train_type": "dynamic_weight", "name": "loss", "params": {}})
     out.append({"label": "weight adapt", "train_type": "dynamic_weight", "name": "adapt",
                 "params": {"refresh_interval": 20, "anchor_batch_size": 8}})
+    out.append({"label": "weight joint_update_aware", "train_type": "dynamic_weight", "name": "joint_update_aware",
+                "params": {"beta": 1.0, "tau": 0.1, "target_update_step": 20}})
+    # LLaMA-Factory's own sampler and loss, bit for bit (the uniform `custom` weighter): the weighters' baseline
+    out.append({"label": "plain", "train_type": "dynamic_weight", "name": "custom", "params": {}})
+    # curricula: every row once per epoch (1440 row-steps over a pool of 1200), only the order changes
+    out.append({"label": "order static length", "train_type": "dynamic_reorder", "name": "static",
+                "params": {"score": "length", "order": "ascending"}})
+    out.append({"label": "order static loss", "train_type": "dynamic_reorder", "name": "static",
+                "params": {"score": "loss", "order": "ascending"}})
+    out.append({"label": "order dynamic loss", "train_type": "dynamic_reorder", "name": "dynamic",
+                "params": {"order": "ascending"}})
     out.append({"label": "mix odm", "train_type": "dynamic_mix", "name": "odm",
                 "params": {"warmup_steps": s.warmup, "initial_proportions": None}})
     out.append({"label": "mix random", "train_type": "dynamic_mix", "name": "random", "params": {}})
@@ -442,15 +453,16 @@ def run_yaml(s: Settings, m: dict, seed: int, base: Path, data: Path, run_dir: P
     cfg["eval_dataset"] = "q_target_dev"  # the target-task rows eval-driven components aim at (never the test set)
     if m["train_type"] == "dynamic_mix":
         cfg["dataset"] = ",".join(f"q_{t}" for t in meta["domain_order"])
-    if m["train_type"] == "dynamic_weight":
+    if m["train_type"] == "dynamic_weight" or (m["train_type"] == "dynamic_reorder" and m["name"] == "static"):
         cfg.pop("update_step")
         cfg.pop("update_times")
     return cfg
 
 
 def components(s: Settings, ms: list[dict], meta: dict, path: Path) -> None:
-    kinds = {"dynamic_select": "selectors", "dynamic_weight": "weighters", "dynamic_mix": "mixers"}
-    comps: dict = {"selectors": {}, "weighters": {}, "mixers": {}}
+    kinds = {"dynamic_select": "selectors", "dynamic_weight": "weighters", "dynamic_mix": "mixers",
+             "dynamic_reorder": "reorderers"}
+    comps: dict = {"selectors": {}, "weighters": {}, "mixers": {}, "reorderers": {}}
     for k, m in enumerate(ms):
         m["key"] = f"m{k}_{m['name']}"
         params = dict(m["params"])
