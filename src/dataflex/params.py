@@ -144,6 +144,12 @@ class Params:
     def check(self) -> None:
         """Range checks beyond the type; override and call :meth:`fail` for a bad value."""
 
+    def check_count_or_fraction(self, key: str) -> None:
+        """``key`` is unset, an integer >= 1, or a fraction in (0, 1] (e.g. a candidate pool)."""
+        value = getattr(self, key)
+        if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0.0 < value <= 1.0):
+            self.fail(key, "an integer >= 1 or a fraction in (0, 1]")
+
     def fail(self, key: str, allowed: str) -> typing.NoReturn:
         raise ConfigError(
             f"component '{self._component()}': param '{key}' = {getattr(self, key)!r} is invalid; allowed: {allowed}"

@@ -31,12 +31,7 @@ class DynamicParams(ReorderParams):
 
     def check(self) -> None:
         super().check()
-        pool = self.candidate_pool
-        if pool is not None:
-            if isinstance(pool, int) and pool < 1:
-                self.fail("candidate_pool", "an integer >= 1 or a fraction in (0, 1]")
-            if isinstance(pool, float) and not 0.0 < pool <= 1.0:
-                self.fail("candidate_pool", "an integer >= 1 or a fraction in (0, 1]")
+        self.check_count_or_fraction("candidate_pool")
 
 
 def pool_of(rows: list[int], pool: int | float | None, generator: torch.Generator) -> list[int]:

@@ -149,12 +149,7 @@ class ScoringParams(Params):
             self.fail("scoring_batch_size", "an integer >= 1")
         if not 0.0 <= self.random_share < 1.0:
             self.fail("random_share", "a number in [0, 1), e.g. 0.25")
-        pool = self.candidate_pool
-        if pool is not None:
-            if isinstance(pool, int) and pool < 1:
-                self.fail("candidate_pool", "an integer >= 1 or a fraction in (0, 1]")
-            if isinstance(pool, float) and not 0.0 < pool <= 1.0:
-                self.fail("candidate_pool", "an integer >= 1 or a fraction in (0, 1]")
+        self.check_count_or_fraction("candidate_pool")
 
 
 def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[int]:
