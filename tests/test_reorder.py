@@ -422,3 +422,16 @@ def test_the_example_reorderer_yamls_train(name, tiny_model, run_cli, tmp_path):
     lines = order_lines(tmp_path / "out")
     assert [ln["step"] for ln in lines] == [0, 1, 2, 3] and all(len(ln["indices"]) == 4 for ln in lines)
     assert len({i for ln in lines for i in ln["indices"]}) == 16  # 16 of the 48 rows, none twice
+
+
+@pytest.mark.e2e
+def test_a_rank_failing_inside_the_loss_scoring_ends_both_ranks_with_its_message(make_train_yaml, run_cli, tmp_path):
+    import re
+
+    cfg = _config(make_train_yaml, tmp_path, "dyn", update_step=3, train_step=6, gradient_accumulation_steps=1)
+    res = run_cli(["train", cfg], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2",
+                                       "DATAFLEX_TEST_FAULT": "forward:1:1"}, timeout=300)
+    assert res.returncode != 0
+    pattern = (r"\[rank [01]\] dataflex-cli: error: ordering 1 at step 2 \(reorderer 'dynamic'\) failed on rank 1 "
+               r"\(reorder 1: scoring losses, batch 1/[^)]*\): RuntimeError: injected forward fault on rank 1")
+    assert len(re.findall(pattern, res.stderr)) == 2, failure_report(res)
