@@ -180,10 +180,11 @@ def _reorder_summary(run: dict[str, Any], lines_in: list[dict[str, Any]]) -> lis
     seen: Counter[int] = Counter()
     for ln in lines_in:
         seen.update(ln["indices"])
+    paced = any(ln.get("competence") is not None for ln in lines_in)
     lines.append(f"  {len(seen)} of {run['train_size']} rows consumed, {sum(seen.values())} row-steps"
-                 + (f", epochs {epochs[0]}-{epochs[-1]}" if epochs else " (paced draws)"))
+                 + (" (paced draws after the warm-up)" if paced else f", epochs {epochs[0]}-{epochs[-1]}"))
     lines.append(f"  {'step':>6} {'epoch':>5} {'scored':>6} {'mean score':>10} {'min':>10} {'max':>10}"
-                 + ("  competence" if any("competence" in ln for ln in lines_in) else ""))
+                 + ("  competence" if paced else ""))
     shown = lines_in if len(lines_in) <= 20 else lines_in[:10] + lines_in[-10:]
     for k, ln in enumerate(shown):
         if len(lines_in) > 20 and k == 10:
