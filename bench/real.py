@@ -1,6 +1,7 @@
 """Selection quality on a real model and real tasks: SmolLM2-135M-Instruct + BIG-bench.
 
-    python bench/real.py --quick            # <= 10 min on a 2-core CPU: level 1 on 2 pools, level 2 smoke
+    python bench/real.py --quick            # level 1 on 2 pools (~9 min on a 2-core CPU) + a level-2 smoke
+                                            # (measured: over 15 min in all; level 2 needs trimming to fit 10)
     python bench/real.py                    # the CPU run behind docs/benchmarks.md
     python bench/real.py --full             # the full grid (bench/gpu.py runs it on a GPU machine)
     python bench/real.py --plan-only        # print the grid, check the arguments, load nothing
