@@ -46,8 +46,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Sequence[str] = ()) -> dict[str, Path]:
-    """``{task: path of its task.json}``, extracting from the sdist only what the cache lacks."""
+def _download_sdist(tmp: Path, n_missing: int, pip_args: Sequence[str]) -> Path:
+    print(f"[bigbench] downloading {SDIST} (358 MB sdist) through pip for {n_missing} task file(s)",
+          file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                           "-d", str(tmp), SDIST, *pip_args],
+                          stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Location" not in ln][-1:]
+        raise SystemExit(f"bench/bigbench.py: could not download {SDIST} ({' '.join(last)})")
+    return next(Path(tmp).glob("bigbench-*.tar.gz"))
+
+
+def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Sequence[str] = (),
+                sdist: Path | None = None) -> dict[str, Path]:
+    """``{task: path of its task.json}``, extracting from the sdist only what the cache lacks.
+
+    ``sdist`` (or ``$DATAFLEX_BIGBENCH_SDIST``) names an sdist already on disk, so adding tasks to the
+    cache does not download 358 MB again; its SHA-256 is checked like a downloaded one."""
+    sdist = sdist or (Path(os.environ["DATAFLEX_BIGBENCH_SDIST"]) if os.environ.get("DATAFLEX_BIGBENCH_SDIST") else None)
     cache = cache or default_cache()
     cache.mkdir(parents=True, exist_ok=True)
     manifest_path = cache / "manifest.json"
@@ -56,15 +73,8 @@ def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Seque
     missing = [t for t in tasks if t not in have]
     if missing:
         with tempfile.TemporaryDirectory(prefix="bigbench-", dir=cache) as tmp:
-            print(f"[bigbench] downloading {SDIST} (358 MB sdist) through pip for {len(missing)} task file(s)",
-                  file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                                   "-d", tmp, SDIST, *pip_args],
-                                  stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
-            if proc.returncode != 0:
-                last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Location" not in ln][-1:]
-                raise SystemExit(f"bench/bigbench.py: could not download {SDIST} ({' '.join(last)})")
-            sdist = next(Path(tmp).glob("bigbench-*.tar.gz"))
+            if sdist is None:
+                sdist = _download_sdist(Path(tmp), len(missing), pip_args)
             got = _sha256(sdist)
             if got != SDIST_SHA256:
                 raise SystemExit(f"bench/bigbench.py: {sdist.name} has sha256 {got}, expected {SDIST_SHA256}")

@@ -97,11 +97,16 @@ class Mode:
         self.component = plan.component
         self.train, self.collator = trainer.df_prepare(trainer.train_dataset, "training")
         self.eval = None
+        self.eval_groups: list[tuple[str, int, int]] | None = None  # (name, start, end) per eval set, when several
         if trainer.eval_dataset is not None:
             ev = trainer.eval_dataset
             if isinstance(ev, dict):  # several eval sets: the components score against all of them together
                 from datasets import concatenate_datasets
 
+                self.eval_groups, start = [], 0
+                for name, part in ev.items():
+                    self.eval_groups.append((str(name), start, start + len(part)))
+                    start += len(part)
                 ev = concatenate_datasets(list(ev.values()))
             self.eval, _ = trainer.df_prepare(ev, "evaluation")
         self.component.check_data(len(self.train), len(self.eval) if self.eval is not None else None)

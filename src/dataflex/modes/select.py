@@ -156,6 +156,7 @@ class SelectMode(Mode):
             learning_rate=self.learning_rate(),
             tokenizer=getattr(t, "processing_class", None),
             cache_dir=self.cache_dir,
+            eval_groups=self.eval_groups,
         )
 
     def metrics(self) -> dict[str, Any]:

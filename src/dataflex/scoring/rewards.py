@@ -53,9 +53,10 @@ def load_function(spec: str) -> Callable[[str, str], float]:
     where, _, name = spec.rpartition(":")
     if not where or not name:
         raise ValueError(f"'{spec}' is not module:function or file.py:function")
-    if where.endswith(".py") or "/" in where:
-        import importlib.util
+    import importlib
+    import importlib.util
 
+    if where.endswith(".py") or "/" in where:
         loader = importlib.util.spec_from_file_location(f"dataflex_reward_{abs(hash(where))}", where)
         if loader is None or not os.path.isfile(where):
             raise ValueError(f"file '{where}' not found")

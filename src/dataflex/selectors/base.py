@@ -37,6 +37,9 @@ class SelectionContext:
     learning_rate: float = 0.0  # η of the coming step (the LoRA-A parameter group's, see docs/selectors/less.md)
     tokenizer: Any = None  # the training tokenizer (to decode rows, e.g. for a reward model or an embedding model)
     cache_dir: str = "."  # the run's cache_dir: files shared by runs, keyed by content (embeddings)
+    # (name, start, end) of every eval dataset inside eval_dataset when several were given as separate
+    # sets (LLaMA-Factory's eval_on_each_dataset); None: one eval set
+    eval_groups: list[tuple[str, int, int]] | None = None
 
     @property
     def train_size(self) -> int:

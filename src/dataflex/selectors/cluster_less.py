@@ -33,6 +33,7 @@ from ..scoring.optimizer_state import adam_moments
 from ..scoring.projection import CountSketchProjector
 from ..seeding import seeded_generator
 from .base import ScoringParams, SelectionContext, SelectionResult, Selector, logger, nothing_supervised, take_ranked
+from .less import eval_targets
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ClusterLessParams(ScoringParams):
     clustering_batch_size: int = field(default=8, metadata={"help": "Rows per forward when embedding the pool."})
     representative_strategy: Literal["random", "nearest", "farthest", "mixed"] = field(
         default="random", metadata={"help": "How representatives are chosen in a cluster."})
+    eval_aggregate: Literal["mean", "task_max"] = field(
+        default="mean", metadata={"help": "mean: one eval target over all eval rows; task_max: one per eval dataset, "
+                                          "a cluster scores its best (as less; needs eval_on_each_dataset: true)."})
     embedding_model_name_or_path: str | None = field(
         default=None, metadata={"help": "A frozen HF model to embed with; unset: the training model."})
     embedding_model_dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(default="auto", metadata={
@@ -178,10 +182,8 @@ class ClusterLessSelector(Selector):
         plain = GradientFeaturizer(model, self.projector)
         eval_feats = sharded_features(engine, ctx.eval_dataset, range(len(ctx.eval_dataset)), p.scoring_batch_size,
                                       plain, desc="cluster_less eval gradients")
-        eval_valid = ~torch.isnan(eval_feats[:, 0])
-        if not bool(eval_valid.any()):
-            raise nothing_supervised("eval")
-        target = eval_feats[eval_valid].mean(dim=0).double()
+        target, n_eval = eval_targets(eval_feats, ctx.eval_groups, p.eval_aggregate, self.name)
+        target = target.double()  # [G, proj_dim]
         moments = None
         gradient_type = p.gradient_type
         if gradient_type == "adam":
@@ -202,7 +204,7 @@ class ClusterLessSelector(Selector):
             rows = (rep_cluster == c) & ~torch.isnan(feats[:, 0])
             if rows.any():
                 mean = feats[rows].mean(dim=0)
-                cluster_score[c] = float(mean @ target / mean.norm().clamp(min=1e-30))
+                cluster_score[c] = float((target @ mean).max() / mean.norm().clamp(min=1e-30))
                 members = torch.tensor(reps)[rep_cluster == c]
                 rep_embedding[c] = points[members].double().mean(dim=0)
         rep_embedding = rep_embedding / rep_embedding.norm(dim=1, keepdim=True).clamp(min=1e-30)
@@ -223,7 +225,7 @@ class ClusterLessSelector(Selector):
             per_sample={"cluster_score": [float(score[i]) for i in picks], "cluster": [int(assign[i]) for i in picks],
                         "within_cluster": [float(inner[i]) for i in picks]},
             summary={"clusters": k, "representatives": len(reps), "gradient_type": gradient_type,
-                     "eval_samples": int(eval_valid.sum()), "repeated": repeated},
+                     "eval_samples": n_eval, "eval_aggregate": p.eval_aggregate, "repeated": repeated},
         )
 
     def state_dict(self) -> dict[str, Any]:

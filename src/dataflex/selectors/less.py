@@ -58,6 +58,12 @@ class LessParams(ScoringParams):
         default=True,
         metadata={"help": "Rank by S = sum of lr x Score over the selections so far (true) or by this Score only."},
     )
+    eval_aggregate: Literal["mean", "task_max"] = field(
+        default="mean",
+        metadata={"help": "mean: Score = mean cosine over all eval rows; task_max: the mean within each eval dataset, "
+                          "then the max over the datasets (official LESS matching.py; needs several eval datasets "
+                          "with eval_on_each_dataset: true)."},
+    )
 
     inert = {"save_interval": "the original's interval for flushing gradient files; here no gradient is stored, "
                               "only scores, computed in memory at every selection"}
@@ -66,6 +72,29 @@ class LessParams(ScoringParams):
         super().check()
         if self.proj_dim < 1:
             self.fail("proj_dim", "an integer >= 1 (e.g. 4096 or 8192)")
+
+
+def eval_targets(feats: torch.Tensor, groups: list[tuple[str, int, int]] | None, aggregate: str,
+                 selector: str) -> tuple[torch.Tensor, int]:
+    """The eval side as a ``[G, proj_dim]`` matrix from unit eval features ``[M, proj_dim]`` (NaN rows:
+    no supervised token): one row, the mean of all valid rows (``mean``), or one mean per eval group
+    (``task_max``; a row's Score is then its largest cosine-mean over the groups). Returns it and the
+    number of valid eval rows."""
+    valid = ~torch.isnan(feats[:, 0])
+    if not bool(valid.any()):
+        raise nothing_supervised("eval")
+    if aggregate == "mean":
+        return feats[valid].mean(dim=0, keepdim=True), int(valid.sum())
+    if not groups or len(groups) < 2:
+        raise ValueError(f"selector '{selector}': eval_aggregate: task_max needs several eval datasets (give them "
+                         "as eval_dataset: a,b with eval_on_each_dataset: true); got one eval set")
+    rows = []
+    for name, start, end in groups:
+        part = feats[start:end][valid[start:end]]
+        if len(part) == 0:
+            raise ValueError(f"selector '{selector}': eval dataset '{name}' has no row with a supervised token")
+        rows.append(part.mean(dim=0))
+    return torch.stack(rows), int(valid.sum())
 
 
 def rank_order(key: torch.Tensor, score: torch.Tensor) -> list[int]:
@@ -104,13 +133,11 @@ class LessSelector(Selector):
 
     # ------------------------------------------------------------------ selection
     def eval_target(self, ctx: SelectionContext, plain: GradientFeaturizer) -> tuple[torch.Tensor, int]:
-        """The mean of the eval samples' unit gradient features (LESS's validation side), and their number."""
+        """LESS's validation side: the mean of the eval samples' unit gradient features (one row, or
+        one per eval dataset with ``eval_aggregate: task_max``), and the number of eval samples."""
         eval_feats = sharded_features(ctx.scorer, ctx.eval_dataset, range(len(ctx.eval_dataset)),
                                       self.params.scoring_batch_size, plain, desc="LESS eval gradients")
-        eval_valid = ~torch.isnan(eval_feats[:, 0])
-        if not bool(eval_valid.any()):
-            raise nothing_supervised("eval")
-        return eval_feats[eval_valid].mean(dim=0), int(eval_valid.sum())
+        return eval_targets(eval_feats, ctx.eval_groups, self.params.eval_aggregate, self.name)
 
     def select(self, ctx: SelectionContext) -> SelectionResult:
         p = self.params
@@ -134,9 +161,10 @@ class LessSelector(Selector):
                     logger.warning("[DataFlex] %s: %s; selection %d uses plain gradients (sgd) for the training "
                                    "samples", self.name, reason, ctx.selection + 1)
         train = GradientFeaturizer(model, self.projector, moments)
-        target_dev = target.to(engine.device)
+        target_dev = (target if target.dim() == 2 else target.unsqueeze(0)).to(engine.device)  # [G, proj_dim]
         score = sharded_features(engine, ctx.train_dataset, pool, p.scoring_batch_size, train,
-                                 reduce=lambda f: f @ target_dev, desc="LESS train gradients").double()
+                                 reduce=lambda f: (f @ target_dev.T).max(dim=1).values,
+                                 desc="LESS train gradients").double()
 
         lr = float(ctx.learning_rate)
         if self.cumulative is None or len(self.cumulative) != ctx.train_size:
@@ -174,6 +202,7 @@ class LessSelector(Selector):
                 "learning_rate": lr,
                 "ranked_by": "cumulative_score" if p.cumulative else "score",
                 "eval_samples": n_eval,
+                "eval_aggregate": p.eval_aggregate,
                 "scored": int(scored.sum()),
                 "unscored": unscored,
                 "pool_score_mean": float(score[scored].mean()),

@@ -38,7 +38,7 @@ from ..scoring.gradients import GradientFeaturizer, sharded_features
 from ..scoring.rewards import ENV_NAME, Reward, load_function
 from ..seeding import derive_seed
 from .base import SelectionContext, logger, nothing_supervised
-from .less import LessParams, LessSelector
+from .less import LessParams, LessSelector, eval_targets
 
 
 @dataclass
@@ -159,8 +159,8 @@ class NiceSelector(LessSelector):
         # the projected gradient of each response's mean token loss, at its own length (weighted below)
         feats = sharded_features(engine, rows_ds, range(len(rows_ds)), p.scoring_batch_size, plain,
                                  desc="nice response gradients", normalise=False).double()
-        target = torch.zeros(self.projector.proj_dim, dtype=torch.float64)
-        used = 0
+        # one unit vector per eval prompt (NaN: no response or a zero gradient), aggregated as LESS does
+        units = torch.full((len(ctx.eval_dataset), self.projector.proj_dim), float("nan"), dtype=torch.float64)
         for j in sorted({g[0] for g in everything}):
             members = [i for i, g in enumerate(everything) if g[0] == j and len(g[2]) > 0]
             if not members:
@@ -168,16 +168,16 @@ class NiceSelector(LessSelector):
             g = sum(everything[i][3] * len(everything[i][2]) * feats[i] for i in members)
             norm = float(g.norm())
             if norm > 0:
-                target += g / norm
-                used += 1
-        if used == 0:
+                units[j] = g / norm
+        if bool(torch.isnan(units[:, 0]).all()):
             raise nothing_supervised("eval")
+        target, used = eval_targets(units, ctx.eval_groups, p.eval_aggregate, self.name)
         if ctx.rank == 0:
             r = torch.tensor(self.last_rewards, dtype=torch.float64)
             logger.info("[DataFlex] nice: %d prompts x %d responses, rewards mean %.4f (min %.4f, max %.4f), "
                         "backend %s", used, p.mc_samples, float(r.mean()), float(r.min()), float(r.max()),
                         p.reward_model_backend)
-        return (target / used).float(), used
+        return target.float(), used
 
     def _sample(self, engine: Any, prompt: list[int], selection: int, j: int) -> list[list[int]]:
         p = self.params

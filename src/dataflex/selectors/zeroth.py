@@ -69,6 +69,18 @@ class ZerothParams(ScoringParams):
         metadata={"help": "central: (f(θ+hξ) − f(θ−hξ)) / 2h, 2K forwards per sample (the seed's formula); "
                           "forward: (f(θ+hξ) − f(θ)) / h, K + 1 forwards (error O(h) instead of O(h²))."},
     )
+    normalize: bool = field(
+        default=False,
+        metadata={"help": "Divide each training row's score by an estimate of its gradient norm, so rows are ranked "
+                          "by the cosine of their gradient with the eval gradient (as LESS) rather than the raw inner "
+                          "product, which favours rows with large gradients. random: the norm of d(z) over the K "
+                          "directions; eval_gradient: from norm_directions extra random directions."},
+    )
+    norm_directions: int = field(
+        default=8,
+        metadata={"help": "With normalize and direction eval_gradient: random directions (2 forwards each per row) "
+                          "whose squared differences estimate |grad f(z)|^2 (E[(xi.g)^2] = |g|^2)."},
+    )
     save_differences: bool = field(
         default=False,
         metadata={"help": "Also write the difference vectors to <run records>/zeroth_step_{N}.pt (rank 0)."},
@@ -80,6 +92,10 @@ class ZerothParams(ScoringParams):
             self.fail("epsilon", "a finite number > 0 (a fraction of the parameters' RMS, e.g. 1e-3)")
         if self.num_directions < 1:
             self.fail("num_directions", "an integer >= 1")
+        if self.normalize and self.direction == "random" and self.num_directions < 2:
+            self.fail("num_directions", "an integer >= 2 with normalize: true (one difference has no norm to divide by)")
+        if self.norm_directions < 1:
+            self.fail("norm_directions", "an integer >= 1")
 
 
 @register
@@ -110,6 +126,9 @@ class ZerothSelector(Selector):
                 raise nothing_supervised("eval")
             target = d_eval[eval_valid].mean(dim=0)  # mean over eval samples of d(z'), in R^K
             scores = d_train @ target / K
+            if p.normalize:  # |d(z)|^2 / K estimates |grad f(z)|^2, the same for the eval side
+                units = d_eval[eval_valid] / d_eval[eval_valid].norm(dim=1, keepdim=True).clamp(min=1e-30)
+                scores = d_train @ units.mean(dim=0) / d_train.norm(dim=1).clamp(min=1e-30)
         else:
             K = 1
             grad, n_eval = probe.eval_gradient(ctx.eval_dataset, eval_ids, p.scoring_batch_size)
@@ -124,6 +143,11 @@ class ZerothSelector(Selector):
                                            scheme=p.difference)
             target = torch.tensor([norm / root_n], dtype=torch.float64)
             scores = d_train[:, 0] * target[0]
+            if p.normalize:  # divide by |grad f(z)| estimated from random directions: (d_k)^2 averages to |g|^2
+                extra = [gaussian_direction(p.seed, ctx.selection, k) for k in range(p.norm_directions)]
+                (d_norm,) = probe.differences([(ctx.train_dataset, pool)], extra, p.scoring_batch_size, h=h,
+                                              scheme=p.difference)
+                scores = scores / d_norm.pow(2).mean(dim=1).sqrt().clamp(min=1e-30) / norm
 
         valid = (~torch.isnan(scores)).nonzero().flatten()
         unscored = len(pool) - len(valid)
@@ -151,6 +175,7 @@ class ZerothSelector(Selector):
             per_sample={"score": [float(scores[i]) for i in chosen], "score_rank": ranks},
             summary={
                 "direction": p.direction,
+                "normalize": p.normalize,
                 "num_directions": K,
                 "difference": p.difference,
                 "fd_step": h,

@@ -1,0 +1,748 @@
+"""Selection quality on a real model and real tasks: SmolLM2-135M-Instruct + BIG-bench.
+
+    python bench/real.py --quick            # level 1 on 2 pools (~9 min on a 2-core CPU) + a level-2 smoke
+                                            # (measured: over 15 min in all; level 2 needs trimming to fit 10)
+    python bench/real.py                    # the CPU run behind docs/benchmarks.md
+    python bench/real.py --full             # the full grid (bench/gpu.py runs it on a GPU machine)
+    python bench/real.py --plan-only        # print the grid, check the arguments, load nothing
+
+Level 1 - selection precision. A pool of BIG-bench multiple-choice tasks (``--per-task`` rows
+each, so the target is 1/10 of the pool) in which ``--wrong`` of the rows carry a planted wrong
+answer, and a few-shot eval set of the target. Two kinds of pool:
+
+* ``plain``: the target and nine other tasks, task prefixes kept;
+* ``hard``: task prefixes stripped (every row has the same layout: question, lettered options,
+  the same closing line) and the target next to a *sibling* task with the same answer options
+  (e.g. strategyqa and anachronisms: both Yes / No), so wording alone does not give it away.
+
+Per pool the model is loaded once (LoRA r8 on all linears, as training would), the delta_loss
+baseline is scored, one warm-up AdamW step is taken on a random batch, and every selector picks as
+many rows as the pool has target rows, in-process with the same engine. Per selector: the share
+of target rows and of wrong-answer rows among the picks, and the selection's seconds. With two
+eval groups (target + sibling) ``less`` is also run with ``eval_aggregate: task_max``.
+
+Level 2 - does it train better. For each target: the floor (no training), the ceiling (training
+on target rows only) and then random / less / less with ``random_share`` 0.25 / the best
+embedding selector / the best loss selector, each through ``dataflex-cli train`` (LoRA, the same
+number of steps), scored by multiple-choice accuracy on held-out target questions and on the
+other tasks' questions.
+
+Zeroth check (``--zeroth-check``): on one pool, the finite-difference directional derivative that
+``zeroth`` (direction: eval_gradient) computes against the exact ∇f(z)·ḡ_eval (autograd), the
+rows' gradient norms, and the rank correlations with LESS's cosine scores.
+
+Outputs: ``bench/out/real`` (``--quick``: ``bench/out/real-quick``): ``level1.json``/``.md``,
+``level2.json``/``.md``, ``zeroth_check.json``, ``precision.png``. Assets (the model, the task
+files) are fetched on first use and cached (``dataflex.assets``, ``bench/bigbench.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import bigbench as bb  # noqa: E402
+from _common import ROOT, machine_info  # noqa: E402
+
+# target -> its sibling of the same form (identical answer options), used in the hard pools
+SIBLINGS = {
+    "strategyqa": "anachronisms",  # Yes / No
+    "navigate": "metaphor_boolean",  # True / False
+    "implicatures": "entailed_polarity",  # yes / no
+    "anachronisms": "strategyqa",  # No / Yes
+}
+# other tasks of the pools: short questions, varied forms
+FILLERS = ["sports_understanding", "date_understanding", "misconceptions", "hyperbaton", "social_iqa",
+           "ruin_names", "movie_recommendation", "winowhy", "irony_identification", "dark_humor_detection"]
+ALL_TASKS = sorted(set(SIBLINGS) | set(SIBLINGS.values()) | set(FILLERS))
+
+SELECTORS: dict[str, dict] = {
+    "random": {},
+    "loss": {"focus": "high"},
+    "delta_loss": {},
+    "less": {"proj_dim": 8192, "seed": 7},
+    "zeroth": {"direction": "eval_gradient", "seed": 7},
+    "zeroth_norm": {"direction": "eval_gradient", "seed": 7, "normalize": True, "norm_directions": 8},
+    "near": {"neighbours": 64},
+    "tsds": {},
+    "cluster_less": {"proj_dim": 8192, "seed": 7, "cluster_size": 16, "samples_per_cluster": 4},
+}
+# zeroth_norm costs 2 + 2 x norm_directions forwards per row: too slow for the CPU grid (see docs)
+CPU_SELECTORS = [s for s in SELECTORS if s != "zeroth_norm"] + ["less_taskmax"]
+EMBEDDING = ("near", "tsds", "cluster_less")
+LOSS_BASED = ("loss", "delta_loss")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 23: 2.069, 24: 2.064, 29: 2.045, 35: 2.030, 47: 2.012}
+
+
+def t975(df: int) -> float:
+    """Two-sided 95 % Student t quantile (table; the nearest smaller tabulated df, 1.96 beyond 60)."""
+    if df <= 0:
+        return float("nan")
+    if df > 60:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and 95 % Student-t half-width over independent draws."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": float("nan"), "ci": float("nan")}
+    m = statistics.fmean(values)
+    half = t975(n - 1) * statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+    return {"n": n, "mean": m, "ci": half}
+
+
+def fmt(stat: dict, pct: bool = True) -> str:
+    k = 100 if pct else 1
+    if stat["n"] == 0:
+        return "-"
+    if math.isnan(stat["ci"]):
+        return f"{k * stat['mean']:.1f}"
+    return f"{k * stat['mean']:.1f} ± {k * stat['ci']:.1f}"
+
+
+# --------------------------------------------------------------------------- pools
+def pool_tasks(target: str, kind: str) -> list[str]:
+    """The nine other tasks of a pool: fillers (plain), or the sibling and eight fillers (hard)."""
+    sibling = SIBLINGS[target]
+    fillers = [t for t in FILLERS if t not in (target, sibling)]
+    return fillers[:9] if kind == "plain" else [sibling] + fillers[:8]
+
+
+def write_level1_pool(folder: Path, target: str, kind: str, draw: int, paths: dict, per_task: int, n_eval: int,
+                      wrong: float) -> dict:
+    """A pool as LLaMA-Factory data, plus a second eval set of the sibling (``bb_eval_sibling``)."""
+    others = pool_tasks(target, kind)
+    strip = kind == "hard"
+    seed = 1000 * draw + ALL_TASKS.index(target)
+    summary = bb.write_pool(folder, target, others, paths, seed=seed, target_train=per_task, other_train=per_task,
+                            n_eval=n_eval, n_test=0, wrong_share=wrong, strip_prefix=strip)
+    sibling = SIBLINGS[target]
+    sq = bb.load_questions(sibling, paths[sibling], strip)
+    # write_pool splits every other task with seed + 1 into [train, test]; the rows after those are unused
+    _, _, sib_eval = bb.split_rows(sq, [per_task, 0, n_eval], seed + 1)
+    (folder / "bb_eval_sibling.json").write_text(json.dumps([bb.row_of(q) for q in sib_eval], indent=0))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["bb_eval_sibling"] = {"file_name": "bb_eval_sibling.json"}
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    return {**summary, "others": others, "seed": seed}
+
+
+def pipeline_cfg(model: Path, data: Path, out: Path, cutoff: int, eval_dataset: str = "bb_eval", **extra) -> dict:
+    from dataflex.assets import ASSETS
+
+    return {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+            "lora_target": "all", "lora_rank": 8, "lora_alpha": 16, "dataset": "bb_train",
+            "eval_dataset": eval_dataset, "dataset_dir": str(data), "template": ASSETS["smollm2"].template,
+            "cutoff_len": cutoff, "preprocessing_num_workers": 1, "overwrite_cache": True,
+            "output_dir": str(out), "overwrite_output_dir": True, "report_to": "none", "bf16": False, "seed": 42,
+            # rows of ~100 tokens: recomputing activations only slows the CPU down
+            "disable_gradient_checkpointing": True, **extra}
+
+
+class MemoEngine:
+    """A ScoringEngine that, while ``memo_on``, remembers per-sample losses until ``bump`` (the model
+    changed), so loss and delta_loss share one scoring pass at the same parameters. Off by default:
+    zeroth perturbs the parameters in place and must see fresh losses."""
+
+    def __new__(cls, model, collator, device):
+        from dataflex.scoring.engine import ScoringEngine
+
+        class _Memo(ScoringEngine):
+            memo_on = False
+
+            def losses(self, dataset, indices, batch_size=16, desc="scoring losses"):
+                if not self.memo_on:
+                    return super().losses(dataset, indices, batch_size, desc)
+                key = (id(dataset), tuple(indices))
+                if key not in self.memo:
+                    self.memo[key] = super().losses(dataset, indices, batch_size, desc)
+                return self.memo[key].clone()
+
+            def bump(self):
+                self.memo = {}
+
+        engine = _Memo(model, collator, device, show_progress=False)
+        engine.bump()
+        return engine
+
+
+def warmup_step(model, dataset, collator, lr: float, rows: int, seed: int):
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr)
+    ids = random.Random(seed).sample(range(len(dataset)), rows)
+    model.train()
+    opt.zero_grad()
+    model(**collator([dataset[i] for i in ids])).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return opt
+
+
+def make_selector(name: str, params: dict):
+    import dataflex.selectors  # noqa: F401 - registers the built-in selectors
+    from dataflex.component import REGISTRY
+
+    cls = REGISTRY["selectors"][name]
+    return cls(cls.Params.from_dict(name, dict(params)))
+
+
+def selector_spec(label: str) -> tuple[str, dict]:
+    """A bench label (``zeroth_norm``, ``less_taskmax``) -> the registered selector and its params."""
+    params = dict(SELECTORS[label]) if label in SELECTORS else {}
+    if label == "less_taskmax":
+        return "less", {**SELECTORS["less"], "eval_aggregate": "task_max"}
+    return label.split("_norm")[0], params
+
+
+def run_level1_pool(model_path: Path, folder: Path, target: str, labels: list[str], args, draw: int,
+                    two_target: bool) -> list[dict]:
+    """Every selector on one pool, in-process with one model load. One result row per selector."""
+    import torch
+
+    from dataflex.integration import load_pipeline
+    from dataflex.selectors.base import SelectionContext
+
+    rows = json.loads((folder / "bb_train.json").read_text())
+    eval_sets = "bb_eval,bb_eval_sibling" if two_target else "bb_eval"
+    t0 = time.perf_counter()
+    pipe = load_pipeline(pipeline_cfg(model_path, folder, folder / "out", args.cutoff, eval_sets))
+    load_s = time.perf_counter() - t0
+    model, train, evals, collator = pipe["model"], pipe["train_dataset"], pipe["eval_dataset"], pipe["collator"]
+    if len(train) != len(rows):
+        raise SystemExit(f"bench/real.py: {len(train)} tokenized rows for {len(rows)} in {folder}")
+    n_target_eval = len(json.loads((folder / "bb_eval.json").read_text()))
+    groups = ([("target", 0, n_target_eval), ("sibling", n_target_eval, len(evals))] if two_target else None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    engine = MemoEngine(model, collator, device)
+    k = sum(r["task"] == target for r in rows)
+    cache = Path(tempfile.mkdtemp(prefix="real-cache-", dir=folder))
+
+    def ctx(selection: int, opt, lr: float, eval_groups=None) -> SelectionContext:
+        return SelectionContext(step=selection, selection=selection, num_selections=2, num_samples=k,
+                                train_dataset=train, scorer=engine,
+                                generator=torch.Generator().manual_seed(1000 * draw + selection),
+                                records_dir=str(cache), eval_dataset=evals, optimizer=opt, learning_rate=lr,
+                                tokenizer=pipe["tokenizer"], cache_dir=str(cache), eval_groups=eval_groups)
+
+    # task_max needs two eval groups: only the hard pools' two-target eval set has them
+    instances = {label: make_selector(*selector_spec(label)) for label in labels
+                 if two_target or label != "less_taskmax"}
+    base_s = {}
+    if "delta_loss" in instances:  # its baseline: the losses before training (its first selection)
+        t0 = time.perf_counter()
+        instances["delta_loss"].select(ctx(0, None, 0.0))
+        base_s["delta_loss"] = time.perf_counter() - t0
+    opt = warmup_step(model, train, collator, args.warmup_lr, args.warmup_rows, seed=draw)
+    engine.bump()
+    out = []
+    for label, sel in instances.items():
+        needs_groups = label == "less_taskmax"
+        engine.memo_on = label in LOSS_BASED
+        t0 = time.perf_counter()
+        res = sel.select(ctx(1, opt, args.warmup_lr, groups if needs_groups else None))
+        seconds = time.perf_counter() - t0 + base_s.get(label, 0.0)
+        engine.memo_on = False
+        picks = res.indices
+        tasks = [rows[i]["task"] for i in picks]
+        out.append({"selector": label, "k": k, "seconds": round(seconds, 2), "picks": picks,
+                    "target_share": sum(t == target for t in tasks) / k,
+                    "sibling_share": sum(t == SIBLINGS[target] for t in tasks) / k,
+                    "wrong_share": sum(rows[i]["wrong"] for i in picks) / k,
+                    "good_target_share": sum(rows[i]["task"] == target and not rows[i]["wrong"] for i in picks) / k})
+        print(f"[real] {folder.name} {label:13s} target {out[-1]['target_share']:.2f} wrong "
+              f"{out[-1]['wrong_share']:.2f} {seconds:6.1f}s", file=sys.stderr, flush=True)
+    for r in out:
+        r["load_s"] = round(load_s, 1)
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def level1(args, model_path: Path, paths: dict, out: Path) -> dict:
+    results = []
+    labels = list(args.selectors)
+    for kind in args.kinds:
+        for target in args.targets:
+            for draw in range(args.draws):
+                folder = Path(tempfile.mkdtemp(prefix=f"real-{kind}-{target}-{draw}-"))
+                try:
+                    info = write_level1_pool(folder, target, kind, draw, paths, args.per_task, args.n_eval, args.wrong)
+                    two = kind == "hard" and "less_taskmax" in labels
+                    for r in run_level1_pool(model_path, folder, target, labels, args, draw, two):
+                        results.append({"kind": kind, "target": target, "draw": draw, "pool": info["train"],
+                                        "pool_wrong": info["wrong_rows"], **r})
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                (out / "level1.json").write_text(json.dumps({"results": results, "args": vars_of(args)}, indent=1))
+    return summarise_level1(results, labels, args)
+
+
+def summarise_level1(results: list[dict], labels: list[str], args) -> dict:
+    table = []
+    for kind in dict.fromkeys(r["kind"] for r in results):
+        for label in labels:
+            rs = [r for r in results if r["kind"] == kind and r["selector"] == label]
+            if not rs:
+                continue
+            table.append({"kind": kind, "selector": label, "pools": len(rs),
+                          **{m: mean_ci([r[m] for r in rs]) for m in
+                             ("target_share", "wrong_share", "good_target_share", "sibling_share", "seconds")}})
+    return {"table": table, "results": results}
+
+
+def level1_markdown(summary: dict, args) -> str:
+    lines = [f"Pools of {10 * args.per_task} rows (10 tasks x {args.per_task}; target share 10 %, planted wrong "
+             f"answers {100 * args.wrong:.0f} %), eval {args.n_eval} target rows, one warm-up step; picks = target "
+             "rows of the pool. Mean ± 95 % CI (Student t) over targets x draws.", "",
+             "| pool | selector | pools | target share % | wrong-answer share % | correct target rows % "
+             "| sibling share % | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary["table"]:
+        lines.append(f"| {row['kind']} | {row['selector']} | {row['pools']} | {fmt(row['target_share'])} | "
+                     f"{fmt(row['wrong_share'])} | {fmt(row['good_target_share'])} | "
+                     f"{fmt(row['sibling_share']) if row['kind'] == 'hard' else '-'} | "
+                     f"{fmt(row['seconds'], pct=False)} |")
+    return "\n".join(lines) + "\n"
+
+
+def taskmax_effect(results: list[dict]) -> list[dict]:
+    """Per hard pool: how ``less`` with eval_aggregate task_max changed the picks of plain ``less``."""
+    out = []
+    by_pool: dict[tuple, dict] = {}
+    for r in results:
+        by_pool.setdefault((r["kind"], r["target"], r["draw"]), {})[r["selector"]] = r
+    for (kind, target, draw), sels in by_pool.items():
+        if "less" in sels and "less_taskmax" in sels:
+            a, b = sels["less"], sels["less_taskmax"]
+            out.append({"target": target, "draw": draw, "overlap": len(set(a["picks"]) & set(b["picks"])) / a["k"],
+                        "less_target": a["target_share"], "less_sibling": a["sibling_share"],
+                        "taskmax_target": b["target_share"], "taskmax_sibling": b["sibling_share"]})
+    return out
+
+
+def plot_level1(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["kind"] for r in summary["table"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows = [r for r in summary["table"] if r["kind"] == kind]
+        xs = range(len(rows))
+        for off, metric, colour in ((-0.2, "target_share", "tab:blue"), (0.2, "wrong_share", "tab:red")):
+            ax.bar([x + off for x in xs], [100 * r[metric]["mean"] for r in rows], width=0.4, color=colour,
+                   yerr=[0 if math.isnan(r[metric]["ci"]) else 100 * r[metric]["ci"] for r in rows], capsize=3,
+                   label=metric.replace("_", " ") + " %")
+        ax.axhline(10, color="grey", linestyle="--", linewidth=1, label="base rate (10 %)")
+        ax.set_xticks(list(xs), [r["selector"] for r in rows], rotation=45, ha="right")
+        ax.set_title(f"{kind} pools")
+        ax.set_ylim(0, 105)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def vars_of(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+# --------------------------------------------------------------------------- zeroth vs exact
+def zeroth_check(args, model_path: Path, paths: dict, out: Path) -> dict:
+    """On one hard pool: zeroth's finite difference vs the exact ∇f(z)·ḡ_eval, gradient norms, LESS scores."""
+    import torch
+
+    from dataflex.integration import load_pipeline
+    from dataflex.scoring.zeroth import ZerothOrderProbe, global_norm, tensor_direction
+    from dataflex.selectors.base import SelectionContext
+
+    target = args.targets[0]
+    folder = Path(tempfile.mkdtemp(prefix="real-zeroth-"))
+    try:
+        write_level1_pool(folder, target, "hard", 0, paths, args.per_task, args.n_eval, args.wrong)
+        rows = json.loads((folder / "bb_train.json").read_text())
+        pipe = load_pipeline(pipeline_cfg(model_path, folder, folder / "out", args.cutoff))
+        model, train, evals, collator = pipe["model"], pipe["train_dataset"], pipe["eval_dataset"], pipe["collator"]
+        engine = MemoEngine(model, collator, "cpu")
+        opt = warmup_step(model, train, collator, args.warmup_lr, args.warmup_rows, seed=0)
+        engine.bump()
+        ids = list(range(min(args.zeroth_rows, len(train))))
+        probe = ZerothOrderProbe(engine, 1e-2)
+        grad, _ = probe.eval_gradient(evals, list(range(len(evals))), 8)
+        norm = global_norm(grad)
+        root_n = probe.num_params ** 0.5
+        h = probe.step()
+        fd = {}
+        for eps in (1e-3, 1e-2):
+            probe_e = ZerothOrderProbe(engine, eps)
+            (d,) = probe_e.differences([(train, ids)], [tensor_direction(grad, root_n / norm)], 8, h=probe_e.step())
+            engine.bump()
+            fd[eps] = (d[:, 0] * norm / root_n).tolist()
+        params = [p for _, p in probe.params]
+        exact, gnorm = [], []
+        model.eval()
+        for i in ids:
+            batch = collator([train[i]])
+            loss = model(**batch).loss
+            gs = torch.autograd.grad(loss, params)
+            exact.append(sum(float((g.double() * e.double()).sum()) for g, e in zip(gs, grad)))
+            gnorm.append(math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs)))
+        less = make_selector("less", {**SELECTORS["less"], "cumulative": False})
+        ctx = SelectionContext(step=1, selection=1, num_selections=2, num_samples=len(train), train_dataset=train,
+                               scorer=engine, generator=torch.Generator().manual_seed(0), eval_dataset=evals,
+                               optimizer=opt, learning_rate=args.warmup_lr, cache_dir=str(folder))
+        res = less.select(ctx)
+        less_score = dict(zip(res.indices, res.per_sample["score"]))
+        sgd = make_selector("less", {**SELECTORS["less"], "cumulative": False, "gradient_type": "sgd"})
+        res2 = sgd.select(ctx)
+        sgd_score = dict(zip(res2.indices, res2.per_sample["score"]))
+        cos = [e / (g * norm) if g > 0 else float("nan") for e, g in zip(exact, gnorm)]
+
+        def spearman(a, b):
+            ra = {i: r for r, i in enumerate(sorted(range(len(a)), key=lambda i: a[i]))}
+            rb = {i: r for r, i in enumerate(sorted(range(len(b)), key=lambda i: b[i]))}
+            n = len(a)
+            return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+        L = [less_score[i] for i in ids]
+        S = [sgd_score[i] for i in ids]
+        k = max(1, len(ids) // 10)
+        top = lambda v: set(sorted(range(len(v)), key=lambda i: -v[i])[:k])  # noqa: E731
+        rel = lambda a: max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, exact))  # noqa: E731
+        result = {
+            "target": target, "rows": len(ids), "fd_step_h": h, "eval_grad_norm": norm,
+            "max_rel_error_fd_eps1e-3": rel(fd[1e-3]), "max_rel_error_fd_eps1e-2": rel(fd[1e-2]),
+            "spearman_fd_vs_exact": spearman(fd[1e-2], exact),
+            "spearman_exact_dot_vs_grad_norm": spearman(exact, gnorm),
+            "spearman_exact_dot_vs_less": spearman(exact, L),
+            "spearman_exact_cos_vs_less": spearman(cos, L),
+            "spearman_exact_cos_vs_less_sgd": spearman(cos, S),
+            "spearman_exact_dot_vs_less_sgd": spearman(exact, S),
+            f"top{k}_overlap_dot_vs_less": len(top(exact) & top(L)) / k,
+            f"top{k}_overlap_cos_vs_less": len(top(cos) & top(L)) / k,
+            "grad_norm_top_dot_over_pool_mean": statistics.fmean(gnorm[i] for i in top(exact)) / statistics.fmean(gnorm),
+            "target_share_top_dot": sum(rows[i]["task"] == target for i in top(exact)) / k,
+            "target_share_top_cos": sum(rows[i]["task"] == target for i in top(cos)) / k,
+            "target_share_top_less": sum(rows[i]["task"] == target for i in top(L)) / k,
+            "per_row": [{"row": i, "task": rows[i]["task"], "exact": exact[j], "fd_1e-3": fd[1e-3][j],
+                         "fd_1e-2": fd[1e-2][j], "grad_norm": gnorm[j], "cos": cos[j], "less": L[j], "less_sgd": S[j]}
+                        for j, i in enumerate(ids)],
+        }
+        (out / "zeroth_check.json").write_text(json.dumps(result, indent=1))
+        return result
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="<= 10 minutes on a 2-core CPU")
+    ap.add_argument("--full", action="store_true", help="the full grid (for a GPU machine)")
+    ap.add_argument("--plan-only", action="store_true", help="print the grid and check the arguments; load nothing")
+    ap.add_argument("--levels", default="1,2", help="comma-separated: 1, 2, zeroth")
+    ap.add_argument("--targets", default=None, help=f"comma-separated, of {', '.join(SIBLINGS)}")
+    ap.add_argument("--kinds", default="plain,hard")
+    ap.add_argument("--draws", type=int, default=None)
+    ap.add_argument("--per-task", type=int, default=None, help="training rows per task (the target is 1/10)")
+    ap.add_argument("--n-eval", type=int, default=16)
+    ap.add_argument("--wrong", type=float, default=0.1)
+    ap.add_argument("--cutoff", type=int, default=256)
+    ap.add_argument("--selectors", default=None)
+    ap.add_argument("--warmup-lr", type=float, default=2e-4)
+    ap.add_argument("--warmup-rows", type=int, default=8)
+    ap.add_argument("--zeroth-rows", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    # level 2
+    ap.add_argument("--l2-targets", default=None)
+    ap.add_argument("--l2-methods", default=None)
+    ap.add_argument("--l2-seeds", type=int, default=None)
+    ap.add_argument("--l2-steps", type=int, default=None)
+    ap.add_argument("--l2-test", type=int, default=None, help="held-out target questions")
+    ap.add_argument("--l2-other-test", type=int, default=None, help="held-out questions per other task")
+    ap.add_argument("--l2-batch", type=int, default=2, help="per-device batch of level-2 training")
+    ap.add_argument("--l2-accum", type=int, default=2, help="gradient accumulation of level-2 training")
+    ap.add_argument("--l2-lr", type=float, default=5e-4)
+    args = ap.parse_args(argv)
+    size = "quick" if args.quick else "full" if args.full else "cpu"
+    defaults = {  # per size: targets, draws, per_task, selectors, l2 targets/methods/seeds/steps/test/other
+        "quick": (["strategyqa"], 1, 3, CPU_SELECTORS, ["strategyqa"],
+                  ["floor", "ceiling", "random", "less"], 1, 3, 20, 2),
+        "cpu": (["strategyqa", "navigate", "implicatures"], 1, 5, CPU_SELECTORS, ["strategyqa"],
+                ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss"], 2, 12, 100, 20),
+        "full": (list(SIBLINGS), 3, 20, list(SELECTORS) + ["less_taskmax"], list(SIBLINGS),
+                 ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss"], 3, 60, 200, 50),
+    }[size]
+    args.targets = args.targets.split(",") if args.targets else defaults[0]
+    args.draws = args.draws or defaults[1]
+    args.per_task = args.per_task or defaults[2]
+    args.selectors = args.selectors.split(",") if args.selectors else defaults[3]
+    args.l2_targets = args.l2_targets.split(",") if args.l2_targets else defaults[4]
+    args.l2_methods = args.l2_methods.split(",") if args.l2_methods else defaults[5]
+    args.l2_seeds = args.l2_seeds or defaults[6]
+    args.l2_steps = args.l2_steps or defaults[7]
+    args.l2_test = args.l2_test or defaults[8]
+    args.l2_other_test = args.l2_other_test or defaults[9]
+    args.kinds = args.kinds.split(",")
+    levels = args.levels.split(",")
+    for key, values, allowed in (("--targets", args.targets, SIBLINGS), ("--l2-targets", args.l2_targets, SIBLINGS),
+                                 ("--kinds", args.kinds, ("plain", "hard")),
+                                 ("--selectors", args.selectors, [*SELECTORS, "less_taskmax"]),
+                                 ("--l2-methods", args.l2_methods, L2_METHODS), ("--levels", levels, ("1", "2", "zeroth"))):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise SystemExit(f"bench/real.py: {key}: unknown {bad[0]!r}; allowed: {', '.join(allowed)}")
+    out = args.out or ROOT / "bench" / "out" / ("real-quick" if args.quick else "real-full" if args.full else "real")
+    grid = {"size": size, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
+            "selectors": args.selectors, "targets": args.targets, "kinds": args.kinds, "draws": args.draws,
+            "pool_rows": 10 * args.per_task, "level2_runs": len(args.l2_targets) * len(args.l2_methods) * args.l2_seeds,
+            "l2_methods": args.l2_methods, "l2_steps": args.l2_steps, "l2_seeds": args.l2_seeds}
+    print(json.dumps(grid, indent=1))
+    if args.plan_only:
+        return 0
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    from dataflex.assets import fetch_locked
+
+    started = time.perf_counter()
+    model_path = fetch_locked("smollm2")
+    paths = bb.fetch_tasks(ALL_TASKS)
+    report: dict[str, Any] = {"grid": grid}
+    if "zeroth" in levels:
+        report["zeroth_check"] = {k: v for k, v in zeroth_check(args, model_path, paths, out).items() if k != "per_row"}
+        print(json.dumps(report["zeroth_check"], indent=1))
+    if "1" in levels:
+        summary = level1(args, model_path, paths, out)
+        md = level1_markdown(summary, args)
+        effect = taskmax_effect(summary["results"])
+        if effect:
+            md += ("\n`less` vs `less` with `eval_aggregate: task_max` on the hard pools (eval = target + sibling rows, "
+                   "two eval datasets):\n\n| target | draw | overlap of picks | less target / sibling % | "
+                   "task_max target / sibling % |\n|---|---|---|---|---|\n")
+            for e in effect:
+                md += (f"| {e['target']} | {e['draw']} | {100 * e['overlap']:.0f} % | {100 * e['less_target']:.0f} / "
+                       f"{100 * e['less_sibling']:.0f} | {100 * e['taskmax_target']:.0f} / "
+                       f"{100 * e['taskmax_sibling']:.0f} |\n")
+        (out / "level1.md").write_text(md)
+        (out / "level1.json").write_text(json.dumps({**summary, "taskmax_effect": effect, "args": vars_of(args),
+                                                     "machine": machine_info()}, indent=1))
+        plot_level1(summary, out / "precision.png")
+        report["level1"] = md
+        print(md)
+    if "2" in levels:
+        l2 = level2(args, model_path, paths, out, out / "level1.json")
+        report["level2"] = l2["markdown"]
+        print(l2["markdown"])
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"[real] done in {report['seconds']} s; tables in {out}", file=sys.stderr)
+    return 0
+
+
+L2_METHODS = ("floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss")
+
+
+def best_by_level1(level1_json: Path, group: tuple[str, ...]) -> str | None:
+    """The selector of ``group`` with the highest mean correct-target share in level 1 (hard pools first)."""
+    if not level1_json.exists():
+        return None
+    table = json.loads(level1_json.read_text()).get("table", [])
+    for kind in ("hard", "plain"):
+        rows = [r for r in table if r["kind"] == kind and r["selector"] in group]
+        if rows:
+            return max(rows, key=lambda r: r["good_target_share"]["mean"])["selector"]
+    return None
+
+
+def l2_method_spec(method: str, level1_json: Path) -> tuple[str, dict, str]:
+    """(registered selector, params, label) of a level-2 method; floor / ceiling are handled by the caller."""
+    if method == "less_rs25":
+        return "less", {**SELECTORS["less"], "random_share": 0.25}, "less (random_share 0.25)"
+    if method in ("best_embedding", "best_loss"):
+        group = EMBEDDING if method == "best_embedding" else LOSS_BASED
+        pick = best_by_level1(level1_json, group) or group[0]
+        name, params = selector_spec(pick)
+        return name, params, f"{pick} (best {method.split('_')[1]} by level 1)"
+    name, params = selector_spec(method)
+    return name, params, method
+
+
+def write_level2_data(folder: Path, target: str, paths: dict, args, seed: int) -> dict:
+    others = pool_tasks(target, "plain")
+    summary = bb.write_pool(folder, target, others, paths, seed=seed, target_train=args.per_task,
+                            other_train=args.per_task, n_eval=args.n_eval, n_test=max(args.l2_test, args.l2_other_test),
+                            wrong_share=args.wrong)
+    rows = json.loads((folder / "bb_train.json").read_text())
+    (folder / "bb_target.json").write_text(json.dumps([r for r in rows if r["task"] == target], indent=0))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["bb_target"] = {"file_name": "bb_target.json"}
+    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    return {**summary, "others": others}
+
+
+def l2_train_cfg(model_path: Path, folder: Path, out: Path, args, seed: int, dataset: str, component: str,
+                 components_file: Path) -> dict:
+    G = args.l2_batch * args.l2_accum
+    per_selection = max(1, args.per_task // G)  # steps a selection covers: about the pool's target rows
+    updates = max(1, (args.l2_steps - 1) // per_selection)
+    cfg = pipeline_cfg(model_path, folder, out, args.cutoff, dataset=dataset, seed=seed, logging_steps=1,
+                       save_steps=10000, plot_loss=False, per_device_train_batch_size=args.l2_batch,
+                       gradient_accumulation_steps=args.l2_accum, learning_rate=args.l2_lr,
+                       lr_scheduler_type="constant", max_steps=1 + per_selection * updates,
+                       dataloader_num_workers=0, train_type="dynamic_select", component_name=component,
+                       components_cfg_file=str(components_file), warmup_step=1, update_step=per_selection,
+                       update_times=updates)
+    return cfg
+
+
+def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict]:
+    import subprocess
+
+    import yaml
+
+    path = folder / f"train-{Path(cfg['output_dir']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "from dataflex.cli import main; main()", "train", str(path)],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        raise SystemExit(f"bench/real.py: dataflex-cli train {path} failed:\n{tail}")
+    out = Path(cfg["output_dir"])
+    run = json.loads((out / "dataflex" / "run.json").read_text())
+    records = {}
+    for rec in Path(run["records"]).glob("step_*.json"):
+        records[int(rec.stem.removeprefix("step_"))] = json.loads(rec.read_text())
+    return seconds, records
+
+
+def evaluate(model, tok, folder: Path, target: str, others: list[str], args) -> dict:
+    import bigbench as bbm
+
+    res = {"target": bbm.mc_accuracy(model, tok, json.loads((folder / f"bb_test_{target}.json").read_text())[:args.l2_test])}
+    hits = n = 0
+    hits_mean = 0
+    for t in others:
+        rows = json.loads((folder / f"bb_test_{t}.json").read_text())[:args.l2_other_test]
+        r = bbm.mc_accuracy(model, tok, rows)
+        hits += round(r["acc_sum"] * r["n"])
+        hits_mean += round(r["acc_mean"] * r["n"])
+        n += r["n"]
+    res["other"] = {"n": n, "acc_sum": hits / n, "acc_mean": hits_mean / n, "ci_sum": bbm.wilson(hits, n),
+                    "ci_mean": bbm.wilson(hits_mean, n)}
+    return res
+
+
+def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) -> dict:
+    import torch
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    results = []
+    for target in args.l2_targets:
+        for seed in range(args.l2_seeds):
+            folder = Path(tempfile.mkdtemp(prefix=f"real-l2-{target}-{seed}-"))
+            try:
+                info = write_level2_data(folder, target, paths, args, seed=500 + seed)
+                rows = json.loads((folder / "bb_train.json").read_text())
+                comps = {}
+                for method in args.l2_methods:
+                    if method in ("floor", "ceiling"):
+                        continue
+                    name, params, _ = l2_method_spec(method, level1_json)
+                    comps[method] = {"name": name, "params": params}
+                comps["ceiling"] = {"name": "random", "params": {}}
+                (folder / "components.yaml").write_text(yaml.safe_dump({"selectors": comps}))
+                for method in args.l2_methods:
+                    label = method
+                    entry = {"target": target, "seed": seed, "method": method}
+                    if method == "floor":
+                        entry.update(seconds=0.0, **evaluate(base, tok, folder, target, info["others"], args))
+                    else:
+                        if method != "ceiling":
+                            label = l2_method_spec(method, level1_json)[2]
+                        dataset = "bb_target" if method == "ceiling" else "bb_train"
+                        cfg = l2_train_cfg(model_path, folder, folder / f"run-{method}", args, seed, dataset,
+                                           method, folder / "components.yaml")
+                        seconds, records = run_cli_train(cfg, folder)
+                        picked = [i for rec in records.values() for i in rec.get("indices", [])]
+                        if method != "ceiling" and picked:
+                            entry["picked_target_share"] = sum(rows[i]["task"] == target for i in picked) / len(picked)
+                            entry["picked_wrong_share"] = sum(rows[i]["wrong"] for i in picked) / len(picked)
+                        model = PeftModel.from_pretrained(base, cfg["output_dir"]).eval()
+                        entry.update(seconds=round(seconds, 1), steps=cfg["max_steps"],
+                                     **evaluate(model, tok, folder, target, info["others"], args))
+                        base = model.unload()
+                    entry["label"] = label
+                    results.append(entry)
+                    print(f"[real] level 2 {target} seed {seed} {label}: target acc {entry['target']['acc_sum']:.3f} "
+                          f"other acc {entry['other']['acc_sum']:.3f} ({entry['seconds']} s)", file=sys.stderr, flush=True)
+                    (out / "level2.json").write_text(json.dumps({"results": results, "args": vars_of(args)}, indent=1))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    md = level2_markdown(results, args)
+    (out / "level2.md").write_text(md)
+    (out / "level2.json").write_text(json.dumps({"results": results, "args": vars_of(args),
+                                                 "machine": machine_info()}, indent=1))
+    return {"results": results, "markdown": md}
+
+
+def level2_markdown(results: list[dict], args) -> str:
+    G = args.l2_batch * args.l2_accum
+    lines = [f"LoRA r8 on SmolLM2-135M-Instruct through `dataflex-cli train`, {G} rows per step, lr {args.l2_lr} "
+             f"constant, the same number of steps for every method; multiple-choice accuracy (option with the "
+             f"highest summed log-likelihood) on {args.l2_test} held-out target questions and {args.l2_other_test} "
+             "per other task. One seed: Wilson 95 % interval over questions; several seeds: Student t over seeds.",
+             "", "| target | method | seeds | steps | target acc % | other tasks acc % | picked target % | "
+             "picked wrong % | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for target in dict.fromkeys(r["target"] for r in results):
+        for label in dict.fromkeys(r["label"] for r in results if r["target"] == target):
+            rs = [r for r in results if r["target"] == target and r["label"] == label]
+
+            def acc(key: str) -> str:
+                if len(rs) == 1:
+                    lo, hi = rs[0][key]["ci_sum"]
+                    return f"{100 * rs[0][key]['acc_sum']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+                return fmt(mean_ci([r[key]["acc_sum"] for r in rs]))
+
+            def share(key: str) -> str:
+                vals = [r[key] for r in rs if key in r]
+                return fmt(mean_ci(vals)) if vals else "-"
+
+            lines.append(f"| {target} | {label} | {len(rs)} | {rs[0].get('steps', 0)} | {acc('target')} | "
+                         f"{acc('other')} | {share('picked_target_share')} | {share('picked_wrong_share')} | "
+                         f"{statistics.fmean(r['seconds'] for r in rs):.0f} |")
+    return "\n".join(lines) + "\n"
+
+if __name__ == "__main__":
+    raise SystemExit(main())
