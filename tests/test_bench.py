@@ -59,7 +59,7 @@ def test_gpu_script_dry_run_runs_its_plan_on_the_cpu(tmp_path):
     res = run_command([sys.executable, "bench/gpu.py", "--dry-run", "--out", tmp_path], timeout=900)
     assert res.returncode == 0, failure_report(res)
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 7
+    assert result["dry_run"] is True and [s["status"] for s in result["steps"]] == ["ok"] * 8
     by_name = {s["step"]: s for s in result["steps"]}
     scoring = by_name["scoring demo (cpu)"]["data"]
     assert scoring["rows"][0]["engine_vs_floor"] > 0 and scoring["machine"]["torch"] == torch.__version__
