@@ -766,7 +766,10 @@ def _reorder_sections(run: dict[str, Any], lines: list[dict[str, Any]], rows: Ro
 # ------------------------------------------------------------------------------------------ compare
 def trained_rows(run: dict[str, Any], records: list[dict[str, Any]]) -> Counter[int]:
     """How often each training row was trained on by decision (select / mix: the records' rows; weight: all)."""
-    if run.get("mode") in ("weight", "reorder"):
+    from .modes import BY_NAME
+
+    mode = BY_NAME.get(run.get("mode", "select"))
+    if mode is not None and mode.lines:  # per-step lines of every row trained on (weight, reorder)
         counts: Counter[int] = Counter()
         for ln in records:
             counts.update(ln.get("indices") or [])

@@ -20,6 +20,17 @@ import torch
 from ..seeding import seeded_generator
 
 
+def pool_positions(n: int, pool: int | float | None, generator: torch.Generator) -> list[int]:
+    """Positions ``0..n-1`` to score: all of them, or a seeded random subset of ``pool`` (a count, or a
+    fraction of ``n``), sorted. Selectors' and reorderers' ``candidate_pool``."""
+    if pool is None:
+        return list(range(n))
+    size = pool if isinstance(pool, int) else max(1, round(pool * n))
+    if size >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=generator)[:size].tolist())
+
+
 def largest_remainder(proportions: Sequence[float], n: int) -> list[int]:
     """Integer counts summing to ``n``, as close to ``p x n`` as integers allow."""
     if n < 0:

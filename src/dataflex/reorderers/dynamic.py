@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from ..component import register
+from ..core.sampling import pool_positions
 from .base import OrderResult, ReorderContext, Reorderer, ReorderParams, sort_rows
 
 
@@ -36,13 +37,7 @@ class DynamicParams(ReorderParams):
 
 def pool_of(rows: list[int], pool: int | float | None, generator: torch.Generator) -> list[int]:
     """The rows to score: all of ``rows``, or a seeded random subset (in their order in ``rows``)."""
-    if pool is None:
-        return list(rows)
-    size = pool if isinstance(pool, int) else max(1, round(pool * len(rows)))
-    if size >= len(rows):
-        return list(rows)
-    keep = sorted(torch.randperm(len(rows), generator=generator)[:size].tolist())
-    return [rows[p] for p in keep]
+    return [rows[p] for p in pool_positions(len(rows), pool, generator)]
 
 
 @register

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..component import Component
+from ..core.sampling import pool_positions
 from ..params import Params
 
 logger = logging.getLogger("dataflex")
@@ -157,13 +158,7 @@ class ScoringParams(Params):
 
 def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[int]:
     """The training indices to score at this selection: all, or a seeded random pool."""
-    n = ctx.train_size
-    if pool is None:
-        return list(range(n))
-    size = pool if isinstance(pool, int) else max(1, round(pool * n))
-    if size >= n:
-        return list(range(n))
-    return sorted(torch.randperm(n, generator=ctx.generator)[:size].tolist())
+    return pool_positions(ctx.train_size, pool, ctx.generator)
 
 
 def pool_scores(pool: list[int], scores: torch.Tensor) -> dict[str, list]:

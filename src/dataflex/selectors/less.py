@@ -161,7 +161,7 @@ class LessSelector(Selector):
                     logger.warning("[DataFlex] %s: %s; selection %d uses plain gradients (sgd) for the training "
                                    "samples", self.name, reason, ctx.selection + 1)
         train = GradientFeaturizer(model, self.projector, moments)
-        target_dev = (target if target.dim() == 2 else target.unsqueeze(0)).to(engine.device)  # [G, proj_dim]
+        target_dev = target.to(engine.device)  # [G, proj_dim]: one row per eval target
         score = sharded_features(engine, ctx.train_dataset, pool, p.scoring_batch_size, train,
                                  reduce=lambda f: (f @ target_dev.T).max(dim=1).values,
                                  desc="LESS train gradients").double()

@@ -125,10 +125,11 @@ class ZerothSelector(Selector):
             if n_eval == 0:
                 raise nothing_supervised("eval")
             target = d_eval[eval_valid].mean(dim=0)  # mean over eval samples of d(z'), in R^K
-            scores = d_train @ target / K
             if p.normalize:  # |d(z)|^2 / K estimates |grad f(z)|^2, the same for the eval side
                 units = d_eval[eval_valid] / d_eval[eval_valid].norm(dim=1, keepdim=True).clamp(min=1e-30)
                 scores = d_train @ units.mean(dim=0) / d_train.norm(dim=1).clamp(min=1e-30)
+            else:
+                scores = d_train @ target / K
         else:
             K = 1
             grad, n_eval = probe.eval_gradient(ctx.eval_dataset, eval_ids, p.scoring_batch_size)
