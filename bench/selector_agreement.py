@@ -65,7 +65,7 @@ def ranking_agreement(args) -> dict:
     def ctx():
         return SelectionContext(step=5, selection=0, num_selections=1, num_samples=n, train_dataset=train,
                                 scorer=engine, generator=torch.Generator().manual_seed(1), eval_dataset=evals,
-                                optimizer=opt, learning_rate=1e-3)
+                                optimizer=opt, learning_rate=1e-3, cache_dir=tmp)  # not ./embeddings
 
     less = LessSelector(LessParams.from_dict("less", {"proj_dim": args.proj_dim, "seed": 7}))
     start = time.perf_counter()

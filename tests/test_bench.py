@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import failure_report, run_command
+from conftest import REPO_ROOT, failure_report, run_command
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +41,11 @@ def test_quality_benchmark_runs(tmp_path):
 
 
 def test_selector_agreement_benchmark_runs(tmp_path):
+    stray = REPO_ROOT / "embeddings"  # a selection context without a cache_dir writes here (cwd)
+    before = set(stray.glob("*")) if stray.exists() else set()
     res = run_command([sys.executable, "bench/selector_agreement.py", "--quick", "--out", tmp_path], timeout=600)
     assert res.returncode == 0, failure_report(res)
+    assert (set(stray.glob("*")) if stray.exists() else set()) == before
     import json
 
     result = json.loads((tmp_path / "selectors.json").read_text())
