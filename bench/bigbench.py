@@ -54,7 +54,11 @@ def _download_sdist(tmp: Path, n_missing: int, pip_args: Sequence[str]) -> Path:
                           stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Location" not in ln][-1:]
-        raise SystemExit(f"bench/bigbench.py: could not download {SDIST} ({' '.join(last)})")
+        # In December 2026 the index stopped serving 1.0.0 (it lists only 0.0.1, which has no task files):
+        # say where else the same file can come from rather than only what pip said.
+        raise SystemExit(f"bench/bigbench.py: could not download {SDIST} ({' '.join(last)}); if the package index "
+                         f"no longer has it, point DATAFLEX_BIGBENCH_SDIST at a copy of bigbench-1.0.0.tar.gz "
+                         f"(sha256 {SDIST_SHA256[:12]}...)")
     return next(Path(tmp).glob("bigbench-*.tar.gz"))
 
 

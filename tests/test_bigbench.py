@@ -81,3 +81,54 @@ def test_option_logprobs_equal_one_forward_per_option(tiny_model):
         want = sum(float(logp[p - 1, ids[p]]) for p in range(len(prompt), len(ids)))
         assert n == len(ids) - len(prompt)
         assert total == pytest.approx(want, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- fetching task files
+def _sdist(tmp_path, tasks):
+    """A stand-in sdist laid out like bigbench-1.0.0.tar.gz, holding the given tasks' task.json."""
+    import tarfile
+
+    src = tmp_path / "src"
+    for name in tasks:
+        folder = src / bigbench.TASKS_IN_SDIST / name
+        folder.mkdir(parents=True)
+        _task(folder / "task.json", name, 4)
+    path = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src / bigbench.TASKS_IN_SDIST.split("/")[0], arcname=bigbench.TASKS_IN_SDIST.split("/")[0])
+    return path
+
+
+def test_fetch_extracts_only_the_asked_tasks_and_checks_the_sdist(tmp_path, monkeypatch):
+    sdist = _sdist(tmp_path, ["navigate", "strategyqa", "hyperbaton"])
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit, match=f"expected {bigbench.SDIST_SHA256}"):  # not the pinned file
+        bigbench.fetch_tasks(["navigate"], cache=cache, sdist=sdist)
+    assert not list(cache.glob("*.json"))  # nothing half-written
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", bigbench._sha256(sdist))
+    got = bigbench.fetch_tasks(["navigate", "strategyqa"], cache=cache, sdist=sdist)
+    assert sorted(p.name for p in cache.glob("*.json")) == ["manifest.json", "navigate.json", "strategyqa.json"]
+    assert json.loads(got["navigate"].read_text())["name"] == "navigate"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest == {t: bigbench._sha256(cache / f"{t}.json") for t in ("navigate", "strategyqa")}
+    with pytest.raises(SystemExit, match="no such task.*nonexistent"):
+        bigbench.fetch_tasks(["nonexistent"], cache=cache, sdist=sdist)
+
+
+def test_fetch_uses_the_cache_and_says_where_else_the_sdist_can_come_from(tmp_path, monkeypatch):
+    sdist = _sdist(tmp_path, ["navigate"])
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(bigbench, "SDIST_SHA256", bigbench._sha256(sdist))
+    bigbench.fetch_tasks(["navigate"], cache=cache, sdist=sdist)
+    monkeypatch.delenv("DATAFLEX_BIGBENCH_SDIST", raising=False)
+    offline = ["--no-index", "--find-links", str(tmp_path / "empty")]
+    (tmp_path / "empty").mkdir()
+    # cached with a matching hash: no download is tried (pip would fail offline)
+    assert bigbench.fetch_tasks(["navigate"], cache=cache, pip_args=offline)["navigate"].exists()
+    # a cached file whose hash changed is fetched again: here pip finds no release and the error says what to do
+    (cache / "navigate.json").write_text("{}")
+    with pytest.raises(SystemExit) as err:
+        bigbench.fetch_tasks(["navigate"], cache=cache, pip_args=offline)
+    message = str(err.value)
+    assert "\n" not in message and "could not download bigbench==1.0.0" in message
+    assert "DATAFLEX_BIGBENCH_SDIST" in message and bigbench.SDIST_SHA256[:12] in message
