@@ -1,7 +1,7 @@
 """Selection quality on a real model and real tasks: SmolLM2-135M-Instruct + BIG-bench.
 
-    python bench/real.py --quick            # level 1 on 2 pools (~9 min on a 2-core CPU) + a level-2 smoke
-                                            # (measured: over 15 min in all; level 2 needs trimming to fit 10)
+    python bench/real.py --quick            # level 1 on one hard pool + a level-2 smoke (about 8 min on a
+                                            # 2-core CPU, estimated from the measured parts; see below)
     python bench/real.py                    # the CPU run behind docs/benchmarks.md
     python bench/real.py --full             # the full grid (bench/gpu.py runs it on a GPU machine)
     python bench/real.py --plan-only        # print the grid, check the arguments, load nothing
@@ -27,12 +27,14 @@ embedding selector / the best loss selector, each through ``dataflex-cli train``
 number of steps), scored by multiple-choice accuracy on held-out target questions and on the
 other tasks' questions.
 
-Zeroth check (``--zeroth-check``): on one pool, the finite-difference directional derivative that
-``zeroth`` (direction: eval_gradient) computes against the exact ∇f(z)·ḡ_eval (autograd), the
-rows' gradient norms, and the rank correlations with LESS's cosine scores.
+Zeroth check (``--levels zeroth``): ``zeroth`` (direction: eval_gradient) against autograd on the real
+model - its finite difference vs the exact ∇f(z)·ḡ_eval, the rows' gradient norms, the exact cosines
+that LESS ranks by, LESS's own scores, and ``normalize: true`` with 8 and 32 norm directions. On a
+BIG-bench hard pool (``--zeroth-data bigbench``) or on the repo's demo_mix against demo_add_eval
+(``--zeroth-data demo``: needs only the model).
 
 Outputs: ``bench/out/real`` (``--quick``: ``bench/out/real-quick``): ``level1.json``/``.md``,
-``level2.json``/``.md``, ``zeroth_check.json``, ``precision.png``. Assets (the model, the task
+``level2.json``/``.md``, ``zeroth_check[_demo].json``, ``precision.png``. Assets (the model, the task
 files) are fetched on first use and cached (``dataflex.assets``, ``bench/bigbench.py``).
 """
 
@@ -372,87 +374,136 @@ def vars_of(args) -> dict:
 
 
 # --------------------------------------------------------------------------- zeroth vs exact
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected: continuous scores)."""
+    ra = {i: r for r, i in enumerate(sorted(range(len(a)), key=lambda i: a[i]))}
+    rb = {i: r for r, i in enumerate(sorted(range(len(b)), key=lambda i: b[i]))}
+    n = len(a)
+    return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+def zeroth_rows(args, paths: dict, folder: Path) -> tuple[Path, str, str, str, list[dict], list[int]]:
+    """(dataset_dir, train set, eval set, target task, the train rows, the checked row ids) of the check.
+
+    ``bigbench``: a hard pool of the first target (its first ``--zeroth-rows`` rows). ``demo``: the repo's
+    own demo_mix (six string / arithmetic tasks) against demo_add_eval, ``--zeroth-rows`` rows drawn evenly
+    from the tasks: no download beyond the model, so it runs where BIG-bench cannot be fetched."""
+    if args.zeroth_data == "demo":
+        rows = json.loads((ROOT / "data" / "demo_mix_train.json").read_text())
+        by_task: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_task.setdefault(r["task"], []).append(i)
+        rng = random.Random(0)
+        per = max(1, args.zeroth_rows // len(by_task))
+        ids = sorted(i for members in by_task.values() for i in rng.sample(members, min(per, len(members))))
+        return ROOT / "data", "demo_mix", "demo_add_eval", "add", rows, ids
+    target = args.targets[0]
+    write_level1_pool(folder, target, "hard", 0, paths, args.per_task, args.n_eval, args.wrong)
+    rows = json.loads((folder / "bb_train.json").read_text())
+    return folder, "bb_train", "bb_eval", target, rows, list(range(min(args.zeroth_rows, len(rows))))
+
+
 def zeroth_check(args, model_path: Path, paths: dict, out: Path) -> dict:
-    """On one hard pool: zeroth's finite difference vs the exact ∇f(z)·ḡ_eval, gradient norms, LESS scores."""
+    """zeroth (direction: eval_gradient) on the real model against autograd: its finite difference vs the
+    exact ∇f(z)·ḡ_eval, what the raw inner product ranks by (gradient norms), the cosines LESS ranks by,
+    and ``normalize: true`` (the cosine from a few random directions) against the exact cosine."""
     import torch
 
     from dataflex.integration import load_pipeline
     from dataflex.scoring.zeroth import ZerothOrderProbe, global_norm, tensor_direction
     from dataflex.selectors.base import SelectionContext
 
-    target = args.targets[0]
     folder = Path(tempfile.mkdtemp(prefix="real-zeroth-"))
     try:
-        write_level1_pool(folder, target, "hard", 0, paths, args.per_task, args.n_eval, args.wrong)
-        rows = json.loads((folder / "bb_train.json").read_text())
-        pipe = load_pipeline(pipeline_cfg(model_path, folder, folder / "out", args.cutoff))
+        data_dir, dataset, eval_name, target, rows, ids = zeroth_rows(args, paths, folder)
+        pipe = load_pipeline(pipeline_cfg(model_path, data_dir, folder / "out", args.cutoff, eval_name,
+                                          dataset=dataset))
         model, train, evals, collator = pipe["model"], pipe["train_dataset"], pipe["eval_dataset"], pipe["collator"]
+        tasks = [rows[i]["task"] for i in ids]
+        sub = train.select(ids)  # the checked rows, positions 0..n-1
+        n = len(ids)
         engine = MemoEngine(model, collator, "cpu")
         opt = warmup_step(model, train, collator, args.warmup_lr, args.warmup_rows, seed=0)
         engine.bump()
-        ids = list(range(min(args.zeroth_rows, len(train))))
-        probe = ZerothOrderProbe(engine, 1e-2)
+        t0 = time.perf_counter()
+        probe = ZerothOrderProbe(engine, 1e-3)
         grad, _ = probe.eval_gradient(evals, list(range(len(evals))), 8)
         norm = global_norm(grad)
         root_n = probe.num_params ** 0.5
-        h = probe.step()
         fd = {}
         for eps in (1e-3, 1e-2):
             probe_e = ZerothOrderProbe(engine, eps)
-            (d,) = probe_e.differences([(train, ids)], [tensor_direction(grad, root_n / norm)], 8, h=probe_e.step())
+            (d,) = probe_e.differences([(sub, list(range(n)))], [tensor_direction(grad, root_n / norm)], 8,
+                                       h=probe_e.step())
             engine.bump()
             fd[eps] = (d[:, 0] * norm / root_n).tolist()
+        fd_seconds = time.perf_counter() - t0
         params = [p for _, p in probe.params]
         exact, gnorm = [], []
         model.eval()
-        for i in ids:
-            batch = collator([train[i]])
-            loss = model(**batch).loss
+        t0 = time.perf_counter()
+        for j in range(n):
+            loss = model(**collator([sub[j]])).loss
             gs = torch.autograd.grad(loss, params)
             exact.append(sum(float((g.double() * e.double()).sum()) for g, e in zip(gs, grad)))
             gnorm.append(math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs)))
-        less = make_selector("less", {**SELECTORS["less"], "cumulative": False})
-        ctx = SelectionContext(step=1, selection=1, num_selections=2, num_samples=len(train), train_dataset=train,
-                               scorer=engine, generator=torch.Generator().manual_seed(0), eval_dataset=evals,
-                               optimizer=opt, learning_rate=args.warmup_lr, cache_dir=str(folder))
-        res = less.select(ctx)
-        less_score = dict(zip(res.indices, res.per_sample["score"]))
-        sgd = make_selector("less", {**SELECTORS["less"], "cumulative": False, "gradient_type": "sgd"})
-        res2 = sgd.select(ctx)
-        sgd_score = dict(zip(res2.indices, res2.per_sample["score"]))
+        exact_seconds = time.perf_counter() - t0
         cos = [e / (g * norm) if g > 0 else float("nan") for e, g in zip(exact, gnorm)]
 
-        def spearman(a, b):
-            ra = {i: r for r, i in enumerate(sorted(range(len(a)), key=lambda i: a[i]))}
-            rb = {i: r for r, i in enumerate(sorted(range(len(b)), key=lambda i: b[i]))}
-            n = len(a)
-            return 1 - 6 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+        def ctx(seed: int = 0) -> SelectionContext:
+            return SelectionContext(step=1, selection=1, num_selections=2, num_samples=n, train_dataset=sub,
+                                    scorer=engine, generator=torch.Generator().manual_seed(seed),
+                                    eval_dataset=evals, optimizer=opt, learning_rate=args.warmup_lr,
+                                    cache_dir=str(folder))
 
-        L = [less_score[i] for i in ids]
-        S = [sgd_score[i] for i in ids]
-        k = max(1, len(ids) // 10)
-        top = lambda v: set(sorted(range(len(v)), key=lambda i: -v[i])[:k])  # noqa: E731
+        def scores_of(name: str, params: dict) -> tuple[list[float], float]:
+            t = time.perf_counter()
+            res = make_selector(name, params).select(ctx())
+            engine.bump()
+            got = dict(zip(res.indices, res.per_sample["score"]))
+            return [got[j] for j in range(n)], time.perf_counter() - t
+
+        less, less_s = scores_of("less", {**SELECTORS["less"], "cumulative": False})
+        less_sgd, _ = scores_of("less", {**SELECTORS["less"], "cumulative": False, "gradient_type": "sgd"})
+        norm_scores = {}
+        for nd in (8, 32):
+            norm_scores[nd] = scores_of("zeroth", {"direction": "eval_gradient", "seed": 7, "normalize": True,
+                                                   "norm_directions": nd})
+        k = max(1, n // 10)
+        top = lambda v: set(sorted(range(n), key=lambda i: -v[i])[:k])  # noqa: E731
         rel = lambda a: max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, exact))  # noqa: E731
+        share = lambda v: sum(tasks[i] == target for i in top(v)) / k  # noqa: E731
         result = {
-            "target": target, "rows": len(ids), "fd_step_h": h, "eval_grad_norm": norm,
+            "data": args.zeroth_data, "target": target, "rows": n, "target_rows": tasks.count(target),
+            "trainable_params": probe.num_params, "fd_step_h_eps1e-3": probe.step(), "eval_grad_norm": norm,
             "max_rel_error_fd_eps1e-3": rel(fd[1e-3]), "max_rel_error_fd_eps1e-2": rel(fd[1e-2]),
-            "spearman_fd_vs_exact": spearman(fd[1e-2], exact),
+            "spearman_fd_vs_exact": spearman(fd[1e-3], exact),
             "spearman_exact_dot_vs_grad_norm": spearman(exact, gnorm),
-            "spearman_exact_dot_vs_less": spearman(exact, L),
-            "spearman_exact_cos_vs_less": spearman(cos, L),
-            "spearman_exact_cos_vs_less_sgd": spearman(cos, S),
-            "spearman_exact_dot_vs_less_sgd": spearman(exact, S),
-            f"top{k}_overlap_dot_vs_less": len(top(exact) & top(L)) / k,
-            f"top{k}_overlap_cos_vs_less": len(top(cos) & top(L)) / k,
+            "spearman_exact_cos_vs_grad_norm": spearman(cos, gnorm),
+            "spearman_exact_dot_vs_exact_cos": spearman(exact, cos),
+            "spearman_exact_dot_vs_less": spearman(exact, less),
+            "spearman_exact_cos_vs_less": spearman(cos, less),
+            "spearman_exact_cos_vs_less_sgd": spearman(cos, less_sgd),
+            "spearman_normalize8_vs_exact_cos": spearman(norm_scores[8][0], cos),
+            "spearman_normalize32_vs_exact_cos": spearman(norm_scores[32][0], cos),
+            "spearman_normalize8_vs_less": spearman(norm_scores[8][0], less),
+            f"top{k}_overlap_dot_vs_less": len(top(exact) & top(less)) / k,
+            f"top{k}_overlap_cos_vs_less": len(top(cos) & top(less)) / k,
+            f"top{k}_overlap_normalize8_vs_cos": len(top(norm_scores[8][0]) & top(cos)) / k,
             "grad_norm_top_dot_over_pool_mean": statistics.fmean(gnorm[i] for i in top(exact)) / statistics.fmean(gnorm),
-            "target_share_top_dot": sum(rows[i]["task"] == target for i in top(exact)) / k,
-            "target_share_top_cos": sum(rows[i]["task"] == target for i in top(cos)) / k,
-            "target_share_top_less": sum(rows[i]["task"] == target for i in top(L)) / k,
-            "per_row": [{"row": i, "task": rows[i]["task"], "exact": exact[j], "fd_1e-3": fd[1e-3][j],
-                         "fd_1e-2": fd[1e-2][j], "grad_norm": gnorm[j], "cos": cos[j], "less": L[j], "less_sgd": S[j]}
+            "target_share_top_dot": share(exact), "target_share_top_cos": share(cos), "target_share_top_less": share(less),
+            "target_share_top_normalize8": share(norm_scores[8][0]),
+            "target_share_top_normalize32": share(norm_scores[32][0]),
+            "seconds": {"fd_two_steps": round(fd_seconds, 1), "exact_autograd": round(exact_seconds, 1),
+                        "less": round(less_s, 1), "normalize8": round(norm_scores[8][1], 1),
+                        "normalize32": round(norm_scores[32][1], 1)},
+            "per_row": [{"row": i, "task": tasks[j], "exact": exact[j], "fd_1e-3": fd[1e-3][j], "fd_1e-2": fd[1e-2][j],
+                         "grad_norm": gnorm[j], "cos": cos[j], "less": less[j], "less_sgd": less_sgd[j],
+                         "normalize8": norm_scores[8][0][j], "normalize32": norm_scores[32][0][j]}
                         for j, i in enumerate(ids)],
         }
-        (out / "zeroth_check.json").write_text(json.dumps(result, indent=1))
+        (out / f"zeroth_check{'_demo' if args.zeroth_data == 'demo' else ''}.json").write_text(
+            json.dumps({**result, "machine": machine_info()}, indent=1))
         return result
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -466,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-only", action="store_true", help="print the grid and check the arguments; load nothing")
     ap.add_argument("--levels", default="1,2", help="comma-separated: 1, 2, zeroth")
     ap.add_argument("--targets", default=None, help=f"comma-separated, of {', '.join(SIBLINGS)}")
-    ap.add_argument("--kinds", default="plain,hard")
+    ap.add_argument("--kinds", default=None, help="comma-separated, of plain, hard (--quick: hard only)")
     ap.add_argument("--draws", type=int, default=None)
     ap.add_argument("--per-task", type=int, default=None, help="training rows per task (the target is 1/10)")
     ap.add_argument("--n-eval", type=int, default=16)
@@ -476,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-lr", type=float, default=2e-4)
     ap.add_argument("--warmup-rows", type=int, default=8)
     ap.add_argument("--zeroth-rows", type=int, default=40)
+    ap.add_argument("--zeroth-data", choices=("bigbench", "demo"), default="bigbench",
+                    help="the zeroth check's rows: a BIG-bench hard pool, or the repo's demo_mix vs demo_add_eval")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     # level 2
@@ -508,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     args.l2_steps = args.l2_steps or defaults[7]
     args.l2_test = args.l2_test or defaults[8]
     args.l2_other_test = args.l2_other_test or defaults[9]
-    args.kinds = args.kinds.split(",")
+    # --quick keeps the hard pool only: measured per selector, both pools (~9 min) and level 2 did not fit in 10
+    args.kinds = args.kinds.split(",") if args.kinds else (["hard"] if size == "quick" else ["plain", "hard"])
     levels = args.levels.split(",")
     for key, values, allowed in (("--targets", args.targets, SIBLINGS), ("--l2-targets", args.l2_targets, SIBLINGS),
                                  ("--kinds", args.kinds, ("plain", "hard")),
@@ -533,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     model_path = fetch_locked("smollm2")
-    paths = bb.fetch_tasks(ALL_TASKS)
+    needs_bigbench = levels != ["zeroth"] or args.zeroth_data == "bigbench"
+    paths = bb.fetch_tasks(ALL_TASKS) if needs_bigbench else {}
     report: dict[str, Any] = {"grid": grid}
     if "zeroth" in levels:
         report["zeroth_check"] = {k: v for k, v in zeroth_check(args, model_path, paths, out).items() if k != "per_row"}
