@@ -6,7 +6,9 @@
 Task files come from the ``bigbench`` 1.0.0 sdist on the package index (``pip download``, so pip's
 index settings apply). The sdist's SHA-256 is checked, only the task files asked for are extracted,
 and each is cached with its own SHA-256 in a manifest; a cached file whose hash differs is fetched
-again. Rows are alpaca-format: the question with its lettered options -> the correct option's text.
+again. The package index stopped serving 1.0.0 in December 2026: ``$DATAFLEX_BIGBENCH_SDIST`` takes a copy
+of the sdist (same hash check), ``$DATAFLEX_BIGBENCH_DIR`` a checkout of the BIG-bench repository
+(unpinned). Rows are alpaca-format: the question with its lettered options -> the correct option's text.
 """
 
 from __future__ import annotations
@@ -58,23 +60,52 @@ def _download_sdist(tmp: Path, n_missing: int, pip_args: Sequence[str]) -> Path:
         # say where else the same file can come from rather than only what pip said.
         raise SystemExit(f"bench/bigbench.py: could not download {SDIST} ({' '.join(last)}); if the package index "
                          f"no longer has it, point DATAFLEX_BIGBENCH_SDIST at a copy of bigbench-1.0.0.tar.gz "
-                         f"(sha256 {SDIST_SHA256[:12]}...)")
+                         f"(sha256 {SDIST_SHA256[:12]}...) or DATAFLEX_BIGBENCH_DIR at a BIG-bench checkout")
     return next(Path(tmp).glob("bigbench-*.tar.gz"))
 
 
+def _in_checkout(source: Path, task: str) -> Path | None:
+    for rel in (f"bigbench/benchmark_tasks/{task}", f"benchmark_tasks/{task}", task):
+        if (source / rel / "task.json").is_file():
+            return source / rel / "task.json"
+    return None
+
+
 def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Sequence[str] = (),
-                sdist: Path | None = None) -> dict[str, Path]:
+                sdist: Path | None = None, source_dir: Path | None = None) -> dict[str, Path]:
     """``{task: path of its task.json}``, extracting from the sdist only what the cache lacks.
 
     ``sdist`` (or ``$DATAFLEX_BIGBENCH_SDIST``) names an sdist already on disk, so adding tasks to the
-    cache does not download 358 MB again; its SHA-256 is checked like a downloaded one."""
+    cache does not download 358 MB again; its SHA-256 is checked like a downloaded one.
+    ``source_dir`` (or ``$DATAFLEX_BIGBENCH_DIR``) is a folder of task files instead - a checkout of
+    the BIG-bench repository (``<dir>/bigbench/benchmark_tasks/<task>/task.json``) or any folder with
+    ``<task>/task.json``; its files are not the pinned sdist's, so the run says so, and each is cached
+    with its own hash like an extracted one."""
     sdist = sdist or (Path(os.environ["DATAFLEX_BIGBENCH_SDIST"]) if os.environ.get("DATAFLEX_BIGBENCH_SDIST") else None)
+    if source_dir is None and os.environ.get("DATAFLEX_BIGBENCH_DIR"):
+        source_dir = Path(os.environ["DATAFLEX_BIGBENCH_DIR"])
     cache = cache or default_cache()
     cache.mkdir(parents=True, exist_ok=True)
     manifest_path = cache / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     have = {t for t in tasks if (cache / f"{t}.json").exists() and manifest.get(t) == _sha256(cache / f"{t}.json")}
     missing = [t for t in tasks if t not in have]
+    if missing and sdist is None and source_dir is not None:
+        found = {t: _in_checkout(Path(source_dir), t) for t in missing}
+        absent = [t for t, path in found.items() if path is None]
+        if absent:  # before copying anything
+            raise SystemExit(f"bench/bigbench.py: DATAFLEX_BIGBENCH_DIR={source_dir} has no task.json for "
+                             f"{', '.join(absent)} (looked in <dir>/bigbench/benchmark_tasks/<task>/, "
+                             "<dir>/benchmark_tasks/<task>/ and <dir>/<task>/)")
+        print(f"[bigbench] taking {len(found)} task file(s) from {source_dir} (not checked against the "
+              f"{SDIST} sdist's hash)", file=sys.stderr, flush=True)
+        for task, path in found.items():
+            part = cache / f".{task}.json.part"
+            part.write_bytes(path.read_bytes())
+            os.replace(part, cache / f"{task}.json")
+            manifest[task] = _sha256(cache / f"{task}.json")
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        missing = []
     if missing:
         with tempfile.TemporaryDirectory(prefix="bigbench-", dir=cache) as tmp:
             if sdist is None:

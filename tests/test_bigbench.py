@@ -121,6 +121,7 @@ def test_fetch_uses_the_cache_and_says_where_else_the_sdist_can_come_from(tmp_pa
     monkeypatch.setattr(bigbench, "SDIST_SHA256", bigbench._sha256(sdist))
     bigbench.fetch_tasks(["navigate"], cache=cache, sdist=sdist)
     monkeypatch.delenv("DATAFLEX_BIGBENCH_SDIST", raising=False)
+    monkeypatch.delenv("DATAFLEX_BIGBENCH_DIR", raising=False)
     offline = ["--no-index", "--find-links", str(tmp_path / "empty")]
     (tmp_path / "empty").mkdir()
     # cached with a matching hash: no download is tried (pip would fail offline)
@@ -132,3 +133,21 @@ def test_fetch_uses_the_cache_and_says_where_else_the_sdist_can_come_from(tmp_pa
     message = str(err.value)
     assert "\n" not in message and "could not download bigbench==1.0.0" in message
     assert "DATAFLEX_BIGBENCH_SDIST" in message and bigbench.SDIST_SHA256[:12] in message
+
+
+def test_fetch_from_a_checkout_copies_what_the_cache_lacks_or_nothing(tmp_path, monkeypatch):
+    checkout = tmp_path / "BIG-bench"
+    for name in ("navigate", "strategyqa"):
+        (checkout / "bigbench" / "benchmark_tasks" / name).mkdir(parents=True)
+        _task(checkout / "bigbench" / "benchmark_tasks" / name / "task.json", name, 4)
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit, match=r"DATAFLEX_BIGBENCH_DIR=.*no task.json for hyperbaton"):
+        bigbench.fetch_tasks(["navigate", "hyperbaton"], cache=cache, source_dir=checkout)
+    assert not list(cache.glob("*.json"))  # nothing copied when one is missing
+    monkeypatch.setenv("DATAFLEX_BIGBENCH_DIR", str(checkout))
+    monkeypatch.delenv("DATAFLEX_BIGBENCH_SDIST", raising=False)
+    got = bigbench.fetch_tasks(["navigate", "strategyqa"], cache=cache)
+    assert got["strategyqa"].read_bytes() == (checkout / "bigbench/benchmark_tasks/strategyqa/task.json").read_bytes()
+    assert json.loads((cache / "manifest.json").read_text()) == {
+        t: bigbench._sha256(cache / f"{t}.json") for t in ("navigate", "strategyqa")}
+    assert len(bigbench.load_questions("navigate", got["navigate"])) == 4
