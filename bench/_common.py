@@ -168,3 +168,14 @@ def pipeline(tmp: str, n_train: int, cutoff: int = 256, eval_file: str | None = 
         cfg["eval_dataset"] = "bench_eval"
     cfg.update(overrides)
     return load_pipeline(cfg)
+
+
+def at_step(curve: list[dict], step: float, key: str) -> float:
+    """``key`` at ``step`` by linear interpolation between checkpoints (clamped to the last one)."""
+    pts = [(c["step"], c[key]) for c in curve]
+    if step >= pts[-1][0]:
+        return pts[-1][1]
+    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return pts[0][1]

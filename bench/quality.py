@@ -55,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+from _common import at_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "date_us"
@@ -575,17 +576,6 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
         return mu, 0.0
     sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
     return mu, T975.get(len(vals) - 1, 1.96) * sd / math.sqrt(len(vals))
-
-
-def at_step(curve: list[dict], step: float, key: str) -> float:
-    """``key`` at ``step`` by linear interpolation between checkpoints (clamped to the last one)."""
-    pts = [(c["step"], c[key]) for c in curve]
-    if step >= pts[-1][0]:
-        return pts[-1][1]
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-        if s0 <= step <= s1:
-            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
-    return pts[0][1]
 
 
 def summarise(s: Settings, results: list[dict]) -> dict:

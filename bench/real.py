@@ -541,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2-batch", type=int, default=2, help="per-device batch of level-2 training")
     ap.add_argument("--l2-accum", type=int, default=2, help="gradient accumulation of level-2 training")
     ap.add_argument("--l2-lr", type=float, default=5e-4)
+    ap.add_argument("--l2-curve", type=int, default=None,
+                    help="checkpoints evaluated per run besides the end (accuracy vs step); 0 = the end only")
+    ap.add_argument("--l2-random-factor", type=int, default=2,
+                    help="random trains this many times the steps, so that its curve gives equal compute")
     args = ap.parse_args(argv)
     size = "quick" if args.quick else "full" if args.full else "cpu"
     defaults = {  # per size: targets, draws, per_task, selectors, l2 targets/methods/seeds/steps/test/other
@@ -561,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     args.l2_steps = args.l2_steps or defaults[7]
     args.l2_test = args.l2_test or defaults[8]
     args.l2_other_test = args.l2_other_test or defaults[9]
+    if args.l2_curve is None:
+        args.l2_curve = {"quick": 0, "cpu": 3, "full": 5}[size]
+    if args.l2_curve < 0 or args.l2_random_factor < 1:
+        raise SystemExit("bench/real.py: --l2-curve must be >= 0 and --l2-random-factor >= 1")
     # --quick keeps the hard pool only: measured per selector, both pools (~9 min) and level 2 did not fit in 10
     args.kinds = args.kinds.split(",") if args.kinds else (["hard"] if size == "quick" else ["plain", "hard"])
     levels = args.levels.split(",")
@@ -575,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     grid = {"size": size, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
             "selectors": args.selectors, "targets": args.targets, "kinds": args.kinds, "draws": args.draws,
             "pool_rows": 10 * args.per_task, "level2_runs": len(args.l2_targets) * len(args.l2_methods) * args.l2_seeds,
-            "l2_methods": args.l2_methods, "l2_steps": args.l2_steps, "l2_seeds": args.l2_seeds}
+            "l2_methods": args.l2_methods, "l2_steps": l2_schedule(args)["steps"], "l2_seeds": args.l2_seeds,
+            "l2_checkpoints": l2_schedule(args)["checkpoints"], "l2_random_steps": l2_schedule(args)["random_steps"]}
     print(json.dumps(grid, indent=1))
     if args.plan_only:
         return 0
@@ -661,22 +670,41 @@ def write_level2_data(folder: Path, target: str, paths: dict, args, seed: int) -
     return {**summary, "others": others}
 
 
-def l2_train_cfg(model_path: Path, folder: Path, out: Path, args, seed: int, dataset: str, component: str,
-                 components_file: Path) -> dict:
+def l2_schedule(args) -> dict:
+    """Level 2's step plan, the same for every method. A *block* is the steps one selection covers (about
+    the pool's target rows); the first block is a random warm-up, each later block starts with a selection.
+    Checkpoints fall on block boundaries that divide the run, so random's longer run (``--l2-random-factor``
+    times the steps) has one at exactly the others' last step: equal steps is read off it, not interpolated."""
     G = args.l2_batch * args.l2_accum
-    per_selection = max(1, args.per_task // G)  # steps a selection covers: about the pool's target rows
-    updates = max(1, (args.l2_steps - 1) // per_selection)
-    cfg = pipeline_cfg(model_path, folder, out, args.cutoff, dataset=dataset, seed=seed, logging_steps=1,
-                       save_steps=10000, plot_loss=False, per_device_train_batch_size=args.l2_batch,
-                       gradient_accumulation_steps=args.l2_accum, learning_rate=args.l2_lr,
-                       lr_scheduler_type="constant", max_steps=1 + per_selection * updates,
-                       dataloader_num_workers=0, train_type="dynamic_select", component_name=component,
-                       components_cfg_file=str(components_file), warmup_step=1, update_step=per_selection,
-                       update_times=updates)
-    return cfg
+    per_selection = max(1, args.per_task // G)
+    blocks = max(2, round(args.l2_steps / per_selection))
+    steps = per_selection * blocks
+    if args.l2_curve == 0:
+        every = blocks
+    else:
+        want = max(1.0, blocks / (args.l2_curve + 1))
+        every = max(d for d in range(1, blocks + 1) if blocks % d == 0 and d <= want)
+    interval = per_selection * every
+    return {"per_selection": per_selection, "blocks": blocks, "steps": steps, "interval": interval,
+            "checkpoints": list(range(interval, steps + 1, interval)), "random_steps": steps * args.l2_random_factor}
 
 
-def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict]:
+def l2_train_cfg(model_path: Path, folder: Path, out: Path, args, seed: int, dataset: str, component: str,
+                 components_file: Path, factor: int = 1) -> dict:
+    plan = l2_schedule(args)
+    per, blocks = plan["per_selection"], plan["blocks"] * factor
+    # constant learning rate: a prefix of random's longer run is the run random would make at fewer steps
+    save = plan["interval"] if (args.l2_curve or factor > 1) else plan["steps"] * factor + 1
+    return pipeline_cfg(model_path, folder, out, args.cutoff, dataset=dataset, seed=seed, logging_steps=1,
+                        save_steps=save, save_only_model=True, plot_loss=False,
+                        per_device_train_batch_size=args.l2_batch, gradient_accumulation_steps=args.l2_accum,
+                        learning_rate=args.l2_lr, lr_scheduler_type="constant", max_steps=per * blocks,
+                        dataloader_num_workers=0, train_type="dynamic_select", component_name=component,
+                        components_cfg_file=str(components_file), warmup_step=per, update_step=per,
+                        update_times=blocks - 1)
+
+
+def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
     import subprocess
 
     import yaml
@@ -695,7 +723,7 @@ def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict]:
     records = {}
     for rec in Path(run["records"]).glob("step_*.json"):
         records[int(rec.stem.removeprefix("step_"))] = json.loads(rec.read_text())
-    return seconds, records
+    return seconds, records, json.loads((out / "train_results.json").read_text())
 
 
 def evaluate(model, tok, folder: Path, target: str, others: list[str], args) -> dict:
@@ -723,6 +751,8 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
 
     tok = AutoTokenizer.from_pretrained(model_path)
     base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    plan = l2_schedule(args)
+    methods = ["floor"] + [m for m in args.l2_methods if m != "floor"]  # the floor is every curve's step 0
     results = []
     for target in args.l2_targets:
         for seed in range(args.l2_seeds):
@@ -730,74 +760,181 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
             try:
                 info = write_level2_data(folder, target, paths, args, seed=500 + seed)
                 rows = json.loads((folder / "bb_train.json").read_text())
-                comps = {}
-                for method in args.l2_methods:
-                    if method in ("floor", "ceiling"):
-                        continue
-                    name, params, _ = l2_method_spec(method, level1_json)
-                    comps[method] = {"name": name, "params": params}
+                comps = {m: dict(zip(("name", "params"), l2_method_spec(m, level1_json)[:2]))
+                         for m in methods if m not in ("floor", "ceiling")}
                 comps["ceiling"] = {"name": "random", "params": {}}
                 (folder / "components.yaml").write_text(yaml.safe_dump({"selectors": comps}))
-                for method in args.l2_methods:
-                    label = method
-                    entry = {"target": target, "seed": seed, "method": method}
+                floor = None
+                for method in methods:
+                    entry: dict[str, Any] = {"task": target, "seed": seed, "method": method, "steps": plan["steps"]}
                     if method == "floor":
-                        entry.update(seconds=0.0, **evaluate(base, tok, folder, target, info["others"], args))
+                        floor = evaluate(base, tok, folder, target, info["others"], args)
+                        entry.update(label="floor", seconds=0.0, selection_seconds=0.0, **floor,
+                                     curve=[curve_point(0, floor)])
                     else:
-                        if method != "ceiling":
-                            label = l2_method_spec(method, level1_json)[2]
-                        dataset = "bb_target" if method == "ceiling" else "bb_train"
-                        cfg = l2_train_cfg(model_path, folder, folder / f"run-{method}", args, seed, dataset,
-                                           method, folder / "components.yaml")
-                        seconds, records = run_cli_train(cfg, folder)
-                        picked = [i for rec in records.values() for i in rec.get("indices", [])]
+                        entry["label"] = "ceiling" if method == "ceiling" else l2_method_spec(method, level1_json)[2]
+                        factor = args.l2_random_factor if method == "random" else 1
+                        cfg = l2_train_cfg(model_path, folder, folder / f"run-{method}", args, seed,
+                                           "bb_target" if method == "ceiling" else "bb_train", method,
+                                           folder / "components.yaml", factor=factor)
+                        seconds, records, train = run_cli_train(cfg, folder)
+                        picked = [i for st, rec in records.items() if st < plan["steps"] for i in rec.get("indices", [])]
                         if method != "ceiling" and picked:
                             entry["picked_target_share"] = sum(rows[i]["task"] == target for i in picked) / len(picked)
                             entry["picked_wrong_share"] = sum(rows[i]["wrong"] for i in picked) / len(picked)
-                        model = PeftModel.from_pretrained(base, cfg["output_dir"]).eval()
-                        entry.update(seconds=round(seconds, 1), steps=cfg["max_steps"],
-                                     **evaluate(model, tok, folder, target, info["others"], args))
-                        base = model.unload()
-                    entry["label"] = label
+                        run_steps = cfg["max_steps"]
+                        curve = [curve_point(0, floor)]
+                        for step in range(plan["interval"], run_steps + 1, plan["interval"]):
+                            if step not in plan["checkpoints"] and step != run_steps and method != "random":
+                                continue
+                            where = Path(cfg["output_dir"]) / (f"checkpoint-{step}" if step < run_steps else "")
+                            model = PeftModel.from_pretrained(base, where).eval()
+                            res = evaluate(model, tok, folder, target, info["others"], args)
+                            base = model.unload()
+                            curve.append(curve_point(step, res))
+                            if step == plan["steps"]:
+                                entry.update(res)  # equal steps: every method's last step, random's checkpoint
+                        entry.update(seconds=round(seconds, 1), run_steps=run_steps, curve=curve,
+                                     train_runtime=train.get("train_runtime"),
+                                     selection_seconds=round(train.get("dataflex_seconds", 0.0), 1))
                     results.append(entry)
-                    print(f"[real] level 2 {target} seed {seed} {label}: target acc {entry['target']['acc_sum']:.3f} "
-                          f"other acc {entry['other']['acc_sum']:.3f} ({entry['seconds']} s)", file=sys.stderr, flush=True)
+                    print(f"[real] level 2 {target} seed {seed} {entry['label']}: target acc "
+                          f"{entry['target']['acc_sum']:.3f} other acc {entry['other']['acc_sum']:.3f} at step "
+                          f"{plan['steps'] if method != 'floor' else 0} ({entry['seconds']} s)", file=sys.stderr, flush=True)
                     (out / "level2.json").write_text(json.dumps({"results": results, "args": vars_of(args)}, indent=1))
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-    md = level2_markdown(results, args)
+    summary = summarise_level2(results, plan)
+    md = level2_markdown(summary, args, plan)
     (out / "level2.md").write_text(md)
-    (out / "level2.json").write_text(json.dumps({"results": results, "args": vars_of(args),
-                                                 "machine": machine_info()}, indent=1))
-    return {"results": results, "markdown": md}
+    (out / "level2.json").write_text(json.dumps({"results": results, "summary": summary, "plan": plan,
+                                                 "args": vars_of(args), "machine": machine_info()}, indent=1))
+    plot_level2(summary, results, out / "level2.png")
+    return {"results": results, "summary": summary, "markdown": md}
 
 
-def level2_markdown(results: list[dict], args) -> str:
+def curve_point(step: int, res: dict) -> dict:
+    return {"step": step, "target": res["target"]["acc_sum"], "other": res["other"]["acc_sum"]}
+
+
+def summarise_level2(results: list[dict], plan: dict) -> dict:
+    """Per target and method: accuracies at equal steps, selection cost, and random at equal compute - random's
+    curve read (interpolated) where it has spent the method's selection seconds on extra training steps."""
+    from _common import at_step
+
+    out = []
+    for target in dict.fromkeys(r["task"] for r in results):
+        of = [r for r in results if r["task"] == target]
+        rand = [r for r in of if r["method"] == "random"]
+        # random's seconds per optimizer step, its own (tiny) DataFlex time taken out
+        step_s = statistics.fmean((r["train_runtime"] - r["selection_seconds"]) / r["run_steps"]
+                                  for r in rand) if rand else None
+        rows = []
+        for label in dict.fromkeys(r["label"] for r in of):
+            rs = [r for r in of if r["label"] == label]
+            row: dict[str, Any] = {"target": target, "label": label, "method": rs[0]["method"], "seeds": len(rs),
+                                   "steps": 0 if label == "floor" else plan["steps"]}
+            for key in ("target", "other"):
+                row[key] = mean_ci([r[key]["acc_sum"] for r in rs])
+                row[f"{key}_wilson"] = rs[0][key]["ci_sum"] if len(rs) == 1 else None
+            for key in ("picked_target_share", "picked_wrong_share"):
+                vals = [r[key] for r in rs if key in r]
+                row[key] = mean_ci(vals) if vals else None
+            row["selection_seconds"] = mean_ci([r["selection_seconds"] for r in rs])
+            row["seconds"] = mean_ci([r["seconds"] for r in rs])
+            if rand and step_s and label not in ("floor", "ceiling") and rs[0]["method"] != "random":
+                ec = plan["steps"] + row["selection_seconds"]["mean"] / step_s
+                row["equal_compute_steps"] = ec
+                row["random_at_equal_compute"] = mean_ci([at_step(r["curve"], ec, "target") for r in rand])
+                row["random_other_at_equal_compute"] = mean_ci([at_step(r["curve"], ec, "other") for r in rand])
+                row["beyond_random_curve"] = ec > rand[0]["run_steps"]
+            rows.append(row)
+        lo = {r["label"]: r for r in rows}
+        verdict = None
+        if "floor" in lo and "ceiling" in lo:
+            verdict = separates(lo["ceiling"], lo["floor"])
+        out.append({"target": target, "random_step_seconds": step_s, "ceiling_beats_floor": verdict, "rows": rows})
+    return {"targets": out}
+
+
+def separates(hi: dict, lo: dict) -> bool:
+    """Does ``hi`` clearly beat ``lo`` on target accuracy: over seeds, the t-intervals do not overlap; with one
+    seed, the Wilson intervals over questions do not."""
+    if hi["seeds"] > 1 and lo["seeds"] > 1:
+        return hi["target"]["mean"] - hi["target"]["ci"] > lo["target"]["mean"] + lo["target"]["ci"]
+    return hi["target_wilson"] is not None and lo["target_wilson"] is not None and \
+        hi["target_wilson"][0] > lo["target_wilson"][1]
+
+
+def level2_markdown(summary: dict, args, plan: dict) -> str:
     G = args.l2_batch * args.l2_accum
     lines = [f"LoRA r8 on SmolLM2-135M-Instruct through `dataflex-cli train`, {G} rows per step, lr {args.l2_lr} "
-             f"constant, the same number of steps for every method; multiple-choice accuracy (option with the "
-             f"highest summed log-likelihood) on {args.l2_test} held-out target questions and {args.l2_other_test} "
-             "per other task. One seed: Wilson 95 % interval over questions; several seeds: Student t over seeds.",
-             "", "| target | method | seeds | steps | target acc % | other tasks acc % | picked target % | "
-             "picked wrong % | seconds |", "|---|---|---|---|---|---|---|---|---|"]
-    for target in dict.fromkeys(r["target"] for r in results):
-        for label in dict.fromkeys(r["label"] for r in results if r["target"] == target):
-            rs = [r for r in results if r["target"] == target and r["label"] == label]
+             f"constant, {plan['steps']} steps for every method (the first {plan['per_selection']} a random warm-up, "
+             f"then a selection every {plan['per_selection']}); random also trains on to {plan['random_steps']} steps "
+             "for its equal-compute reading. Multiple-choice accuracy (the option with the highest summed "
+             f"log-likelihood) on {args.l2_test} held-out target questions and {args.l2_other_test} per other task. "
+             "One seed: Wilson 95 % interval over questions; several: mean ± Student-t 95 % over seeds.", "",
+             "| target | method | seeds | steps | target acc % | other tasks acc % | picked target % | "
+             "picked wrong % | selection s | random at equal compute: target % (steps) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for t in summary["targets"]:
+        for r in t["rows"]:
+            def acc(key: str, r=r) -> str:
+                if r[f"{key}_wilson"] is not None:
+                    lo, hi = r[f"{key}_wilson"]
+                    return f"{100 * r[key]['mean']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+                return fmt(r[key])
 
-            def acc(key: str) -> str:
-                if len(rs) == 1:
-                    lo, hi = rs[0][key]["ci_sum"]
-                    return f"{100 * rs[0][key]['acc_sum']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
-                return fmt(mean_ci([r[key]["acc_sum"] for r in rs]))
+            ec = "-"
+            if "random_at_equal_compute" in r:
+                ec = f"{fmt(r['random_at_equal_compute'])} ({r['equal_compute_steps']:.1f}" + \
+                     (", past random's last step" if r["beyond_random_curve"] else "") + ")"
+            shares = [fmt(r[k]) if r[k] else "-" for k in ("picked_target_share", "picked_wrong_share")]
+            lines.append(f"| {t['target']} | {r['label']} | {r['seeds']} | {r['steps']} | {acc('target')} | "
+                         f"{acc('other')} | {shares[0]} | {shares[1]} | {fmt(r['selection_seconds'], pct=False)} | "
+                         f"{ec} |")
+        if t["ceiling_beats_floor"] is False:
+            notes.append(f"- {t['target']}: the ceiling (target rows only) does not clearly beat the floor (no "
+                         "training), so this target cannot separate the methods; pick another.")
+        elif t["ceiling_beats_floor"]:
+            notes.append(f"- {t['target']}: the ceiling clearly beats the floor: training helps on this target.")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
-            def share(key: str) -> str:
-                vals = [r[key] for r in rs if key in r]
-                return fmt(mean_ci(vals)) if vals else "-"
 
-            lines.append(f"| {target} | {label} | {len(rs)} | {rs[0].get('steps', 0)} | {acc('target')} | "
-                         f"{acc('other')} | {share('picked_target_share')} | {share('picked_wrong_share')} | "
-                         f"{statistics.fmean(r['seconds'] for r in rs):.0f} |")
-    return "\n".join(lines) + "\n"
+def plot_level2(summary: dict, results: list[dict], path: Path) -> None:
+    """Per target: target accuracy against optimizer steps and against training seconds (selection included,
+    spread evenly over the run), mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = [t["target"] for t in summary["targets"]]
+    fig, axes = plt.subplots(len(targets), 2, figsize=(11, 3.8 * len(targets)), squeeze=False)
+    for row, target in zip(axes, targets):
+        of = [r for r in results if r["task"] == target]
+        for label in dict.fromkeys(r["label"] for r in of):
+            rs = [r for r in of if r["label"] == label]
+            steps = [c["step"] for c in rs[0]["curve"]]
+            acc = [100 * statistics.fmean(r["curve"][i]["target"] for r in rs) for i in range(len(steps))]
+            if label == "floor":
+                for ax in row:
+                    ax.axhline(acc[0], color="grey", linestyle="--", linewidth=1, label="floor (no training)")
+                continue
+            secs = statistics.fmean(r["train_runtime"] for r in rs)
+            row[0].plot(steps, acc, marker="o", label=label)
+            row[1].plot([secs * s / rs[0]["run_steps"] for s in steps], acc, marker="o", label=label)
+        row[0].set_xlabel("optimizer step")
+        row[1].set_xlabel("training seconds (selection included)")
+        for ax in row:
+            ax.set_ylabel(f"{target} accuracy %")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
