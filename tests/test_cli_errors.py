@@ -355,6 +355,10 @@ def test_list(run_cli):
         assert name in out
     assert "Components (packaged" in out
     assert "name: random" in out and "mixer" in out and "weighter" in out
+    # the components table stays aligned with long keys/names (joint_update_aware is 18 characters)
+    table = [line for line in out.splitlines() if "  name: " in line and "  params: " in line]
+    assert any("joint_update_aware" in line for line in table) and any("reorderer" in line for line in table)
+    assert len({line.index(" name: ") for line in table}) == 1 and len({line.index(" params: ") for line in table}) == 1
 
 
 def test_list_custom_file_and_errors(run_cli, tmp_path):

@@ -152,10 +152,13 @@ def list_components(
         _fail(str(err))
     label = "packaged" if path == PACKAGED_COMPONENTS else "from"
     typer.echo(f"Components ({label} {path}):")
+    # columns as wide as the longest key / name, so long ones (joint_update_aware) keep the table aligned
+    wk = max((len(k) for specs in sections.values() for k in specs), default=0)
+    wn = max((len(spec.name) for specs in sections.values() for spec in specs.values()), default=0)
     for kind, specs in sections.items():
         for key, spec in specs.items():
             note = f"  (invalid: {spec.error})" if spec.error else ""
-            typer.echo(f"  {BY_SECTION[kind].singular:<9} {key:<20} name: {spec.name:<14} params: {spec.params}{note}")
+            typer.echo(f"  {BY_SECTION[kind].singular:<9} {key:<{wk}}  name: {spec.name:<{wn}}  params: {spec.params}{note}")
 
 
 @app.command()
