@@ -224,12 +224,16 @@ def option_logprobs(model, tokenizer, prompt_ids: list[int], options: Sequence[s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    # only the positions that predict an option token need logits: the output layer and the softmax over
+    # the vocabulary then run on a few positions instead of the whole prompt
+    keep = width - len(prompt_ids) + 1
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits.float(), dim=-1)
+    first = width - keep  # full-sequence position of logp[:, 0]
     out = []
     for row, s in enumerate(seqs):
         positions = range(len(prompt_ids), len(s))
-        total = sum(float(logp[row, p - 1, s[p]]) for p in positions)
+        total = sum(float(logp[row, p - 1 - first, s[p]]) for p in positions)
         out.append((total, len(positions)))
     return out
 
