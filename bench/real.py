@@ -25,7 +25,11 @@ Level 2 - does it train better. For each target: the floor (no training), the ce
 on target rows only) and then random / less / less with ``random_share`` 0.25 / the best
 embedding selector / the best loss selector, each through ``dataflex-cli train`` (LoRA, the same
 number of steps), scored by multiple-choice accuracy on held-out target questions and on the
-other tasks' questions.
+other tasks' questions, at ``--l2-curve`` checkpoints and the end; random trains on to
+``--l2-random-factor`` times the steps, which gives its accuracy at each method's equal compute. The
+reorder mode's curricula (``order_static_length``, ``order_static_loss``, ``order_dynamic_loss``) and
+the weighters (``weight_loss``, ``weight_jua``) run against ``plain`` training (LLaMA-Factory's own
+sampler and loss) in the same harness (``--full``, or ``--l2-methods`` on the CPU).
 
 Zeroth check (``--levels zeroth``): ``zeroth`` (direction: eval_gradient) against autograd on the real
 model - its finite difference vs the exact ∇f(z)·ḡ_eval, the rows' gradient norms, the exact cosines
@@ -553,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": (["strategyqa", "navigate", "implicatures"], 1, 5, CPU_SELECTORS, ["strategyqa"],
                 ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss"], 2, 12, 100, 20),
         "full": (list(SIBLINGS), 3, 20, list(SELECTORS) + ["less_taskmax"], list(SIBLINGS),
-                 ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss"], 3, 60, 200, 50),
+                 ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss", *ORDER_WEIGHT],
+                 3, 60, 200, 50),
     }[size]
     args.targets = args.targets.split(",") if args.targets else defaults[0]
     args.draws = args.draws or defaults[1]
@@ -566,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args.l2_test = args.l2_test or defaults[8]
     args.l2_other_test = args.l2_other_test or defaults[9]
     if args.l2_curve is None:
-        args.l2_curve = {"quick": 0, "cpu": 3, "full": 5}[size]
+        args.l2_curve = {"quick": 0, "cpu": 1, "full": 5}[size]
     if args.l2_curve < 0 or args.l2_random_factor < 1:
         raise SystemExit("bench/real.py: --l2-curve must be >= 0 and --l2-random-factor >= 1")
     # --quick keeps the hard pool only: measured per selector, both pools (~9 min) and level 2 did not fit in 10
@@ -629,7 +634,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-L2_METHODS = ("floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss")
+# the reorder issue's evidence: every row once per epoch, only the order (reorderers) or the loss weights
+# (weighters) differ; "plain" is LLaMA-Factory's own sampler and loss (the uniform custom weighter), their baseline
+ORDER_WEIGHT = {
+    "plain": ("dynamic_weight", "weighters", "custom", {}),
+    "order_static_length": ("dynamic_reorder", "reorderers", "static", {"score": "length", "order": "ascending"}),
+    "order_static_loss": ("dynamic_reorder", "reorderers", "static", {"score": "loss", "order": "ascending"}),
+    "order_dynamic_loss": ("dynamic_reorder", "reorderers", "dynamic", {"order": "ascending"}),
+    "weight_loss": ("dynamic_weight", "weighters", "loss", {}),
+    "weight_jua": ("dynamic_weight", "weighters", "joint_update_aware", {"beta": 1.0, "tau": 0.1}),
+}
+L2_METHODS = ("floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss", *ORDER_WEIGHT)
 
 
 def best_by_level1(level1_json: Path, group: tuple[str, ...]) -> str | None:
@@ -645,7 +660,10 @@ def best_by_level1(level1_json: Path, group: tuple[str, ...]) -> str | None:
 
 
 def l2_method_spec(method: str, level1_json: Path) -> tuple[str, dict, str]:
-    """(registered selector, params, label) of a level-2 method; floor / ceiling are handled by the caller."""
+    """(registered component, params, label) of a level-2 method; floor / ceiling are handled by the caller."""
+    if method in ORDER_WEIGHT:
+        _, _, name, params = ORDER_WEIGHT[method]
+        return name, params, method
     if method == "less_rs25":
         return "less", {**SELECTORS["less"], "random_share": 0.25}, "less (random_share 0.25)"
     if method in ("best_embedding", "best_loss"):
@@ -695,13 +713,18 @@ def l2_train_cfg(model_path: Path, folder: Path, out: Path, args, seed: int, dat
     per, blocks = plan["per_selection"], plan["blocks"] * factor
     # constant learning rate: a prefix of random's longer run is the run random would make at fewer steps
     save = plan["interval"] if (args.l2_curve or factor > 1) else plan["steps"] * factor + 1
-    return pipeline_cfg(model_path, folder, out, args.cutoff, dataset=dataset, seed=seed, logging_steps=1,
-                        save_steps=save, save_only_model=True, plot_loss=False,
-                        per_device_train_batch_size=args.l2_batch, gradient_accumulation_steps=args.l2_accum,
-                        learning_rate=args.l2_lr, lr_scheduler_type="constant", max_steps=per * blocks,
-                        dataloader_num_workers=0, train_type="dynamic_select", component_name=component,
-                        components_cfg_file=str(components_file), warmup_step=per, update_step=per,
-                        update_times=blocks - 1)
+    train_type, _, name, _ = ORDER_WEIGHT.get(component, ("dynamic_select", None, None, None))
+    cfg = pipeline_cfg(model_path, folder, out, args.cutoff, dataset=dataset, seed=seed, logging_steps=1,
+                       save_steps=save, save_only_model=True, plot_loss=False,
+                       per_device_train_batch_size=args.l2_batch, gradient_accumulation_steps=args.l2_accum,
+                       learning_rate=args.l2_lr, lr_scheduler_type="constant", max_steps=per * blocks,
+                       dataloader_num_workers=0, train_type=train_type, component_name=component,
+                       components_cfg_file=str(components_file), warmup_step=per, update_step=per,
+                       update_times=blocks - 1)
+    if train_type == "dynamic_weight" or (train_type == "dynamic_reorder" and name == "static"):
+        for key in ("update_step", "update_times"):  # a weighter weights every step; a static order is made once
+            cfg.pop(key)
+    return cfg
 
 
 def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
@@ -760,10 +783,13 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
             try:
                 info = write_level2_data(folder, target, paths, args, seed=500 + seed)
                 rows = json.loads((folder / "bb_train.json").read_text())
-                comps = {m: dict(zip(("name", "params"), l2_method_spec(m, level1_json)[:2]))
-                         for m in methods if m not in ("floor", "ceiling")}
-                comps["ceiling"] = {"name": "random", "params": {}}
-                (folder / "components.yaml").write_text(yaml.safe_dump({"selectors": comps}))
+                comps: dict[str, dict] = {"selectors": {"ceiling": {"name": "random", "params": {}}}}
+                for m in methods:
+                    if m not in ("floor", "ceiling"):
+                        section = ORDER_WEIGHT[m][1] if m in ORDER_WEIGHT else "selectors"
+                        name, params, _ = l2_method_spec(m, level1_json)
+                        comps.setdefault(section, {})[m] = {"name": name, "params": params}
+                (folder / "components.yaml").write_text(yaml.safe_dump(comps))
                 floor = None
                 for method in methods:
                     entry: dict[str, Any] = {"task": target, "seed": seed, "method": method, "steps": plan["steps"]}
@@ -779,7 +805,7 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
                                            folder / "components.yaml", factor=factor)
                         seconds, records, train = run_cli_train(cfg, folder)
                         picked = [i for st, rec in records.items() if st < plan["steps"] for i in rec.get("indices", [])]
-                        if method != "ceiling" and picked:
+                        if method not in ("ceiling", *ORDER_WEIGHT) and picked:
                             entry["picked_target_share"] = sum(rows[i]["task"] == target for i in picked) / len(picked)
                             entry["picked_wrong_share"] = sum(rows[i]["wrong"] for i in picked) / len(picked)
                         run_steps = cfg["max_steps"]

@@ -113,7 +113,8 @@ def test_real_model_benchmark_runs_end_to_end_on_stand_in_tasks(smollm2, tmp_pat
     (assets / "smollm2").symlink_to(smollm2)
     out = tmp_path / "out"
     res = run_command([sys.executable, "bench/real.py", "--quick", "--selectors", "random,loss,less,near",
-                       "--n-eval", "4", "--l2-steps", "2", "--l2-test", "4", "--l2-other-test", "1", "--out", out],
+                       "--n-eval", "4", "--l2-steps", "2", "--l2-test", "4", "--l2-other-test", "1", "--out", out,
+                       "--l2-methods", "floor,ceiling,random,less,plain,order_dynamic_loss,weight_jua"],
                       env={"DATAFLEX_ASSETS": str(assets), "DATAFLEX_BIGBENCH_DIR": str(tasks),
                            "DATAFLEX_BIGBENCH_SDIST": None}, timeout=900)
     assert res.returncode == 0, failure_report(res)
@@ -124,13 +125,16 @@ def test_real_model_benchmark_runs_end_to_end_on_stand_in_tasks(smollm2, tmp_pat
         assert 0 <= r["target_share"] <= 1 and 0 <= r["wrong_share"] <= 1
     assert (out / "precision.png").stat().st_size > 0 and "| hard | less |" in (out / "level1.md").read_text()
     level2 = json.loads((out / "level2.json").read_text())["results"]
-    assert [r["method"] for r in level2] == ["floor", "ceiling", "random", "less"]
+    assert [r["method"] for r in level2] == ["floor", "ceiling", "random", "less", "plain", "order_dynamic_loss",
+                                             "weight_jua"]
     assert all(r["task"] == "strategyqa" and r["target"]["n"] == 4 and 0 <= r["target"]["acc_sum"] <= 1
                for r in level2)
-    assert "picked_target_share" in level2[-1] and level2[-1]["steps"] == 2
+    assert "picked_target_share" in level2[3] and level2[3]["steps"] == 2
+    assert all("picked_target_share" not in r for r in level2[4:])  # orders and weights pick nothing
     # equal steps for all; random trains on to 2x for its equal-compute reading, checkpoint at step 2 included
     assert {r["method"]: [c["step"] for c in r["curve"]] for r in level2} == {
-        "floor": [0], "ceiling": [0, 2], "random": [0, 2, 4], "less": [0, 2]}
+        "floor": [0], "ceiling": [0, 2], "random": [0, 2, 4], "less": [0, 2], "plain": [0, 2],
+        "order_dynamic_loss": [0, 2], "weight_jua": [0, 2]}
     rand = level2[2]
     assert rand["curve"][1]["target"] == rand["target"]["acc_sum"] and rand["run_steps"] == 4
     less_row = [r for t in json.loads((out / "level2.json").read_text())["summary"]["targets"] for r in t["rows"]
