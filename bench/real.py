@@ -153,6 +153,70 @@ def write_level1_pool(folder: Path, target: str, kind: str, draw: int, paths: di
     return {**summary, "others": others, "seed": seed}
 
 
+# --data demo: the repo's generated tasks (dataflex.demo) instead of BIG-bench, so level 1 runs where the
+# task files cannot be fetched. Siblings share the input's form: a word (reverse / vowels), numbers (add / sort).
+DEMO_SIBLINGS = {"add": "sort", "sort": "add", "reverse": "vowels", "vowels": "reverse"}
+HARD_INSTRUCTION = "Give the answer."
+
+
+def sibling_of(target: str) -> str:
+    return DEMO_SIBLINGS[target] if target in DEMO_SIBLINGS else SIBLINGS[target]
+
+
+def write_demo_pool(folder: Path, target: str, kind: str, draw: int, per_task: int, n_eval: int,
+                    wrong: float) -> dict:
+    """A level-1 pool from the demo tasks, in the files and columns ``write_level1_pool`` writes: ``10 x per_task``
+    rows of which ``per_task`` are the target's and the rest spread evenly over the other four tasks; ``wrong`` of
+    all rows answer with another question's answer of the same task (right form, wrong value); eval sets of the
+    target and of its sibling. ``hard`` pools give every row the same instruction, so only the inputs and answers
+    tell the tasks apart (and a sibling has inputs of the same form)."""
+    from dataflex.demo import MAKERS, TASK_INSTRUCTIONS
+
+    tasks = sorted(MAKERS)
+    seed = 1000 * draw + tasks.index(target) + (500 if kind == "hard" else 0)
+    rng = random.Random(seed)
+    seen: set[tuple[str, str]] = set()
+
+    def fresh(task: str) -> tuple[str, str]:
+        for _ in range(10000):
+            inp, out = MAKERS[task](rng)
+            if (task, inp) not in seen:
+                seen.add((task, inp))
+                return inp, out
+        raise SystemExit(f"bench/real.py: the demo task {task!r} has too few distinct questions for this pool")
+
+    def row(task: str, inp: str, out: str, is_wrong: bool = False, answer: str | None = None) -> dict:
+        instruction = HARD_INSTRUCTION if kind == "hard" else TASK_INSTRUCTIONS[task]
+        return {"instruction": instruction, "input": inp, "output": out, "task": task, "wrong": is_wrong,
+                "answer": out if answer is None else answer}
+
+    others = [t for t in tasks if t != target]
+    n_pool = 10 * per_task
+    counts = {target: per_task, **{t: (n_pool - per_task) // len(others) for t in others}}
+    for t in others[:(n_pool - per_task) % len(others)]:
+        counts[t] += 1
+    pool = [(t, *fresh(t)) for t, n in counts.items() for _ in range(n)]
+    rng.shuffle(pool)
+    wrong_ids = set(rng.sample(range(len(pool)), round(wrong * len(pool))))
+    train = []
+    for i, (t, inp, out) in enumerate(pool):
+        if i in wrong_ids:
+            for _ in range(1000):  # another question's answer of the same task, different from the right one
+                bad = MAKERS[t](rng)[1]
+                if bad != out:
+                    break
+            train.append(row(t, inp, bad, True, out))
+        else:
+            train.append(row(t, inp, out))
+    files = {"bb_train": train, "bb_eval": [row(target, *fresh(target)) for _ in range(n_eval)],
+             "bb_eval_sibling": [row(sibling_of(target), *fresh(sibling_of(target))) for _ in range(n_eval)]}
+    for name, rows in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(rows, indent=0))
+    (folder / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in files}, indent=1))
+    return {"train": len(train), "target_rows": per_task, "wrong_rows": len(wrong_ids), "eval": n_eval,
+            "others": others, "seed": seed}
+
+
 def pipeline_cfg(model: Path, data: Path, out: Path, cutoff: int, eval_dataset: str = "bb_eval", **extra) -> dict:
     from dataflex.assets import ASSETS
 
@@ -276,7 +340,7 @@ def run_level1_pool(model_path: Path, folder: Path, target: str, labels: list[st
         tasks = [rows[i]["task"] for i in picks]
         out.append({"selector": label, "k": k, "seconds": round(seconds, 2), "picks": picks,
                     "target_share": sum(t == target for t in tasks) / k,
-                    "sibling_share": sum(t == SIBLINGS[target] for t in tasks) / k,
+                    "sibling_share": sum(t == sibling_of(target) for t in tasks) / k,
                     "wrong_share": sum(rows[i]["wrong"] for i in picks) / k,
                     "good_target_share": sum(rows[i]["task"] == target and not rows[i]["wrong"] for i in picks) / k})
         print(f"[real] {folder.name} {label:13s} target {out[-1]['target_share']:.2f} wrong "
@@ -295,7 +359,11 @@ def level1(args, model_path: Path, paths: dict, out: Path) -> dict:
             for draw in range(args.draws):
                 folder = Path(tempfile.mkdtemp(prefix=f"real-{kind}-{target}-{draw}-"))
                 try:
-                    info = write_level1_pool(folder, target, kind, draw, paths, args.per_task, args.n_eval, args.wrong)
+                    if args.data == "demo":
+                        info = write_demo_pool(folder, target, kind, draw, args.per_task, args.n_eval, args.wrong)
+                    else:
+                        info = write_level1_pool(folder, target, kind, draw, paths, args.per_task, args.n_eval,
+                                                 args.wrong)
                     two = kind == "hard" and "less_taskmax" in labels
                     for r in run_level1_pool(model_path, folder, target, labels, args, draw, two):
                         results.append({"kind": kind, "target": target, "draw": draw, "pool": info["train"],
@@ -320,7 +388,9 @@ def summarise_level1(results: list[dict], labels: list[str], args) -> dict:
 
 
 def level1_markdown(summary: dict, args) -> str:
-    lines = [f"Pools of {10 * args.per_task} rows (10 tasks x {args.per_task}; target share 10 %, planted wrong "
+    made = (f"the target x {args.per_task}, the other four demo tasks the rest" if args.data == "demo"
+            else f"10 tasks x {args.per_task}")
+    lines = [f"Pools of {10 * args.per_task} rows ({made}; target share 10 %, planted wrong "
              f"answers {100 * args.wrong:.0f} %), eval {args.n_eval} target rows, one warm-up step; picks = target "
              "rows of the pool. Mean ± 95 % CI (Student t) over targets x draws.", "",
              "| pool | selector | pools | target share % | wrong-answer share % | correct target rows % "
@@ -519,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="<= 10 minutes on a 2-core CPU")
     ap.add_argument("--full", action="store_true", help="the full grid (for a GPU machine)")
     ap.add_argument("--plan-only", action="store_true", help="print the grid and check the arguments; load nothing")
-    ap.add_argument("--levels", default="1,2", help="comma-separated: 1, 2, zeroth")
+    ap.add_argument("--levels", default=None, help="comma-separated: 1, 2, zeroth (default 1,2; --data demo: 1)")
     ap.add_argument("--targets", default=None, help=f"comma-separated, of {', '.join(SIBLINGS)}")
     ap.add_argument("--kinds", default=None, help="comma-separated, of plain, hard (--quick: hard only)")
     ap.add_argument("--draws", type=int, default=None)
@@ -533,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zeroth-rows", type=int, default=40)
     ap.add_argument("--zeroth-data", choices=("bigbench", "demo"), default="bigbench",
                     help="the zeroth check's rows: a BIG-bench hard pool, or the repo's demo_mix vs demo_add_eval")
+    ap.add_argument("--data", choices=("bigbench", "demo"), default="bigbench",
+                    help="level 1's tasks: BIG-bench, or the repo's generated demo tasks (no download but the model; "
+                         "level 1 only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     # level 2
@@ -560,6 +633,12 @@ def main(argv: list[str] | None = None) -> int:
                  ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss", *ORDER_WEIGHT],
                  3, 60, 200, 50),
     }[size]
+    args.levels = args.levels or ("1" if args.data == "demo" else "1,2")
+    if args.data == "demo":
+        if "2" in args.levels.split(","):
+            raise SystemExit("bench/real.py: --data demo: level 2 needs BIG-bench's multiple-choice tasks; "
+                             "use --levels 1 (or zeroth)")
+        defaults = (list(DEMO_SIBLINGS), *defaults[1:])
     args.targets = args.targets.split(",") if args.targets else defaults[0]
     args.draws = args.draws or defaults[1]
     args.per_task = args.per_task or defaults[2]
@@ -577,15 +656,17 @@ def main(argv: list[str] | None = None) -> int:
     # --quick keeps the hard pool only: measured per selector, both pools (~9 min) and level 2 did not fit in 10
     args.kinds = args.kinds.split(",") if args.kinds else (["hard"] if size == "quick" else ["plain", "hard"])
     levels = args.levels.split(",")
-    for key, values, allowed in (("--targets", args.targets, SIBLINGS), ("--l2-targets", args.l2_targets, SIBLINGS),
+    for key, values, allowed in (("--targets", args.targets, DEMO_SIBLINGS if args.data == "demo" else SIBLINGS),
+                                 ("--l2-targets", args.l2_targets, SIBLINGS),
                                  ("--kinds", args.kinds, ("plain", "hard")),
                                  ("--selectors", args.selectors, [*SELECTORS, "less_taskmax"]),
                                  ("--l2-methods", args.l2_methods, L2_METHODS), ("--levels", levels, ("1", "2", "zeroth"))):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"bench/real.py: {key}: unknown {bad[0]!r}; allowed: {', '.join(allowed)}")
-    out = args.out or ROOT / "bench" / "out" / ("real-quick" if args.quick else "real-full" if args.full else "real")
-    grid = {"size": size, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
+    out = args.out or ROOT / "bench" / "out" / (("real-quick" if args.quick else "real-full" if args.full else "real")
+                                               + ("-demo" if args.data == "demo" else ""))
+    grid = {"size": size, "data": args.data, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
             "selectors": args.selectors, "targets": args.targets, "kinds": args.kinds, "draws": args.draws,
             "pool_rows": 10 * args.per_task, "level2_runs": len(args.l2_targets) * len(args.l2_methods) * args.l2_seeds,
             "l2_methods": args.l2_methods, "l2_steps": l2_schedule(args)["steps"], "l2_seeds": args.l2_seeds,
@@ -601,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     model_path = fetch_locked("smollm2")
-    needs_bigbench = levels != ["zeroth"] or args.zeroth_data == "bigbench"
+    needs_bigbench = ("1" in levels and args.data == "bigbench") or "2" in levels or \
+        ("zeroth" in levels and args.zeroth_data == "bigbench")
     paths = bb.fetch_tasks(ALL_TASKS) if needs_bigbench else {}
     report: dict[str, Any] = {"grid": grid}
     if "zeroth" in levels:

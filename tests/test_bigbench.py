@@ -151,3 +151,48 @@ def test_fetch_from_a_checkout_copies_what_the_cache_lacks_or_nothing(tmp_path, 
     assert json.loads((cache / "manifest.json").read_text()) == {
         t: bigbench._sha256(cache / f"{t}.json") for t in ("navigate", "strategyqa")}
     assert len(bigbench.load_questions("navigate", got["navigate"])) == 4
+
+
+def test_demo_pools_for_level_1_plant_exactly_and_keep_eval_questions_apart(tmp_path):
+    """bench/real.py --data demo: the level-1 pool from the repo's generated tasks (BIG-bench's stand-in)."""
+    from collections import Counter
+
+    import real
+    from dataflex.demo import TASK_INSTRUCTIONS
+
+    for kind in ("plain", "hard"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        info = real.write_demo_pool(folder, "reverse", kind, 0, per_task=7, n_eval=5, wrong=0.1)
+        train = json.loads((folder / "bb_train.json").read_text())
+        evals = json.loads((folder / "bb_eval.json").read_text())
+        sibling = json.loads((folder / "bb_eval_sibling.json").read_text())
+        # 70 rows: 7 target, 63 over the other four tasks (16, 16, 16, 15), 7 wrong
+        assert Counter(r["task"] for r in train) == {"reverse": 7, "add": 16, "sort": 16, "upper": 16, "vowels": 15}
+        assert info["target_rows"] == 7 and sum(r["wrong"] for r in train) == info["wrong_rows"] == 7
+        for r in train:
+            # a wrong row answers with a value of the right form that is not the right one; the others are right
+            assert (r["output"] != r["answer"]) == r["wrong"]
+        assert [r["task"] for r in evals] == ["reverse"] * 5 and [r["task"] for r in sibling] == ["vowels"] * 5
+        questions = [(r["task"], r["input"]) for r in train + evals + sibling]
+        assert len(set(questions)) == len(questions)  # no eval question is also a training row
+        instructions = {r["instruction"] for r in train + evals}
+        if kind == "hard":
+            assert instructions == {real.HARD_INSTRUCTION}
+        else:
+            assert instructions == set(TASK_INSTRUCTIONS.values())
+        rev = [r for r in train if r["task"] == "reverse" and not r["wrong"]]
+        assert all(r["output"] == r["input"][::-1] for r in rev)
+    again = tmp_path / "again"
+    again.mkdir()
+    real.write_demo_pool(again, "reverse", "hard", 0, per_task=7, n_eval=5, wrong=0.1)
+    assert (again / "bb_train.json").read_text() == (tmp_path / "hard" / "bb_train.json").read_text()  # seeded
+
+
+def test_demo_data_refuses_level_2_and_names_its_targets():
+    import real
+
+    with pytest.raises(SystemExit, match="--data demo: level 2 needs BIG-bench"):
+        real.main(["--plan-only", "--data", "demo", "--levels", "1,2"])
+    with pytest.raises(SystemExit, match="--targets: unknown 'strategyqa'; allowed: add, sort, reverse, vowels"):
+        real.main(["--plan-only", "--data", "demo", "--targets", "strategyqa"])
