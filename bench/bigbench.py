@@ -64,6 +64,14 @@ def _download_sdist(tmp: Path, n_missing: int, pip_args: Sequence[str]) -> Path:
     return next(Path(tmp).glob("bigbench-*.tar.gz"))
 
 
+def _store(cache: Path, manifest: dict, task: str, data: bytes) -> None:
+    """Put one task file into the cache (never half-written) and its hash into the manifest."""
+    part = cache / f".{task}.json.part"
+    part.write_bytes(data)
+    os.replace(part, cache / f"{task}.json")
+    manifest[task] = _sha256(cache / f"{task}.json")
+
+
 def _in_checkout(source: Path, task: str) -> Path | None:
     for rel in (f"bigbench/benchmark_tasks/{task}", f"benchmark_tasks/{task}", task):
         if (source / rel / "task.json").is_file():
@@ -100,10 +108,7 @@ def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Seque
         print(f"[bigbench] taking {len(found)} task file(s) from {source_dir} (not checked against the "
               f"{SDIST} sdist's hash)", file=sys.stderr, flush=True)
         for task, path in found.items():
-            part = cache / f".{task}.json.part"
-            part.write_bytes(path.read_bytes())
-            os.replace(part, cache / f"{task}.json")
-            manifest[task] = _sha256(cache / f"{task}.json")
+            _store(cache, manifest, task, path.read_bytes())
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         missing = []
     if missing:
@@ -119,10 +124,7 @@ def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Seque
                     task = wanted.pop(member.name, None)
                     if task is None:
                         continue
-                    part = cache / f".{task}.json.part"
-                    part.write_bytes(tar.extractfile(member).read())
-                    os.replace(part, cache / f"{task}.json")
-                    manifest[task] = _sha256(cache / f"{task}.json")
+                    _store(cache, manifest, task, tar.extractfile(member).read())
                     if not wanted:
                         break
             if wanted:
