@@ -666,11 +666,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"bench/real.py: {key}: unknown {bad[0]!r}; allowed: {', '.join(allowed)}")
     out = args.out or ROOT / "bench" / "out" / (("real-quick" if args.quick else "real-full" if args.full else "real")
                                                + ("-demo" if args.data == "demo" else ""))
+    plan = l2_schedule(args)
     grid = {"size": size, "data": args.data, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
             "selectors": args.selectors, "targets": args.targets, "kinds": args.kinds, "draws": args.draws,
             "pool_rows": 10 * args.per_task, "level2_runs": len(args.l2_targets) * len(args.l2_methods) * args.l2_seeds,
-            "l2_methods": args.l2_methods, "l2_steps": l2_schedule(args)["steps"], "l2_seeds": args.l2_seeds,
-            "l2_checkpoints": l2_schedule(args)["checkpoints"], "l2_random_steps": l2_schedule(args)["random_steps"]}
+            "l2_methods": args.l2_methods, "l2_steps": plan["steps"], "l2_seeds": args.l2_seeds,
+            "l2_checkpoints": plan["checkpoints"], "l2_random_steps": plan["random_steps"]}
     print(json.dumps(grid, indent=1))
     if args.plan_only:
         return 0
@@ -892,9 +893,8 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
                             entry["picked_wrong_share"] = sum(rows[i]["wrong"] for i in picked) / len(picked)
                         run_steps = cfg["max_steps"]
                         curve = [curve_point(0, floor)]
+                        # every checkpoint of the run: plan["checkpoints"], and for random the ones beyond
                         for step in range(plan["interval"], run_steps + 1, plan["interval"]):
-                            if step not in plan["checkpoints"] and step != run_steps and method != "random":
-                                continue
                             where = Path(cfg["output_dir"]) / (f"checkpoint-{step}" if step < run_steps else "")
                             model = PeftModel.from_pretrained(base, where).eval()
                             res = evaluate(model, tok, folder, target, info["others"], args)
