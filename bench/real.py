@@ -39,7 +39,7 @@ BIG-bench hard pool (``--zeroth-data bigbench``) or on the repo's demo_mix again
 
 Outputs: ``bench/out/real`` (``--quick``: ``bench/out/real-quick``): ``level1.json``/``.md``,
 ``level2.json``/``.md``, ``zeroth_check[_demo].json``, ``precision.png``. Assets (the model, the task
-files) are fetched on first use and cached (``dataflex.assets``, ``bench/bigbench.py``).
+files) are fetched on first use and cached (``dataflex.assets``, ``bench/mc_tasks.py``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import bigbench as bb  # noqa: E402
+import mc_tasks as bb  # noqa: E402
 from _common import ROOT, machine_info  # noqa: E402
 
 # target -> its sibling of the same form (identical answer options), used in the hard pools
@@ -833,7 +833,7 @@ def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
 
 
 def evaluate(model, tok, folder: Path, target: str, others: list[str], args) -> dict:
-    import bigbench as bbm
+    import mc_tasks as bbm
 
     res = {"target": bbm.mc_accuracy(model, tok, json.loads((folder / f"bb_test_{target}.json").read_text())[:args.l2_test])}
     hits = n = 0

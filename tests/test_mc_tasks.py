@@ -1,4 +1,4 @@
-"""bench/bigbench.py: BIG-bench tasks as alpaca rows (disjoint seeded splits, planted wrong answers)
+"""bench/mc_tasks.py: BIG-bench tasks as alpaca rows (disjoint seeded splits, planted wrong answers)
 and the multiple-choice evaluator (option log-likelihoods against a direct computation)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-import bigbench  # noqa: E402
+import mc_tasks as bigbench  # noqa: E402
 
 
 def _task(path, name, n, options=("yes", "no"), prefix=""):

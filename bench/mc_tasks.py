@@ -1,7 +1,7 @@
-"""BIG-bench multiple-choice tasks as LLaMA-Factory data, and a multiple-choice evaluator.
+"""BIG-bench and BBH multiple-choice tasks as LLaMA-Factory data, and a multiple-choice evaluator.
 
-    python bench/bigbench.py fetch date_understanding navigate ...   # extract and cache task files
-    python bench/bigbench.py write OUT --target date_understanding --others navigate,... [--wrong 0.1]
+    python bench/mc_tasks.py fetch date_understanding navigate ...   # extract and cache task files
+    python bench/mc_tasks.py write OUT --target date_understanding --others navigate,... [--wrong 0.1]
 
 Task files come from the ``bigbench`` 1.0.0 sdist on the package index (``pip download``, so pip's
 index settings apply). The sdist's SHA-256 is checked, only the task files asked for are extracted,
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -58,7 +59,7 @@ def _download_sdist(tmp: Path, n_missing: int, pip_args: Sequence[str]) -> Path:
         last = [ln for ln in proc.stderr.splitlines() if ln.strip() and "Location" not in ln][-1:]
         # In December 2026 the index stopped serving 1.0.0 (it lists only 0.0.1, which has no task files):
         # say where else the same file can come from rather than only what pip said.
-        raise SystemExit(f"bench/bigbench.py: could not download {SDIST} ({' '.join(last)}); if the package index "
+        raise SystemExit(f"bench/mc_tasks.py: could not download {SDIST} ({' '.join(last)}); if the package index "
                          f"no longer has it, point DATAFLEX_BIGBENCH_SDIST at a copy of bigbench-1.0.0.tar.gz "
                          f"(sha256 {SDIST_SHA256[:12]}...) or DATAFLEX_BIGBENCH_DIR at a BIG-bench checkout")
     return next(Path(tmp).glob("bigbench-*.tar.gz"))
@@ -102,7 +103,7 @@ def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Seque
         found = {t: _in_checkout(Path(source_dir), t) for t in missing}
         absent = [t for t, path in found.items() if path is None]
         if absent:  # before copying anything
-            raise SystemExit(f"bench/bigbench.py: DATAFLEX_BIGBENCH_DIR={source_dir} has no task.json for "
+            raise SystemExit(f"bench/mc_tasks.py: DATAFLEX_BIGBENCH_DIR={source_dir} has no task.json for "
                              f"{', '.join(absent)} (looked in <dir>/bigbench/benchmark_tasks/<task>/, "
                              "<dir>/benchmark_tasks/<task>/ and <dir>/<task>/)")
         print(f"[bigbench] taking {len(found)} task file(s) from {source_dir} (not checked against the "
@@ -117,7 +118,7 @@ def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Seque
                 sdist = _download_sdist(Path(tmp), len(missing), pip_args)
             got = _sha256(sdist)
             if got != SDIST_SHA256:
-                raise SystemExit(f"bench/bigbench.py: {sdist.name} has sha256 {got}, expected {SDIST_SHA256}")
+                raise SystemExit(f"bench/mc_tasks.py: {sdist.name} has sha256 {got}, expected {SDIST_SHA256}")
             wanted = {f"{TASKS_IN_SDIST}/{t}/task.json": t for t in missing}
             with tarfile.open(sdist) as tar:
                 for member in tar:
@@ -128,7 +129,7 @@ def fetch_tasks(tasks: Sequence[str], cache: Path | None = None, pip_args: Seque
                     if not wanted:
                         break
             if wanted:
-                raise SystemExit(f"bench/bigbench.py: no such task(s) in {SDIST}: {', '.join(sorted(wanted.values()))}")
+                raise SystemExit(f"bench/mc_tasks.py: no such task(s) in {SDIST}: {', '.join(sorted(wanted.values()))}")
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return {t: cache / f"{t}.json" for t in tasks}
 
@@ -266,6 +267,247 @@ def mc_accuracy(model, tokenizer, rows: Iterable[dict], system: str | None = Non
         n += 1
     return {"n": n, **{f"acc_{k}": v / n if n else float("nan") for k, v in hits.items()},
             **{f"ci_{k}": wilson(v, n) for k, v in hits.items()}}
+
+
+# --------------------------------------------------------------------------- BBH (BIG-Bench Hard)
+# The task files of BBH (Suzgun et al., 2022) as published in its repository at one commit; every file
+# is checked against these hashes, wherever it comes from.
+BBH_REPO = "suzgunmirac/BIG-Bench-Hard"
+BBH_COMMIT = "9ee07bd481feebf959a6b59d61ea57bdcf30964d"
+BBH_URL = "https://raw.githubusercontent.com/{repo}/{commit}/bbh/{task}.json"
+BBH_SHA256 = {
+    "boolean_expressions": "ea6c754ec005e2d3f2d085d349a740f593b5764f32ea4638ffed4cfc0061b12a",
+    "date_understanding": "0148d4ac5fca05b2f82373e5fef7208e15363b9c6079493034d77b3dab496bf5",
+    "disambiguation_qa": "cf06df9ebf911b883671cb1b35d3fbd1a1c306b19b9e9a012407e596c85fe8c6",
+    "dyck_languages": "3f9badedf15c2be1ce53d94fdf016299bb30ba231ef087ab9f51a7ed6d0bdc25",
+    "formal_fallacies": "4c1adb664821157faade1d4153685403afcc02648f3c180a608a18f17f589629",
+    "geometric_shapes": "07be68a124420caa2ebc0b2c858ad79fc55c5c8806170e496e1e17ebfb11f31c",
+    "logical_deduction_five_objects": "d2df31394b903b7f0e085d42a69572a092987856eac076799017d70ef266fa8f",
+    "logical_deduction_seven_objects": "2896c7e3482eea318dd37bcc370d24ec3cc91e8374c1784287b5dbd38a529e33",
+    "logical_deduction_three_objects": "e590fae72e3a6041fbd23bd8ff6b74baf44ca563f6ba40a041c55e7b867c1681",
+    "movie_recommendation": "a8b53a87ee21a865b7248e694f388a9b8f7cf6b839b11d44796a2dd3fc088983",
+    "multistep_arithmetic_two": "c9d5a6433c9b78256422a15c78463949c8bec8d85607aa28b52d7234ad4a8595",
+    "navigate": "b7944dfd3c81da5c4815bd75b00d6fa3c64140823498e78ed496f4c3d36f7f0d",
+    "object_counting": "8acef14dbbdd40d2326ef7755750b6b5fe919fef06276af1bab3f1c297f022ff",
+    "reasoning_about_colored_objects": "0a8850cf95166020fce7a78244026ceedd7ea839302471512b4f8744e85a6a49",
+    "salient_translation_error_detection": "becf3eb8dd53c821a555ecd5c1334ecd93eb25f980e63be963c518e7138de5da",
+    "sports_understanding": "63ca262858f6176864515cd8cf53cdaa40839ebecc155b726d77930855d167bf",
+    "temporal_sequences": "92a1189faaa84aacc4c405aaa13f13f48c2992eb884772eedb622505252baef5",
+    "tracking_shuffled_objects_five_objects": "2063a46a4fb484236ed4310523606543a3e1dd4a4dc34eda65d407910ece25a5",
+    "tracking_shuffled_objects_seven_objects": "b59fd05b850c37cf57cb514ae1e6975c00b1638ade2291722056b2af3c54084d",
+    "tracking_shuffled_objects_three_objects": "546cc7bf10c6a01a6a4c17ae28a4966485f21f29fd5d111f37858ec78e354f6b",
+    "word_sorting": "2a6132d2c99f00d0d2eb1113ac6b4a918bd969d863c48749210d969713db8d43",
+}
+# answers that are free text, not one of a small set: left out of multiple-choice scoring
+BBH_FREE_FORM = ("dyck_languages", "multistep_arithmetic_two", "object_counting", "word_sorting")
+BBH_MC = tuple(t for t in BBH_SHA256 if t not in BBH_FREE_FORM)
+BBH_ENV = "DATAFLEX_BBH_DIR"
+
+
+class TaskFileError(Exception):
+    """A task file is missing, unknown or not the pinned one: the message is one line naming it."""
+
+
+def bbh_source() -> Path | None:
+    """Where BBH task files are read from: ``$DATAFLEX_BBH_DIR``, else the project's shared copy
+    (``../shared/data/bbh`` beside the repository) when it exists, else None (download)."""
+    if os.environ.get(BBH_ENV):
+        return Path(os.environ[BBH_ENV])
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "bbh"
+    return shared if shared.is_dir() else None
+
+
+def _download_bbh(task: str, dest: Path) -> None:
+    import urllib.request
+
+    url = BBH_URL.format(repo=BBH_REPO, commit=BBH_COMMIT, task=task)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            dest.write_bytes(resp.read())
+    except OSError as exc:
+        raise TaskFileError(f"could not download BBH task {task} from {url} ({exc}); set {BBH_ENV} to a "
+                            "folder with the task files") from None
+
+
+def fetch_bbh(tasks: Sequence[str], source: Path | None = None, cache: Path | None = None) -> dict[str, Path]:
+    """``{task: path}`` of BBH task files, each checked against its pinned SHA-256.
+
+    From ``source`` (default :func:`bbh_source`) when there is one: the files are read in place, and a
+    missing one or one with another hash is an error naming the file. Otherwise each missing file is
+    downloaded at the pinned commit into ``cache`` (a temporary name, renamed only when its hash matches,
+    so the cache never holds a half-written or foreign file)."""
+    unknown = [t for t in tasks if t not in BBH_SHA256]
+    if unknown:
+        raise TaskFileError(f"unknown BBH task(s) {', '.join(unknown)}; known: {', '.join(BBH_SHA256)}")
+    source = source if source is not None else bbh_source()
+    out: dict[str, Path] = {}
+    if source is not None:
+        for task in tasks:
+            path = Path(source) / f"{task}.json"
+            if not path.is_file():
+                raise TaskFileError(f"BBH task file {path} is missing")
+            got = _sha256(path)
+            if got != BBH_SHA256[task]:
+                raise TaskFileError(f"BBH task file {path} has sha256 {got[:16]}..., expected "
+                                    f"{BBH_SHA256[task][:16]}... (commit {BBH_COMMIT[:12]})")
+            out[task] = path
+        return out
+    cache = cache or default_cache().parent / "bbh"
+    cache.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        path = cache / f"{task}.json"
+        if not (path.is_file() and _sha256(path) == BBH_SHA256[task]):
+            part = cache / f".{task}.json.part"
+            try:
+                _download_bbh(task, part)
+                got = _sha256(part)
+                if got != BBH_SHA256[task]:
+                    raise TaskFileError(f"downloaded BBH task {task} has sha256 {got[:16]}..., expected "
+                                        f"{BBH_SHA256[task][:16]}...")
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)
+        out[task] = path
+    return out
+
+
+@dataclass
+class BBHQuestion:
+    task: str
+    input: str  # the question as BBH gives it, options included
+    target: str  # the correct answer, one of ``answers``
+    answers: tuple[str, ...]  # the task's answer set
+
+
+def _answer_form(target: str) -> str:
+    if len(target) == 3 and target[0] == "(" and target[2] == ")":
+        return "letter"
+    return "word"
+
+
+def load_bbh(task: str, path: Path) -> tuple[list[BBHQuestion], int]:
+    """A multiple-choice BBH task's questions and how many were dropped.
+
+    The answer set is the task's distinct targets of its usual form: movie_recommendation has one
+    question answered with a title instead of a letter; such questions are dropped (and counted)."""
+    if task in BBH_FREE_FORM:
+        raise TaskFileError(f"BBH task {task} has free-form answers (not scored as multiple choice)")
+    examples = json.loads(Path(path).read_text())["examples"]
+    forms = [_answer_form(e["target"]) for e in examples]
+    usual = max(set(forms), key=forms.count)
+    kept = [e for e, f in zip(examples, forms) if f == usual]
+    answers = tuple(sorted({e["target"] for e in kept}))
+    return [BBHQuestion(task, e["input"], e["target"], answers) for e in kept], len(examples) - len(kept)
+
+
+def bbh_row(q: BBHQuestion, wrong: bool = False, rng: random.Random | None = None) -> dict:
+    """An alpaca row: the question as BBH gives it -> its answer (a planted wrong one when asked)."""
+    output = q.target
+    if wrong:
+        output = (rng or random).choice([a for a in q.answers if a != q.target])
+    return {"instruction": q.input, "input": "", "output": output, "task": q.task, "wrong": bool(wrong),
+            "answer": q.target, "options": list(q.answers)}
+
+
+def answer_balance(questions: Sequence[BBHQuestion]) -> dict:
+    """Share of the most common answer (the accuracy of always answering it) and chance (1 / answers)."""
+    if not questions:
+        return {"n": 0, "majority": float("nan"), "chance": float("nan")}
+    counts: dict[str, int] = {}
+    for q in questions:
+        counts[q.target] = counts.get(q.target, 0) + 1
+    top = max(counts, key=counts.get)
+    return {"n": len(questions), "majority": counts[top] / len(questions), "majority_answer": top,
+            "chance": 1 / len(questions[0].answers)}
+
+
+class ChoiceScorer:
+    """Scores a question's answer set with one forward of its prompt.
+
+    The prompt (the training template's system + user turn, so the model sees what training showed it)
+    runs once; its key/value cache is repeated for the answers, which then run as one small batch of
+    their own tokens (each answer followed by the template's end-of-turn token). Per answer: the summed
+    log-probability of its tokens and their number."""
+
+    def __init__(self, model, tokenizer, template: str = "smollm2", system: str | None = None):
+        from llamafactory.data import get_template_and_fix_tokenizer
+        from llamafactory.hparams import DataArguments
+
+        self.model, self.tokenizer = model, tokenizer
+        self.template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template))
+        self.system = system
+        self._answer_ids: dict[tuple[str, ...], list[list[int]]] = {}
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) exactly as LLaMA-Factory encodes a training row."""
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return self.template.encode_oneturn(self.tokenizer, messages, self.system)
+
+    def _answers(self, question: str, answers: tuple[str, ...]) -> list[list[int]]:
+        if answers not in self._answer_ids:
+            # the response ids of ``answer<|im_end|>\n``: drop what follows the end-of-turn token
+            eos = self.tokenizer.eos_token_id
+            ids = []
+            for a in answers:
+                resp = self.encode(question, a)[1]
+                ids.append(resp[:resp.index(eos) + 1] if eos in resp else resp)
+            self._answer_ids[answers] = ids
+        return self._answer_ids[answers]
+
+    def score(self, question: str, answers: tuple[str, ...]) -> list[tuple[float, int]]:
+        import torch
+
+        prompt = self.encode(question, answers[0])[0]
+        seqs = self._answers(question, answers)
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(seqs))
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+            mask = torch.ones(len(seqs), len(prompt) + width, dtype=torch.long)
+            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                                use_cache=False).logits.float(), dim=-1)
+        scored = []
+        for row, s in enumerate(seqs):
+            total = float(first[s[0]]) + sum(float(logp[row, p - 1, s[p]]) for p in range(1, len(s)))
+            scored.append((total, len(s)))
+        return scored
+
+
+def set_logprob(scored: Sequence[tuple[float, int]], right: int) -> float:
+    """log P(correct answer | the answer set): the summed log-likelihoods normalised over the set. Unlike
+    the plain log-likelihood, learning the answers' format alone cannot raise it."""
+    top = max(s for s, _ in scored)
+    return scored[right][0] - (top + math.log(sum(math.exp(s - top) for s, _ in scored)))
+
+
+def choice_eval(scorer: ChoiceScorer, rows: Iterable[dict]) -> dict:
+    """Multiple-choice accuracy (answer with the highest summed / length-normalised log-likelihood), with
+    Wilson intervals; and two continuous metrics: the mean log-likelihood of the correct answer, and its
+    mean log-probability within the answer set."""
+    hits = {"sum": 0, "mean": 0}
+    loglik: list[float] = []
+    inset: list[float] = []
+    per_question: list[int] = []
+    for r in rows:
+        answers = tuple(r["options"])
+        scored = scorer.score(r["instruction"], answers)
+        right = answers.index(r["answer"])
+        by_sum = max(range(len(scored)), key=lambda i: scored[i][0])
+        hits["sum"] += by_sum == right
+        hits["mean"] += max(range(len(scored)), key=lambda i: scored[i][0] / max(scored[i][1], 1)) == right
+        per_question.append(int(by_sum == right))
+        loglik.append(scored[right][0])
+        inset.append(set_logprob(scored, right))
+    n = len(loglik)
+    return {"n": n, **{f"acc_{k}": v / n if n else float("nan") for k, v in hits.items()},
+            **{f"ci_{k}": wilson(v, n) for k, v in hits.items()},
+            "loglik": statistics.fmean(loglik) if n else float("nan"),
+            "loglik_sd": statistics.stdev(loglik) if n > 1 else 0.0,
+            "set_logprob": statistics.fmean(inset) if n else float("nan"), "correct": per_question}
 
 
 def main(argv: list[str] | None = None) -> int:
