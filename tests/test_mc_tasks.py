@@ -196,3 +196,149 @@ def test_demo_data_refuses_level_2_and_names_its_targets():
         real.main(["--plan-only", "--data", "demo", "--levels", "1,2"])
     with pytest.raises(SystemExit, match="--targets: unknown 'strategyqa'; allowed: add, sort, reverse, vowels"):
         real.main(["--plan-only", "--data", "demo", "--targets", "strategyqa"])
+
+
+# --------------------------------------------------------------------------- BBH
+def _bbh_folder(tmp_path, tasks=("navigate", "date_understanding")):
+    """A folder of BBH-format files whose hashes are pinned in place of the real ones."""
+    folder = tmp_path / "bbh"
+    folder.mkdir()
+    for t in tasks:
+        examples = [{"input": f"{t} q{i}", "target": ("Yes", "No")[i % 2] if t == "navigate" else f"({'ABC'[i % 3]})"}
+                    for i in range(9)]
+        if t == "date_understanding":
+            examples.append({"input": "odd one", "target": "Monsters, Inc"})  # not of the task's form
+        (folder / f"{t}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
+    return folder
+
+
+def _pin(monkeypatch, folder):
+    pins = dict(bigbench.BBH_SHA256)
+    for path in folder.glob("*.json"):
+        pins[path.stem] = bigbench._sha256(path)
+    monkeypatch.setattr(bigbench, "BBH_SHA256", pins)
+
+
+def test_bbh_pins_every_shared_file_and_the_shared_copy_is_the_default(monkeypatch):
+    from conftest import REPO_ROOT
+
+    shared = REPO_ROOT.parent / "shared" / "data" / "bbh"
+    if not shared.is_dir():
+        pytest.skip("no ../shared/data/bbh on this machine")
+    monkeypatch.delenv(bigbench.BBH_ENV, raising=False)
+    assert bigbench.bbh_source() == shared
+    sums = dict(line.split()[::-1] for line in (shared / "SHA256SUMS").read_text().splitlines() if line.strip())
+    assert {f"{t}.json": h for t, h in bigbench.BBH_SHA256.items()} == sums
+    got = bigbench.fetch_bbh(list(bigbench.BBH_SHA256))
+    assert len(got) == 21 and all(p.parent == shared for p in got.values())
+    assert len(bigbench.BBH_MC) == 17 and "word_sorting" not in bigbench.BBH_MC
+
+
+def test_bbh_refuses_a_changed_missing_or_unknown_file_naming_it(tmp_path, monkeypatch):
+    folder = _bbh_folder(tmp_path)
+    _pin(monkeypatch, folder)
+    monkeypatch.setenv(bigbench.BBH_ENV, str(folder))
+    assert set(bigbench.fetch_bbh(["navigate", "date_understanding"])) == {"navigate", "date_understanding"}
+    (folder / "navigate.json").write_text("{}")
+    with pytest.raises(bigbench.TaskFileError, match=r"navigate.json has sha256 [0-9a-f]{16}\.\.\., expected"):
+        bigbench.fetch_bbh(["navigate"])
+    with pytest.raises(bigbench.TaskFileError, match=r"bbh/sports_understanding.json is missing"):
+        bigbench.fetch_bbh(["sports_understanding"])
+    with pytest.raises(bigbench.TaskFileError, match="unknown BBH task.*nosuch; known: boolean_expressions"):
+        bigbench.fetch_bbh(["nosuch"])
+
+
+def test_bbh_download_keeps_only_checked_files_and_reuses_them(tmp_path, monkeypatch):
+    folder = _bbh_folder(tmp_path)
+    _pin(monkeypatch, folder)
+    cache = tmp_path / "cache"
+    calls = []
+
+    def fake_download(task, dest):
+        calls.append(task)
+        dest.write_bytes((folder / f"{task}.json").read_bytes() + (b" " if task == "date_understanding" else b""))
+
+    monkeypatch.setattr(bigbench, "_download_bbh", fake_download)
+    with pytest.raises(bigbench.TaskFileError, match="downloaded BBH task date_understanding has sha256"):
+        _fetch_no_source(["navigate", "date_understanding"], cache, monkeypatch)
+    assert sorted(p.name for p in cache.iterdir()) == ["navigate.json"]  # the foreign file was not kept
+    assert calls == ["navigate", "date_understanding"]
+    assert _fetch_no_source(["navigate"], cache, monkeypatch)["navigate"] == cache / "navigate.json"
+    assert calls == ["navigate", "date_understanding"]  # cached and checked: not downloaded again
+
+
+def _fetch_no_source(tasks, cache, monkeypatch):
+    monkeypatch.setattr(bigbench, "bbh_source", lambda: None)
+    return bigbench.fetch_bbh(tasks, cache=cache)
+
+
+def test_bbh_questions_rows_and_answer_balance(tmp_path, monkeypatch):
+    folder = _bbh_folder(tmp_path)
+    qs, dropped = bigbench.load_bbh("date_understanding", folder / "date_understanding.json")
+    assert dropped == 1 and len(qs) == 9 and qs[0].answers == ("(A)", "(B)", "(C)")
+    assert [q.target for q in qs[:4]] == ["(A)", "(B)", "(C)", "(A)"]
+    rng = __import__("random").Random(0)
+    row = bigbench.bbh_row(qs[1], wrong=True, rng=rng)
+    assert row["output"] in ("(A)", "(C)") and row["answer"] == "(B)" and row["wrong"]
+    assert row["instruction"] == "date_understanding q1" and row["options"] == ["(A)", "(B)", "(C)"]
+    bal = bigbench.answer_balance(qs)
+    assert bal == {"n": 9, "majority": 3 / 9, "majority_answer": "(A)", "chance": 1 / 3}
+    with pytest.raises(bigbench.TaskFileError, match="free-form"):
+        bigbench.load_bbh("word_sorting", folder / "navigate.json")
+
+
+def test_set_logprob_hand_computed():
+    import math
+
+    # log-likelihoods -1, -2, -3: P(second | set) = e^-2 / (e^-1 + e^-2 + e^-3)
+    want = -2 - math.log(math.exp(-1) + math.exp(-2) + math.exp(-3))
+    assert bigbench.set_logprob([(-1.0, 1), (-2.0, 3), (-3.0, 2)], 1) == pytest.approx(want, abs=1e-12)
+
+
+def test_choice_scorer_equals_a_full_forward_per_answer(tiny_model):
+    """One prompt forward + the answers from its cache give the same log-likelihoods as a separate
+    forward of prompt + answer for each (the template's encoding, the answer ending at end-of-turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    scorer = bigbench.ChoiceScorer(model, tok, template="default")
+    answers = ("(A)", "(B)", "seven hundred")
+    got = scorer.score("Add the two numbers. 3 + 4 =", answers)
+    for (total, n), answer in zip(got, answers):
+        prompt, resp = scorer.encode("Add the two numbers. 3 + 4 =", answer)
+        resp = resp[:resp.index(tok.eos_token_id) + 1] if tok.eos_token_id in resp else resp
+        ids = prompt + resp
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        want = sum(float(logp[p - 1, ids[p]]) for p in range(len(prompt), len(ids)))
+        assert n == len(resp)
+        assert total == pytest.approx(want, abs=1e-4)
+    rows = [{"instruction": "Add the two numbers. 3 + 4 =", "options": list(answers), "answer": answers[k]}
+            for k in range(3)]
+    res = bigbench.choice_eval(scorer, rows)
+    best = max(range(3), key=lambda i: got[i][0])
+    assert res["n"] == 3 and res["correct"] == [int(k == best) for k in range(3)]
+    assert res["loglik"] == pytest.approx(sum(g[0] for g in got) / 3, abs=1e-4)
+
+
+def test_probe_split_keeps_the_test_set_when_the_training_size_changes():
+    import bbh_probe
+
+    qs = list(range(50))
+    train, test = bbh_probe.split(qs, 10, 20, seed=3)
+    assert len(train) == 10 and len(test) == 20 and not set(train) & set(test)
+    train2, test2 = bbh_probe.split(qs, 25, 20, seed=3)
+    assert test2 == test and train2[:10] == train
+    assert bbh_probe.split(qs, 10, 20, seed=4)[1] != test
+
+
+def test_probe_refuses_an_unknown_or_free_form_task_in_one_line(capsys):
+    import bbh_probe
+
+    with pytest.raises(SystemExit) as exc:
+        bbh_probe.main(["--tasks", "navigate,word_sorting"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--tasks: word_sorting not multiple-choice BBH tasks; choose from boolean_expressions" in err
