@@ -421,6 +421,47 @@ def answer_balance(questions: Sequence[BBHQuestion]) -> dict:
             "chance": 1 / len(questions[0].answers)}
 
 
+def write_bbh_pool(out: Path, target: str, others: Sequence[str], paths: dict[str, Path], *, seed: int = 0,
+                   per_task: int = 20, n_eval: int = 16, n_test: int = 100, wrong_share: float = 0.1,
+                   sibling: str | None = None) -> dict:
+    """A training pool of BBH tasks as LLaMA-Factory data, in the files :func:`write_pool` writes.
+
+    Each task's questions are shuffled with ``seed`` (and the task's name) and cut in order into held-out
+    test (``n_test``, ``bb_test_<task>``), eval (``n_eval``: the target's ``bb_eval``, the sibling's
+    ``bb_eval_sibling``) and training rows (``per_task`` per task, ``bb_train``; the target's alone also in
+    ``bb_target``): test questions come first, so they do not move when the pool's size changes, and no
+    question is in two splits. ``wrong_share`` of the pool's rows answer with another answer of the set."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pool, files = [], {}
+    for task in [target, *others]:
+        qs, _ = load_bbh(task, paths[task])
+        order = list(qs)
+        random.Random(f"{seed}:{task}").shuffle(order)
+        test, rest = order[:n_test], order[n_test:]
+        evals, train = rest[:n_eval], rest[n_eval:n_eval + per_task]
+        if len(train) < per_task:
+            raise TaskFileError(f"BBH task {task} has {len(qs)} questions: too few for {n_test} test + {n_eval} "
+                                f"eval + {per_task} training rows")
+        pool += train
+        files[f"bb_test_{task}"] = [bbh_row(q) for q in test]
+        if task == target:
+            files["bb_eval"] = [bbh_row(q) for q in evals]
+        if task == sibling:
+            files["bb_eval_sibling"] = [bbh_row(q) for q in evals]
+    rng.shuffle(pool)
+    wrong = set(rng.sample(range(len(pool)), round(wrong_share * len(pool))))
+    files["bb_train"] = [bbh_row(q, i in wrong, rng) for i, q in enumerate(pool)]
+    files["bb_target"] = [r for r in files["bb_train"] if r["task"] == target]
+    for name, rows in files.items():
+        (out / f"{name}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
+    (out / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in files}, indent=1))
+    train = files["bb_train"]
+    return {"train": len(train), "target_rows": sum(r["task"] == target for r in train),
+            "wrong_rows": sum(r["wrong"] for r in train), "eval": len(files["bb_eval"]),
+            "tests": {t: len(files[f"bb_test_{t}"]) for t in [target, *others]}}
+
+
 class ChoiceScorer:
     """Scores a question's answer set with one forward of its prompt.
 

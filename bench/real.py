@@ -77,6 +77,21 @@ SIBLINGS = {
 FILLERS = ["sports_understanding", "date_understanding", "misconceptions", "hyperbaton", "social_iqa",
            "ruin_names", "movie_recommendation", "winowhy", "irony_identification", "dark_humor_detection"]
 ALL_TASKS = sorted(set(SIBLINGS) | set(SIBLINGS.values()) | set(FILLERS))
+# BBH (the default source, ../shared/data/bbh): target -> a sibling whose answers have the same form, so
+# the answer alone does not tell the two apart
+BBH_SIBLINGS = {
+    "logical_deduction_three_objects": "tracking_shuffled_objects_three_objects",  # (A)-(C)
+    "tracking_shuffled_objects_three_objects": "logical_deduction_three_objects",
+    "navigate": "sports_understanding",  # Yes / No and yes / no
+    "sports_understanding": "navigate",
+    "date_understanding": "movie_recommendation",  # lettered, five or six options
+    "geometric_shapes": "reasoning_about_colored_objects",  # lettered, many options
+}
+# the other tasks of a BBH pool, shortest prompts first (a pool's cost is its tokens)
+BBH_FILLERS = ["boolean_expressions", "movie_recommendation", "disambiguation_qa", "formal_fallacies",
+               "reasoning_about_colored_objects", "logical_deduction_five_objects",
+               "tracking_shuffled_objects_five_objects", "temporal_sequences", "logical_deduction_seven_objects",
+               "tracking_shuffled_objects_seven_objects", "salient_translation_error_detection"]
 
 SELECTORS: dict[str, dict] = {
     "random": {},
@@ -127,17 +142,22 @@ def fmt(stat: dict, pct: bool = True) -> str:
 
 
 # --------------------------------------------------------------------------- pools
-def pool_tasks(target: str, kind: str) -> list[str]:
+def pool_tasks(target: str, kind: str, data: str = "bigbench") -> list[str]:
     """The nine other tasks of a pool: fillers (plain), or the sibling and eight fillers (hard)."""
-    sibling = SIBLINGS[target]
-    fillers = [t for t in FILLERS if t not in (target, sibling)]
+    sibling = sibling_of(target, data)
+    fillers = [t for t in (BBH_FILLERS if data == "bbh" else FILLERS) if t not in (target, sibling)]
     return fillers[:9] if kind == "plain" else [sibling] + fillers[:8]
 
 
 def write_level1_pool(folder: Path, target: str, kind: str, draw: int, paths: dict, per_task: int, n_eval: int,
-                      wrong: float) -> dict:
+                      wrong: float, data: str = "bigbench") -> dict:
     """A pool as LLaMA-Factory data, plus a second eval set of the sibling (``bb_eval_sibling``)."""
-    others = pool_tasks(target, kind)
+    others = pool_tasks(target, kind, data)
+    if data == "bbh":  # BBH has no task prefixes: a hard pool is the one with the sibling in it
+        seed = 1000 * draw + bb.BBH_MC.index(target)
+        summary = bb.write_bbh_pool(folder, target, others, paths, seed=seed, per_task=per_task, n_eval=n_eval,
+                                    n_test=0, wrong_share=wrong, sibling=others[0] if kind == "hard" else None)
+        return {**summary, "others": others, "seed": seed}
     strip = kind == "hard"
     seed = 1000 * draw + ALL_TASKS.index(target)
     summary = bb.write_pool(folder, target, others, paths, seed=seed, target_train=per_task, other_train=per_task,
@@ -159,8 +179,8 @@ DEMO_SIBLINGS = {"add": "sort", "sort": "add", "reverse": "vowels", "vowels": "r
 HARD_INSTRUCTION = "Give the answer."
 
 
-def sibling_of(target: str) -> str:
-    return DEMO_SIBLINGS[target] if target in DEMO_SIBLINGS else SIBLINGS[target]
+def sibling_of(target: str, data: str = "bigbench") -> str:
+    return {"bbh": BBH_SIBLINGS, "demo": DEMO_SIBLINGS}.get(data, SIBLINGS)[target]
 
 
 def write_demo_pool(folder: Path, target: str, kind: str, draw: int, per_task: int, n_eval: int,
@@ -209,7 +229,8 @@ def write_demo_pool(folder: Path, target: str, kind: str, draw: int, per_task: i
         else:
             train.append(row(t, inp, out))
     files = {"bb_train": train, "bb_eval": [row(target, *fresh(target)) for _ in range(n_eval)],
-             "bb_eval_sibling": [row(sibling_of(target), *fresh(sibling_of(target))) for _ in range(n_eval)]}
+             "bb_eval_sibling": [row(sibling_of(target, "demo"), *fresh(sibling_of(target, "demo")))
+                                 for _ in range(n_eval)]}
     for name, rows in files.items():
         (folder / f"{name}.json").write_text(json.dumps(rows, indent=0))
     (folder / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in files}, indent=1))
@@ -340,7 +361,7 @@ def run_level1_pool(model_path: Path, folder: Path, target: str, labels: list[st
         tasks = [rows[i]["task"] for i in picks]
         out.append({"selector": label, "k": k, "seconds": round(seconds, 2), "picks": picks,
                     "target_share": sum(t == target for t in tasks) / k,
-                    "sibling_share": sum(t == sibling_of(target) for t in tasks) / k,
+                    "sibling_share": sum(t == sibling_of(target, args.data) for t in tasks) / k,
                     "wrong_share": sum(rows[i]["wrong"] for i in picks) / k,
                     "good_target_share": sum(rows[i]["task"] == target and not rows[i]["wrong"] for i in picks) / k})
         print(f"[real] {folder.name} {label:13s} target {out[-1]['target_share']:.2f} wrong "
@@ -351,26 +372,47 @@ def run_level1_pool(model_path: Path, folder: Path, target: str, labels: list[st
     return out
 
 
+# what makes level-1 results comparable: a rerun with the same values resumes, other values start afresh
+LEVEL1_KEYS = ("data", "per_task", "n_eval", "wrong", "cutoff", "warmup_lr", "warmup_rows")
+
+
+def finished_level1(path: Path, args) -> list[dict]:
+    """The pool results a previous run with the same pool settings left in ``level1.json``."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = all(old.get("args", {}).get(k) == vars_of(args).get(k) for k in LEVEL1_KEYS)
+    if not same:
+        print(f"[real] {path} was made with other pool settings: level 1 starts afresh", file=sys.stderr)
+    return old.get("results", []) if same else []
+
+
 def level1(args, model_path: Path, paths: dict, out: Path) -> dict:
-    results = []
+    results = finished_level1(out / "level1.json", args)
     labels = list(args.selectors)
-    for kind in args.kinds:
-        for target in args.targets:
-            for draw in range(args.draws):
-                folder = Path(tempfile.mkdtemp(prefix=f"real-{kind}-{target}-{draw}-"))
-                try:
-                    if args.data == "demo":
-                        info = write_demo_pool(folder, target, kind, draw, args.per_task, args.n_eval, args.wrong)
-                    else:
-                        info = write_level1_pool(folder, target, kind, draw, paths, args.per_task, args.n_eval,
-                                                 args.wrong)
-                    two = kind == "hard" and "less_taskmax" in labels
-                    for r in run_level1_pool(model_path, folder, target, labels, args, draw, two):
-                        results.append({"kind": kind, "target": target, "draw": draw, "pool": info["train"],
-                                        "pool_wrong": info["wrong_rows"], **r})
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
-                (out / "level1.json").write_text(json.dumps({"results": results, "args": vars_of(args)}, indent=1))
+    cells = [(kind, target, draw) for kind in args.kinds for target in args.targets for draw in range(args.draws)]
+    for n, (kind, target, draw) in enumerate(cells, 1):
+        done = {r["selector"] for r in results if (r["kind"], r["target"], r["draw"]) == (kind, target, draw)}
+        todo = [label for label in labels if label not in done]
+        print(f"[real] level 1 pool {n}/{len(cells)} {kind} {target} draw {draw}: "
+              + (f"{len(todo)} selector(s) to run" if todo else "done before, skipped"), file=sys.stderr, flush=True)
+        if not todo:
+            continue
+        folder = Path(tempfile.mkdtemp(prefix=f"real-{kind}-{target}-{draw}-"))
+        try:
+            if args.data == "demo":
+                info = write_demo_pool(folder, target, kind, draw, args.per_task, args.n_eval, args.wrong)
+            else:
+                info = write_level1_pool(folder, target, kind, draw, paths, args.per_task, args.n_eval,
+                                         args.wrong, args.data)
+            two = kind == "hard" and "less_taskmax" in todo
+            for r in run_level1_pool(model_path, folder, target, todo, args, draw, two):
+                results.append({"kind": kind, "target": target, "draw": draw, "pool": info["train"],
+                                "pool_wrong": info["wrong_rows"], **r})
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        # after every pool: an interrupted run resumes from here
+        (out / "level1.json").write_text(json.dumps({"results": results, "args": vars_of(args)}, indent=1))
     return summarise_level1(results, labels, args)
 
 
@@ -471,8 +513,9 @@ def zeroth_rows(args, paths: dict, folder: Path) -> tuple[Path, str, str, str, l
         per = max(1, args.zeroth_rows // len(by_task))
         ids = sorted(i for members in by_task.values() for i in rng.sample(members, min(per, len(members))))
         return ROOT / "data", "demo_mix", "demo_add_eval", "add", rows, ids
-    target = args.targets[0]
-    write_level1_pool(folder, target, "hard", 0, paths, args.per_task, args.n_eval, args.wrong)
+    siblings = BBH_SIBLINGS if args.zeroth_data == "bbh" else SIBLINGS
+    target = args.targets[0] if args.targets[0] in siblings else next(iter(siblings))
+    write_level1_pool(folder, target, "hard", 0, paths, args.per_task, args.n_eval, args.wrong, args.zeroth_data)
     rows = json.loads((folder / "bb_train.json").read_text())
     return folder, "bb_train", "bb_eval", target, rows, list(range(min(args.zeroth_rows, len(rows))))
 
@@ -601,11 +644,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-lr", type=float, default=2e-4)
     ap.add_argument("--warmup-rows", type=int, default=8)
     ap.add_argument("--zeroth-rows", type=int, default=40)
-    ap.add_argument("--zeroth-data", choices=("bigbench", "demo"), default="bigbench",
-                    help="the zeroth check's rows: a BIG-bench hard pool, or the repo's demo_mix vs demo_add_eval")
-    ap.add_argument("--data", choices=("bigbench", "demo"), default="bigbench",
-                    help="level 1's tasks: BIG-bench, or the repo's generated demo tasks (no download but the model; "
-                         "level 1 only)")
+    ap.add_argument("--zeroth-data", choices=("bbh", "bigbench", "demo"), default="bbh",
+                    help="the zeroth check's rows: a BBH or BIG-bench hard pool, or the repo's demo_mix vs demo_add_eval")
+    ap.add_argument("--data", choices=("bbh", "bigbench", "demo"), default="bbh",
+                    help="the tasks: BBH (default; ../shared/data/bbh, $DATAFLEX_BBH_DIR or a checked download), "
+                         "BIG-bench (the bigbench 1.0.0 sdist), or the repo's generated demo tasks (no download but "
+                         "the model; level 1 only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     # level 2
@@ -633,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
                  ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss", *ORDER_WEIGHT],
                  3, 60, 200, 50),
     }[size]
+    if args.data == "bbh":
+        defaults = {  # level-2 targets: tasks the ceiling probe (bench/bbh_probe.py) found learnable
+            "quick": (["navigate"], 1, 3, CPU_SELECTORS, ["navigate"], *defaults[5:]),
+            "cpu": (list(BBH_SIBLINGS), 3, 5, CPU_SELECTORS, list(BBH_SIBLINGS)[:3], *defaults[5:]),
+            "full": (list(BBH_SIBLINGS), 3, 20, defaults[3], list(BBH_SIBLINGS), *defaults[5:]),
+        }[size]
     args.levels = args.levels or ("1" if args.data == "demo" else "1,2")
     if args.data == "demo":
         if "2" in args.levels.split(","):
@@ -656,15 +706,17 @@ def main(argv: list[str] | None = None) -> int:
     # --quick keeps the hard pool only: measured per selector, both pools (~9 min) and level 2 did not fit in 10
     args.kinds = args.kinds.split(",") if args.kinds else (["hard"] if size == "quick" else ["plain", "hard"])
     levels = args.levels.split(",")
-    for key, values, allowed in (("--targets", args.targets, DEMO_SIBLINGS if args.data == "demo" else SIBLINGS),
-                                 ("--l2-targets", args.l2_targets, SIBLINGS),
+    targets = {"bbh": BBH_SIBLINGS, "demo": DEMO_SIBLINGS}.get(args.data, SIBLINGS)
+    for key, values, allowed in (("--targets", args.targets, targets),
+                                 ("--l2-targets", args.l2_targets, BBH_SIBLINGS if args.data == "bbh" else SIBLINGS),
                                  ("--kinds", args.kinds, ("plain", "hard")),
                                  ("--selectors", args.selectors, [*SELECTORS, "less_taskmax"]),
                                  ("--l2-methods", args.l2_methods, L2_METHODS), ("--levels", levels, ("1", "2", "zeroth"))):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"bench/real.py: {key}: unknown {bad[0]!r}; allowed: {', '.join(allowed)}")
-    out = args.out or ROOT / "bench" / "out" / (("real-quick" if args.quick else "real-full" if args.full else "real")
+    name = "bbh" if args.data == "bbh" else "real"
+    out = args.out or ROOT / "bench" / "out" / ((f"{name}-quick" if args.quick else f"{name}-full" if args.full else name)
                                                + ("-demo" if args.data == "demo" else ""))
     plan = l2_schedule(args)
     grid = {"size": size, "data": args.data, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
@@ -683,9 +735,16 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     model_path = fetch_locked("smollm2")
-    needs_bigbench = ("1" in levels and args.data == "bigbench") or "2" in levels or \
-        ("zeroth" in levels and args.zeroth_data == "bigbench")
-    paths = bb.fetch_tasks(ALL_TASKS) if needs_bigbench else {}
+    sources = {args.data} & {"bbh", "bigbench"} if ("1" in levels or "2" in levels) else set()
+    if "zeroth" in levels:
+        sources |= {args.zeroth_data} & {"bbh", "bigbench"}
+    paths = bb.fetch_tasks(ALL_TASKS) if "bigbench" in sources else {}
+    if "bbh" in sources:
+        try:
+            paths.update(bb.fetch_bbh(bb.BBH_MC))
+        except bb.TaskFileError as exc:
+            print(f"bench/real.py: error: {exc}", file=sys.stderr)
+            return 2
     report: dict[str, Any] = {"grid": grid}
     if "zeroth" in levels:
         report["zeroth_check"] = {k: v for k, v in zeroth_check(args, model_path, paths, out).items() if k != "per_row"}
@@ -759,7 +818,12 @@ def l2_method_spec(method: str, level1_json: Path) -> tuple[str, dict, str]:
 
 
 def write_level2_data(folder: Path, target: str, paths: dict, args, seed: int) -> dict:
-    others = pool_tasks(target, "plain")
+    others = pool_tasks(target, "plain", args.data)
+    if args.data == "bbh":
+        summary = bb.write_bbh_pool(folder, target, others, paths, seed=seed, per_task=args.per_task,
+                                    n_eval=args.n_eval, n_test=max(args.l2_test, args.l2_other_test),
+                                    wrong_share=args.wrong)
+        return {**summary, "others": others}
     summary = bb.write_pool(folder, target, others, paths, seed=seed, target_train=args.per_task,
                             other_train=args.per_task, n_eval=args.n_eval, n_test=max(args.l2_test, args.l2_other_test),
                             wrong_share=args.wrong)
@@ -833,19 +897,21 @@ def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
 
 
 def evaluate(model, tok, folder: Path, target: str, others: list[str], args) -> dict:
-    import mc_tasks as bbm
-
-    res = {"target": bbm.mc_accuracy(model, tok, json.loads((folder / f"bb_test_{target}.json").read_text())[:args.l2_test])}
-    hits = n = 0
-    hits_mean = 0
+    """Held-out accuracy on the target and, pooled, on the other tasks (forgetting), scored through the
+    training template (``mc_tasks.ChoiceScorer``: one forward per question), with the target's mean
+    log-likelihood of the correct answer and its log-probability within the answer set."""
+    scorer = bb.ChoiceScorer(model, tok)
+    target_rows = json.loads((folder / f"bb_test_{target}.json").read_text())[:args.l2_test]
+    res = {"target": {k: v for k, v in bb.choice_eval(scorer, target_rows).items() if k != "correct"}}
+    hits = {"sum": 0, "mean": 0}
+    n = 0
     for t in others:
-        rows = json.loads((folder / f"bb_test_{t}.json").read_text())[:args.l2_other_test]
-        r = bbm.mc_accuracy(model, tok, rows)
-        hits += round(r["acc_sum"] * r["n"])
-        hits_mean += round(r["acc_mean"] * r["n"])
+        r = bb.choice_eval(scorer, json.loads((folder / f"bb_test_{t}.json").read_text())[:args.l2_other_test])
+        for k in hits:
+            hits[k] += round(r[f"acc_{k}"] * r["n"])
         n += r["n"]
-    res["other"] = {"n": n, "acc_sum": hits / n, "acc_mean": hits_mean / n, "ci_sum": bbm.wilson(hits, n),
-                    "ci_mean": bbm.wilson(hits_mean, n)}
+    res["other"] = {"n": n, **{f"acc_{k}": v / n for k, v in hits.items()},
+                    **{f"ci_{k}": bb.wilson(v, n) for k, v in hits.items()}}
     return res
 
 

@@ -112,7 +112,7 @@ def test_real_model_benchmark_runs_end_to_end_on_stand_in_tasks(smollm2, tmp_pat
     assets.mkdir()
     (assets / "smollm2").symlink_to(smollm2)
     out = tmp_path / "out"
-    res = run_command([sys.executable, "bench/real.py", "--quick", "--selectors", "random,loss,less,near",
+    res = run_command([sys.executable, "bench/real.py", "--quick", "--data", "bigbench", "--selectors", "random,loss,less,near",
                        "--n-eval", "4", "--l2-steps", "2", "--l2-test", "4", "--l2-other-test", "1", "--out", out,
                        "--l2-methods", "floor,ceiling,random,less,plain,order_dynamic_loss,weight_jua"],
                       env={"DATAFLEX_ASSETS": str(assets), "DATAFLEX_BIGBENCH_DIR": str(tasks),
