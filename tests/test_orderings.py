@@ -337,12 +337,15 @@ def order_lines(out):
     return [json.loads(x) for x in (Path(manifest(out)["records"]) / "order.jsonl").read_text().splitlines() if x]
 
 
-def _scored_alpaca(work: Path) -> None:
-    """The run's data folder, with alpaca_en_demo replaced by demo_graded carrying its difficulty as `score`."""
+def _scored_alpaca(work: Path) -> list[float]:
+    """The run's data folder, with alpaca_en_demo replaced by demo_graded scored by its difficulty plus a
+    distinct fraction (so no two rows tie); returns the scores."""
     shutil.copytree(REPO_ROOT / "data", work / "data")
     rows = json.loads((REPO_ROOT / "data" / "demo_graded.json").read_text())
-    scored = [{k: v for k, v in r.items() if k != "difficulty"} | {"score": r["difficulty"]} for r in rows]
+    scores = [r["difficulty"] + (i * 37 % len(rows)) / 1000 for i, r in enumerate(rows)]
+    scored = [{k: v for k, v in r.items() if k != "difficulty"} | {"score": s} for r, s in zip(rows, scores)]
     (work / "data" / "alpaca_en_demo.json").write_text(json.dumps(scored))
+    return scores
 
 
 EXAMPLES = REPO_ROOT / "examples" / "train_full" / "reorder"
@@ -354,7 +357,7 @@ CPU = ["bf16=false", "deepspeed=null", "preprocessing_num_workers=1", "dataloade
 @pytest.mark.e2e
 def test_the_original_static_saw_yaml_trains_in_saw_order(tiny_model, run_cli, tmp_path):
     work = tmp_path / "work"
-    _scored_alpaca(work)
+    score = _scored_alpaca(work)
     out = tmp_path / "out"
     res = run_cli(["train", EXAMPLES / "saw_qwen_sft_full.yaml", f"model_name_or_path={tiny_model}",
                    f"output_dir={out}", *CPU, "warmup_step=0"], cwd=work, timeout=300)
@@ -364,11 +367,11 @@ def test_the_original_static_saw_yaml_trains_in_saw_order(tiny_model, run_cli, t
     assert [ln["step"] for ln in lines] == list(range(12))  # ceil(96 / 8): one epoch
     stream = [i for ln in lines for i in ln["indices"]]
     assert sorted(stream) == list(range(96))
-    score = [r["difficulty"] for r in json.loads((REPO_ROOT / "data" / "demo_graded.json").read_text())]
     axis = sorted(score)  # SAW-3, layers 2, radius round(96 x 0.075) = 7 around rows 32 and 64
     expect = [axis[q] for q in arrange("saw", axis, gen(), num_sections=3, folding_ratio=0.075, layers=2)]
     assert [score[i] for i in stream] == expect
     assert expect != axis  # the transition zones really are zigzagged
+    assert all(s == score[i] for ln in lines for i, s in zip(ln["indices"], ln["scores"]))
 
 
 def _dyn_config(make_train_yaml, folder, **extra):
