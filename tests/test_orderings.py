@@ -377,7 +377,8 @@ def test_the_original_static_saw_yaml_trains_in_saw_order(tiny_model, run_cli, t
 def _dyn_config(make_train_yaml, folder, **extra):
     cfg = {"train_type": "dynamic_reorder", "dataset": "demo_graded", "max_samples": None, "cutoff_len": 64,
            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "logging_steps": 1, "warmup_step": 2,
-           "update_step": 3, "num_train_epochs": 1.0, "save_steps": 4, "component_name": "dynamic_saw",
+           "update_step": 3, "update_times": None, "num_train_epochs": 1.0, "save_steps": 4,
+           "component_name": "dynamic_saw",
            "components_cfg_file": "src/dataflex/configs/components.yaml", **extra}
     return make_train_yaml(folder, **cfg)
 
