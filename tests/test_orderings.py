@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import REPO_ROOT, failure_report, kill_at_step, manifest
 
@@ -245,6 +244,8 @@ def test_a_score_file_must_have_one_score_per_row(tmp_path):
     (tmp_path / "q.json").write_text("[3, 1, 2]")
     comp = build("sorting", score_params={"score_path": str(tmp_path / "q.json")})
     assert comp.column is None and build("sorting").column == "score"
+    assert build("shuffle").column is None  # reads no score: the rows need no score field
+    assert build("shuffle").order(ReorderContext(0, 0, [0, 1, 2], [0, 1, 2], None, gen())).scores == [None] * 3
     spec = type("S", (), {"key": "sorting", "kind": "reorderers", "name": "sorting"})()
     comp.check_config({}, spec)
     with pytest.raises(ConfigError, match=r"3 scores for 4 dataset rows as read; allowed: exactly one score per row"):

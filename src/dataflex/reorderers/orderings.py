@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 
 from ..component import register
 from ..core.sampling import pool_positions
@@ -276,6 +275,8 @@ class OrderingReorderer(Reorderer):
     @property
     def column(self) -> str | None:
         s = self.params.scoring
+        if self.params.pattern == "shuffle":
+            return None  # reads no score
         if self.params.score_source == "precomputed" and not s["score_path"]:
             return s["score_field"]
         return None
@@ -359,7 +360,9 @@ class OrderingReorderer(Reorderer):
         if self.dynamic and ctx.number % p.reorder_every:
             return OrderResult(list(ctx.rows), [self.last.get(r) for r in ctx.rows],
                                {"pattern": p.pattern, "rescored": False})
-        if self.dynamic and p.score_source == "model_loss":
+        if p.pattern == "shuffle":
+            by_row: dict[int, float | None] = {}
+        elif self.dynamic and p.score_source == "model_loss":
             by_row = self._model_scores(ctx)
             self.last = dict(by_row)
         else:
