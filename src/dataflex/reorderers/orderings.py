@@ -307,6 +307,16 @@ class OrderingReorderer(Reorderer):
 
     def check_data(self, train_size: int, eval_size: int | None) -> None:
         name = self.params._component()
+        s = self.params.scoring
+        try:  # the component may be a fresh one in this process: read what check_config read
+            if s.get("score_path") and getattr(self, "file_scores", None) is None:
+                self.file_scores = read_score_file(self._path("score_path"), s["score_field"])
+            if s.get("cache_path") and getattr(self, "record", None) is None:
+                self.record = read_selection_metric(self._path("cache_path"), s["metric_key"])
+        except (OSError, ValueError) as err:
+            key = "score_path" if s.get("score_path") else "cache_path"
+            raise ConfigError(f"component '{name}': param 'score_params.{key}' = '{s[key]}': "
+                              f"{str(err).splitlines()[0]}") from None
         if getattr(self, "file_scores", None) is not None and len(self.file_scores) != train_size:
             rows = "dataset rows as read" if self.params.apply_at == "raw" else "training rows"
             raise ConfigError(f"component '{name}': param 'score_params.score_path' = "
