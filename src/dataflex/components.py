@@ -11,7 +11,7 @@ Format: four optional sections, one per training mode; ``train_type`` decides wh
       doremi: {name: doremi, params: {reference_model_path: ...}}
     weighters:                   # train_type: dynamic_weight
       loss: {name: loss, params: {strategy: linupper}}
-    reorderers:                  # train_type: dynamic_reorder
+    reorderers:                  # train_type: dynamic_reorder (also read under its other name, `reorders:`)
       by_length: {name: static, params: {score: length, order: ascending}}
 
 A file without any section holds selectors at its top level (the first DataFlex format).
@@ -37,6 +37,8 @@ from .modes import BY_SECTION, SECTIONS
 
 logger = logging.getLogger("dataflex")
 
+# Other names of a section: the original DataFlex calls its reorderers `reorders:`.
+SECTION_ALIASES = {"reorders": "reorderers"}
 PACKAGED_COMPONENTS = Path(__file__).resolve().parent / "configs" / "components.yaml"
 # The path the original DataFlex examples use, relative to a DataFlex source checkout.
 SEED_RELATIVE_PATH = Path("src/dataflex/configs/components.yaml")
@@ -93,6 +95,19 @@ def load_components(path: str | os.PathLike) -> dict[str, dict[str, ComponentSpe
     """``{kind: {component_name: spec}}`` for every section of the file (missing sections are empty)."""
     path = Path(path)
     data = _read(path)
+    for alias, kind in SECTION_ALIASES.items():
+        if alias not in data or (isinstance(data[alias], dict) and "name" in data[alias]):
+            continue  # absent, or a selector of that name in a file without sections
+        extra = data.pop(alias)
+        if not isinstance(extra, dict):
+            raise ConfigError(f"components_cfg_file: section '{alias}' in '{path}' must be a mapping, "
+                              f"got {type(extra).__name__}")
+        mine = data.get(kind) or {}
+        both = sorted(set(mine) & set(extra)) if isinstance(mine, dict) else []
+        if both:
+            raise ConfigError(f"components_cfg_file: component '{both[0]}' is in both '{kind}' and '{alias}' of "
+                              f"'{path}' (the same section under two names); allowed: one entry per name")
+        data[kind] = {**mine, **extra} if isinstance(mine, dict) else mine
     has_sections = any(isinstance(data.get(kind), dict) for kind in SECTIONS)
     sections = {kind: (data.get(kind) or {}) if has_sections else {} for kind in SECTIONS}
     if not has_sections:
