@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .reader import mode_report
+from .reader import mode_of, mode_report
 from .rows import dataset_info, source_rows
 
 
@@ -22,7 +22,7 @@ def export_subset(run: dict[str, Any], records: list[dict[str, Any]], out_dir: s
     once each, in index order, unless ``repeats`` (then once per time chosen). Returns the
     registered dataset names.
     """
-    refusal = mode_report(run.get("mode", "select")).export_refusal(run)
+    refusal = mode_report(mode_of(run)).export_refusal(run)
     if refusal:
         raise ConfigError(refusal)
     sources = run.get("data_sources") or {}

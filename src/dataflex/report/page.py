@@ -22,7 +22,7 @@ from typing import Any
 
 from ..core.records import atomic_write_text
 from ..errors import ConfigError
-from .reader import RunFolder, grouping_modes, load_run, mode_report, read_run
+from .reader import RunFolder, grouping_modes, mode_report, read_run
 from .rows import Rows, source_of
 from .svg import MAX_GROUPS, esc, line_chart, stacked_bars
 
@@ -75,7 +75,7 @@ def _header(found: RunFolder, results: dict[str, Any] | None) -> str:
     parts = (run.get("data_sources") or {}).get("parts")
     versions = run.get("versions")
     rows = [
-        ("mode", f"{run.get('mode', 'select')} ({run.get('train_type')})"),
+        ("mode", f"{found.mode} ({run.get('train_type')})"),
         ("component", f"{run.get('component')} (name: {run.get('name')})"),
         ("parameters", ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"),
         ("schedule", ", ".join(f"{k} {v if not isinstance(v, list) or len(v) <= 16 else str(v[:16])[:-1] + ', ...]'}"
@@ -180,7 +180,7 @@ def overlap(a: Counter[int], b: Counter[int]) -> dict[str, Any]:
     return {"both": both, "only_a": len(sa - sb), "only_b": len(sb - sa), "jaccard": both / union if union else 0.0}
 
 
-def _compare_section(output_dir: Path, run: dict[str, Any], records: list[dict[str, Any]], other_dir: Path,
+def _compare_section(output_dir: Path, run: dict[str, Any], records: list[dict[str, Any]], other_dir: Path, shown: Path,
                      other: dict[str, Any], other_records: list[dict[str, Any]]) -> str:
     la, lb = f"this run ({run.get('component')})", f"other run ({other.get('component')})"
     loss_a, _ = training_log(output_dir)
@@ -200,7 +200,7 @@ def _compare_section(output_dir: Path, run: dict[str, Any], records: list[dict[s
     overlap_table = table(["", "distinct rows"], [
         [esc("in both runs"), esc(ov["both"])], [esc("only in this run"), esc(ov["only_a"])],
         [esc("only in the other run"), esc(ov["only_b"])], [esc("Jaccard index"), esc(f"{ov['jaccard']:.3f}")]])
-    note = (f"other run: {other.get('run_id')} in {other_dir}" +
+    note = (f"other run: {other.get('run_id')} in {shown}" +
             ("" if same else "; WARNING: the two runs trained on different data, so row indices do not match"))
     body = (f"<h3>training loss</h3>{chart}<h3>composition of the rows trained on</h3>{comp}"
             f'<h3>overlap of the rows</h3><div id="overlap" data-both="{ov["both"]}" data-only-a="{ov["only_a"]}" '
@@ -248,8 +248,9 @@ document.body.setAttribute('data-ready', '1');
 def build_page(output_dir: str | os.PathLike, group_by: str | None = None, compare: str | os.PathLike | None = None,
                top: int = 10) -> str:
     """The HTML page of a run (and a comparison with ``compare``); ConfigError naming the flag on bad input."""
-    output_dir = Path(output_dir)
+    given = output_dir
     found = read_run(output_dir)
+    output_dir = found.folder  # the output dir, also when the folder holding run.json was given
     run, records, mode = found.manifest, found.records, found.mode
     kit = mode_report(mode)
     results = _read_json(output_dir / "train_results.json")
@@ -264,24 +265,25 @@ def build_page(output_dir: str | os.PathLike, group_by: str | None = None, compa
                               f"(columns: {', '.join(sorted(rows.columns()))})")
     other = None
     if compare is not None:
-        other_dir = Path(compare)
         try:
-            other, other_records = load_run(other_dir)
+            other_found = read_run(compare)
         except ConfigError as err:
             raise ConfigError(f"--compare: {err}") from None
-        if not (other_dir / "train_results.json").is_file():
-            raise ConfigError(f"--compare: '{other_dir}' has no train_results.json: that run has not finished")
+        other, other_records = other_found.manifest, other_found.records
+        if not (other_found.folder / "train_results.json").is_file():
+            raise ConfigError(f"--compare: '{Path(compare)}' has no train_results.json: that run has not finished")
     sections = [_header(found, results), _loss_section(output_dir, run, records, kit)]
     sections += kit.sections(run, records, rows, group_by, top)
     if other is not None:
-        sections.append(_compare_section(output_dir, run, records, other_dir, other, other_records))
+        sections.append(_compare_section(output_dir, run, records, other_found.folder, Path(compare), other,
+                                         other_records))
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in _nav(sections))
     title = f"DataFlex {mode} run {run.get('run_id')} ({run.get('component')})"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>{esc(title)}</title><style>{CSS}</style></head>'
             f'<body data-mode="{esc(mode)}"><nav>{nav}</nav><main>{"".join(sections)}'
-            f'<footer>written by dataflex-cli report --html from {esc(output_dir)}</footer></main>'
+            f'<footer>written by dataflex-cli report --html from {esc(given)}</footer></main>'
             f'<script>{SCRIPT}</script></body></html>\n')
 
 

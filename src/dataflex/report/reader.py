@@ -46,9 +46,17 @@ class RunFolder:
     damaged: list[Damage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the reader could not find, one line each
 
+    def step_records(self) -> list[dict[str, Any]]:
+        """The run's ``step_<N>.json`` records sorted by step, whatever its mode reports from."""
+        return read_records(self.records_dir, self.manifest["run_id"])
+
+    def lines(self, name: str) -> list[dict[str, Any]]:
+        """The lines of a JSON-lines record of the run (``weights.jsonl``, ``order.jsonl``)."""
+        return read_lines(self.records_dir / name)
+
     @property
     def mode(self) -> str:
-        return self.manifest.get("mode", "select")
+        return mode_of(self.manifest)
 
     @property
     def moved(self) -> bool:
@@ -102,12 +110,11 @@ def read_run(path: str | os.PathLike) -> RunFolder:
         raise ConfigError(f"'{found}' is not a readable DataFlex manifest ({err})") from None
     if not isinstance(manifest, dict) or "records" not in manifest or "run_id" not in manifest:
         raise ConfigError(f"'{found}' is not a DataFlex manifest (no run_id or records)")
-    # run.json sits in <output_dir>/dataflex/; the folder holding it was given when it is not there
-    folder = (found.parent.parent if found == manifest_path(Path(path)) else found.parent).resolve()
+    folder = found.parent.parent.resolve()  # run.json sits in <output_dir>/dataflex/
     where = records_dir(manifest, folder)
     from ..modes import BY_NAME
 
-    mode = BY_NAME.get(manifest.get("mode", "select"))
+    mode = BY_NAME.get(mode_of(manifest))
     damaged: list[tuple[str, str]] = []
     if mode is not None and mode.lines:
         records = read_lines(where / mode.lines, damaged)
@@ -115,6 +122,13 @@ def read_run(path: str | os.PathLike) -> RunFolder:
         records = read_records(where, manifest["run_id"], damaged)
     notes = [] if where.is_dir() else [f"records folder {where} not found"]
     return RunFolder(folder, manifest, records, where, [Damage(f, r, _step_of(f)) for f, r in damaged], notes)
+
+
+def mode_of(manifest: dict[str, Any]) -> str:
+    """The mode a manifest names; a manifest from before modes were recorded is the table's first mode's."""
+    from ..modes import TABLE
+
+    return manifest.get("mode") or TABLE[0].name
 
 
 def mode_report(mode: str) -> Any:
