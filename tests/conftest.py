@@ -89,34 +89,29 @@ def data_dir() -> Path:
 # --------------------------------------------------------------------------- what a run wrote
 def manifest(out: str | os.PathLike) -> dict[str, Any]:
     """``<output_dir>/dataflex/run.json`` of a run."""
-    import json
+    from dataflex.report import read_run
 
-    return json.loads((Path(out) / "dataflex" / "run.json").read_text())
+    return read_run(out).manifest
 
 
 def records(out: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """The run's records by step (from the folder its manifest names)."""
-    import json
+    """The run's step records by step (from the folder its manifest names, found relative to ``out``)."""
+    from dataflex.report import read_run
 
-    folder = Path(manifest(out)["records"])
-    return {int(p.stem.removeprefix("step_")): json.loads(p.read_text()) for p in folder.glob("step_*.json")}
+    return {rec["step"]: rec for rec in read_run(out).step_records()}
 
 
 def weight_lines(out: str | os.PathLike) -> list[dict[str, Any]]:
-    import json
+    from dataflex.report import read_run
 
-    path = Path(manifest(out)["records"]) / "weights.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_run(out).lines("weights.jsonl")
 
 
 def traces(folder: str | os.PathLike) -> dict[int, list[dict[str, Any]]]:
     """``{rank: [trace lines in file order]}`` written under DATAFLEX_TRACE_DIR=folder."""
-    import json
+    from dataflex.report import read_trace
 
-    out = {}
-    for path in sorted(Path(folder).glob("trace_rank*.jsonl")):
-        out[int(path.stem.removeprefix("trace_rank"))] = [json.loads(x) for x in path.read_text().splitlines()]
-    return out
+    return read_trace(folder)
 
 
 def consumed_by_step(folder: str | os.PathLike, rank: int = 0) -> dict[int, list[int]]:

@@ -361,24 +361,3 @@ def freeze_routers(model: Any, rank: int) -> None:
                 frozen += p.numel()
     if rank == 0:
         logger.info("[DataFlex] freeze_gate: %d router(s) frozen (%d parameters)", len(routers), frozen)
-
-
-def plot(plt: Any, run: dict[str, Any], records: list[dict[str, Any]]) -> Any:
-    """Each domain's proportion (and DoReMi's loss weight) over training."""
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if records:
-        domains = records[0]["domains"]
-        steps = [r["step"] for r in records] + [run["schedule"]["total_steps"]]
-        for d, name in enumerate(domains):
-            ys = [r["proportions"][d] for r in records]
-            ax.step(steps, ys + ys[-1:], where="post", label=name)
-        if any(r.get("loss_weights") for r in records):
-            for d, name in enumerate(domains):
-                ys = [(r.get("loss_weights") or [float("nan")] * len(domains))[d] for r in records]
-                ax.step(steps, ys + ys[-1:], where="post", linestyle="--", label=f"{name} (loss weight)")
-        ax.legend()
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("proportion")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{run['name']}: domain proportions over training")
-    return fig

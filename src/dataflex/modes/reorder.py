@@ -308,35 +308,3 @@ class ReorderMode(Mode):
 
     def metrics(self) -> dict[str, Any]:
         return {"dataflex_orderings": self.round.orderings}
-
-
-def plot(plt: Any, run: dict[str, Any], lines: list[dict[str, Any]]) -> Any:
-    """The score of the rows consumed per step (median and spread), and the pacing share if any."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    pts = [(ln["step"], [s for s in ln.get("scores") or [] if s is not None]) for ln in lines]
-    pts = [(step, s) for step, s in pts if s]
-    if pts:
-        steps = [p[0] for p in pts]
-        vals = [np.asarray(p[1], dtype=float) for p in pts]
-        ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], color="#4c72b0", alpha=0.2,
-                        linewidth=0, label="min-max of the step's rows")
-        ax.plot(steps, [float(np.median(v)) for v in vals], color="#1f3b73", label="median")
-        ax.legend(loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no scored rows consumed", ha="center", va="center", transform=ax.transAxes)
-    paced = [(ln["step"], ln["competence"]) for ln in lines if ln.get("competence") is not None]
-    if paced:
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in paced], [p[1] for p in paced], color="#dd8452", linestyle="--", label="competence c(t)")
-        ax2.set_ylim(0, 1.05)
-        ax2.set_ylabel("share of rows available")
-        ax2.legend(loc="lower right")
-    for step in (run.get("schedule") or {}).get("updates") or []:
-        ax.axvline(step, color="grey", linewidth=0.6, linestyle=":")
-    score = (run.get("params") or {}).get("score", "score")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"{score} of the rows consumed")
-    ax.set_title(f"{run['name']}: order of consumption")
-    return fig

@@ -161,39 +161,3 @@ class SelectMode(Mode):
 
     def metrics(self) -> dict[str, Any]:
         return {"dataflex_selections": len(self.round.history)}
-
-
-def plot(plt: Any, run: dict[str, Any], records: list[dict[str, Any]]) -> Any:
-    """How often each row was chosen, and the chosen rows' scores per selection."""
-    from collections import Counter
-
-    from ..core.records import primary_score
-
-    counts: Counter[int] = Counter()
-    for rec in records:
-        counts.update(rec["indices"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    hist = Counter(counts.get(i, 0) for i in range(run["train_size"]))
-    xs = sorted(hist)
-    ax1.bar(xs, [hist[x] for x in xs], color="#4c72b0")
-    ax1.set_xticks(xs)
-    ax1.set_xlabel("times chosen over all selections")
-    ax1.set_ylabel("training samples")
-    ax1.set_title(f"{run['name']}: {len(counts)} of {run['train_size']} samples chosen")
-    data, labels, key = [], [], None
-    for rec in records:
-        score = primary_score(rec)
-        if score:
-            key = score[0]
-            data.append(score[1])
-            labels.append(str(rec["step"]))
-    if data:
-        ax2.boxplot(data)
-        ax2.set_xticks(range(1, len(labels) + 1), labels)
-        ax2.set_xlabel("selection at step")
-        ax2.set_ylabel(f"{key} of chosen samples")
-        ax2.set_title("score distribution per selection")
-    else:
-        ax2.text(0.5, 0.5, "no per-sample scores recorded", ha="center", va="center")
-        ax2.set_axis_off()
-    return fig

@@ -287,23 +287,3 @@ class WeightMode(Mode):
         (w,) = self.round.decide(step, [local], micro=micro)
         self.pending_logs = dict(self.round.last_logs)
         return w
-
-
-def plot(plt: Any, run: dict[str, Any], lines: list[dict[str, Any]]) -> Any:
-    """The spread of the weights per step (percentile bands and the median)."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if lines:
-        steps = [ln["step"] for ln in lines]
-        w = [np.asarray(ln["weights"]) for ln in lines]
-        for lo, hi, alpha in ((0, 100, 0.15), (10, 90, 0.3), (25, 75, 0.5)):
-            ax.fill_between(steps, [np.percentile(x, lo) for x in w], [np.percentile(x, hi) for x in w],
-                            color="#4c72b0", alpha=alpha, linewidth=0, label=f"{lo}-{hi}th percentile")
-        ax.plot(steps, [np.median(x) for x in w], color="#1f3b73", label="median")
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.legend(loc="upper right")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("sample weight")
-    ax.set_title(f"{run['name']}: weight distribution per step")
-    return fig
