@@ -888,11 +888,10 @@ def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise SystemExit(f"bench/real.py: dataflex-cli train {path} failed:\n{tail}")
+    from dataflex.report import read_run
+
     out = Path(cfg["output_dir"])
-    run = json.loads((out / "dataflex" / "run.json").read_text())
-    records = {}
-    for rec in Path(run["records"]).glob("step_*.json"):
-        records[int(rec.stem.removeprefix("step_"))] = json.loads(rec.read_text())
+    records = {rec["step"]: rec for rec in read_run(out).step_records()}
     return seconds, records, json.loads((out / "train_results.json").read_text())
 
 
