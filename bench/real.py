@@ -964,6 +964,9 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
                             model = PeftModel.from_pretrained(base, where).eval()
                             res = evaluate(model, tok, folder, target, info["others"], args)
                             base = model.unload()
+                            # unload() keeps the adapter's config on the model; the next adapter would warn
+                            # that it is a second one
+                            base.__dict__.pop("peft_config", None)
                             curve.append(curve_point(step, res))
                             if step == plan["steps"]:
                                 entry.update(res)  # equal steps: every method's last step, random's checkpoint
