@@ -58,6 +58,8 @@ PREPARE_CASES = {
                                     {"comps.yaml": "r: {name: random, parms: {}}\n"}, [], ["unknown key 'parms'"]),
     "unregistered_eval_dataset": ({"eval_dataset": "nope_eval"}, {}, [], ["eval_dataset: 'nope_eval'"]),
     "stage_not_sft_or_pt": ({"stage": "dpo"}, {}, [], ["stage: 'dpo'"]),
+    "early_stopping_min_delta_negative": ({"early_stopping_steps": 2}, {}, ["early_stopping_min_delta=-0.5"],
+                                          ["early_stopping_min_delta: -0.5 is invalid; allowed: a number >= 0"]),
     "choice_param_out_of_set": ({"components_cfg_file": "comps.yaml", "component_name": "l"},
                                 {"comps.yaml": "l: {name: loss, params: {focus: mid}}\n"},
                                 [], ["param 'focus' = 'mid' is invalid; allowed: low | medium | high"]),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ SAMPLE_RULES = ("mixture", "stratified", "uniform")
 DATAFLEX_KEYS = ("train_type", "components_cfg_file", "component_name", "warmup_step", "update_step", "update_times",
                  "train_step", "mixture_sample_rule", "init_mixture_proportions", "static_mix", "mixer_eval_dataset",
                  "freeze_gate")
+# Keys DataFlex adds that serve plain training as well (they mean the same with or without train_type).
+TRAINING_KEYS = ("early_stopping_min_delta",)
 
 
 @dataclass
@@ -76,9 +79,15 @@ class DataFlexArguments:
     freeze_gate: bool = field(
         default=False, metadata={"help": "dynamic_mix with a mixture-of-experts model: do not train the routers."}
     )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "With early_stopping_steps: an eval that improves metric_for_best_model by this "
+                                       "much or less counts as no improvement (transformers' "
+                                       "early_stopping_threshold). 0: any improvement counts."}
+    )
 
     def check_dataflex_args(self) -> None:
         """Checks that need only these keys (also run inside LLaMA-Factory's parser)."""
+        check_min_delta(self.early_stopping_min_delta)
         if self.train_type is None:
             return
         if self.train_type not in TRAIN_TYPES:
@@ -105,6 +114,28 @@ class DataFlexArguments:
         for key in ("static_mix", "freeze_gate"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is invalid; allowed: true or false")
+
+
+def check_min_delta(value: Any) -> None:
+    """``early_stopping_min_delta`` is a finite number >= 0 (not a boolean or a string)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value < 0):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                hint = f" (YAML reads {value} as a string; write {float(value)!r})"
+            except ValueError:
+                pass
+        raise ConfigError(f"early_stopping_min_delta: {value!r} is invalid; allowed: a number >= 0 (e.g. 0.01){hint}")
+
+
+def check_training_keys(cfg: dict[str, Any]) -> None:
+    """The :data:`TRAINING_KEYS` of a config, with or without ``train_type``."""
+    if "early_stopping_min_delta" in cfg:
+        check_min_delta(cfg["early_stopping_min_delta"])
+        if cfg["early_stopping_min_delta"] > 0 and cfg.get("early_stopping_steps") is None:
+            logger.warning("[DataFlex] early_stopping_min_delta has no effect without early_stopping_steps "
+                           "(early stopping is off)")
 
 
 def _integer(key: str, value: Any, low: int) -> None:

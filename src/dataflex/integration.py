@@ -20,6 +20,8 @@ The others are bound to one :class:`Run` (its plan, what was learnt of its data)
    the CLI can tell a configuration error from a failure during training.
 5. The workflows' last step (``create_modelcard_and_push``) is followed by a barrier, so every
    rank waits until the others have written everything before the process group goes.
+6. ``llamafactory.train.tuner.EarlyStoppingCallback``: built with ``early_stopping_min_delta`` as
+   its ``early_stopping_threshold`` (LLaMA-Factory passes only the patience).
 
 A LLaMA-Factory upgrade that renames these is a change to this file only.
 """
@@ -27,6 +29,7 @@ A LLaMA-Factory upgrade that renames these is a change to this file only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -146,6 +149,10 @@ def _bound(run: Run) -> Iterator[None]:
     for workflow in (sft_workflow, pt_workflow):
         workflow.get_dataset = _dataflex_get_dataset(workflow.get_dataset, run)
         workflow.create_modelcard_and_push = _then_barrier(workflow.create_modelcard_and_push)
+    # early_stopping_min_delta becomes the threshold of the EarlyStoppingCallback LLaMA-Factory builds
+    saved.append((tuner, "EarlyStoppingCallback", tuner.EarlyStoppingCallback))
+    tuner.EarlyStoppingCallback = functools.partial(
+        tuner.EarlyStoppingCallback, early_stopping_threshold=float(run.plan.cfg.get("early_stopping_min_delta", 0.0)))
     original_get_train_args = tuner.get_train_args
 
     def get_train_args(*args: Any, **kwargs: Any):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .args import DATAFLEX_KEYS, STAGES, DataFlexArguments
+from .args import DATAFLEX_KEYS, STAGES, DataFlexArguments, check_training_keys
 from .component import Component
 from .components import ComponentSpec, build_component, get_component, resolve_components_path
 from .errors import ConfigError
@@ -50,6 +50,7 @@ class RunPlan:
         A config without ``train_type`` is kept as it is (plain LLaMA-Factory training).
         """
         cfg = dict(cfg)
+        check_training_keys(cfg)
         train_type = cfg.get("train_type")
         if train_type is None:
             stray = [k for k in DATAFLEX_KEYS if k in cfg and k != "train_type"]
