@@ -136,7 +136,7 @@ def write_json(name: str, result: dict, out: str | os.PathLike | None = None) ->
 def pipeline(tmp: str, n_train: int, cutoff: int = 256, eval_file: str | None = None, model: str = "demo",
              **overrides):
     """Build a model of shape ``model`` and tokenize ``n_train`` mixed-length samples with LLaMA-Factory."""
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
 
     tmp_path = Path(tmp)
     model_dir = build_model(tmp_path, model)

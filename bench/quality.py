@@ -479,7 +479,7 @@ def env_for(out: Path, trace: Path | None = None) -> dict:
                HF_HOME=str(out / "hf-home"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("FORCE_TORCHRUN", None)
     if trace is not None:
-        env["DATAFLEX_TEST_PLUGIN"] = "1"  # its trace only: the rows each step trained on
+        env["DATAFLEX_PLUGINS"] = "dataflex.diagnostics"  # the decision trace: the rows each step trained on
         env["DATAFLEX_TRACE_DIR"] = str(trace)
     return env
 
@@ -526,11 +526,10 @@ def one_run(s: Settings, m: dict, seed: int, base: Path, data: Path, comp_path: 
     train = json.loads((run_dir / "train_results.json").read_text())
     rows_meta = meta["domains"] if m["train_type"] == "dynamic_mix" else meta["pool"]
     consumed: list[int] = []
-    for p in sorted(trace.glob("trace_rank*.jsonl")):
-        for line in p.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["step"] >= s.warmup:
-                consumed += rec["indices"]
+    from dataflex.diagnostics import read_trace
+
+    for lines in read_trace(trace).values():
+        consumed += [i for rec in lines if rec["step"] >= s.warmup for i in rec["indices"]]
     share = {k: (sum(bool(rows_meta[i][k]) for i in consumed) / len(consumed) if consumed else None)
              for k in ("noisy", "dup")}
     share["target"] = sum(rows_meta[i]["task"] == TARGET for i in consumed) / len(consumed) if consumed else None

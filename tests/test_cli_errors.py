@@ -220,13 +220,13 @@ def test_bad_config_fails_with_one_line(case, bad_config_runs):
 def test_prepare_rejects(case, tmp_path, train_config, repo_root, monkeypatch):
     """The same checks in-process: ConfigError, one line, before any model or output_dir exists."""
     from dataflex.errors import ConfigError
-    from dataflex.launcher import prepare
+    from dataflex.launcher import make_plan
 
     overrides, files, args, fragments = {**CASES, **PREPARE_CASES}[case]
     config = _write_case(tmp_path, train_config, overrides, files)
     monkeypatch.chdir(repo_root)
     with pytest.raises(ConfigError) as err:
-        prepare(config, list(args))
+        make_plan(config, list(args))
     msg = str(err.value)
     assert "\n" not in msg
     for fragment in fragments:
@@ -236,22 +236,22 @@ def test_prepare_rejects(case, tmp_path, train_config, repo_root, monkeypatch):
 
 def test_prepare_resolves_components_and_leaves_plain_configs_alone(tmp_path, train_config, repo_root, monkeypatch):
     from dataflex.components import PACKAGED_COMPONENTS
-    from dataflex.launcher import prepare
+    from dataflex.launcher import make_plan
 
     monkeypatch.chdir(repo_root)
     (tmp_path / "comps.yaml").write_text("r: {name: random}\n")
     config = _write_case(tmp_path, train_config, {"components_cfg_file": "comps.yaml", "component_name": "r"}, {})
-    cfg = prepare(config, ["warmup_step=3"])
+    cfg = make_plan(config, ["warmup_step=3"]).cfg
     assert cfg["components_cfg_file"] == str((tmp_path / "comps.yaml").resolve())
     assert cfg["warmup_step"] == 3
     config = _write_case(tmp_path, train_config, {}, {})
-    assert prepare(config)["components_cfg_file"] == str(PACKAGED_COMPONENTS)
+    assert make_plan(config).cfg["components_cfg_file"] == str(PACKAGED_COMPONENTS)
 
     plain = train_config(NO_MODEL, tmp_path / "out")
     for key in ("train_type", "component_name", "warmup_step", "update_step", "update_times"):
         plain.pop(key)
     path = write_yaml(tmp_path / "plain.yaml", plain)
-    assert prepare(path) == plain  # no DataFlex key added, nothing resolved
+    assert make_plan(path).cfg == plain  # no DataFlex key added, nothing resolved
 
 
 def test_missing_config_file(run_cli, tmp_path):

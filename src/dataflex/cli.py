@@ -87,6 +87,9 @@ def train(
         plan = make_plan(config, overrides)
         launch = integration.launch_plan()
         if launch["force_torchrun"] or (launch["device_count"] > 1 and not launch["ray_or_kt"]):
+            from .plugins import check_plugins
+
+            check_plugins()  # the workers install them; a missing one is reported once, here
             cmd = torchrun_command(str(config), overrides, dict(os.environ), launch["device_count"])
             typer.echo(f"[DataFlex] launching: {' '.join(cmd[2:])}", err=True)
             code = subprocess.run(cmd, env=dict(os.environ)).returncode

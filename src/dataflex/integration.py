@@ -34,10 +34,10 @@ from typing import Any, Iterator
 
 from .args import DataFlexArguments
 from .errors import ConfigError
+from .plugins import install_plugins
 from .values import names
 
 _INSTALLED = False
-TEST_PLUGIN_ENV = "DATAFLEX_TEST_PLUGIN"  # tests only: "1" installs dataflex.testing (traces, pauses, faults)
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _bound(run: Run) -> Iterator[None]:
     sft_workflow.CustomSeq2SeqTrainer = _factory(sft_cls, sft_workflow.CustomSeq2SeqTrainer, run)
     pt_workflow.CustomTrainer = _factory(pt_cls, pt_workflow.CustomTrainer, run)
     for workflow in (sft_workflow, pt_workflow):
-        workflow.get_dataset = _dataflex_get_dataset(workflow.get_dataset, run)
+        workflow.get_dataset = dataset_loader(workflow.get_dataset, run)
         workflow.create_modelcard_and_push = _then_barrier(workflow.create_modelcard_and_push)
     original_get_train_args = tuner.get_train_args
 
@@ -177,7 +177,11 @@ def _then_barrier(last_step):
 
 
 # --------------------------------------------------------------------------------------------- data
-def _dataflex_get_dataset(get_dataset, run: Run):
+def dataset_loader(get_dataset, run: Run):
+    """LLaMA-Factory's ``get_dataset`` as DataFlex runs it for ``run`` (per-domain tokenization under a
+    mode that keeps the domains apart; otherwise LLaMA-Factory's own, noting each dataset's rows and
+    reading the columns the mode asked for). ``run.data`` holds what was learnt."""
+
     def wrapped(template, model_args, data_args, training_args, stage, **kwargs):
         if run.domains_apart:
             eval_names = names(run.plan.cfg.get("mixer_eval_dataset"))
@@ -307,10 +311,7 @@ def run_train(run: Run) -> None:
     install()
     from llamafactory.train.tuner import run_exp
 
-    if os.environ.get(TEST_PLUGIN_ENV):
-        from . import testing
-
-        testing.install()
+    install_plugins()  # DATAFLEX_PLUGINS: the user's modules, installed in every training process
     with _bound(run):
         run_exp(args=run.plan.cfg)
 
@@ -355,53 +356,3 @@ def dataset_entry(name: str, dataset_dir: str) -> Any:
 
     (attr,) = get_dataset_list([name], dataset_dir)
     return attr
-
-
-def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Model, tokenizer, tokenized datasets and collator exactly as LLaMA-Factory's workflow builds
-    them for ``cfg`` - without training. Used by benchmarks and tests to score real data.
-    """
-    install()
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.extras.constants import IGNORE_INDEX
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_model, load_tokenizer
-    from transformers import DataCollatorForLanguageModeling
-
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
-    from .modes import BY_TRAIN_TYPE
-    from .plan import RunPlan
-
-    run = Run(RunPlan(dict(cfg), BY_TRAIN_TYPE.get(cfg.get("train_type"))))
-    stage = finetuning_args.stage
-    tokenizer_module = load_tokenizer(model_args)
-    tokenizer = tokenizer_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    # through DataFlex's wrapper, as the workflows call it: per-domain tokenization under dynamic_mix
-    dataset_module = _dataflex_get_dataset(get_dataset, run)(template, model_args, data_args, training_args, stage=stage,
-                                                        **tokenizer_module)
-    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    if stage == "pt":
-        collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-    else:
-        collator = SFTDataCollatorWith4DAttentionMask(
-            template=template,
-            model=model,
-            pad_to_multiple_of=8,
-            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-            block_diag_attn=model_args.block_diag_attn,
-            neat_packing=data_args.neat_packing,
-            attn_implementation=getattr(model.config, "_attn_implementation", None),
-            compute_dtype=model_args.compute_dtype,
-            **tokenizer_module,
-        )
-    return {
-        "model": model,
-        "tokenizer": tokenizer,
-        "train_dataset": dataset_module.get("train_dataset"),
-        "eval_dataset": dataset_module.get("eval_dataset"),
-        "collator": collator,
-        "training_args": training_args,
-        "finetuning_args": finetuning_args,
-        "data_info": run.data,
-    }

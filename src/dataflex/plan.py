@@ -82,11 +82,6 @@ class RunPlan:
         return cls(cfg, mode, spec, component)
 
 
-def validate_config(cfg: dict[str, Any], yaml_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The checked configuration alone (see :meth:`RunPlan.build`)."""
-    return RunPlan.build(cfg, yaml_dir).cfg
-
-
 def _check_steps(cfg: dict[str, Any], component: Any) -> None:
     max_steps = cfg.get("max_steps")
     train_step = cfg.get("train_step")

@@ -32,10 +32,6 @@ class DataFlexTrainerMixin:
         self.df = dataflex_plan.mode.mode_class()(self, dataflex_plan, dataflex_data)
         self.df.describe()
 
-    @property
-    def df_rank(self) -> int:
-        return self.df.rank
-
     def df_prepare(self, dataset: Any, description: str) -> tuple[Any, Any]:
         """The dataset and collator the training dataloader would use (unused columns removed)."""
         import datasets
