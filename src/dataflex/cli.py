@@ -226,15 +226,12 @@ def assets(
 @app.command()
 def version() -> None:
     """Print the versions of DataFlex and the libraries it drives."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as pkg_version
+    from .versions import versions
 
     typer.echo(f"dataflex {__version__}")
-    for pkg in ("llamafactory", "transformers", "peft", "torch", "accelerate", "deepspeed"):
-        try:
-            typer.echo(f"{pkg} {pkg_version(pkg)}")
-        except PackageNotFoundError:
-            typer.echo(f"{pkg} (not installed)")
+    for pkg, found in versions().items():
+        if pkg != "dataflex":
+            typer.echo(f"{pkg} {found}" if found else f"{pkg} (not installed)")
 
 
 def main() -> None:
