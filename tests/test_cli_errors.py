@@ -400,3 +400,27 @@ def test_torchrun_command_defaults_and_elastic():
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "127.0.0.1:1234"
     with pytest.raises(ConfigError, match="NPROC_PER_NODE"):
         torchrun_command("c.yaml", [], {}, device_count=0)
+
+
+def test_args_name_no_mode_and_ask_the_mode_table():
+    """args.py is generic: mode-specific key checks live in the mode class (check_args), reached
+    through the mode table, and the train_type help is built from the table."""
+    import dataclasses
+
+    from dataflex import args
+    from dataflex.errors import ConfigError
+    from dataflex.modes import TABLE
+
+    text = Path(args.__file__).read_text(encoding="utf-8")
+    for mode in TABLE:
+        assert mode.train_type not in text
+        assert f'"{mode.name}"' not in text and f"({mode.name}" not in text
+    (field,) = [f for f in dataclasses.fields(args.DataFlexArguments) if f.name == "train_type"]
+    assert field.metadata["help"] == ("The DataFlex mode, one of: dynamic_select (a selector), dynamic_mix (a mixer), "
+                                      "dynamic_weight (a weighter), dynamic_reorder (a reorderer); unset = plain "
+                                      "LLaMA-Factory.")
+    # the select mode's reading of the keys, through the table; the other modes accept the same keys
+    keys = {"component_name": "x", "warmup_step": 0, "update_step": 0, "update_times": 0}
+    with pytest.raises(ConfigError, match=r"^warmup_step/update_step/update_times: the schedule has no steps"):
+        args.DataFlexArguments(train_type="dynamic_select", **keys).check_dataflex_args()
+    args.DataFlexArguments(train_type="dynamic_weight", **keys).check_dataflex_args()
