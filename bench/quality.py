@@ -481,7 +481,7 @@ def env_for(out: Path, trace: Path | None = None) -> dict:
                HF_HOME=str(out / "hf-home"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("FORCE_TORCHRUN", None)
     if trace is not None:
-        env["DATAFLEX_TEST_PLUGIN"] = "1"  # its trace only: the rows each step trained on
+        env["DATAFLEX_PLUGINS"] = "dataflex.diagnostics"  # the decision trace: the rows each step trained on
         env["DATAFLEX_TRACE_DIR"] = str(trace)
     return env
 
@@ -529,9 +529,7 @@ def one_run(s: Settings, m: dict, seed: int, base: Path, data: Path, comp_path: 
     rows_meta = meta["domains"] if m["train_type"] == "dynamic_mix" else meta["pool"]
     consumed: list[int] = []
     for lines in read_trace(trace).values():
-        for rec in lines:
-            if rec["step"] >= s.warmup:
-                consumed += rec["indices"]
+        consumed += [i for rec in lines if rec["step"] >= s.warmup for i in rec["indices"]]
     share = {k: (sum(bool(rows_meta[i][k]) for i in consumed) / len(consumed) if consumed else None)
              for k in ("noisy", "dup")}
     share["target"] = sum(rows_meta[i]["task"] == TARGET for i in consumed) / len(consumed) if consumed else None

@@ -313,7 +313,7 @@ def run_level1_pool(model_path: Path, folder: Path, target: str, labels: list[st
     """Every selector on one pool, in-process with one model load. One result row per selector."""
     import torch
 
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
     from dataflex.selectors.base import SelectionContext
 
     rows = json.loads((folder / "bb_train.json").read_text())
@@ -526,7 +526,7 @@ def zeroth_check(args, model_path: Path, paths: dict, out: Path) -> dict:
     and ``normalize: true`` (the cosine from a few random directions) against the exact cosine."""
     import torch
 
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
     from dataflex.scoring.zeroth import ZerothOrderProbe, global_norm, tensor_direction
     from dataflex.selectors.base import SelectionContext
 

@@ -43,8 +43,13 @@ os.environ.update(
         "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_DISABLED": "true",
-        # dataflex.testing (traces, pauses, injected faults); inert unless its own variables are set
-        "DATAFLEX_TEST_PLUGIN": "1",
+        # through the product's plugin hook, in every training process (torchrun workers too): the
+        # diagnostics trace (DATAFLEX_TRACE_DIR) and tests/plugins/faults.py (pauses, injected
+        # faults); both inert unless their own variables are set
+        "DATAFLEX_PLUGINS": "dataflex.diagnostics,plugins.faults",
+        # the workers import plugins.faults from tests/
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent)]
+                                      + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
     }
 )
 # Where xdist workers leave the test groups for the controller's scheduler (end of this file); set
@@ -368,7 +373,7 @@ def load_lf_pipeline(model_path, output_dir, **overrides: Any) -> dict[str, Any]
     Defaults: LoRA rank 4 on all linears, dropout 0.1 (scoring must switch it off), demo_mix +
     demo_chat train, demo_add_eval eval, cutoff 96, 60 samples per dataset, fp32, seed 3.
     """
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
 
     cfg = {
         "model_name_or_path": str(model_path), "stage": "sft", "do_train": True, "finetuning_type": "lora",

@@ -87,6 +87,9 @@ def train(
         plan = make_plan(config, overrides)
         launch = integration.launch_plan()
         if launch["force_torchrun"] or (launch["device_count"] > 1 and not launch["ray_or_kt"]):
+            from .plugins import check_plugins
+
+            check_plugins()  # the workers install them; a missing one is reported once, here
             cmd = torchrun_command(str(config), overrides, dict(os.environ), launch["device_count"])
             typer.echo(f"[DataFlex] launching: {' '.join(cmd[2:])}", err=True)
             code = subprocess.run(cmd, env=dict(os.environ)).returncode
@@ -223,15 +226,12 @@ def assets(
 @app.command()
 def version() -> None:
     """Print the versions of DataFlex and the libraries it drives."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as pkg_version
+    from .versions import versions
 
     typer.echo(f"dataflex {__version__}")
-    for pkg in ("llamafactory", "transformers", "peft", "torch", "accelerate", "deepspeed"):
-        try:
-            typer.echo(f"{pkg} {pkg_version(pkg)}")
-        except PackageNotFoundError:
-            typer.echo(f"{pkg} (not installed)")
+    for pkg, found in versions().items():
+        if pkg != "dataflex":
+            typer.echo(f"{pkg} {found}" if found else f"{pkg} (not installed)")
 
 
 def main() -> None:

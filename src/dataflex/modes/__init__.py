@@ -20,7 +20,7 @@ class ModeInfo:
     section: str  # the components-file section and component kind ("selectors")
     singular: str  # one component of that section, in messages ("selector")
     plot_file: str  # the PNG `plot_loss: true` writes beside LLaMA-Factory's loss curve
-    hooks: str  # the mode's class, "module:Class" under dataflex.modes
+    mode_cls: str  # the mode's class, "module:Class" under dataflex.modes
     base: str  # the components' base class, "package.module:Class" under dataflex
     lines: str | None = None  # the per-step JSON-lines record the report reads (None: the step_N.json records)
     report: str = ""  # the mode's report module, "package.module" under dataflex (text, HTML, plot, export rule)
@@ -28,10 +28,10 @@ class ModeInfo:
     @property
     def module(self) -> Any:
         """The mode's module: its round and its trainer hooks."""
-        return importlib.import_module(f"{__name__}.{self.hooks.partition(':')[0]}")
+        return importlib.import_module(f"{__name__}.{self.mode_cls.partition(':')[0]}")
 
     def mode_class(self) -> type:
-        return getattr(self.module, self.hooks.partition(":")[2])
+        return getattr(self.module, self.mode_cls.partition(":")[2])
 
     def base_class(self) -> type:
         where, _, cls = self.base.partition(":")
