@@ -25,7 +25,7 @@ KIT = REPO_ROOT / "src" / "dataflex" / "report"
 def test_every_mode_in_the_table_has_everything_it_needs(mode):
     from dataflex.component import Component
     from dataflex.components import available
-    from dataflex.modes.base import Mode
+    from dataflex.modes.base import Mode, ModeChecks
 
     kit = mode.report_module()
     assert kit.__name__ == f"dataflex.report.modes.{mode.name}"
@@ -36,7 +36,10 @@ def test_every_mode_in_the_table_has_everything_it_needs(mode):
         assert len(inspect.signature(getattr(kit, name)).parameters) == count, name
     assert isinstance(kit.ROW_TEXT, bool) and isinstance(kit.GROUP_BY, bool)
     assert mode.plot_file.endswith(".png")
-    assert issubclass(mode.mode_class(), Mode)
+    cls = mode.mode_class()  # the Mode protocol, method by method, and the class-level checks
+    protocol = [name for name in vars(Mode) if not name.startswith("_") and callable(vars(Mode)[name])]
+    assert protocol and not [name for name in protocol if not callable(getattr(cls, name, None))]
+    assert issubclass(cls, ModeChecks)
     assert issubclass(mode.base_class(), Component)
     assert mode.package().__name__ == f"dataflex.{mode.section}"
     assert available(mode.section), f"no built-in {mode.singular}"
