@@ -237,7 +237,7 @@ def test_prepare_rejects(case, tmp_path, train_config, repo_root, monkeypatch):
 
 
 def test_prepare_resolves_components_and_leaves_plain_configs_alone(tmp_path, train_config, repo_root, monkeypatch):
-    from dataflex.components import PACKAGED_COMPONENTS
+    from dataflex.components_file import PACKAGED_COMPONENTS
     from dataflex.launcher import make_plan
 
     monkeypatch.chdir(repo_root)

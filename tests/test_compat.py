@@ -15,7 +15,7 @@ import yaml
 
 from conftest import REPO_ROOT, failure_report, records
 
-from dataflex.components import available, build_component, get_component, load_components
+from dataflex.components_file import available, build_component, get_component, load_components
 from dataflex.errors import ConfigError
 
 ORIGINAL_COMPONENTS = REPO_ROOT / "examples" / "compat" / "components.yaml"

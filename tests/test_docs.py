@@ -37,7 +37,7 @@ def _commands(prefix: str) -> list[str]:
 
 
 def test_docs_exist_for_every_component():
-    from dataflex.components import available
+    from dataflex.components_file import available
     from dataflex.modes import SECTIONS as KINDS
 
     for kind in KINDS:
@@ -55,7 +55,7 @@ def test_relative_links_resolve():
 
 def test_yaml_snippets_validate(tmp_path):
     """Components snippets build their components; training snippets pass DataFlex's checks."""
-    from dataflex.components import build_component, load_components
+    from dataflex.components_file import build_component, load_components
     from dataflex.integration import known_train_keys
     from dataflex.modes import SECTIONS as KINDS
     from dataflex.plan import RunPlan

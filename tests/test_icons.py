@@ -33,7 +33,7 @@ def test_the_originals_entry_loads_unchanged(caplog):
 
 
 def test_packaged_entry():
-    from dataflex.components import build_component, get_component, resolve_components_path
+    from dataflex.components_file import build_component, get_component, resolve_components_path
 
     packaged = build_component(get_component(resolve_components_path(None), "icons"))
     assert isinstance(packaged, IconsSelector) and packaged.params.task_boundaries is None

@@ -291,7 +291,7 @@ def test_params_are_checked():
     with pytest.raises(ConfigError, match="unknown param 'proj_dims'"):
         LessParams.from_dict("less", {"proj_dims": 8})
     # the seeds' components entry, cache_dir included, and the packaged one
-    from dataflex.components import build_component, get_component, resolve_components_path
+    from dataflex.components_file import build_component, get_component, resolve_components_path
 
     seed = LessParams.from_dict("less", {"cache_dir": "../dataflex_saves/less_output", "gradient_type": "adam",
                                          "proj_dim": 4096, "seed": 123})

@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO_ROOT, failure_report, kill_at_step, manifest
 
-from dataflex.components import build_component, get_component, load_components
+from dataflex.components_file import build_component, get_component, load_components
 from dataflex.core.records import RunLog
 from dataflex.dist.agreement import Agreement
 from dataflex.errors import ConfigError

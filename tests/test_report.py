@@ -24,7 +24,7 @@ KIT = REPO_ROOT / "src" / "dataflex" / "report"
 @pytest.mark.parametrize("mode", TABLE, ids=[m.name for m in TABLE])
 def test_every_mode_in_the_table_has_everything_it_needs(mode):
     from dataflex.component import Component
-    from dataflex.components import available
+    from dataflex.components_file import available
     from dataflex.modes.base import Mode, ModeChecks
 
     kit = mode.report_module()

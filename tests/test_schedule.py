@@ -11,8 +11,8 @@ from typing import Any, Literal
 import pytest
 import torch
 
-from dataflex.components import component_class
-from dataflex.components import (
+from dataflex.components_file import component_class
+from dataflex.components_file import (
     PACKAGED_COMPONENTS,
     ComponentSpec,
     build_component,

@@ -298,7 +298,7 @@ class EveryK(Selector):
 
 
 def test_a_users_selector_loads_from_a_file_named_in_the_components_file(tmp_path, caplog):
-    from dataflex.components import build_component, get_component
+    from dataflex.components_file import build_component, get_component
     from dataflex.selectors.base import SelectionContext
 
     (tmp_path / "my_selector.py").write_text(USER_SELECTOR)

@@ -93,7 +93,7 @@ def make_ctx(lf, selection=0, num_samples=10, records_dir="."):
 
 
 def zeroth(**params):
-    from dataflex.components import ComponentSpec, build_component
+    from dataflex.components_file import ComponentSpec, build_component
 
     return build_component(ComponentSpec("z", "selectors", "zeroth", params, Path("components.yaml")))
 
@@ -480,7 +480,7 @@ def test_bad_params_are_one_line_config_errors(params, key):
 
 
 def test_seed_components_entry_and_packaged_entry(tmp_path):
-    from dataflex.components import PACKAGED_COMPONENTS, build_component, get_component
+    from dataflex.components_file import PACKAGED_COMPONENTS, build_component, get_component
 
     path = tmp_path / "components.yaml"  # the seed page's entry, verbatim keys and values
     path.write_text("zeroth:\n  name: zeroth\n  params:\n    cache_dir: ../dataflex_saves/zeroth_output\n"
@@ -495,7 +495,7 @@ def test_seed_components_entry_and_packaged_entry(tmp_path):
 def test_seed_training_yaml_passes_the_selector_checks(repo_root, monkeypatch):
     """The seed page's training YAML (examples/train_lora/selectors/zeroth.yaml) validates with this selector."""
     from dataflex.plan import RunPlan
-    from dataflex.components import PACKAGED_COMPONENTS
+    from dataflex.components_file import PACKAGED_COMPONENTS
 
     monkeypatch.chdir(repo_root)
     path = repo_root / "examples" / "train_lora" / "selectors" / "zeroth.yaml"
