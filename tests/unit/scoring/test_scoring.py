@@ -17,7 +17,7 @@ from dataflex.scoring.losses import sample_loss_sums, token_loss_sums, token_los
 @pytest.fixture(scope="module")
 def lf_pipeline(tiny_model, data_dir, tmp_path_factory):
     """Tiny LoRA model, demo data tokenized and collated by LLaMA-Factory itself (no training)."""
-    from conftest import load_lf_pipeline
+    from support.helpers import load_lf_pipeline
 
     return load_lf_pipeline(tiny_model, tmp_path_factory.mktemp("pipeline"))
 

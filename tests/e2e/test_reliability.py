@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, consumed_by_step, failure_report, kill_at_step, records
+from support.helpers import REPO_ROOT, consumed_by_step, failure_report, kill_at_step, records
 
 pytestmark = pytest.mark.e2e
 

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, failure_report, records
+from support.helpers import REPO_ROOT, failure_report, records
 
 from dataflex.components_file import available, build_component, get_component, load_components
 from dataflex.errors import ConfigError

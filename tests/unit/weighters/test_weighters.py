@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, failure_report, kill_at_step, llamafactory_cli, run_command, weight_lines, write_yaml
+from support.helpers import REPO_ROOT, failure_report, kill_at_step, llamafactory_cli, run_command, weight_lines, write_yaml
 
 from dataflex.errors import ConfigError
 from dataflex.weighters.adapt import AdaptParams, AdaptWeighter, adapt_weights
@@ -338,7 +338,7 @@ def test_one_and_two_processes_give_the_same_weights(loss_weight_runs):
         assert len(set(a["weights"])) > 1  # not uniform
         assert sum(a["weights"]) == pytest.approx(4.0, abs=1e-5)  # mean 1
     # what each rank trained on carries exactly the recorded weights
-    from conftest import traces
+    from support.helpers import traces
 
     for folder, lines in (("trace1", one), ("trace2", two)):
         recorded = {ln["step"]: dict(zip(ln["indices"], ln["weights"])) for ln in lines}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, failure_report
+from support.helpers import REPO_ROOT, failure_report
 
 DS_DIR = REPO_ROOT / "examples" / "deepspeed"
 SCHEDULE = {"warmup_step": 2, "update_step": 2, "update_times": 2, "max_samples": 32, "dataset": "demo_mix",
@@ -62,7 +62,7 @@ def test_deepspeed_key_passes_dataflex_checks(make_train_yaml, tmp_path):
 
 # --------------------------------------------------------------------------- ZeRO on CPU
 def _records(out: Path) -> dict[str, dict]:
-    from conftest import records
+    from support.helpers import records
 
     recs = {f"step_{k}.json": v for k, v in records(out).items()}
     last = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))

@@ -1,4 +1,4 @@
-"""The warm CLI runner (tests/warm_cli.py) must be indistinguishable from ``python -m dataflex.cli``:
+"""The warm CLI runner (tests/support/warm_cli.py) must be indistinguishable from ``python -m dataflex.cli``:
 the same records, scores, losses and adapter, the same exit codes and messages."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import failure_report, records, run_command, cli_command, traces
+from support.helpers import failure_report, records, run_command, cli_command, traces
 
 pytestmark = pytest.mark.e2e
 

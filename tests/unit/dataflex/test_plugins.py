@@ -1,6 +1,6 @@
 """The plugin hook (``DATAFLEX_PLUGINS``): modules imported and installed in every training process.
 
-The trace and fault tests elsewhere run through this hook too (conftest.py sets
+The trace and fault tests elsewhere run through this hook too (tests/support/environment.py sets
 ``DATAFLEX_PLUGINS=dataflex.diagnostics,plugins.faults``), the two-process ones in torchrun workers.
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, failure_report, kill_at_step, manifest, traces
+from support.helpers import REPO_ROOT, failure_report, kill_at_step, manifest, traces
 
 from dataflex.core.records import RunLog
 from dataflex.dist.agreement import Agreement

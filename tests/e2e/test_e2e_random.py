@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import llamafactory_cli, records, run_command, traces, write_yaml
+from support.helpers import llamafactory_cli, records, run_command, traces, write_yaml
 
 from dataflex.args import DATAFLEX_KEYS
 from dataflex.schedule import Schedule, rank_micro_batch, total_steps

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, failure_report, records, traces
+from support.helpers import REPO_ROOT, failure_report, records, traces
 
 from dataflex.selectors.near import round_robin
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, failure_report
+from support.helpers import REPO_ROOT, failure_report
 
 from dataflex.modes import TABLE
 from dataflex.report.modes import REQUIRED

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import failure_report
+from support.helpers import failure_report
 
 from dataflex.errors import ConfigError, SelectionError
 from dataflex.scoring.engine import ScoringEngine
@@ -72,7 +72,7 @@ def train_briefly(model, collator, dataset, steps: int, lr: float = 3e-3) -> Non
 @pytest.fixture(scope="module")
 def lf(tiny_model, data_dir, tmp_path_factory):
     """Tiny LoRA model briefly trained on demo_mix, eval set demo_add_eval, via LLaMA-Factory itself."""
-    from conftest import load_lf_pipeline
+    from support.helpers import load_lf_pipeline
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("zeroth-pipeline")
@@ -517,7 +517,7 @@ E2E = {"warmup_step": 2, "update_step": 2, "update_times": 2, "max_samples": 120
 
 
 def _records(out: Path) -> dict[str, dict]:
-    from conftest import records
+    from support.helpers import records
 
     return {f"step_{k}.json": v for k, v in records(out).items()}
 
@@ -574,7 +574,7 @@ def test_cli_train_one_and_two_processes_agree(direction, difference, make_train
 
 
 def test_missing_eval_dataset_is_a_one_line_error(train_config, run_cli, tmp_path):
-    from conftest import write_yaml
+    from support.helpers import write_yaml
 
     cfg = train_config("/nonexistent/dataflex-test-model", tmp_path / "out")
     cfg.update(component_name="zeroth")

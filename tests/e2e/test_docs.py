@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, failure_report, run_command
+from support.helpers import REPO_ROOT, failure_report, run_command
 
 DOCS = sorted([REPO_ROOT / "README.md", *(REPO_ROOT / "docs").rglob("*.md")])
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
@@ -159,7 +159,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path, monkeypatch):
                 continue
         elif args[:2] in (["dataflex-cli", "list"], ["dataflex-cli", "report"], ["dataflex-cli", "export"]):
             if any("smollm2" in a for a in args):
-                continue  # the real-model example: tests/test_real_model.py trains and reports SmolLM2
+                continue  # the real-model example: tests/e2e/test_real_model.py trains and reports SmolLM2
             if any(a.isupper() or a.startswith("[") for a in args) or any(
                     a.endswith(".yaml") and not (REPO_ROOT / a).exists() for a in args):
                 continue  # a usage synopsis or a placeholder file, not a command to run

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO_ROOT, failure_report, records, traces
+from support.helpers import REPO_ROOT, failure_report, records, traces
 
 from dataflex.values import read_proportions
 from dataflex.dist.agreement import Agreement
@@ -249,7 +249,7 @@ def doremi(tiny_model, run_cli, tmp_path_factory):
 
 
 def _domains_of_rows(out: Path) -> list[list[int]]:
-    from conftest import manifest
+    from support.helpers import manifest
 
     return manifest(out)["data_sources"]["parts"]
 
@@ -319,7 +319,7 @@ def test_doremi_weights_json_feeds_step3_unchanged(doremi):
 @pytest.mark.e2e
 def test_pt_blocks_never_cross_domains(tiny_model, tmp_path):
     """Every domain tokenized alone: its rows are exactly what LLaMA-Factory makes of that dataset alone."""
-    from conftest import DATA_DIR
+    from support.helpers import DATA_DIR
 
     from dataflex.diagnostics import load_pipeline
 
@@ -367,7 +367,7 @@ def test_the_original_odm_yaml_trains_one_domain_per_micro_batch(odm_run):
 @pytest.mark.e2e
 def test_a_mixing_run_resumes_from_its_checkpoint(odm_run, tiny_model, run_cli):
 
-    from conftest import consumed_by_step, kill_at_step
+    from support.helpers import consumed_by_step, kill_at_step
 
     comps = odm_run.tmp / "odm.yaml"
     comps.write_text("mixers:\n  odm: {name: odm, params: {alpha: 0.5, reward_scale: 1.0}}\n")

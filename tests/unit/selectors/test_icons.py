@@ -133,7 +133,7 @@ SCHEDULE = {"warmup_step": 2, "update_step": 2, "update_times": 2, "max_samples"
 
 @pytest.mark.e2e
 def test_e2e_icons_records(make_train_yaml, run_cli, tmp_path):
-    from conftest import records
+    from support.helpers import records
 
     components = tmp_path / "components.yaml"
     components.write_text(COMPONENTS)

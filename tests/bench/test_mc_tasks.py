@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from support.helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 import mc_tasks as bigbench  # noqa: E402
@@ -220,7 +220,7 @@ def _pin(monkeypatch, folder):
 
 
 def test_bbh_pins_every_shared_file_and_the_shared_copy_is_the_default(monkeypatch):
-    from conftest import REPO_ROOT
+    from support.helpers import REPO_ROOT
 
     shared = REPO_ROOT.parent / "shared" / "data" / "bbh"
     if not shared.is_dir():

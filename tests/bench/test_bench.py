@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, failure_report, run_command
+from support.helpers import REPO_ROOT, failure_report, run_command
 
 pytestmark = pytest.mark.e2e
 

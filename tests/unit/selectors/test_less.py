@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from conftest import failure_report
+from support.helpers import failure_report
 
 from dataflex.errors import ConfigError
 from dataflex.scoring.engine import ScoringEngine, eval_mode
@@ -40,7 +40,7 @@ def lf_pipeline(tiny_model, data_dir, tmp_path_factory):
     LoRA B starts at zero (then every lora_A gradient is zero too), so the adapter weights are
     moved off their initial values, seeded, before anything is compared.
     """
-    from conftest import load_lf_pipeline
+    from support.helpers import load_lf_pipeline
 
     out = tmp_path_factory.mktemp("less-pipeline")
     parts = load_lf_pipeline(tiny_model, out, max_samples=30)
@@ -177,7 +177,7 @@ def test_recomputed_features_equal_the_whole_batch_pass(lf_pipeline):
 
 def test_recomputed_features_equal_the_whole_batch_pass_on_smollm2(smollm2, tmp_path):
     """The same on the real SmolLM2 (30 Llama blocks, grouped-query attention), 4 short rows."""
-    from conftest import load_lf_pipeline
+    from support.helpers import load_lf_pipeline
 
     parts = load_lf_pipeline(smollm2, tmp_path, template="smollm2", max_samples=4, cutoff_len=64)
     with torch.no_grad():  # LoRA B off zero, so the A matrices get gradients too
@@ -303,7 +303,7 @@ def test_params_are_checked():
 @pytest.fixture(scope="module")
 def demo_mix(tiny_model, data_dir, tmp_path_factory):
     """The whole demo mixture (600 rows, 15% "add") and the held-out "add" eval set, cutoff 64."""
-    from conftest import load_lf_pipeline
+    from support.helpers import load_lf_pipeline
 
     out = tmp_path_factory.mktemp("less-demo")
     return load_lf_pipeline(tiny_model, out, lora_rank=8, lora_dropout=None, dataset="demo_mix", cutoff_len=64,
@@ -398,7 +398,7 @@ COMPONENTS = """selectors:
 
 
 def _records(out):
-    from conftest import records
+    from support.helpers import records
 
     return {f"step_{k}.json": v for k, v in records(out).items()}
 
@@ -460,7 +460,7 @@ def test_e2e_two_processes_score_like_one(less_runs):
 
 
 def test_missing_eval_dataset_is_a_one_line_error(train_config, run_cli, tmp_path):
-    from conftest import write_yaml
+    from support.helpers import write_yaml
 
     cfg = train_config("/nonexistent/dataflex-test-model", tmp_path / "out")
     cfg.update(component_name="less")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO_ROOT, failure_report
+from support.helpers import REPO_ROOT, failure_report
 
 from dataflex.report import svg
 from dataflex.report.page import build_page, overlap

@@ -1,4 +1,4 @@
-"""Long stress runs, excluded from the default suite (``python -m pytest -m slow tests/test_stress.py``)."""
+"""Long stress runs, excluded from the default suite (``python -m pytest -m slow tests/e2e/test_stress.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, failure_report, run_command
+from support.helpers import REPO_ROOT, failure_report, run_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

@@ -13,7 +13,7 @@ import pytest
 from dataflex import assets
 from dataflex.assets import ASSETS, MARKER, AssetError, fetch_asset
 
-from conftest import failure_report
+from support.helpers import failure_report
 
 # pip must see only what a test gives it: no config files, no find-links, no extra indexes
 ISOLATED_PIP = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": "",

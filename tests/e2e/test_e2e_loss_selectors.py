@@ -13,7 +13,7 @@ import math
 import pytest
 import yaml
 
-from conftest import failure_report
+from support.helpers import failure_report
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ N_TRAIN = 200
 
 
 def _records(out):
-    from conftest import records
+    from support.helpers import records
 
     return {f"step_{k}.json": v for k, v in records(out).items()}
 
@@ -93,7 +93,7 @@ def test_selector_specific_metrics(runs):
 
 def test_report_plot_and_export(runs, run_cli, tmp_path):
     """The selection report of a finished run, its plot, and the export trained by plain LLaMA-Factory."""
-    from conftest import DATA_DIR, llamafactory_cli, run_command, write_yaml
+    from support.helpers import DATA_DIR, llamafactory_cli, run_command, write_yaml
 
     component, one, _, _ = runs
     assert (one / "dataflex_selection.png").stat().st_size > 1000  # plot_loss: true

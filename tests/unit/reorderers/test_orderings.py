@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, failure_report, kill_at_step, manifest
+from support.helpers import REPO_ROOT, failure_report, kill_at_step, manifest
 
 from dataflex.components_file import build_component, get_component, load_components
 from dataflex.core.records import RunLog

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_command, write_yaml
+from support.helpers import run_command, write_yaml
 
 NO_MODEL = "/nonexistent/dataflex-test-model"  # proves no model is loaded before the error
 
 # id -> (YAML overrides (None removes a key), extra files {name: text}, extra CLI args, expected fragments)
 # These go through the CLI: the first one selected in a real subprocess (it pays for importing
-# LLaMA-Factory), the others forked from the warm CLI (tests/warm_cli.py).
+# LLaMA-Factory), the others forked from the warm CLI (tests/support/warm_cli.py).
 CASES = {
     "unknown_yaml_key": ({"warmup_stepz": 2}, {}, [], ["unknown key 'warmup_stepz'", "did you mean 'warmup_step'"]),
     "unknown_component": ({"component_name": "nope"}, {}, [],

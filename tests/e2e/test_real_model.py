@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA_DIR, failure_report, llamafactory_cli, records, run_command, write_yaml
+from support.helpers import DATA_DIR, failure_report, llamafactory_cli, records, run_command, write_yaml
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ def _finite_losses(out: Path) -> list[float]:
 def test_the_chat_template_masks_the_system_prompt_and_the_question(smollm2, tmp_path):
     """LLaMA-Factory's smollm2 template adds a default system prompt: only the answer and its
     <|im_end|> are supervised, which is what every scoring pass reads."""
-    from conftest import load_lf_pipeline
+    from support.helpers import load_lf_pipeline
 
     pipe = load_lf_pipeline(smollm2, tmp_path / "out", template="smollm2", dataset="demo_mix", eval_dataset=None,
                             max_samples=4, cutoff_len=128, lora_rank=4)
