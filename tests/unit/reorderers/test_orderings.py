@@ -18,7 +18,7 @@ import torch
 
 from support.helpers import REPO_ROOT, failure_report, kill_at_step, manifest
 
-from dataflex.components_file import build_component, get_component, load_components
+from dataflex.components_file import ComponentSpec, build_component, get_component, load_components
 from dataflex.core.records import RunLog
 from dataflex.dist.agreement import Agreement
 from dataflex.errors import ConfigError
@@ -231,7 +231,7 @@ def test_cached_selection_orders_by_the_record_and_fills_the_rest(tmp_path):
     (tmp_path / "step_10.json").write_text(json.dumps({"indices": [0, 2, 5], "per_sample": {"loss": [3.0, 1.0, 2.0]}}))
     comp = build("reuse_selector_scores", pattern="sorting",
                  score_params={"cache_path": str(tmp_path / "step_10.json"), "metric_key": "loss", "fill_value": 9})
-    spec = type("S", (), {"key": "reuse", "kind": "reorderers", "name": "reuse_selector_scores"})()
+    spec = ComponentSpec("reuse", "reorderers", "reuse_selector_scores", {}, tmp_path / "components.yaml")
     comp.check_config({}, spec)
     comp.check_data(6, None)
     with pytest.raises(ConfigError, match="row 5 is not a row of this training set"):
@@ -246,7 +246,7 @@ def test_a_score_file_must_have_one_score_per_row(tmp_path):
     assert comp.column is None and build("sorting").column == "score"
     assert build("shuffle").column is None  # reads no score: the rows need no score field
     assert build("shuffle").order(ReorderContext(0, 0, [0, 1, 2], [0, 1, 2], None, gen())).scores == [None] * 3
-    spec = type("S", (), {"key": "sorting", "kind": "reorderers", "name": "sorting"})()
+    spec = ComponentSpec("sorting", "reorderers", "sorting", {}, tmp_path / "components.yaml")
     comp.check_config({}, spec)
     with pytest.raises(ConfigError, match=r"3 scores for 4 dataset rows as read; allowed: exactly one score per row"):
         comp.check_data(4, None)
