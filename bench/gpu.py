@@ -18,7 +18,7 @@ default: a step gets at most what is left; a failed or timed-out step is reporte
    cannot be carried to a GPU machine, so its shape (random weights) stands in: speed and memory do not
    depend on the weights' values.
 3. ``bench/zeroth.py --speed`` at the 0.5B shape: seconds per sample for K = 1, 4, 16 vs 2K forwards.
-4. ``tests/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
+4. ``tests/e2e/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
 5. ``bench/real.py --full``: selection precision (level 1, every selector, 4 targets x 3 draws, plain and
    form-hard pools) and training quality (level 2, 7 methods x 4 targets x 3 seeds) on the real
    SmolLM2-135M-Instruct with BBH tasks; it needs the asset and the BBH task files (``$DATAFLEX_BBH_DIR``
@@ -68,9 +68,9 @@ def plan(dry: bool, out: Path) -> list[dict]:
         weighting = [("weighting demo (cpu)", [py, "bench/weighting.py", "--model", "demo", "--steps", "2", "--modes",
                                                "plain", "loss_global", "--out", str(out)], 300,
                       out / "weighting-demo.json")]
-        deepspeed = [("tests/test_deepspeed.py (collect only)",
+        deepspeed = [("tests/e2e/test_deepspeed.py (collect only)",
                       [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--collect-only",
-                       "tests/test_deepspeed.py"], 120, None)]
+                       "tests/e2e/test_deepspeed.py"], 120, None)]
         e2e_model, e2e_rows, e2e_extra = "demo", 24, {}
     else:
         scoring = [(f"scoring {m} bf16", [py, "bench/scoring.py", "--model", m, "--device", "cuda", "--dtype",
@@ -101,8 +101,8 @@ def plan(dry: bool, out: Path) -> list[dict]:
         weighting = [(f"weighting {m}", [py, "bench/weighting.py", "--model", m, "--steps", "30", "--modes", "plain",
                                          "loss_global", "loss_micro", "--out", str(out)], 150,
                       out / f"weighting-{m}.json") for m in ("smollm2-shape", "qwen2.5-0.5b")]
-        deepspeed = [("tests/test_deepspeed.py -m gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
-                                                         "-m", "gpu", "tests/test_deepspeed.py"], 150, None)]
+        deepspeed = [("tests/e2e/test_deepspeed.py -m gpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                                                         "-m", "gpu", "tests/e2e/test_deepspeed.py"], 150, None)]
         e2e_model, e2e_rows = "qwen2.5-0.5b", 400
         e2e_extra = {"bf16": True}
     # selection quality on the real model (bench/real.py): the full grid needs the SmolLM2 asset and the

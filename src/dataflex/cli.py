@@ -137,7 +137,7 @@ def list_components(
     components: Optional[Path] = typer.Option(None, "--components", "-c", help="A components YAML (default: packaged)."),
 ) -> None:
     """Show the selectors, mixers, weighters and reorderers with their parameters and defaults, and a file's components."""
-    from .components import PACKAGED_COMPONENTS, available, load_components, resolve_components_path
+    from .components_file import PACKAGED_COMPONENTS, available, load_components, resolve_components_path
     from .modes import BY_SECTION, TABLE
 
     for kind, train_type in ((m.section, m.train_type) for m in TABLE):

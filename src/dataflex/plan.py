@@ -18,7 +18,7 @@ from typing import Any
 
 from .args import DATAFLEX_KEYS, STAGES, DataFlexArguments, check_training_keys
 from .component import Component
-from .components import ComponentSpec, build_component, get_component, resolve_components_path
+from .components_file import ComponentSpec, build_component, get_component, resolve_components_path
 from .errors import ConfigError
 from .modes import BY_TRAIN_TYPE, TRAIN_TYPES, ModeInfo
 from .values import truthy

@@ -1,6 +1,6 @@
 """The tests' plugin: pauses and injected faults, through the product's plugin hook.
 
-``tests/conftest.py`` puts ``tests/`` on ``PYTHONPATH`` and sets
+``tests/support/environment.py`` (imported by ``tests/conftest.py``) puts ``tests/`` on ``PYTHONPATH`` and sets
 ``DATAFLEX_PLUGINS=dataflex.diagnostics,plugins.faults``, so every training process - torchrun
 workers included, which re-import everything - installs it. It does nothing unless its own
 variables are set (the decision trace, ``DATAFLEX_TRACE_DIR``, is the diagnostics plugin's):

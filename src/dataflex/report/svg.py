@@ -187,12 +187,12 @@ def stacked_bars(name: str, labels: list[str], names: list[str], counts: list[li
     counts = [counts[i] for i in keep]
     frame = _Frame([0, max(len(labels), 1)], [0.0, 1.0], xlabel, ylabel, 0.0, 1.0)
     body = [frame.axes(xticks=False)]
-    slot = (W - ML - MR) / max(len(labels), 1)
-    bar = max(slot * 0.8, 1.0)
+    column = (W - ML - MR) / max(len(labels), 1)
+    bar = max(column * 0.8, 1.0)
     every = max(1, math.ceil(len(labels) / 20))
     for i, (label, row) in enumerate(zip(labels, counts)):
         total = sum(row) or 1
-        x = ML + i * slot + (slot - bar) / 2
+        x = ML + i * column + (column - bar) / 2
         acc = 0.0
         for d, c in enumerate(row):
             if not c:
@@ -250,11 +250,11 @@ def box_pairs(name: str, labels: list[str], groups: list[list[tuple[str, list[fl
     all_values = [v for g in groups for _, vals in g for v in vals]
     frame = _Frame([0, max(len(labels), 1)], all_values, xlabel, ylabel)
     body = [frame.axes(xticks=False)]
-    slot = (W - ML - MR) / max(len(labels), 1)
+    column = (W - ML - MR) / max(len(labels), 1)
     names: list[str] = []
     count = 0
     for i, (label, group) in enumerate(zip(labels, groups)):
-        width = slot * 0.8 / max(len(group), 1)
+        width = column * 0.8 / max(len(group), 1)
         for k, (gname, vals) in enumerate(group):
             if gname not in names:
                 names.append(gname)
@@ -263,7 +263,7 @@ def box_pairs(name: str, labels: list[str], groups: list[list[tuple[str, list[fl
             v = sorted(vals)
             q = [v[0], quantile(v, 0.25), quantile(v, 0.5), quantile(v, 0.75), v[-1]]
             color = PALETTE[names.index(gname) % len(PALETTE)]
-            x = ML + i * slot + slot * 0.1 + k * width
+            x = ML + i * column + column * 0.1 + k * width
             cx = x + width / 2
             tip = (f"{esc(label)}: {esc(gname)}, {len(v)} rows; min {fmt(q[0])}, median {fmt(q[2])}, "
                    f"max {fmt(q[4])}")
@@ -276,6 +276,6 @@ def box_pairs(name: str, labels: list[str], groups: list[list[tuple[str, list[fl
                         f'<line x1="{x + width * 0.1:.1f}" x2="{x + width * 0.9:.1f}" y1="{frame.py(q[2]):.1f}" '
                         f'y2="{frame.py(q[2]):.1f}" stroke="#222" stroke-width="2"/></g>')
             count += 1
-        body.append(f'<text x="{ML + (i + 0.5) * slot:.1f}" y="{H - MB + 16}" class="tick" text-anchor="middle">'
+        body.append(f'<text x="{ML + (i + 0.5) * column:.1f}" y="{H - MB + 16}" class="tick" text-anchor="middle">'
                     f'{esc(label)}</text>')
     return _svg(name, count, "".join(body), title or ylabel) + _legend(names)

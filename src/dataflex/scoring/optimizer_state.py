@@ -23,7 +23,7 @@ Under DeepSpeed the moments of a parameter are spread over the ranks; every rank
   layout was not understood and plain gradients are used, with a warning.
 * ZeRO-3: ``deepspeed.utils.safe_get_full_optimizer_state`` per parameter.
 
-``tests/test_deepspeed.py`` runs ZeRO-2 and ZeRO-3 on two CPU processes and compares the scores
+``tests/e2e/test_deepspeed.py`` runs ZeRO-2 and ZeRO-3 on two CPU processes and compares the scores
 of every sample with a run without DeepSpeed.
 
 Every function here that touches DeepSpeed runs collectives (all ranks, same order): callers

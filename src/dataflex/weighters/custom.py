@@ -1,7 +1,7 @@
 """``custom``: the template for your own weighter - here, every weight is 1.
 
 With ``strategy: uniform`` the run trains exactly as plain LLaMA-Factory would (bit for bit:
-``tests/test_weighters.py`` compares the loss curves), which makes it the control of a weighting
+``tests/unit/weighters/test_weighters.py`` compares the loss curves), which makes it the control of a weighting
 experiment. To write your own, copy this file (docs/weighters/custom.md), give the class another
 ``name`` (or reference it as ``name: path/to/my_weighter.py:MyWeighter`` in your components
 file), declare the signals it needs and return one weight per sample.

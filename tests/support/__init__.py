@@ -1,0 +1,1 @@
+"""Test support code (no tests): the environment, shared helpers, the warm CLI."""
