@@ -272,3 +272,29 @@ def test_two_process_compare(tmp_path, make_train_yaml, run_cli):
     manifest = json.loads((tmp_path / "out" / "loss" / "seed-0" / "dataflex" / "run.json").read_text())
     assert manifest["global_batch"] == 2 * 2 * 2  # two processes trained it
     assert data["tables"][0]["rows"][1]["over"] == "questions"
+
+
+@pytest.mark.e2e
+def test_one_forward_choice_scores_equal_full_forwards(tiny_model, tmp_path):
+    """The cached-prompt scorer gives each option the log-likelihood a full forward of prompt + option gives."""
+    import torch
+    from conftest import load_lf_pipeline
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    from dataflex.compare.evaluate import ChoiceScorer
+
+    pipe = load_lf_pipeline(tiny_model, tmp_path, max_samples=4)
+    model, tok = pipe["model"], pipe["tokenizer"]
+    model.eval()
+    template = get_template_and_fix_tokenizer(tok, DataArguments(template="default"))
+    scorer = ChoiceScorer(model, tok, template)
+    options = ["120", "12", "one hundred and twenty"]
+    scored = scorer.score("Add the two numbers.\n59 + 61", options)
+    for option, (total, count) in zip(options, scored):
+        prompt, answer = scorer.encode("Add the two numbers.\n59 + 61", option)
+        answer = answer[:answer.index(tok.eos_token_id) + 1]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0].float(), dim=-1)
+        want = sum(float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(answer))
+        assert count == len(answer) and total == pytest.approx(want, abs=1e-4)
