@@ -179,11 +179,27 @@ def compared(tmp_path_factory, make_train_yaml, run_cli):
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+    # the killed comparison's training child went with it (the kernel ends it with its parent)
+    deadline = time.time() + 20
+    while _processes_naming(out / "loss" / "seed-0") and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(out / "loss" / "seed-0") == []
     kept = {p.relative_to(first): (p.read_bytes(), p.stat().st_mtime_ns) for p in first.rglob("*") if p.is_file()}
     res = run_cli(args, cwd=folder, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     data = json.loads((out / "compare.json").read_text())
     return {"folder": folder, "out": out, "res": res, "data": data, "kept": kept, "first": first}
+
+
+def _processes_naming(path: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(path) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def _values(data, method, role, step):
@@ -258,6 +274,10 @@ def test_html_page_in_headless_chromium(compared):
     for method in E2E_METHODS.split(","):
         assert f"<td>{method}</td>" in dom
     assert dom.count("<svg") == 2 and dom.count("<polyline") == 2 * 3  # random, loss, random (long) per chart
+    links = re.findall(r"<a href='([^']+)'>", dom)
+    assert len(links) == 6 and all(link.startswith("page_runs/") and link.endswith(".html") for link in links)
+    for link in links:  # each run's own report page, beside this one
+        assert "DataFlex" in (page.parent / link).read_text()
     assert "src=" not in dom and "http" not in dom.replace("http://www.w3.org/2000/svg", "")  # self-contained
 
 
@@ -298,3 +318,42 @@ def test_one_forward_choice_scores_equal_full_forwards(tiny_model, tmp_path):
             logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0].float(), dim=-1)
         want = sum(float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(answer))
         assert count == len(answer) and total == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_real_model_on_bbh_choice(smollm2, tmp_path, run_cli):
+    """SmolLM2-135M-Instruct on a BBH pool (../shared/data/bbh): random vs loss, 2 seeds, scored by choice."""
+    import sys
+
+    from conftest import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import mc_tasks
+
+    if mc_tasks.bbh_source() is None:
+        pytest.skip("no BBH task files (../shared/data/bbh or $DATAFLEX_BBH_DIR)")
+    target, other = "logical_deduction_three_objects", "navigate"
+    paths = mc_tasks.fetch_bbh([target, other])
+    mc_tasks.write_bbh_pool(tmp_path / "data", target, [other], paths, per_task=24, n_eval=16, n_test=0)
+    cfg = {
+        "model_name_or_path": str(smollm2), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "lora_rank": 8, "lora_alpha": 16, "dataset": "bb_train", "eval_dataset": "bb_eval",
+        "dataset_dir": str(tmp_path / "data"), "template": "smollm2", "cutoff_len": 384, "overwrite_cache": True,
+        "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": 42, "output_dir": str(tmp_path / "x"),
+        "logging_steps": 1, "plot_loss": False, "report_to": "none", "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2, "learning_rate": 2e-4, "bf16": False,
+        "train_type": "dynamic_select", "component_name": "random", "warmup_step": 2, "update_step": 2,
+        "update_times": 2,
+    }
+    config = write_yaml(tmp_path / "bbh.yaml", cfg)
+    res = run_cli(["compare", config, "--methods", "random,loss", "--seeds", "2", "--metric", "choice",
+                   "--eval-every", "3", "--out", tmp_path / "out"], cwd=tmp_path, timeout=1500)
+    assert res.returncode == 0, res.stderr[-4000:]
+    data = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert [t["metric"] for t in data["tables"]] == ["loss", "choice", "choice_norm"]
+    for run in data["runs"]:
+        for point in run["curve"]:
+            assert len(point["metrics"]["choice"]) == 16  # one verdict per eval question
+            assert point["values"]["choice"] * 16 == pytest.approx(round(point["values"]["choice"] * 16))
+    base = next(r for r in data["runs"] if r["method"] == "random" and r["seed_index"] == 0)
+    assert base["curve"][-1]["values"]["loss"] < base["curve"][0]["values"]["loss"]  # it learns the task's format

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,19 @@ def line_chart(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel
     return "\n".join(out)
 
 
+def run_report(out: Path, target: Path) -> Path | None:
+    """A run's own report page (what ``dataflex-cli report OUT --html`` writes), or None for a run without
+    DataFlex records (``plain``). The one place this page reads a run folder."""
+    from ..errors import ConfigError
+    from ..report_html import write_page as report_page
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return report_page(out, target)
+    except ConfigError:
+        return None
+
+
 def _curves(data: dict[str, Any], metric: str, x: str) -> dict[str, list[tuple[float, float]]]:
     """Per method (and the baseline's long runs), the metric at each checkpoint averaged over the seeds."""
     by: dict[str, dict[int, list[tuple[float, float]]]] = {}
@@ -105,11 +119,15 @@ def page(data: dict[str, Any], where: Path | None = None) -> str:
     for entry in data["runs"]:
         target = Path(entry["out"])
         if where is not None:
+            stem = f"{entry['method']}-seed-{entry['seed_index']}{'-long' if entry.get('role') == 'long' else ''}"
+            report = run_report(target, where.parent / f"{where.stem}_runs" / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', stem)}.html")
+            target = report if report is not None else target
             try:
                 target = Path(os.path.relpath(target.resolve(), where.resolve().parent))
             except ValueError:
                 pass
-        links.append(f"<li><a href='{html.escape(target.as_posix())}/'>{html.escape(entry['method'])} seed "
+        suffix = "" if target.suffix == ".html" else "/"
+        links.append(f"<li><a href='{html.escape(target.as_posix())}{suffix}'>{html.escape(entry['method'])} seed "
                      f"{entry['seed_index']}{' (long)' if entry.get('role') == 'long' else ''}</a>: seed {entry['seed']}, "
                      f"{entry['steps']} steps, {entry['seconds']['train'] or 0:.1f} s training "
                      f"({entry['seconds']['decisions'] or 0:.1f} s deciding)</li>")

@@ -96,7 +96,10 @@ def train(spec: RunSpec, progress: Progress, remaining: list[RunSpec], env: dict
                          + (f", {step_time:.2f} s/step" if step_time else "") + eta)
 
     with log_path.open("w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        # its own process group, so that stopping it stops everything it started (torchrun's workers); and
+        # ended by the kernel if this process dies without a chance to stop it (SIGKILL)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
         def pump() -> None:
             buf = b""
@@ -127,6 +130,16 @@ def train(spec: RunSpec, progress: Progress, remaining: list[RunSpec], env: dict
         raise RunFailed(f"{spec.name}: dataflex-cli train exited with {code}"
                         + (f" ({tail[0].strip()[:200]})" if tail else "") + f"; log {log_path}")
     progress.done_seconds.append(time.monotonic() - start)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGKILL when the parent dies (elsewhere: nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop(proc: subprocess.Popen) -> None:
