@@ -274,7 +274,7 @@ def test_html_page_in_headless_chromium(compared):
     for method in E2E_METHODS.split(","):
         assert f"<td>{method}</td>" in dom
     assert dom.count("<svg") == 2 and dom.count("<polyline") == 2 * 3  # random, loss, random (long) per chart
-    links = re.findall(r"<a href='([^']+)'>", dom)
+    links = re.findall(r'<a href="([^"]+)">', dom)
     assert len(links) == 6 and all(link.startswith("page_runs/") and link.endswith(".html") for link in links)
     for link in links:  # each run's own report page, beside this one
         assert "DataFlex" in (page.parent / link).read_text()
