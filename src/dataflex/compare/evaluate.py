@@ -13,6 +13,7 @@ Every metric comes back per question, as ``(numerator, denominator)`` pairs (see
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,14 +85,28 @@ class Evaluator:
 
     def _load(self, workdir: Path) -> dict[str, Any]:
         if self._loaded is None:
-            from ..integration import load_pipeline
+            import os
 
-            cfg = {k: v for k, v in self.cfg.items() if k not in DATAFLEX_KEYS}
-            cfg.update({"dataset": cfg["eval_dataset"], "output_dir": str(workdir), "do_train": True,
-                        "overwrite_output_dir": True, "report_to": "none", "max_steps": 1})
-            for key in ("deepspeed", "fsdp", "fsdp_config", "resume_from_checkpoint", "include_num_input_tokens_seen"):
-                cfg.pop(key, None)
-            pipe = load_pipeline(cfg)
+            # quiet loading: LLaMA-Factory reads its verbosity from the environment when it parses the arguments
+            # (here, in this process only; the training children keep their own logs)
+            before = os.environ.get("LLAMAFACTORY_VERBOSITY")
+            os.environ["LLAMAFACTORY_VERBOSITY"] = "WARN"
+            try:
+                from ..integration import load_pipeline
+
+                logging.getLogger("llamafactory").setLevel(logging.WARNING)
+                cfg = {k: v for k, v in self.cfg.items() if k not in DATAFLEX_KEYS}
+                cfg.update({"dataset": cfg["eval_dataset"], "output_dir": str(workdir), "do_train": True,
+                            "overwrite_output_dir": True, "report_to": "none", "max_steps": 1})
+                for key in ("deepspeed", "fsdp", "fsdp_config", "resume_from_checkpoint",
+                            "include_num_input_tokens_seen"):
+                    cfg.pop(key, None)
+                pipe = load_pipeline(cfg)
+            finally:
+                if before is None:
+                    os.environ.pop("LLAMAFACTORY_VERBOSITY", None)
+                else:
+                    os.environ["LLAMAFACTORY_VERBOSITY"] = before
             pipe["model"].eval()
             pipe["rows"] = self._raw_rows()
             self._loaded = pipe
