@@ -184,11 +184,13 @@ def compared(tmp_path_factory, make_train_yaml, run_cli):
     while _processes_naming(out / "loss" / "seed-0") and time.time() < deadline:
         time.sleep(0.2)
     assert _processes_naming(out / "loss" / "seed-0") == []
+    after_kill = json.loads((out / "compare.json").read_text())  # rewritten after each finished run
     kept = {p.relative_to(first): (p.read_bytes(), p.stat().st_mtime_ns) for p in first.rglob("*") if p.is_file()}
     res = run_cli(args, cwd=folder, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     data = json.loads((out / "compare.json").read_text())
-    return {"folder": folder, "out": out, "res": res, "data": data, "kept": kept, "first": first}
+    return {"folder": folder, "out": out, "res": res, "data": data, "kept": kept, "first": first,
+            "after_kill": after_kill}
 
 
 def _processes_naming(path: Path) -> list[int]:
@@ -214,6 +216,12 @@ def test_resume_skips_the_finished_run_and_leaves_it_byte_for_byte(compared):
            for p in compared["first"].rglob("*") if p.is_file()}
     assert now == compared["kept"]
     assert len(compared["data"]["runs"]) == 6 and compared["data"]["missing"] == []
+    # what the killed attempt left: its one finished run, and the five missing ones named in its tables
+    killed = compared["after_kill"]
+    assert [(r["method"], r["seed_index"], r["role"]) for r in killed["runs"]] == [("random", 0, "main")]
+    assert [m.rsplit(" (", 1)[0] for m in killed["missing"]] == [
+        "random seed 1", "random seed 0 (long)", "random seed 1 (long)", "loss seed 0", "loss seed 1"]
+    assert "loss: missing seed 0, 1 (not finished)" in killed["tables"][0]["notes"]
     # progress lines: one per run started, with the step count and an ETA once steps are timed
     assert len(re.findall(r"\[compare\] run \d/5 .*: training", compared["res"].stderr)) == 5
     assert re.search(r"step 6/6, [\d.]+ s/step, ETA run 0s", compared["res"].stderr)
