@@ -115,11 +115,9 @@ def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    for pkg in ("transformers", "peft", "llamafactory", "deepspeed"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: record that
-            info[pkg] = None
+    from dataflex.versions import versions
+
+    info.update({pkg: v for pkg, v in versions().items() if pkg not in info})
     return info
 
 
@@ -136,7 +134,7 @@ def write_json(name: str, result: dict, out: str | os.PathLike | None = None) ->
 def pipeline(tmp: str, n_train: int, cutoff: int = 256, eval_file: str | None = None, model: str = "demo",
              **overrides):
     """Build a model of shape ``model`` and tokenize ``n_train`` mixed-length samples with LLaMA-Factory."""
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
 
     tmp_path = Path(tmp)
     model_dir = build_model(tmp_path, model)

@@ -21,8 +21,8 @@ default: a step gets at most what is left; a failed or timed-out step is reporte
 4. ``tests/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
 5. ``bench/real.py --full``: selection precision (level 1, every selector, 4 targets x 3 draws, plain and
    form-hard pools) and training quality (level 2, 7 methods x 4 targets x 3 seeds) on the real
-   SmolLM2-135M-Instruct with BIG-bench tasks; it needs the asset and the task files (fetched through the
-   package index on first use), and on one GPU it takes longer than this plan's budget: run it on its own
+   SmolLM2-135M-Instruct with BBH tasks; it needs the asset and the BBH task files (``$DATAFLEX_BBH_DIR``
+   or ``../shared/data/bbh`` on a machine without network), and on one GPU it takes longer than this plan's budget: run it on its own
    where it matters (``python bench/real.py --full``). The dry run prints and checks its grid.
 6. An end-to-end ``dataflex-cli train`` of the seed's ``less.yaml`` shape (LoRA r16 on all linears,
    bf16, the Qwen2.5-0.5B shape with random weights, ZeRO-3 when 2+ GPUs): the selection's share of
@@ -106,10 +106,10 @@ def plan(dry: bool, out: Path) -> list[dict]:
         e2e_model, e2e_rows = "qwen2.5-0.5b", 400
         e2e_extra = {"bf16": True}
     # selection quality on the real model (bench/real.py): the full grid needs the SmolLM2 asset and the
-    # BIG-bench task files (fetched on first use through the package index); the dry run checks the plan
-    real = [("real-model quality plan (SmolLM2 + BIG-bench)", [py, "bench/real.py", "--full", "--plan-only"], 60,
+    # BBH task files ($DATAFLEX_BBH_DIR or ../shared/data/bbh); the dry run checks the plan
+    real = [("real-model quality plan (SmolLM2 + BBH)", [py, "bench/real.py", "--full", "--plan-only"], 60,
              None)] if dry else [
-        ("real-model quality (SmolLM2 + BIG-bench, full grid)",
+        ("real-model quality (SmolLM2 + BBH, full grid)",
          [py, "bench/real.py", "--full", "--levels", "zeroth,1,2", "--out", str(out / "real-full")], 600,
          out / "real-full" / "level1.json")]
     steps = [{"name": n, "cmd": c, "limit": t, "json": j}

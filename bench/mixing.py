@@ -28,9 +28,9 @@ DOMAINS = ["wiki_demo", "demo_code", "demo_arith"]
 
 
 def _records(out: Path) -> list[dict]:
-    manifest = json.loads((out / "dataflex" / "run.json").read_text())
-    recs = [json.loads(p.read_text()) for p in Path(manifest["records"]).glob("step_*.json")]
-    return sorted(recs, key=lambda r: r["step"])
+    from dataflex.report import read_run
+
+    return sorted(read_run(out).step_records(), key=lambda r: r["step"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,8 @@ from pathlib import Path
 import yaml
 from _common import at_step
 
+from dataflex.report import read_run, read_trace
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = "date_us"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -479,7 +481,7 @@ def env_for(out: Path, trace: Path | None = None) -> dict:
                HF_HOME=str(out / "hf-home"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("FORCE_TORCHRUN", None)
     if trace is not None:
-        env["DATAFLEX_TEST_PLUGIN"] = "1"  # its trace only: the rows each step trained on
+        env["DATAFLEX_PLUGINS"] = "dataflex.diagnostics"  # the decision trace: the rows each step trained on
         env["DATAFLEX_TRACE_DIR"] = str(trace)
     return env
 
@@ -526,19 +528,14 @@ def one_run(s: Settings, m: dict, seed: int, base: Path, data: Path, comp_path: 
     train = json.loads((run_dir / "train_results.json").read_text())
     rows_meta = meta["domains"] if m["train_type"] == "dynamic_mix" else meta["pool"]
     consumed: list[int] = []
-    for p in sorted(trace.glob("trace_rank*.jsonl")):
-        for line in p.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["step"] >= s.warmup:
-                consumed += rec["indices"]
+    for lines in read_trace(trace).values():
+        consumed += [i for rec in lines if rec["step"] >= s.warmup for i in rec["indices"]]
     share = {k: (sum(bool(rows_meta[i][k]) for i in consumed) / len(consumed) if consumed else None)
              for k in ("noisy", "dup")}
     share["target"] = sum(rows_meta[i]["task"] == TARGET for i in consumed) / len(consumed) if consumed else None
     aucs = []
-    records = json.loads((run_dir / "dataflex" / "run.json").read_text()).get("records")
-    if records and Path(records).is_dir():
-        for p in Path(records).glob("step_*.json"):
-            rec = json.loads(p.read_text())
+    if (run_dir / "dataflex" / "run.json").is_file():
+        for rec in read_run(run_dir).step_records():
             ps = (rec.get("summary") or {}).get("pool_scores")
             if ps:
                 pairs = [(v if m["name"] == "loss" else -v, rows_meta[i]["noisy"])

@@ -1,19 +1,25 @@
-"""Selection quality on a real model and real tasks: SmolLM2-135M-Instruct + BIG-bench.
+"""Selection quality on a real model and real tasks: SmolLM2-135M-Instruct + BBH (BIG-Bench Hard).
 
-    python bench/real.py --quick            # level 1 on one hard pool + a level-2 smoke (about 8 min on a
-                                            # 2-core CPU, estimated from the measured parts; see below)
-    python bench/real.py                    # the CPU run behind docs/benchmarks.md
+    python bench/real.py --quick            # level 1 on one hard pool + a level-2 smoke
+    python bench/real.py                    # the CPU grid (6 BBH targets x 3 draws x plain/hard pools)
     python bench/real.py --full             # the full grid (bench/gpu.py runs it on a GPU machine)
     python bench/real.py --plan-only        # print the grid, check the arguments, load nothing
+    python bench/real.py --data bigbench    # the BIG-bench tasks (needs the bigbench 1.0.0 sdist or a checkout)
+    python bench/bbh_probe.py               # first: which BBH tasks SmolLM2 can learn at all (the ceiling probe)
+
+Tasks come from ``bench/mc_tasks.py``: BBH by default (``$DATAFLEX_BBH_DIR``, ``../shared/data/bbh``,
+or a download at the pinned commit; every file checked against its SHA-256), BIG-bench with
+``--data bigbench``, the repo's generated demo tasks with ``--data demo`` (level 1 only).
 
 Level 1 - selection precision. A pool of BIG-bench multiple-choice tasks (``--per-task`` rows
 each, so the target is 1/10 of the pool) in which ``--wrong`` of the rows carry a planted wrong
 answer, and a few-shot eval set of the target. Two kinds of pool:
 
 * ``plain``: the target and nine other tasks, task prefixes kept;
-* ``hard``: task prefixes stripped (every row has the same layout: question, lettered options,
-  the same closing line) and the target next to a *sibling* task with the same answer options
-  (e.g. strategyqa and anachronisms: both Yes / No), so wording alone does not give it away.
+* ``hard``: the target next to a *sibling* task with the same answer options (BBH:
+  logical_deduction_three_objects and tracking_shuffled_objects_three_objects, both (A)-(C);
+  BIG-bench: strategyqa and anachronisms, both Yes / No; BIG-bench's task prefixes are stripped too),
+  so the answers alone do not give the target away.
 
 Per pool the model is loaded once (LoRA r8 on all linears, as training would), the delta_loss
 baseline is scored, one warm-up AdamW step is taken on a random batch, and every selector picks as
@@ -313,7 +319,7 @@ def run_level1_pool(model_path: Path, folder: Path, target: str, labels: list[st
     """Every selector on one pool, in-process with one model load. One result row per selector."""
     import torch
 
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
     from dataflex.selectors.base import SelectionContext
 
     rows = json.loads((folder / "bb_train.json").read_text())
@@ -526,7 +532,7 @@ def zeroth_check(args, model_path: Path, paths: dict, out: Path) -> dict:
     and ``normalize: true`` (the cosine from a few random directions) against the exact cosine."""
     import torch
 
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
     from dataflex.scoring.zeroth import ZerothOrderProbe, global_norm, tensor_direction
     from dataflex.selectors.base import SelectionContext
 
@@ -888,11 +894,10 @@ def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
         raise SystemExit(f"bench/real.py: dataflex-cli train {path} failed:\n{tail}")
+    from dataflex.report import read_run
+
     out = Path(cfg["output_dir"])
-    run = json.loads((out / "dataflex" / "run.json").read_text())
-    records = {}
-    for rec in Path(run["records"]).glob("step_*.json"):
-        records[int(rec.stem.removeprefix("step_"))] = json.loads(rec.read_text())
+    records = {rec["step"]: rec for rec in read_run(out).step_records()}
     return seconds, records, json.loads((out / "train_results.json").read_text())
 
 
@@ -965,6 +970,9 @@ def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) ->
                             model = PeftModel.from_pretrained(base, where).eval()
                             res = evaluate(model, tok, folder, target, info["others"], args)
                             base = model.unload()
+                            # unload() keeps the adapter's config on the model; the next adapter would warn
+                            # that it is a second one
+                            base.__dict__.pop("peft_config", None)
                             curve.append(curve_point(step, res))
                             if step == plan["steps"]:
                                 entry.update(res)  # equal steps: every method's last step, random's checkpoint

@@ -80,7 +80,7 @@ def exact_gradients(model, collator, dataset, ids) -> torch.Tensor:
 
 def load(tmp: str, n_train: int, cutoff: int, hidden: int = 64, rank: int = 8):
     from dataflex.demo import build_tiny_model
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
 
     model_dir = build_tiny_model(Path(tmp) / f"tiny{hidden}", ROOT / "data", hidden_size=hidden)
     return load_pipeline({

@@ -43,8 +43,13 @@ os.environ.update(
         "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
         "TOKENIZERS_PARALLELISM": "false",
         "WANDB_DISABLED": "true",
-        # dataflex.testing (traces, pauses, injected faults); inert unless its own variables are set
-        "DATAFLEX_TEST_PLUGIN": "1",
+        # through the product's plugin hook, in every training process (torchrun workers too): the
+        # diagnostics trace (DATAFLEX_TRACE_DIR) and tests/plugins/faults.py (pauses, injected
+        # faults); both inert unless their own variables are set
+        "DATAFLEX_PLUGINS": "dataflex.diagnostics,plugins.faults",
+        # the workers import plugins.faults from tests/
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent)]
+                                      + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
     }
 )
 # Where xdist workers leave the test groups for the controller's scheduler (end of this file); set
@@ -89,34 +94,29 @@ def data_dir() -> Path:
 # --------------------------------------------------------------------------- what a run wrote
 def manifest(out: str | os.PathLike) -> dict[str, Any]:
     """``<output_dir>/dataflex/run.json`` of a run."""
-    import json
+    from dataflex.report import read_run
 
-    return json.loads((Path(out) / "dataflex" / "run.json").read_text())
+    return read_run(out).manifest
 
 
 def records(out: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """The run's records by step (from the folder its manifest names)."""
-    import json
+    """The run's step records by step (from the folder its manifest names, found relative to ``out``)."""
+    from dataflex.report import read_run
 
-    folder = Path(manifest(out)["records"])
-    return {int(p.stem.removeprefix("step_")): json.loads(p.read_text()) for p in folder.glob("step_*.json")}
+    return {rec["step"]: rec for rec in read_run(out).step_records()}
 
 
 def weight_lines(out: str | os.PathLike) -> list[dict[str, Any]]:
-    import json
+    from dataflex.report import read_run
 
-    path = Path(manifest(out)["records"]) / "weights.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_run(out).lines("weights.jsonl")
 
 
 def traces(folder: str | os.PathLike) -> dict[int, list[dict[str, Any]]]:
     """``{rank: [trace lines in file order]}`` written under DATAFLEX_TRACE_DIR=folder."""
-    import json
+    from dataflex.report import read_trace
 
-    out = {}
-    for path in sorted(Path(folder).glob("trace_rank*.jsonl")):
-        out[int(path.stem.removeprefix("trace_rank"))] = [json.loads(x) for x in path.read_text().splitlines()]
-    return out
+    return read_trace(folder)
 
 
 def consumed_by_step(folder: str | os.PathLike, rank: int = 0) -> dict[int, list[int]]:
@@ -373,7 +373,7 @@ def load_lf_pipeline(model_path, output_dir, **overrides: Any) -> dict[str, Any]
     Defaults: LoRA rank 4 on all linears, dropout 0.1 (scoring must switch it off), demo_mix +
     demo_chat train, demo_add_eval eval, cutoff 96, 60 samples per dataset, fp32, seed 3.
     """
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
 
     cfg = {
         "model_name_or_path": str(model_path), "stage": "sft", "do_train": True, "finetuning_type": "lora",

@@ -136,3 +136,14 @@ def test_the_converted_smollm2_answers_a_question(smollm2):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-folder-is-a-file", "a-parent-is-a-file"])
+def test_a_file_where_the_folder_should_be_is_one_line_and_exit_2(tmp_path, run_cli, inside):
+    blocker = tmp_path / "model.bin"
+    blocker.write_text("not a folder")
+    res = run_cli(["assets", "smollm2", blocker / "smollm2" if inside else blocker], timeout=60)
+    assert res.returncode == 2, failure_report(res)
+    assert res.stderr.strip() == (f"dataflex-cli: error: '{blocker}' is a file, not a folder: name a folder for the "
+                                  "model (it is created if missing)")
+    assert blocker.read_text() == "not a folder"

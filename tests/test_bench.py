@@ -142,3 +142,58 @@ def test_real_model_benchmark_runs_end_to_end_on_stand_in_tasks(smollm2, tmp_pat
     assert less_row["equal_compute_steps"] > 2 and less_row["selection_seconds"]["mean"] > 0
     assert (out / "level2.png").stat().st_size > 0 and "| strategyqa | less |" in (out / "level2.md").read_text()
     assert "not checked against" in res.stderr
+
+
+BBH = REPO_ROOT.parent / "shared" / "data" / "bbh"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BBH.is_dir(), reason="no ../shared/data/bbh on this machine")
+def test_real_model_benchmark_runs_end_to_end_on_bbh(smollm2, tmp_path):
+    """bench/real.py on its default source, the BBH files beside the repository: a hard navigate pool
+    (its sibling sports_understanding), level 2 with floor / ceiling / random / less. Who wins is not
+    asserted; the shapes, the splits and the resume are."""
+    import json
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "bench/real.py", "--quick", "--selectors", "random,loss", "--n-eval", "4",
+           "--l2-steps", "2", "--l2-test", "6", "--l2-other-test", "1", "--out", out,
+           "--l2-methods", "floor,ceiling,random"]
+    res = run_command(cmd, env={"DATAFLEX_BBH_DIR": None}, timeout=900)
+    assert res.returncode == 0, failure_report(res)
+    level1 = json.loads((out / "level1.json").read_text())
+    assert level1["args"]["data"] == "bbh"
+    for r in level1["results"]:
+        assert r["kind"] == "hard" and r["target"] == "navigate" and r["k"] == 3 and len(set(r["picks"])) == 3
+    level2 = json.loads((out / "level2.json").read_text())["results"]
+    assert [r["method"] for r in level2] == ["floor", "ceiling", "random"]
+    for r in level2:
+        assert r["target"]["n"] == 6 and 0 <= r["target"]["acc_sum"] <= 1 and r["target"]["set_logprob"] < 0
+    # level 1 resumes pool by pool: a second run finds the pool done and does not score it again
+    res = run_command([*cmd[:-2], "--levels", "1"], env={"DATAFLEX_BBH_DIR": None}, timeout=600)
+    assert res.returncode == 0, failure_report(res)
+    assert "done before, skipped" in res.stderr
+    assert json.loads((out / "level1.json").read_text())["results"] == level1["results"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BBH.is_dir(), reason="no ../shared/data/bbh on this machine")
+def test_bbh_probe_runs_and_resumes(smollm2, tmp_path):
+    """bench/bbh_probe.py on one short task: floor, a one-epoch ceiling, the table; a rerun reuses every
+    finished piece (no training, no scoring) and writes the same table."""
+    import json
+
+    out = tmp_path / "probe"
+    cmd = [sys.executable, "bench/bbh_probe.py", "--tasks", "sports_understanding", "--train", "8", "--test", "10",
+           "--epochs", "1", "--out", out]
+    res = run_command(cmd, timeout=600)
+    assert res.returncode == 0, failure_report(res)
+    probe = json.loads((out / "probe.json").read_text())["results"]
+    assert [r["task"] for r in probe] == ["sports_understanding"] and probe[0]["floor"]["n"] == 10
+    assert probe[0]["train"]["n"] == 8 and probe[0]["answers"] == 2 and len(probe[0]["epochs"]) == 1
+    table = (out / "probe.md").read_text()
+    stamp = (out / "tasks" / "sports_understanding" / "floor.json").stat().st_mtime_ns
+    res = run_command(cmd, timeout=300)
+    assert res.returncode == 0, failure_report(res)
+    assert (out / "probe.md").read_text() == table
+    assert (out / "tasks" / "sports_understanding" / "floor.json").stat().st_mtime_ns == stamp

@@ -58,6 +58,8 @@ PREPARE_CASES = {
                                     {"comps.yaml": "r: {name: random, parms: {}}\n"}, [], ["unknown key 'parms'"]),
     "unregistered_eval_dataset": ({"eval_dataset": "nope_eval"}, {}, [], ["eval_dataset: 'nope_eval'"]),
     "stage_not_sft_or_pt": ({"stage": "dpo"}, {}, [], ["stage: 'dpo'"]),
+    "early_stopping_min_delta_negative": ({"early_stopping_steps": 2}, {}, ["early_stopping_min_delta=-0.5"],
+                                          ["early_stopping_min_delta: -0.5 is invalid; allowed: a number >= 0"]),
     "choice_param_out_of_set": ({"components_cfg_file": "comps.yaml", "component_name": "l"},
                                 {"comps.yaml": "l: {name: loss, params: {focus: mid}}\n"},
                                 [], ["param 'focus' = 'mid' is invalid; allowed: low | medium | high"]),
@@ -220,13 +222,13 @@ def test_bad_config_fails_with_one_line(case, bad_config_runs):
 def test_prepare_rejects(case, tmp_path, train_config, repo_root, monkeypatch):
     """The same checks in-process: ConfigError, one line, before any model or output_dir exists."""
     from dataflex.errors import ConfigError
-    from dataflex.launcher import prepare
+    from dataflex.launcher import make_plan
 
     overrides, files, args, fragments = {**CASES, **PREPARE_CASES}[case]
     config = _write_case(tmp_path, train_config, overrides, files)
     monkeypatch.chdir(repo_root)
     with pytest.raises(ConfigError) as err:
-        prepare(config, list(args))
+        make_plan(config, list(args))
     msg = str(err.value)
     assert "\n" not in msg
     for fragment in fragments:
@@ -236,22 +238,22 @@ def test_prepare_rejects(case, tmp_path, train_config, repo_root, monkeypatch):
 
 def test_prepare_resolves_components_and_leaves_plain_configs_alone(tmp_path, train_config, repo_root, monkeypatch):
     from dataflex.components import PACKAGED_COMPONENTS
-    from dataflex.launcher import prepare
+    from dataflex.launcher import make_plan
 
     monkeypatch.chdir(repo_root)
     (tmp_path / "comps.yaml").write_text("r: {name: random}\n")
     config = _write_case(tmp_path, train_config, {"components_cfg_file": "comps.yaml", "component_name": "r"}, {})
-    cfg = prepare(config, ["warmup_step=3"])
+    cfg = make_plan(config, ["warmup_step=3"]).cfg
     assert cfg["components_cfg_file"] == str((tmp_path / "comps.yaml").resolve())
     assert cfg["warmup_step"] == 3
     config = _write_case(tmp_path, train_config, {}, {})
-    assert prepare(config)["components_cfg_file"] == str(PACKAGED_COMPONENTS)
+    assert make_plan(config).cfg["components_cfg_file"] == str(PACKAGED_COMPONENTS)
 
     plain = train_config(NO_MODEL, tmp_path / "out")
     for key in ("train_type", "component_name", "warmup_step", "update_step", "update_times"):
         plain.pop(key)
     path = write_yaml(tmp_path / "plain.yaml", plain)
-    assert prepare(path) == plain  # no DataFlex key added, nothing resolved
+    assert make_plan(path).cfg == plain  # no DataFlex key added, nothing resolved
 
 
 def test_missing_config_file(run_cli, tmp_path):
@@ -400,3 +402,27 @@ def test_torchrun_command_defaults_and_elastic():
     assert cmd[cmd.index("--rdzv-endpoint") + 1] == "127.0.0.1:1234"
     with pytest.raises(ConfigError, match="NPROC_PER_NODE"):
         torchrun_command("c.yaml", [], {}, device_count=0)
+
+
+def test_args_name_no_mode_and_ask_the_mode_table():
+    """args.py is generic: mode-specific key checks live in the mode class (check_args), reached
+    through the mode table, and the train_type help is built from the table."""
+    import dataclasses
+
+    from dataflex import args
+    from dataflex.errors import ConfigError
+    from dataflex.modes import TABLE
+
+    text = Path(args.__file__).read_text(encoding="utf-8")
+    for mode in TABLE:
+        assert mode.train_type not in text
+        assert f'"{mode.name}"' not in text and f"({mode.name}" not in text
+    (field,) = [f for f in dataclasses.fields(args.DataFlexArguments) if f.name == "train_type"]
+    assert field.metadata["help"] == ("The DataFlex mode, one of: dynamic_select (a selector), dynamic_mix (a mixer), "
+                                      "dynamic_weight (a weighter), dynamic_reorder (a reorderer); unset = plain "
+                                      "LLaMA-Factory.")
+    # the select mode's reading of the keys, through the table; the other modes accept the same keys
+    keys = {"component_name": "x", "warmup_step": 0, "update_step": 0, "update_times": 0}
+    with pytest.raises(ConfigError, match=r"^warmup_step/update_step/update_times: the schedule has no steps"):
+        args.DataFlexArguments(train_type="dynamic_select", **keys).check_dataflex_args()
+    args.DataFlexArguments(train_type="dynamic_weight", **keys).check_dataflex_args()

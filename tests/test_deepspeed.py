@@ -53,10 +53,10 @@ def test_example_configs_load_through_transformers(stage):
 
 
 def test_deepspeed_key_passes_dataflex_checks(make_train_yaml, tmp_path):
-    from dataflex.launcher import prepare
+    from dataflex.launcher import make_plan
 
     path = make_train_yaml(tmp_path, deepspeed=str(DS_DIR / "ds_z3_config.json"), component_name="loss")
-    cfg = prepare(path)
+    cfg = make_plan(path).cfg
     assert cfg["deepspeed"].endswith("ds_z3_config.json")
 
 

@@ -58,7 +58,7 @@ def test_yaml_snippets_validate(tmp_path):
     from dataflex.components import build_component, load_components
     from dataflex.integration import known_train_keys
     from dataflex.modes import SECTIONS as KINDS
-    from dataflex.plan import validate_config
+    from dataflex.plan import RunPlan
 
     known = known_train_keys()
     checked = 0
@@ -81,7 +81,7 @@ def test_yaml_snippets_validate(tmp_path):
             unknown = [k for k in data if k not in known]
             assert not unknown, f"{doc.name}: unknown keys {unknown}"
             if data.get("component_name") not in (None, "shortest", "mine") and "components_cfg_file" not in data:
-                validate_config(data, yaml_dir=REPO_ROOT)
+                RunPlan.build(data, yaml_dir=REPO_ROOT)
             checked += 1
     assert checked >= 5
 
@@ -105,7 +105,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path, monkeypatch):
     the repository's examples and data, so nothing is written into the checkout."""
     import shutil
 
-    from dataflex.launcher import prepare
+    from dataflex.launcher import make_plan
 
     work = tmp_path / "checkout"
     for folder in ("examples", "data"):
@@ -153,7 +153,7 @@ def test_readme_quick_start_and_doc_commands(tmp_path, monkeypatch):
             args += [f"output_dir={moved.get(named, tmp_path / f'run{ran}')}", "max_samples=100"]
             if _check_only(args[:-2], env, named, read):
                 monkeypatch.chdir(work)
-                cfg = prepare(work / args[2], args[3:])
+                cfg = make_plan(work / args[2], args[3:]).cfg
                 assert cfg["train_type"] == "dynamic_select" and cfg["output_dir"] == args[-2].split("=", 1)[1], line
                 checked += 1
                 continue

@@ -321,7 +321,7 @@ def test_pt_blocks_never_cross_domains(tiny_model, tmp_path):
     """Every domain tokenized alone: its rows are exactly what LLaMA-Factory makes of that dataset alone."""
     from conftest import DATA_DIR
 
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
 
     common = {"model_name_or_path": str(tiny_model), "stage": "pt", "do_train": True, "finetuning_type": "lora",
               "dataset_dir": str(DATA_DIR), "template": "default", "cutoff_len": 64, "preprocessing_num_workers": 1,

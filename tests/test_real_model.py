@@ -162,7 +162,7 @@ def test_zeroth_on_smollm2_is_the_exact_inner_product_and_normalize_ranks_by_the
     found the raw inner product ranking rows by their gradient norm)."""
     import torch
 
-    from dataflex.integration import load_pipeline
+    from dataflex.diagnostics import load_pipeline
     from dataflex.scoring.engine import ScoringEngine
     from dataflex.selectors import zeroth as zeroth_mod
     from dataflex.selectors.base import SelectionContext

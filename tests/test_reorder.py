@@ -403,6 +403,26 @@ def test_mistakes_are_one_line_errors_before_training(component, extra, expected
     assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.e2e
+def test_a_score_column_of_mixed_types_is_a_one_line_error(make_train_yaml, run_cli, tmp_path):
+    """Numbers in most rows and a string in one: the JSON loader cannot build the column."""
+    rows = json.loads((REPO_ROOT / "data" / "demo_graded.json").read_text())
+    rows[5]["difficulty"] = "hard"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "graded_mixed.json").write_text(json.dumps(rows))
+    (data / "dataset_info.json").write_text(json.dumps({"graded_mixed": {"file_name": "graded_mixed.json"}}))
+    cfg = _config(make_train_yaml, tmp_path, "graded", dataset="graded_mixed", dataset_dir=str(data))
+    res = run_cli(["train", cfg], timeout=200)
+    assert res.returncode == 2, failure_report(res)
+    errors = [ln for ln in res.stderr.splitlines() if "dataflex-cli: error:" in ln]
+    assert errors == ["dataflex-cli: error: dataset 'graded_mixed': column 'difficulty' cannot be read (could not "
+                      "convert 'hard' with type str: tried to convert to int64); allowed: one type in every row of a "
+                      "column (e.g. numbers only)"], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
 # --------------------------------------------------------------------------- the original-style YAMLs
 ORIGINAL = REPO_ROOT / "examples" / "train_lora" / "reorderers"
 CPU = ["bf16=false", "cutoff_len=64", "max_samples=48", "train_step=4", "save_steps=1000", "logging_steps=1",

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT, failure_report
 
-from dataflex import report_html
-from dataflex.report_html import build_page, downsample, overlap
+from dataflex.report import svg
+from dataflex.report.page import build_page, overlap
+from dataflex.report.svg import downsample
 
 EVIL = "<script>alert('x')</script> and </table><b>bold</b>"
 
@@ -108,9 +109,9 @@ def test_tables_and_series_are_capped(tmp_path):
     out = fake_run(tmp_path, records=recs, rows=rows, losses=[1 / (s + 1) for s in range(5000)])
     page = build_page(out, top=4)
     c = charts(page)
-    assert c["loss"] == report_html.MAX_POINTS
-    assert c["composition-dataset"] == report_html.MAX_BARS
-    assert c["scores"] <= report_html.MAX_BARS
+    assert c["loss"] == svg.MAX_POINTS
+    assert c["composition-dataset"] == svg.MAX_BARS
+    assert c["scores"] <= svg.MAX_BARS
     picks = page.split('<section id="picks">')[1]
     assert len(re.findall(r"<tr><td>\d+</td>", picks)) == 8
     selections = page.split('<section id="selections">')[1].split("</section>")[0]

@@ -232,7 +232,7 @@ def test_weighted_loss_gradient_equals_the_hand_weighted_sum_of_per_sample_gradi
     from transformers import AutoModelForCausalLM
 
     from dataflex.scoring.losses import sample_loss_sums
-    from dataflex.modes.base import weight_correction
+    from dataflex.modes.loss import weight_correction
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float64)

@@ -494,20 +494,20 @@ def test_seed_components_entry_and_packaged_entry(tmp_path):
 
 def test_seed_training_yaml_passes_the_selector_checks(repo_root, monkeypatch):
     """The seed page's training YAML (examples/train_lora/selectors/zeroth.yaml) validates with this selector."""
-    from dataflex.plan import validate_config
+    from dataflex.plan import RunPlan
     from dataflex.components import PACKAGED_COMPONENTS
 
     monkeypatch.chdir(repo_root)
     path = repo_root / "examples" / "train_lora" / "selectors" / "zeroth.yaml"
     cfg = yaml.safe_load(path.read_text())
     assert cfg["component_name"] == "zeroth" and cfg["finetuning_type"] == "lora"
-    checked = validate_config(cfg, path.parent)
+    checked = RunPlan.build(cfg, path.parent).cfg
     assert checked["components_cfg_file"] == str(PACKAGED_COMPONENTS)
     cfg.pop("eval_dataset")
     with pytest.raises(ConfigError, match="eval_dataset: required by selector 'zeroth'"):
-        validate_config(cfg, path.parent)
+        RunPlan.build(cfg, path.parent)
     with pytest.raises(ConfigError, match="finetuning_type: 'full' is not supported by selector 'zeroth'"):
-        validate_config({**cfg, "eval_dataset": "x", "finetuning_type": "full"}, path.parent)
+        RunPlan.build({**cfg, "eval_dataset": "x", "finetuning_type": "full"}, path.parent)
 
 
 # --------------------------------------------------------------------------- end to end

@@ -40,7 +40,7 @@ RUNTIME_VARS = frozenset({
     "MIN_NNODES", "MAX_NNODES", "MAX_RESTARTS", "ALLOW_EXTRA_ARGS", "PYTEST_CURRENT_TEST",
     "PYTORCH_NVML_BASED_CUDA_CHECK",  # set by in-process tests; read when torch.cuda is first asked
 })
-RUNTIME_PREFIXES = ("DATAFLEX_TRACE_DIR", "DATAFLEX_TEST_FAULT", "DATAFLEX_TEST_PAUSE_")
+RUNTIME_PREFIXES = ("DATAFLEX_PLUGINS", "DATAFLEX_TRACE_DIR", "DATAFLEX_TEST_FAULT", "DATAFLEX_TEST_PAUSE_")
 
 # What the zygote imports up front: the CLI and the whole stack a training run touches.
 WARM_MODULES = (

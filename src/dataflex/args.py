@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError, parse_problem
-from .modes import TRAIN_TYPES
+from .modes import BY_TRAIN_TYPE, TRAIN_TYPES
 
 logger = logging.getLogger("dataflex")
 
@@ -25,16 +26,17 @@ SAMPLE_RULES = ("mixture", "stratified", "uniform")
 DATAFLEX_KEYS = ("train_type", "components_cfg_file", "component_name", "warmup_step", "update_step", "update_times",
                  "train_step", "mixture_sample_rule", "init_mixture_proportions", "static_mix", "mixer_eval_dataset",
                  "freeze_gate")
+# Keys DataFlex adds that serve plain training as well (they mean the same with or without train_type).
+TRAINING_KEYS = ("early_stopping_min_delta",)
 
 
 @dataclass
 class DataFlexArguments:
     train_type: Optional[str] = field(
         default=None,
-        metadata={"help": "dynamic_select (a selector picks the rows), dynamic_mix (a mixer sets the datasets' "
-                          "proportions), dynamic_weight (a weighter weights each sample's loss) or dynamic_reorder "
-                          "(a reorderer sets the order the rows are consumed in); "
-                          "unset = plain LLaMA-Factory."},
+        metadata={"help": "The DataFlex mode, one of: " + ", ".join(f"{m.train_type} (a {m.singular})" for m in
+                                                                       BY_TRAIN_TYPE.values())
+                          + "; unset = plain LLaMA-Factory."},
     )
     components_cfg_file: Optional[str] = field(
         default=None,
@@ -45,40 +47,47 @@ class DataFlexArguments:
         default=None, metadata={"help": "Key of the component in the components file's section for train_type."}
     )
     warmup_step: int = field(
-        default=0, metadata={"help": "Optimizer steps before the component starts: random rows (select), the initial "
-                                     "proportions (mix), weights 1 (weight), random order (reorder)."}
+        default=0, metadata={"help": "Optimizer steps before the component starts (until then: random rows, the "
+                                     "initial proportions, weights 1 or a random order)."}
     )
     update_step: Optional[int] = field(
-        default=None, metadata={"help": "Optimizer steps between two decisions (select, mix, a dynamic reorderer)."}
+        default=None, metadata={"help": "Optimizer steps between two decisions (a selector, a mixer, a dynamic "
+                                        "reorderer)."}
     )
     update_times: Optional[int] = field(
-        default=None, metadata={"help": "Decisions per cycle (select) or in all (mix, reorder); -1: until training "
-                                        "ends (reorder: also when unset)."}
+        default=None, metadata={"help": "Decisions per cycle (a selector) or in all (a mixer, a reorderer); -1: until "
+                                        "training ends (a reorderer: also when unset)."}
     )
     train_step: Optional[int] = field(
         default=None, metadata={"help": "Total optimizer steps (like max_steps; overrides num_train_epochs)."}
     )
     mixture_sample_rule: Optional[str] = field(
-        default=None, metadata={"help": "dynamic_mix: mixture (the mixer's proportions, from init_mixture_proportions; "
+        default=None, metadata={"help": "With a mixer: mixture (the mixer's proportions, from init_mixture_proportions; "
                                         "default), stratified (fixed, by dataset size) or uniform (fixed, equal)."}
     )
     init_mixture_proportions: Optional[list[float]] = field(
-        default=None, metadata={"help": "dynamic_mix: starting proportions, one per dataset (summing to 1), or the "
+        default=None, metadata={"help": "With a mixer: starting proportions, one per dataset (summing to 1), or the "
                                         "path of a weights JSON written by DoReMi step 2. Unset: uniform."}
     )
     static_mix: bool = field(
-        default=False, metadata={"help": "dynamic_mix: keep the initial proportions for the whole run (no mixer update)."}
+        default=False, metadata={"help": "With a mixer: keep the initial proportions for the whole run (no mixer update)."}
     )
     mixer_eval_dataset: Optional[str] = field(
-        default=None, metadata={"help": "dynamic_mix: one eval dataset per training dataset, in the same order "
-                                        "(dynamic_moe measures the model on them)."}
+        default=None, metadata={"help": "With a mixer: one eval dataset per training dataset, in the same order "
+                                        "(a mixer that measures the model reads them)."}
     )
     freeze_gate: bool = field(
-        default=False, metadata={"help": "dynamic_mix with a mixture-of-experts model: do not train the routers."}
+        default=False, metadata={"help": "With a mixer and a mixture-of-experts model: do not train the routers."}
+    )
+    early_stopping_min_delta: float = field(
+        default=0.0, metadata={"help": "With early_stopping_steps: an eval that improves metric_for_best_model by this "
+                                       "much or less counts as no improvement (transformers' "
+                                       "early_stopping_threshold). 0: any improvement counts."}
     )
 
     def check_dataflex_args(self) -> None:
         """Checks that need only these keys (also run inside LLaMA-Factory's parser)."""
+        check_min_delta(self.early_stopping_min_delta)
         if self.train_type is None:
             return
         if self.train_type not in TRAIN_TYPES:
@@ -89,22 +98,37 @@ class DataFlexArguments:
         for key, low in (("update_step", 0), ("update_times", -1), ("train_step", 1)):
             if getattr(self, key) is not None:
                 _integer(key, getattr(self, key), low)
-        if self.train_type == "dynamic_select":
-            for key in ("update_step", "update_times"):
-                if getattr(self, key) is None:
-                    raise ConfigError(f"{key}: required with train_type: dynamic_select (an integer)")
         if self.update_step == 0 and (self.update_times or 0) != 0:
             raise ConfigError(f"update_step: 0 is invalid with update_times = {self.update_times}; allowed: >= 1")
-        if (self.train_type == "dynamic_select" and self.update_times >= 0
-                and self.warmup_step + self.update_step * self.update_times == 0):
-            raise ConfigError("warmup_step/update_step/update_times: the schedule has no steps; "
-                              "set warmup_step >= 1 or update_step, update_times >= 1")
+        BY_TRAIN_TYPE[self.train_type].mode_class().check_args(self)  # the mode's own reading of these keys
         if self.mixture_sample_rule is not None and self.mixture_sample_rule not in SAMPLE_RULES:
             raise ConfigError(f"mixture_sample_rule: '{self.mixture_sample_rule}' is not supported; "
                               f"allowed: {', '.join(SAMPLE_RULES)}")
         for key in ("static_mix", "freeze_gate"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}: {getattr(self, key)!r} is invalid; allowed: true or false")
+
+
+def check_min_delta(value: Any) -> None:
+    """``early_stopping_min_delta`` is a finite number >= 0 (not a boolean or a string)."""
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value < 0):
+        hint = ""
+        if isinstance(value, str):
+            try:
+                hint = f" (YAML reads {value} as a string; write {float(value)!r})"
+            except ValueError:
+                pass
+        raise ConfigError(f"early_stopping_min_delta: {value!r} is invalid; allowed: a number >= 0 (e.g. 0.01){hint}")
+
+
+def check_training_keys(cfg: dict[str, Any]) -> None:
+    """The :data:`TRAINING_KEYS` of a config, with or without ``train_type``."""
+    if "early_stopping_min_delta" in cfg:
+        check_min_delta(cfg["early_stopping_min_delta"])
+        if cfg["early_stopping_min_delta"] > 0 and cfg.get("early_stopping_steps") is None:
+            logger.warning("[DataFlex] early_stopping_min_delta has no effect without early_stopping_steps "
+                           "(early stopping is off)")
 
 
 def _integer(key: str, value: Any, low: int) -> None:

@@ -162,6 +162,7 @@ def fetch_asset(name: str, folder: str | os.PathLike | None = None, *, pip_args:
         raise AssetError(f"unknown asset {name!r}; allowed: {', '.join(sorted(ASSETS))}")
     asset = ASSETS[name]
     dest = Path(folder) if folder is not None else default_dir(name)
+    check_folder(dest)
     info = asset_info(dest)
     if info is not None:
         if info.get("sha256") != asset.sha256:
@@ -198,12 +199,24 @@ def fetch_asset(name: str, folder: str | os.PathLike | None = None, *, pip_args:
     return dest
 
 
+def check_folder(dest: Path) -> None:
+    """AssetError unless ``dest`` is a folder or can become one (its parent created if needed)."""
+    existing = next((p for p in (dest, *dest.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise AssetError(f"'{existing}' is a file, not a folder: name a folder for the model (it is created if "
+                         "missing)")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AssetError(f"cannot create the folder '{dest.parent}': {err.strerror or err}") from None
+
+
 def fetch_locked(name: str, folder: str | os.PathLike | None = None, **kwargs) -> Path:
     """:func:`fetch_asset` under a file lock beside the folder, for processes fetching the same asset at once."""
     import fcntl
 
     dest = Path(folder) if folder is not None else default_dir(name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    check_folder(dest)
     with open(dest.parent / f".{dest.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

@@ -88,6 +88,9 @@ def train(
         plan = make_plan(config, overrides)
         launch = integration.launch_plan()
         if launch["force_torchrun"] or (launch["device_count"] > 1 and not launch["ray_or_kt"]):
+            from .plugins import check_plugins
+
+            check_plugins()  # the workers install them; a missing one is reported once, here
             cmd = torchrun_command(str(config), overrides, dict(os.environ), launch["device_count"])
             typer.echo(f"[DataFlex] launching: {' '.join(cmd[2:])}", err=True)
             code = subprocess.run(cmd, env=dict(os.environ)).returncode
@@ -178,22 +181,22 @@ def report(
         None, "--compare", help="With --html: compare with the finished run in this output_dir (e.g. a random baseline)."),
 ) -> None:
     """Summarise what a run selected; optionally export the selection as a dataset (static selection)."""
-    from .report import export_subset, load_run, summary
+    from .report import export_subset, read_run, summary
 
     try:
         if html is None and (group_by is not None or compare is not None):
             raise ConfigError(f"{'--group-by' if group_by is not None else '--compare'}: only used with --html FILE")
-        run, records = load_run(output_dir)
+        found = read_run(output_dir)
         if html is not None:
-            from .report_html import write_page
+            from .report.page import write_page
 
             # before the text report: a bad flag fails with nothing printed or written
             write_page(output_dir, html, group_by=group_by, compare=compare, top=top)
-        typer.echo(summary(run, records, top=top))
+        typer.echo(summary(found, top=top))
         if html is not None:
             typer.echo(f"\nHTML report written to {html}")
         if export_dataset is not None:
-            names = export_subset(run, records, export_dataset, name=name, repeats=repeats)
+            names = export_subset(found.manifest, found.records, export_dataset, name=name, repeats=repeats)
             typer.echo(f"\nExported to {export_dataset}: dataset {', '.join(names)}")
             typer.echo(f"Train on it with: llamafactory-cli train YOUR.yaml dataset={','.join(names)} "
                        f"dataset_dir={export_dataset}")
@@ -281,15 +284,12 @@ def assets(
 @app.command()
 def version() -> None:
     """Print the versions of DataFlex and the libraries it drives."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as pkg_version
+    from .versions import versions
 
     typer.echo(f"dataflex {__version__}")
-    for pkg in ("llamafactory", "transformers", "peft", "torch", "accelerate", "deepspeed"):
-        try:
-            typer.echo(f"{pkg} {pkg_version(pkg)}")
-        except PackageNotFoundError:
-            typer.echo(f"{pkg} (not installed)")
+    for pkg, found in versions().items():
+        if pkg != "dataflex":
+            typer.echo(f"{pkg} {found}" if found else f"{pkg} (not installed)")
 
 
 def main() -> None:

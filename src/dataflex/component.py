@@ -36,9 +36,9 @@ class Component:
     def check_config(self, cfg: dict[str, Any], spec: Any) -> None:
         """Checks of what the component declares it needs, on the raw training config (raise ConfigError).
 
-        ``spec`` is its entry in the components file (``key``, ``kind``, ``name``), for the messages.
+        ``spec`` is its entry in the components file (``key``, ``singular``, ``name``), for the messages.
         """
-        what = f"{spec.kind[:-1]} '{spec.name}'"
+        what = f"{spec.singular} '{spec.name}'"
         if self.needs_eval and not cfg.get("eval_dataset"):
             raise ConfigError(f"eval_dataset: required by {what} (component '{spec.key}'); "
                               "name a registered dataset of the target task")

@@ -53,6 +53,11 @@ class ComponentSpec:
     source: Path
     error: str | None = None  # a malformed entry: reported only when it is the one chosen
 
+    @property
+    def singular(self) -> str:
+        """One component of its section, in messages ("selector")."""
+        return BY_SECTION[self.kind].singular
+
 
 def resolve_components_path(value: str | None, yaml_dir: str | os.PathLike | None = None) -> Path:
     """Find the components file named in a training YAML.

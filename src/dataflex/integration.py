@@ -15,11 +15,15 @@ The others are bound to one :class:`Run` (its plan, what was learnt of its data)
    *domain*) is tokenized on its own, so every row belongs to exactly one domain (with
    ``stage: pt`` no block of ``cutoff_len`` tokens crosses two domains), and the
    ``mixer_eval_dataset`` sets are tokenized one by one; otherwise LLaMA-Factory's own loader
-   runs and only notes which rows come from which dataset (plain concatenation only).
+   runs and only notes which rows come from which dataset (plain concatenation only). A dataset
+   file with a column that mixes value types (numbers and a string) becomes a one-line error
+   naming the dataset and the column, in either case.
 4. ``llamafactory.train.tuner.get_train_args``: notes that the configuration was accepted, so
    the CLI can tell a configuration error from a failure during training.
 5. The workflows' last step (``create_modelcard_and_push``) is followed by a barrier, so every
    rank waits until the others have written everything before the process group goes.
+6. ``llamafactory.train.tuner.EarlyStoppingCallback``: built with ``early_stopping_min_delta`` as
+   its ``early_stopping_threshold`` (LLaMA-Factory passes only the patience).
 
 A LLaMA-Factory upgrade that renames these is a change to this file only.
 """
@@ -27,6 +31,7 @@ A LLaMA-Factory upgrade that renames these is a change to this file only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,10 +39,10 @@ from typing import Any, Iterator
 
 from .args import DataFlexArguments
 from .errors import ConfigError
+from .plugins import install_plugins
 from .values import names
 
 _INSTALLED = False
-TEST_PLUGIN_ENV = "DATAFLEX_TEST_PLUGIN"  # tests only: "1" installs dataflex.testing (traces, pauses, faults)
 
 
 @dataclass
@@ -144,8 +149,12 @@ def _bound(run: Run) -> Iterator[None]:
     sft_workflow.CustomSeq2SeqTrainer = _factory(sft_cls, sft_workflow.CustomSeq2SeqTrainer, run)
     pt_workflow.CustomTrainer = _factory(pt_cls, pt_workflow.CustomTrainer, run)
     for workflow in (sft_workflow, pt_workflow):
-        workflow.get_dataset = _dataflex_get_dataset(workflow.get_dataset, run)
+        workflow.get_dataset = dataset_loader(workflow.get_dataset, run)
         workflow.create_modelcard_and_push = _then_barrier(workflow.create_modelcard_and_push)
+    # early_stopping_min_delta becomes the threshold of the EarlyStoppingCallback LLaMA-Factory builds
+    saved.append((tuner, "EarlyStoppingCallback", tuner.EarlyStoppingCallback))
+    tuner.EarlyStoppingCallback = functools.partial(
+        tuner.EarlyStoppingCallback, early_stopping_threshold=float(run.plan.cfg.get("early_stopping_min_delta", 0.0)))
     original_get_train_args = tuner.get_train_args
 
     def get_train_args(*args: Any, **kwargs: Any):
@@ -177,7 +186,11 @@ def _then_barrier(last_step):
 
 
 # --------------------------------------------------------------------------------------------- data
-def _dataflex_get_dataset(get_dataset, run: Run):
+def dataset_loader(get_dataset, run: Run):
+    """LLaMA-Factory's ``get_dataset`` as DataFlex runs it for ``run`` (per-domain tokenization under a
+    mode that keeps the domains apart; otherwise LLaMA-Factory's own, noting each dataset's rows and
+    reading the columns the mode asked for). ``run.data`` holds what was learnt."""
+
     def wrapped(template, model_args, data_args, training_args, stage, **kwargs):
         if run.domains_apart:
             eval_names = names(run.plan.cfg.get("mixer_eval_dataset"))
@@ -207,6 +220,7 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
     sizes: list[tuple[str, int]] = []
     original = loader._load_single_dataset
     original_align = loader.align_dataset
+    original_merged = loader._get_merged_dataset
     train_names = list(data_args.dataset or [])
     captured: list[dict[str, list[Any]]] = []
 
@@ -222,8 +236,17 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
             captured.append(got)
         return original_align(dataset, dataset_attr, *args, **kw)
 
+    loading: dict[str, Any] = {"names": [], "next": 0}  # the registered names being loaded, and which one is next
+
+    def merging(dataset_names, *args, **kw):
+        loading["names"], loading["next"] = list(dataset_names or []), 0
+        return original_merged(dataset_names, *args, **kw)
+
     def recording(dataset_attr, *args, **kw):
-        ds = original(dataset_attr, *args, **kw)
+        at = loading["next"]
+        loading["next"] += 1
+        with _readable(loading["names"][at] if at < len(loading["names"]) else dataset_attr.dataset_name):
+            ds = original(dataset_attr, *args, **kw)
         try:
             sizes.append((dataset_attr.dataset_name, len(ds)))
         except TypeError:  # streaming: no length
@@ -232,11 +255,13 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
 
     loader._load_single_dataset = recording
     loader.align_dataset = capturing
+    loader._get_merged_dataset = merging
     try:
         module = get_dataset(template, model_args, data_args, training_args, stage, **kwargs)
     finally:
         loader._load_single_dataset = original
         loader.align_dataset = original_align
+        loader._get_merged_dataset = original_merged
     names = list(data_args.dataset or [])
     train = module.get("train_dataset")
     plain = (data_args.mix_strategy == "concat" and not data_args.streaming and data_args.tokenized_path is None
@@ -251,6 +276,45 @@ def _tracked(get_dataset, template, model_args, data_args, training_args, stage,
     return module, parts, values
 
 
+@contextmanager
+def _readable(name: str) -> Iterator[None]:
+    """A dataset file whose column holds values of different types (numbers in most rows, a string in
+    one) fails inside the ``datasets`` builder; that becomes a one-line error naming the dataset and
+    the column. Any other failure is left as it is."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - only a recognised column-type failure is rewritten
+        problem = _column_problem(err)
+        if problem is None:
+            raise
+        column, reason = problem
+        raise ConfigError(f"dataset '{name}': column '{column}' cannot be read ({reason}); allowed: one type in "
+                          "every row of a column (e.g. numbers only)") from None
+
+
+def _column_problem(err: BaseException) -> tuple[str, str] | None:
+    """(column, reason) when ``err`` or an exception it was raised from is Arrow refusing a column's values."""
+    import re
+
+    parts: list[str] = []
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        parts += [str(a) for a in cause.args] or [str(cause)]
+        cause = cause.__cause__ or cause.__context__
+    for text in parts:  # pandas route: ("Could not convert 'x' with type str: ...", "Conversion failed for column c ...")
+        found = re.search(r"Conversion failed for column (.+?) with type", text)
+        if found:
+            reason = next((p for p in parts if p.startswith("Could not convert")), "mixed value types")
+            return found.group(1), reason[0].lower() + reason[1:]
+    for text in parts:  # Arrow's JSON reader: "JSON parse error: Column(/c) changed from number to string in row 5"
+        found = re.search(r"Column\(/?([^)]+)\) (changed from \w+ to \w+ in row \d+)", text)
+        if found:
+            return found.group(1), found.group(2)
+    return None
+
+
 def _domain_datasets(eval_names, template, model_args, data_args, training_args, stage, tokenizer, processor=None):
     """Every domain tokenized on its own, then concatenated (``dynamic_mix``)."""
     from datasets import concatenate_datasets
@@ -260,7 +324,10 @@ def _domain_datasets(eval_names, template, model_args, data_args, training_args,
     domains = list(data_args.dataset or [])
     local = not data_args.data_shared_file_system
     with training_args.main_process_first(desc="load dataset", local=local):
-        raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage) for name in domains]
+        raw = []
+        for name in domains:
+            with _readable(name):
+                raw.append(loader._get_merged_dataset([name], model_args, data_args, training_args, stage))
         eval_raw = loader._get_merged_dataset(data_args.eval_dataset, model_args, data_args, training_args, stage,
                                               return_dict=data_args.eval_on_each_dataset)
         mixer_raw = [loader._get_merged_dataset([name], model_args, data_args, training_args, stage)
@@ -307,10 +374,7 @@ def run_train(run: Run) -> None:
     install()
     from llamafactory.train.tuner import run_exp
 
-    if os.environ.get(TEST_PLUGIN_ENV):
-        from . import testing
-
-        testing.install()
+    install_plugins()  # DATAFLEX_PLUGINS: the user's modules, installed in every training process
     with _bound(run):
         run_exp(args=run.plan.cfg)
 
@@ -355,53 +419,3 @@ def dataset_entry(name: str, dataset_dir: str) -> Any:
 
     (attr,) = get_dataset_list([name], dataset_dir)
     return attr
-
-
-def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Model, tokenizer, tokenized datasets and collator exactly as LLaMA-Factory's workflow builds
-    them for ``cfg`` - without training. Used by benchmarks and tests to score real data.
-    """
-    install()
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.extras.constants import IGNORE_INDEX
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_model, load_tokenizer
-    from transformers import DataCollatorForLanguageModeling
-
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
-    from .modes import BY_TRAIN_TYPE
-    from .plan import RunPlan
-
-    run = Run(RunPlan(dict(cfg), BY_TRAIN_TYPE.get(cfg.get("train_type"))))
-    stage = finetuning_args.stage
-    tokenizer_module = load_tokenizer(model_args)
-    tokenizer = tokenizer_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    # through DataFlex's wrapper, as the workflows call it: per-domain tokenization under dynamic_mix
-    dataset_module = _dataflex_get_dataset(get_dataset, run)(template, model_args, data_args, training_args, stage=stage,
-                                                        **tokenizer_module)
-    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    if stage == "pt":
-        collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-    else:
-        collator = SFTDataCollatorWith4DAttentionMask(
-            template=template,
-            model=model,
-            pad_to_multiple_of=8,
-            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-            block_diag_attn=model_args.block_diag_attn,
-            neat_packing=data_args.neat_packing,
-            attn_implementation=getattr(model.config, "_attn_implementation", None),
-            compute_dtype=model_args.compute_dtype,
-            **tokenizer_module,
-        )
-    return {
-        "model": model,
-        "tokenizer": tokenizer,
-        "train_dataset": dataset_module.get("train_dataset"),
-        "eval_dataset": dataset_module.get("eval_dataset"),
-        "collator": collator,
-        "training_args": training_args,
-        "finetuning_args": finetuning_args,
-        "data_info": run.data,
-    }

@@ -18,11 +18,6 @@ from .log import setup_logging
 from .values import names
 
 
-def prepare(config: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The checked and resolved configuration of a training YAML (see :func:`make_plan`)."""
-    return make_plan(config, overrides).cfg
-
-
 def make_plan(config: str | os.PathLike, overrides: list[str] | None = None) -> Any:
     """Read, check and resolve a training config into its run plan. Raises ConfigError with a one-line message."""
     from . import integration

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .args import DATAFLEX_KEYS, STAGES, DataFlexArguments
+from .args import DATAFLEX_KEYS, STAGES, DataFlexArguments, check_training_keys
 from .component import Component
 from .components import ComponentSpec, build_component, get_component, resolve_components_path
 from .errors import ConfigError
@@ -50,6 +50,7 @@ class RunPlan:
         A config without ``train_type`` is kept as it is (plain LLaMA-Factory training).
         """
         cfg = dict(cfg)
+        check_training_keys(cfg)
         train_type = cfg.get("train_type")
         if train_type is None:
             stray = [k for k in DATAFLEX_KEYS if k in cfg and k != "train_type"]
@@ -74,20 +75,15 @@ class RunPlan:
         component = build_component(spec)
         component.check_config(cfg, spec)
 
-        hooks = mode.mode_class()
-        _check_steps(cfg, component)
-        hooks.check_steps(cfg, component)
-        _check_training_keys(cfg, hooks, component)
-        hooks.check_config(cfg, component, yaml_dir)
+        mode_class = mode.mode_class()
+        _check_steps(cfg, mode, component)
+        mode_class.check_steps(cfg, component)
+        _check_training_keys(cfg, mode, mode_class, component)
+        mode_class.check_config(cfg, component, yaml_dir)
         return cls(cfg, mode, spec, component)
 
 
-def validate_config(cfg: dict[str, Any], yaml_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The checked configuration alone (see :meth:`RunPlan.build`)."""
-    return RunPlan.build(cfg, yaml_dir).cfg
-
-
-def _check_steps(cfg: dict[str, Any], component: Any) -> None:
+def _check_steps(cfg: dict[str, Any], mode: ModeInfo, component: Any) -> None:
     max_steps = cfg.get("max_steps")
     train_step = cfg.get("train_step")
     if train_step is not None and isinstance(max_steps, int) and max_steps > 0 and max_steps != train_step:
@@ -96,10 +92,10 @@ def _check_steps(cfg: dict[str, Any], component: Any) -> None:
     if "warmup_steps" in cfg and "warmup_step" not in cfg:
         logger.warning("[DataFlex] warmup_steps (the learning-rate warm-up of transformers) is set but warmup_step "
                        "(DataFlex's warm-up before the %s starts) is not: it is 0, so the component starts at the "
-                       "first step", component.kind[:-1])
+                       "first step", mode.singular)
 
 
-def _check_training_keys(cfg: dict[str, Any], hooks: Any, component: Any) -> None:
+def _check_training_keys(cfg: dict[str, Any], mode: ModeInfo, mode_class: Any, component: Any) -> None:
     """LLaMA-Factory / transformers keys a DataFlex mode cannot serve."""
     train_type = cfg["train_type"]
     fsdp = cfg.get("fsdp")
@@ -113,8 +109,8 @@ def _check_training_keys(cfg: dict[str, Any], hooks: Any, component: Any) -> Non
     if truthy(cfg.get("auto_find_batch_size", False)):
         raise ConfigError("auto_find_batch_size: true cannot be used with train_type (it changes the global batch "
                           "the schedule and the weights are computed for); allowed: false")
-    if hooks.needs_logits(component):
-        what = f"{component.kind[:-1]} '{component.name}'"
+    if mode_class.needs_logits(component):
+        what = f"{mode.singular} '{component.name}'"
         for key in ("enable_liger_kernel", "use_liger_kernel"):
             if truthy(cfg.get(key, False)):
                 raise ConfigError(f"{key}: true cannot be used with {what}: the fused loss returns no logits, and "
@@ -126,7 +122,7 @@ def _check_training_keys(cfg: dict[str, Any], hooks: Any, component: Any) -> Non
         smoothing = cfg.get("label_smoothing_factor", 0) or 0
         if not isinstance(smoothing, (int, float)) or smoothing != 0:
             raise ConfigError(f"label_smoothing_factor: {smoothing!r} cannot be combined with {what}; allowed: 0")
-    if hooks.orders_rows:
+    if mode_class.orders_rows:
         for key in ("disable_shuffling", "group_by_length"):
             if truthy(cfg.get(key, False)):
                 logger.warning("[DataFlex] %s has no effect with train_type: %s (the schedule decides which rows each "

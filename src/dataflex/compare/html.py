@@ -1,6 +1,5 @@
-"""The ``--html`` page of a comparison: one self-contained file (inline CSS and SVG, no script).
-
-A small SVG line-chart helper lives here for now; the report package's chart kit can replace it.
+"""The ``--html`` page of a comparison: one self-contained file (inline CSS and SVG, no script), drawn
+with the report package's chart kit and style; each run links to its own report page.
 """
 
 from __future__ import annotations
@@ -11,59 +10,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..report.page import CSS
+from ..report.svg import line_chart
 from .analysis import HIGHER_IS_BETTER, render
-
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-
-
-def line_chart(series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
-               width: int = 520, height: int = 300) -> str:
-    """An inline SVG line chart: one polyline with markers per named series."""
-    pts = [p for s in series.values() for p in s]
-    if not pts:
-        return "<p>(no points)</p>"
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 == y0:
-        y1 = y0 + 1e-6
-    left, right, top, bottom = 60, 130, 15, 40
-    w, h = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * w
-
-    def sy(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * h
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           f'aria-label="{html.escape(ylabel)} vs {html.escape(xlabel)}">',
-           f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>']
-    for i in range(5):
-        yv = y0 + (y1 - y0) * i / 4
-        xv = x0 + (x1 - x0) * i / 4
-        out.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" font-size="10" text-anchor="end">{yv:.4g}</text>')
-        out.append(f'<text x="{sx(xv):.1f}" y="{top + h + 14}" font-size="10" text-anchor="middle">{xv:.4g}</text>')
-    out.append(f'<text x="{left + w / 2}" y="{height - 6}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>')
-    out.append(f'<text x="12" y="{top + h / 2}" font-size="11" text-anchor="middle" '
-               f'transform="rotate(-90 12 {top + h / 2})">{html.escape(ylabel)}</text>')
-    for i, (name, s) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(s))
-        out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
-        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in s]
-        out.append(f'<text x="{left + w + 8}" y="{top + 14 + 16 * i}" font-size="11" fill="{color}">'
-                   f'{html.escape(name)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
-
 
 def run_report(out: Path, target: Path) -> Path | None:
     """A run's own report page (what ``dataflex-cli report OUT --html`` writes), or None for a run without
     DataFlex records (``plain``). The one place this page reads a run folder."""
     from ..errors import ConfigError
-    from ..report_html import write_page as report_page
+    from ..report.page import write_page as report_page
 
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -72,7 +27,7 @@ def run_report(out: Path, target: Path) -> Path | None:
         return None
 
 
-def _curves(data: dict[str, Any], metric: str, x: str) -> dict[str, list[tuple[float, float]]]:
+def _curves(data: dict[str, Any], metric: str, x: str) -> list[tuple[str, list[tuple[float, float]]]]:
     """Per method (and the baseline's long runs), the metric at each checkpoint averaged over the seeds."""
     by: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for entry in data["runs"]:
@@ -81,8 +36,8 @@ def _curves(data: dict[str, Any], metric: str, x: str) -> dict[str, list[tuple[f
             if p.get(x) is None or metric not in p["values"]:
                 continue
             by.setdefault(name, {}).setdefault(p["step"], []).append((p[x], p["values"][metric]))
-    return {name: [(sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for _, v in sorted(steps.items())]
-            for name, steps in by.items()}
+    return [(name, [(sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for _, v in sorted(steps.items())])
+            for name, steps in by.items()]
 
 
 def _table_html(tab: dict[str, Any]) -> str:
@@ -112,9 +67,10 @@ def page(data: dict[str, Any], where: Path | None = None) -> str:
     metrics = sorted({t["metric"] for t in data["tables"]}, key=["loss", "choice", "choice_norm", "exact"].index)
     charts = []
     for metric in metrics:
-        charts.append(f"<h3>{metric}</h3><div class='charts'>"
-                      + line_chart(_curves(data, metric, "step"), "optimizer step", metric)
-                      + line_chart(_curves(data, metric, "seconds"), "seconds of training", metric) + "</div>")
+        charts.append(f"<h3>{metric}</h3>"
+                      + line_chart(f"{metric}-by-step", _curves(data, metric, "step"), "optimizer step", metric)
+                      + line_chart(f"{metric}-by-seconds", _curves(data, metric, "seconds"), "seconds of training",
+                                   metric))
     links = []
     for entry in data["runs"]:
         target = Path(entry["out"])
@@ -135,10 +91,9 @@ def page(data: dict[str, Any], where: Path | None = None) -> str:
     text = "\n\n".join(render(t) for t in data["tables"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>DataFlex compare: {html.escape(', '.join(data['methods']))}</title>
-<style>body{{font-family:sans-serif;max-width:1150px;margin:1em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child{{text-align:left}}
-.better{{color:#1a7f37;font-weight:bold}}.worse{{color:#c62828;font-weight:bold}}.charts{{display:flex;flex-wrap:wrap;gap:1em}}
-pre{{background:#f6f6f6;padding:.5em;overflow-x:auto}}</style></head><body>
+<style>{CSS}
+td.better{{color:#1a7f37;font-weight:bold}}td.worse{{color:#c62828;font-weight:bold}}
+pre{{background:#f6f6f6;padding:.5em;overflow-x:auto}}</style></head><body><main>
 <h1>DataFlex compare</h1>
 <p>Config {html.escape(data['config'])}; methods {html.escape(', '.join(data['methods']))}; baseline
 {html.escape(data['baseline'])}; {data['seeds']} seed(s); {data['steps']} steps per method (baseline
@@ -150,7 +105,7 @@ the methods are equal.</p>
 <h2>Curves (mean over seeds)</h2>{''.join(charts)}
 <h2>Runs</h2><ul>{''.join(links)}</ul>
 <h2>As text</h2><pre>{html.escape(text)}</pre>
-</body></html>
+</main></body></html>
 """
 
 

@@ -131,13 +131,23 @@ class RunLog:
                                                      **manifest})
 
 
-def read_records(folder: str | os.PathLike, run_id: str | None = None) -> list[dict[str, Any]]:
-    """Every readable ``step_*.json`` of a run folder, sorted by step (unreadable files skipped)."""
+def read_records(folder: str | os.PathLike, run_id: str | None = None,
+                 damaged: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every readable ``step_*.json`` of a run folder, sorted by step.
+
+    An unreadable file is skipped; with ``damaged`` given, ``(file name, reason)`` is added to it.
+    """
     out = []
-    for path in Path(folder).glob("step_*.json"):
+    for path in sorted(Path(folder).glob("step_*.json")):
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as err:
+            if damaged is not None:
+                damaged.append((path.name, _reason(err)))
+            continue
+        if not isinstance(rec, dict):
+            if damaged is not None:
+                damaged.append((path.name, f"a JSON {type(rec).__name__}, not a record"))
             continue
         if run_id is not None and rec.get("run_id") != run_id:
             continue
@@ -146,18 +156,28 @@ def read_records(folder: str | os.PathLike, run_id: str | None = None) -> list[d
     return out
 
 
-def read_lines(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_lines(path: str | os.PathLike, damaged: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` ([] if there is no file); with ``damaged`` given, an unreadable line adds
+    ``("<file> line N", reason)`` to it."""
     path = Path(path)
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 out.append(json.loads(line))
-            except ValueError:
+            except ValueError as err:
+                if damaged is not None:
+                    damaged.append((f"{path.name} line {number}", _reason(err)))
                 continue
     return out
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return f"not valid JSON: {err}"
 
 
 def primary_score(rec: dict[str, Any]) -> tuple[str, list[float]] | None:

@@ -25,7 +25,10 @@ from ..mixers.base import DomainStats, MixContext, starting_proportions
 from ..schedule import Schedule, Stretch
 from ..seeding import seeded_generator
 from ..values import names, read_proportions, truthy
-from .base import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY, Mode
+from .base import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY, ModeChecks, ModeContext
+from .loss import LossSignals
+from .rows import ScheduledRows
+from .run import describe_schedule, stretch_schedule_digest, stretch_schedule_manifest
 
 logger = logging.getLogger("dataflex")
 
@@ -219,7 +222,7 @@ class MixRound(StretchRound):
 # ---------------------------------------------------------------------------------------------- weighting
 
 
-class MixMode(Mode):
+class MixMode(ModeChecks):
     name = "mix"
     domains_apart = True
 
@@ -261,53 +264,65 @@ class MixMode(Mode):
         if len(domains) == 1:
             logger.warning("[DataFlex] dynamic_mix with one dataset (%s): there is nothing to mix", domains[0])
 
-    def setup(self) -> None:
-        fa, targs = self.fa, self.trainer.args
+    def __init__(self, ctx: ModeContext):
+        self.ctx = ctx
+        self.component = ctx.component
+        fa, targs = ctx.fa, ctx.args
         mixer = self.component
-        info = self.data
+        info = ctx.data
         if info is None or not info.parts or not info.exact:
             raise ConfigError("dataset: dynamic_mix could not tell which rows come from which dataset")
         domains = [p[0] for p in info.parts]
         sizes = [p[2] - p[1] for p in info.parts]
         rule = fa.mixture_sample_rule or "mixture"
         initial, how = starting_proportions(rule, sizes, fa.init_mixture_proportions, domains, mixer)
-        if self.rank == 0:
+        if ctx.rank == 0:
             logger.info("[DataFlex] domains %s with %s rows; starting proportions %s: %s", domains, sizes,
                         [round(x, 4) for x in initial], how)
         if mixer.every_step:  # e.g. ODM: a decision after every optimizer step
             update_step, update_times = 1, -1
         else:
             update_step, update_times = fa.update_step or 0, fa.update_times if fa.update_times is not None else 0
-        total = self.steps(False, update_step, update_times if not fa.static_mix else -1)
+        total = ctx.steps(False, update_step, update_times if not fa.static_mix else -1)
         self.schedule = Schedule.build(fa.warmup_step, update_step, 0 if fa.static_mix else update_times,
-                                       self.global_batch, total, cycles=False)
+                                       ctx.global_batch, total, cycles=False)
         targs.max_steps = total
         mixer.setup(domains, sizes, initial, total, fa.warmup_step)
         if fa.freeze_gate:
-            freeze_routers(self.trainer.model, self.rank)
+            freeze_routers(ctx.trainer.model, ctx.rank)
         eval_sets = None
         if "router" in mixer.needs:
-            eval_sets = [self.trainer.df_prepare(ds, "evaluation")[0] for ds in info.mixer_eval]
-        setup = MixSetup(domains, sizes, initial, rule, bool(fa.static_mix), self.per_device, self.ga,
-                         self.world, total, eval_sets)
+            eval_sets = [ctx.prepare(ds, "evaluation") for ds in info.mixer_eval]
+        setup = MixSetup(domains, sizes, initial, rule, bool(fa.static_mix), ctx.per_device, ctx.ga,
+                         ctx.world, total, eval_sets)
         self.sampler = DomainSampler([tuple(p) for p in info.parts], targs.seed)
-        self.round = MixRound(self.schedule, mixer, self.sampler, setup, self.engine, self.agreement,
-                              None, targs.seed, self.spec.key,
-                              log_fn=self.trainer.log)
+        self.round = MixRound(self.schedule, mixer, self.sampler, setup, ctx.engine, ctx.agreement,
+                              None, targs.seed, ctx.spec.key,
+                              log_fn=ctx.trainer.log)
         self.reference = None
         if mixer.reference_model_path:
             from ..scoring.reference import ReferenceModel
 
-            self.reference = ReferenceModel(mixer.reference_model_path, self.trainer.model, targs.device)
+            self.reference = ReferenceModel(mixer.reference_model_path, ctx.trainer.model, targs.device)
+        self.rows = ScheduledRows(ctx, self.round.rows, lambda: self.schedule.total_steps, add=self.add_domains,
+                                  before=self.weigh_domains)
 
     # ------------------------------------------------------------------ the step's data and loss
-    def make_batch(self, step_rows: list[int], slot: int) -> dict[str, Any]:
-        batch = super().make_batch(step_rows, slot)
+    def train_loader(self, default: Callable[[], Any]) -> Any:
+        return self.rows.train_loader(default)
+
+    def num_examples(self, dataloader: Any, default: Callable[[Any], int]) -> int:
+        return self.rows.num_examples(dataloader, default)
+
+    def step_batches(self, epoch_iterator: Any, num_batches: int, device: Any, default: Callable) -> Any:
+        return self.rows.step_batches(epoch_iterator, num_batches, device, default)
+
+    def add_domains(self, batch: dict[str, Any]) -> None:
+        """Each row's domain, for the mixer's statistics and DoReMi's loss weights."""
         ids = batch[INDEX_KEY].tolist()
         batch[DOMAIN_KEY] = torch.tensor([self.sampler.domain_of(i) for i in ids], dtype=torch.long)
-        return batch
 
-    def prepare_batches(self, batches: list[dict[str, Any]]) -> None:
+    def weigh_domains(self, batches: list[dict[str, Any]]) -> None:
         """DoReMi: per-sample weights of the α-weighted domain loss for this step's batches."""
         if self.round.loss_weights is None:
             return
@@ -316,34 +331,52 @@ class MixMode(Mode):
         for b in batches:
             tokens = (b["labels"][:, 1:] != -100).sum(dim=1).double()
             local.index_add_(0, b[DOMAIN_KEY], tokens)
-        total = self.agreement.all_reduce(f"step {self.trainer.state.global_step}: tokens per domain", local)
+        total = self.ctx.agreement.all_reduce(f"step {self.ctx.step}: tokens per domain", local)
         for b in batches:
             b[WEIGHT_KEY] = self.round.sample_loss_weights(b[DOMAIN_KEY], total)
 
     def loss_hook(self) -> Callable | None:
         return self.observe if self.component.needs & {"losses", "excess"} else None
 
-    def observe(self, ids, domains, sums, counts, outputs, inputs, labels, logits, weights):
+    def loss_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+    def observe(self, signals: LossSignals) -> Any:
         """The mixer's statistics: what the training forward saw, per domain."""
         excess = None
         if self.reference is not None:
-            excess = self.reference.excess_sums(inputs, labels, logits.detach())
-        self.round.observe(domains, sums.detach(), counts, excess)
-        return weights
+            excess = self.reference.excess_sums(signals.inputs, signals.labels, signals.logits.detach())
+        self.round.observe(signals.domains, signals.sums.detach(), signals.counts, excess)
+        return signals.weights
 
-    # ------------------------------------------------------------------ state and the end
+    # ------------------------------------------------------------------ records, state and the end
+    def schedule_digest(self) -> list[Any]:
+        return stretch_schedule_digest(self.schedule)
+
+    def schedule_manifest(self) -> dict[str, Any]:
+        return stretch_schedule_manifest(self.schedule)
+
     def round_state(self) -> dict[str, Any]:
         # statistics accumulate on every rank: the checkpoint keeps their sum (rank 0 resumes with it)
-        total = self.agreement.all_reduce("checkpoint: mixing statistics", self.round.stats.flat())
+        total = self.ctx.agreement.all_reduce("checkpoint: mixing statistics", self.round.stats.flat())
         return {**self.round.state_dict(), "stats": DomainStats.from_flat(total).to_dict()}
 
-    def load_state_dict(self, round_state: dict[str, Any]) -> None:
-        if self.rank != 0:
+    def load_round_state(self, round_state: dict[str, Any]) -> None:
+        if self.ctx.rank != 0:
             round_state = {**round_state, "stats": DomainStats.zeros(len(self.round.setup.domains)).to_dict()}
         self.round.load_state_dict(round_state)
 
+    def start(self, log: RunLog) -> None:
+        pass
+
+    def describe(self) -> None:
+        describe_schedule(self, self.schedule)
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
     def finish_files(self) -> list[str]:
-        return self.round.finish(self.trainer.args.output_dir)
+        return self.round.finish(self.ctx.args.output_dir)
 
 
 def freeze_routers(model: Any, rank: int) -> None:
@@ -361,24 +394,3 @@ def freeze_routers(model: Any, rank: int) -> None:
                 frozen += p.numel()
     if rank == 0:
         logger.info("[DataFlex] freeze_gate: %d router(s) frozen (%d parameters)", len(routers), frozen)
-
-
-def plot(plt: Any, run: dict[str, Any], records: list[dict[str, Any]]) -> Any:
-    """Each domain's proportion (and DoReMi's loss weight) over training."""
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if records:
-        domains = records[0]["domains"]
-        steps = [r["step"] for r in records] + [run["schedule"]["total_steps"]]
-        for d, name in enumerate(domains):
-            ys = [r["proportions"][d] for r in records]
-            ax.step(steps, ys + ys[-1:], where="post", label=name)
-        if any(r.get("loss_weights") for r in records):
-            for d, name in enumerate(domains):
-                ys = [(r.get("loss_weights") or [float("nan")] * len(domains))[d] for r in records]
-                ax.step(steps, ys + ys[-1:], where="post", linestyle="--", label=f"{name} (loss weight)")
-        ax.legend()
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("proportion")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{run['name']}: domain proportions over training")
-    return fig

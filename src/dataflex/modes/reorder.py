@@ -34,7 +34,8 @@ from ..dist.agreement import AgreedFailure, Agreement
 from ..errors import ConfigError, SelectionError
 from ..reorderers.base import ReorderContext
 from ..seeding import seeded_generator
-from .base import Mode
+from .base import ModeChecks, ModeContext
+from .rows import ScheduledRows
 
 logger = logging.getLogger("dataflex")
 LINES = "order.jsonl"
@@ -217,7 +218,7 @@ class ReorderRound(Round):
             self.reorderer.load_state_dict(state["component"])
 
 
-class ReorderMode(Mode):
+class ReorderMode(ModeChecks):
     name = "reorder"
 
     @classmethod
@@ -236,28 +237,48 @@ class ReorderMode(Mode):
     def data_columns(cls, component: Any) -> list[str]:
         return [component.column] if component.column else []
 
-    def setup(self) -> None:
-        fa, targs = self.fa, self.trainer.args
-        self.total = reorder_steps(len(self.train), self.global_batch, targs.num_train_epochs, targs.max_steps,
+    def __init__(self, ctx: ModeContext):
+        self.ctx = ctx
+        self.component = ctx.component
+        fa, targs = ctx.fa, ctx.args
+        self.total = reorder_steps(len(ctx.train), ctx.global_batch, targs.num_train_epochs, targs.max_steps,
                                    fa.train_step)
         targs.max_steps = self.total  # the LR schedule spans exactly the run
         self.orderings_at = ordering_steps(self.component.dynamic, fa.warmup_step, fa.update_step, fa.update_times,
                                            self.total)
         self.column = self._column()
-        self.round = ReorderRound(self.component, len(self.train), self.global_batch, self.total, fa.warmup_step,
-                                  self.orderings_at, self.context, self.agreement, None, targs.seed, self.spec.key,
-                                  log_fn=self.trainer.log)
+        self.round = ReorderRound(self.component, len(ctx.train), ctx.global_batch, self.total, fa.warmup_step,
+                                  self.orderings_at, self.context, ctx.agreement, None, targs.seed, ctx.spec.key,
+                                  log_fn=ctx.trainer.log)
+        self.rows = ScheduledRows(ctx, self.round.rows, lambda: self.total)
+
+    # ------------------------------------------------------------------ the step's data
+    def train_loader(self, default: Callable[[], Any]) -> Any:
+        return self.rows.train_loader(default)
+
+    def num_examples(self, dataloader: Any, default: Callable[[Any], int]) -> int:
+        return self.rows.num_examples(dataloader, default)
+
+    def step_batches(self, epoch_iterator: Any, num_batches: int, device: Any, default: Callable) -> Any:
+        return self.rows.step_batches(epoch_iterator, num_batches, device, default)
+
+    def loss_hook(self) -> None:
+        return None
+
+    def loss_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
 
     def _column(self) -> list[float] | None:
         name = self.component.column
         if not name:
             return None
-        key = f"component '{self.spec.key}': param 'column' = '{name}'"
-        values = (getattr(self.data, "columns", None) or {}).get(name)
+        ctx = self.ctx
+        key = f"component '{ctx.spec.key}': param 'column' = '{name}'"
+        values = (getattr(ctx.data, "columns", None) or {}).get(name)
         if values is None:
             raise ConfigError(f"{key}: the column was not read with the training data")
-        if len(values) != len(self.train):
-            raise ConfigError(f"{key}: {len(values)} values for {len(self.train)} training rows (rows were dropped or "
+        if len(values) != len(ctx.train):
+            raise ConfigError(f"{key}: {len(values)} values for {len(ctx.train)} training rows (rows were dropped or "
                               "packed during preprocessing, so they cannot be matched to dataset rows)")
         out = []
         for i, v in enumerate(values):
@@ -267,76 +288,46 @@ class ReorderMode(Mode):
         return out
 
     def context(self, step: int, number: int, rows: list[int]) -> ReorderContext:
-        return ReorderContext(step=step, number=number, rows=list(rows), train_dataset=self.train,
-                              scorer=self.engine(), generator=seeded_generator(self.trainer.args.seed, "reorder", number),
+        ctx = self.ctx
+        return ReorderContext(step=step, number=number, rows=list(rows), train_dataset=ctx.train,
+                              scorer=ctx.engine(), generator=seeded_generator(ctx.args.seed, "reorder", number),
                               column=self.column)
 
-    def planned_steps(self) -> int:
-        return self.total
-
     def describe(self) -> None:
-        super().describe()
-        if self.rank != 0:
-            return
+        ctx = self.ctx
         at = ", ".join(str(s) for s in self.orderings_at[:8]) + (", ..." if len(self.orderings_at) > 8 else "")
-        pace = self.component.competence(0, max(1, self.total - self.fa.warmup_step))
+        pace = self.component.competence(0, max(1, self.total - ctx.fa.warmup_step))
         logger.info("[DataFlex] order: %d optimizer steps x %d rows (%d training rows, %s); %d warm-up step(s) in "
-                    "random order; %d ordering(s) at step(s) [%s]%s", self.total, self.global_batch, len(self.train),
-                    f"{self.total * self.global_batch / len(self.train):.2f} epochs", self.fa.warmup_step,
+                    "random order; %d ordering(s) at step(s) [%s]%s", self.total, ctx.global_batch, len(ctx.train),
+                    f"{self.total * ctx.global_batch / len(ctx.train):.2f} epochs", ctx.fa.warmup_step,
                     len(self.orderings_at), at, f"; paced from a share of {pace:.3f}" if pace is not None else "")
         if not self.orderings_at:
             logger.warning("[DataFlex] warmup_step %d >= the run's %d steps: the rows are never ordered",
-                           self.fa.warmup_step, self.total)
+                           ctx.fa.warmup_step, self.total)
 
-    def setup_digest(self) -> dict[str, Any]:
-        digest = super().setup_digest()
-        digest["schedule"] = [self.fa.warmup_step, self.fa.update_step, self.fa.update_times, self.total]
-        return digest
+    # ------------------------------------------------------------------ records and state
+    def schedule_digest(self) -> list[Any]:
+        fa = self.ctx.fa
+        return [fa.warmup_step, fa.update_step, fa.update_times, self.total]
 
-    def manifest(self) -> dict[str, Any]:
-        manifest = super().manifest()
-        manifest["schedule"] = {"warmup_step": self.fa.warmup_step, "update_step": self.fa.update_step,
-                                "update_times": self.fa.update_times, "global_batch": self.global_batch,
-                                "total_steps": self.total, "updates": list(self.orderings_at)}
-        return manifest
+    def schedule_manifest(self) -> dict[str, Any]:
+        fa = self.ctx.fa
+        return {"warmup_step": fa.warmup_step, "update_step": fa.update_step, "update_times": fa.update_times,
+                "global_batch": self.ctx.global_batch, "total_steps": self.total, "updates": list(self.orderings_at)}
+
+    def round_state(self) -> dict[str, Any]:
+        return self.round.state_dict()
+
+    def load_round_state(self, state: dict[str, Any]) -> None:
+        self.round.load_state_dict(state)
 
     def start(self, log: RunLog) -> None:
-        super().start(log)
-        if self.resumed_at is not None:  # the steps the checkpoint has not seen are written again
-            at = self.resumed_at
+        if self.ctx.resumed_at is not None:  # the steps the checkpoint has not seen are written again
+            at = self.ctx.resumed_at
             log.truncate(LINES, lambda line: line.get("step", 0) < at)
 
     def metrics(self) -> dict[str, Any]:
         return {"dataflex_orderings": self.round.orderings}
 
-
-def plot(plt: Any, run: dict[str, Any], lines: list[dict[str, Any]]) -> Any:
-    """The score of the rows consumed per step (median and spread), and the pacing share if any."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    pts = [(ln["step"], [s for s in ln.get("scores") or [] if s is not None]) for ln in lines]
-    pts = [(step, s) for step, s in pts if s]
-    if pts:
-        steps = [p[0] for p in pts]
-        vals = [np.asarray(p[1], dtype=float) for p in pts]
-        ax.fill_between(steps, [v.min() for v in vals], [v.max() for v in vals], color="#4c72b0", alpha=0.2,
-                        linewidth=0, label="min-max of the step's rows")
-        ax.plot(steps, [float(np.median(v)) for v in vals], color="#1f3b73", label="median")
-        ax.legend(loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no scored rows consumed", ha="center", va="center", transform=ax.transAxes)
-    paced = [(ln["step"], ln["competence"]) for ln in lines if ln.get("competence") is not None]
-    if paced:
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in paced], [p[1] for p in paced], color="#dd8452", linestyle="--", label="competence c(t)")
-        ax2.set_ylim(0, 1.05)
-        ax2.set_ylabel("share of rows available")
-        ax2.legend(loc="lower right")
-    for step in (run.get("schedule") or {}).get("updates") or []:
-        ax.axvline(step, color="grey", linewidth=0.6, linestyle=":")
-    score = (run.get("params") or {}).get("score", "score")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"{score} of the rows consumed")
-    ax.set_title(f"{run['name']}: order of consumption")
-    return fig
+    def finish_files(self) -> list[str]:
+        return []

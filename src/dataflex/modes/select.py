@@ -15,11 +15,13 @@ import torch
 from ..core.records import RunLog
 from ..core.rounds import LogFn, StretchRound, summary_scalars
 from ..dist.agreement import AgreedFailure, Agreement
-from ..errors import SelectionError
+from ..errors import ConfigError, SelectionError
 from ..schedule import Schedule, Stretch
 from ..seeding import seeded_generator
 from ..selectors.base import SelectionContext, SelectionResult, uniform_draw
-from .base import Mode
+from .base import ModeChecks, ModeContext
+from .rows import ScheduledRows
+from .run import describe_schedule, stretch_schedule_digest, stretch_schedule_manifest
 
 
 class SelectRound(StretchRound):
@@ -116,21 +118,49 @@ class SelectRound(StretchRound):
 # ---------------------------------------------------------------------------------------------- mixing
 
 
-class SelectMode(Mode):
+class SelectMode(ModeChecks):
     name = "select"
 
-    def setup(self) -> None:
-        fa, targs = self.fa, self.trainer.args
-        total = self.steps(True, fa.update_step, fa.update_times)
-        self.schedule = Schedule.build(fa.warmup_step, fa.update_step, fa.update_times, self.global_batch, total)
-        targs.max_steps = total  # the LR schedule spans exactly the schedule
-        self.round = SelectRound(self.schedule, self.component, self.context, len(self.train), self.agreement,
-                                 None, targs.seed, self.spec.key,
-                                 log_fn=self.trainer.log)
+    @classmethod
+    def check_args(cls, args: Any) -> None:
+        for key in ("update_step", "update_times"):
+            if getattr(args, key) is None:
+                raise ConfigError(f"{key}: required with train_type: dynamic_select (an integer)")
+        if args.update_times >= 0 and args.warmup_step + args.update_step * args.update_times == 0:
+            raise ConfigError("warmup_step/update_step/update_times: the schedule has no steps; "
+                              "set warmup_step >= 1 or update_step, update_times >= 1")
 
+    def __init__(self, ctx: ModeContext):
+        self.ctx = ctx
+        fa, targs = ctx.fa, ctx.args
+        total = ctx.steps(True, fa.update_step, fa.update_times)
+        self.schedule = Schedule.build(fa.warmup_step, fa.update_step, fa.update_times, ctx.global_batch, total)
+        targs.max_steps = total  # the LR schedule spans exactly the schedule
+        self.round = SelectRound(self.schedule, ctx.component, self.context, len(ctx.train), ctx.agreement,
+                                 None, targs.seed, ctx.spec.key,
+                                 log_fn=ctx.trainer.log)
+        self.rows = ScheduledRows(ctx, self.round.rows, lambda: self.schedule.total_steps)
+
+    # ------------------------------------------------------------------ the step's data
+    def train_loader(self, default: Callable[[], Any]) -> Any:
+        return self.rows.train_loader(default)
+
+    def num_examples(self, dataloader: Any, default: Callable[[Any], int]) -> int:
+        return self.rows.num_examples(dataloader, default)
+
+    def step_batches(self, epoch_iterator: Any, num_batches: int, device: Any, default: Callable) -> Any:
+        return self.rows.step_batches(epoch_iterator, num_batches, device, default)
+
+    def loss_hook(self) -> None:
+        return None
+
+    def loss_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+    # ------------------------------------------------------------------ the selector's context
     def learning_rate(self) -> float:
         """η of the coming step: the rate of the parameter group holding the LoRA A matrices (or the first group)."""
-        t = self.trainer
+        t = self.ctx.trainer
         lr = t.args.learning_rate
         optimizer = getattr(t, "optimizer", None)
         groups = getattr(optimizer, "param_groups", None) if optimizer is not None else None
@@ -141,59 +171,47 @@ class SelectMode(Mode):
         return lr
 
     def context(self, stretch: Stretch, n: int) -> SelectionContext:
-        t = self.trainer
+        ctx = self.ctx
+        t = ctx.trainer
+        log = self.round.log
         return SelectionContext(
             step=stretch.start_step,
             selection=stretch.number,
             num_selections=self.schedule.num_updates,
             num_samples=n,
-            train_dataset=self.train,
-            scorer=self.engine(),
+            train_dataset=ctx.train,
+            scorer=ctx.engine(),
             generator=seeded_generator(t.args.seed, "select", stretch.number),
-            records_dir=str(self.log.folder) if self.log is not None else self.cache_dir,
-            eval_dataset=self.eval,
+            records_dir=str(log.folder) if log is not None else ctx.cache_dir,
+            eval_dataset=ctx.eval,
             optimizer=t.optimizer,
             learning_rate=self.learning_rate(),
             tokenizer=getattr(t, "processing_class", None),
-            cache_dir=self.cache_dir,
-            eval_groups=self.eval_groups,
+            cache_dir=ctx.cache_dir,
+            eval_groups=ctx.eval_groups,
         )
+
+    # ------------------------------------------------------------------ records and state
+    def schedule_digest(self) -> list[Any]:
+        return stretch_schedule_digest(self.schedule)
+
+    def schedule_manifest(self) -> dict[str, Any]:
+        return stretch_schedule_manifest(self.schedule)
+
+    def round_state(self) -> dict[str, Any]:
+        return self.round.state_dict()
+
+    def load_round_state(self, state: dict[str, Any]) -> None:
+        self.round.load_state_dict(state)
+
+    def start(self, log: RunLog) -> None:
+        pass
+
+    def describe(self) -> None:
+        describe_schedule(self, self.schedule)
 
     def metrics(self) -> dict[str, Any]:
         return {"dataflex_selections": len(self.round.history)}
 
-
-def plot(plt: Any, run: dict[str, Any], records: list[dict[str, Any]]) -> Any:
-    """How often each row was chosen, and the chosen rows' scores per selection."""
-    from collections import Counter
-
-    from ..core.records import primary_score
-
-    counts: Counter[int] = Counter()
-    for rec in records:
-        counts.update(rec["indices"])
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    hist = Counter(counts.get(i, 0) for i in range(run["train_size"]))
-    xs = sorted(hist)
-    ax1.bar(xs, [hist[x] for x in xs], color="#4c72b0")
-    ax1.set_xticks(xs)
-    ax1.set_xlabel("times chosen over all selections")
-    ax1.set_ylabel("training samples")
-    ax1.set_title(f"{run['name']}: {len(counts)} of {run['train_size']} samples chosen")
-    data, labels, key = [], [], None
-    for rec in records:
-        score = primary_score(rec)
-        if score:
-            key = score[0]
-            data.append(score[1])
-            labels.append(str(rec["step"]))
-    if data:
-        ax2.boxplot(data)
-        ax2.set_xticks(range(1, len(labels) + 1), labels)
-        ax2.set_xlabel("selection at step")
-        ax2.set_ylabel(f"{key} of chosen samples")
-        ax2.set_title("score distribution per selection")
-    else:
-        ax2.text(0.5, 0.5, "no per-sample scores recorded", ha="center", va="center")
-        ax2.set_axis_off()
-    return fig
+    def finish_files(self) -> list[str]:
+        return []

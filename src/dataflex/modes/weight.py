@@ -21,9 +21,10 @@ from ..core.rounds import LogFn, Round
 from ..dist.agreement import AgreedFailure, Agreement
 from ..errors import SelectionError
 from ..scoring.engine import eval_mode
-from ..scoring.losses import sample_loss_sums, supervised_logits, token_loss_sums
+from ..scoring.losses import mean_losses, sample_loss_sums, supervised_logits, token_loss_sums
 from ..weighters.base import WeightContext, WeightSignals
-from .base import BATCH_KEYS, INDEX_KEY, WEIGHT_KEY, Mode, mean_losses
+from .base import BATCH_KEYS, INDEX_KEY, WEIGHT_KEY, ModeChecks, ModeContext
+from .loss import LossSignals
 
 logger = logging.getLogger("dataflex")
 
@@ -162,7 +163,7 @@ class IndexCollator:
         return batch
 
 
-class WeightMode(Mode):
+class WeightMode(ModeChecks):
     name = "weight"
     orders_rows = False  # LLaMA-Factory's loader and sampler stay
 
@@ -177,23 +178,24 @@ class WeightMode(Mode):
     def needs_logits(cls, component: Any) -> bool:
         return True
 
-    def setup(self) -> None:
-        fa, targs = self.fa, self.trainer.args
+    def __init__(self, ctx: ModeContext):
+        self.ctx = ctx
+        self.component = ctx.component
+        fa, targs = ctx.fa, ctx.args
         if fa.train_step:
             targs.max_steps = fa.train_step
-        self.round = WeightRound(self.component, fa.warmup_step, self.agreement,
-                                 None, targs.seed, self.spec.key)
+        self.round = WeightRound(self.component, fa.warmup_step, ctx.agreement,
+                                 None, targs.seed, ctx.spec.key)
         self.micro = 0
 
     def start(self, log: RunLog) -> None:
-        super().start(log)
-        if self.resumed_at is not None:  # the weights of steps the checkpoint has not seen are written again
-            at = self.resumed_at
+        if self.ctx.resumed_at is not None:  # the weights of steps the checkpoint has not seen are written again
+            at = self.ctx.resumed_at
             log.truncate("weights.jsonl", lambda line: line.get("step", 0) < at)
 
     # ------------------------------------------------------------------ the step's data
     def train_loader(self, default: Callable[[], Any]) -> Any:
-        t = self.trainer
+        t = self.ctx.trainer
         dataset, collator = t.train_dataset, t.data_collator
         t.train_dataset, t.data_collator = IndexedRows(dataset), IndexCollator(collator)
         try:
@@ -207,28 +209,28 @@ class WeightMode(Mode):
     def step_batches(self, epoch_iterator: Any, num_batches: int, device: Any, default: Callable) -> Any:
         batches, num_items = default(epoch_iterator, num_batches, device)
         self.micro = 0
-        if batches and self.round.active(self.trainer.state.global_step) and \
-                self.component.params.scope == "global_batch":
+        if batches and self.round.active(self.ctx.step) and self.component.params.scope == "global_batch":
             self.weigh_step(batches)
         return batches, num_items
 
     def prepare(self, step: int) -> None:
-        self.agreement.run(f"weights of step {step}: preparing",
-                           lambda: self.component.prepare(WeightContext(step, self.engine(), self.eval)))
+        ctx = self.ctx
+        ctx.agreement.run(f"weights of step {step}: preparing",
+                          lambda: self.component.prepare(WeightContext(step, ctx.engine(), ctx.eval)))
 
     def weigh_step(self, batches: list[dict[str, Any]]) -> None:
         """Global-batch scope: signals of this rank's micro-batches -> the step's weights."""
         needs = self.component.needs
-        step = self.trainer.state.global_step
+        step = self.ctx.step
         self.prepare(step)
         local: list[LocalSignals] = []
-        with self.agreement.section(f"weights of step {step}: scoring the step's samples"):
+        with self.ctx.agreement.section(f"weights of step {step}: scoring the step's samples"):
             for b in batches:
                 local.append(self.signals(b, needs))
         weights = self.round.decide(step, local)
         for b, w in zip(batches, weights):
             b[WEIGHT_KEY] = w
-        self.pending_logs = dict(self.round.last_logs)
+        self.ctx.pending_logs = dict(self.round.last_logs)
 
     def signals(self, batch: dict[str, Any], needs: frozenset[str]) -> LocalSignals:
         labels = batch["labels"]
@@ -236,8 +238,8 @@ class WeightMode(Mode):
         ids = batch[INDEX_KEY].tolist()
         if not needs:
             return LocalSignals(ids, tokens)
-        model = self.trainer.model
-        device = self.trainer.args.device
+        model = self.ctx.trainer.model
+        device = self.ctx.args.device
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()
                   if k not in BATCH_KEYS and k != "labels"}
         inputs["use_cache"] = False
@@ -252,15 +254,14 @@ class WeightMode(Mode):
                 embeddings = pool_states(out.hidden_states, inputs.get("attention_mask"), comp.embedding_layer,
                                          comp.embedding_pooling).cpu()
                 if "losses" in needs:
-                    losses = mean_losses(*sample_loss_sums(out.logits, labels))
+                    losses = mean_losses(*sample_loss_sums(out.logits, labels)).cpu()
             elif "losses" in needs:
-                losses = mean_losses(*token_loss_sums(*supervised_logits(model, inputs, labels)))
+                losses = mean_losses(*token_loss_sums(*supervised_logits(model, inputs, labels))).cpu()
         return LocalSignals(ids, tokens, losses, embeddings)
 
     # ------------------------------------------------------------------ the loss
     def loss_hook(self) -> Callable | None:
-        micro_scope = (self.component.params.scope == "micro_batch"
-                       and self.round.active(self.trainer.state.global_step))
+        micro_scope = self.component.params.scope == "micro_batch" and self.round.active(self.ctx.step)
         return self.weigh_micro if micro_scope else None
 
     def loss_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -268,42 +269,46 @@ class WeightMode(Mode):
             return {**inputs, "output_hidden_states": True}
         return inputs
 
-    def weigh_micro(self, ids, domains, sums, counts, outputs, inputs, labels, logits, weights) -> torch.Tensor:
+    def weigh_micro(self, signals: LossSignals) -> torch.Tensor:
         """Micro-batch scope: weights over this micro-batch on every rank, from its training forward."""
-        step, micro = self.trainer.state.global_step, self.micro
+        step, micro = self.ctx.step, self.micro
         self.micro += 1
         needs = self.component.needs
         self.prepare(step)
         losses = embeddings = None
         if "losses" in needs:
-            losses = mean_losses(sums.detach(), counts)
+            losses = mean_losses(signals.sums.detach(), signals.counts).cpu()
         if "embeddings" in needs:
             from ..scoring.embeddings import pool_states
 
             comp = self.component
-            embeddings = pool_states([h.detach() for h in outputs.hidden_states], inputs.get("attention_mask"),
-                                     comp.embedding_layer, comp.embedding_pooling).cpu()
-        local = LocalSignals(ids.tolist(), counts.cpu(), losses, embeddings)
+            embeddings = pool_states([h.detach() for h in signals.outputs.hidden_states],
+                                     signals.inputs.get("attention_mask"), comp.embedding_layer,
+                                     comp.embedding_pooling).cpu()
+        local = LocalSignals(signals.ids.tolist(), signals.counts.cpu(), losses, embeddings)
         (w,) = self.round.decide(step, [local], micro=micro)
-        self.pending_logs = dict(self.round.last_logs)
+        self.ctx.pending_logs = dict(self.round.last_logs)
         return w
 
 
-def plot(plt: Any, run: dict[str, Any], lines: list[dict[str, Any]]) -> Any:
-    """The spread of the weights per step (percentile bands and the median)."""
-    import numpy as np
+    # ------------------------------------------------------------------ records and state
+    def schedule_digest(self) -> None:
+        return None
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    if lines:
-        steps = [ln["step"] for ln in lines]
-        w = [np.asarray(ln["weights"]) for ln in lines]
-        for lo, hi, alpha in ((0, 100, 0.15), (10, 90, 0.3), (25, 75, 0.5)):
-            ax.fill_between(steps, [np.percentile(x, lo) for x in w], [np.percentile(x, hi) for x in w],
-                            color="#4c72b0", alpha=alpha, linewidth=0, label=f"{lo}-{hi}th percentile")
-        ax.plot(steps, [np.median(x) for x in w], color="#1f3b73", label="median")
-        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.legend(loc="upper right")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("sample weight")
-    ax.set_title(f"{run['name']}: weight distribution per step")
-    return fig
+    def schedule_manifest(self) -> dict[str, Any]:
+        return {"warmup_step": self.ctx.fa.warmup_step, "global_batch": self.ctx.global_batch}
+
+    def round_state(self) -> dict[str, Any]:
+        return self.round.state_dict()
+
+    def load_round_state(self, state: dict[str, Any]) -> None:
+        self.round.load_state_dict(state)
+
+    def describe(self) -> None:
+        pass
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def finish_files(self) -> list[str]:
+        return []

@@ -451,7 +451,8 @@ def sharded_features(
     Every rank gets the result, aligned with ``indices`` (NaN rows for samples without a
     supervised token; ``normalise=False`` keeps the projected gradients' own lengths, zero rows then). With ``reduce`` each batch's ``batch x proj_dim`` features are turned
     into per-sample values on the rank that computed them, so only those values travel (e.g. one
-    score per sample); without it the projected features travel. Memory per rank: one batch's
+    score per sample, or a few: ``reduce`` returning ``batch x K`` gives an ``[N, K]`` result); without
+    it the projected features travel. Memory per rank: one batch's
     activations plus ``batch x (proj_dim + largest layer)``, whatever the number of samples.
     """
 
@@ -463,6 +464,8 @@ def sharded_features(
 
     with eval_mode(engine.model):
         values = engine.map(dataset, indices, batch_size, run, desc)
+    if reduce is not None and values and torch.is_tensor(values[0]) and values[0].dim() == 1:
+        return torch.stack(values)  # several values per sample (e.g. one per eval target): [N, K]
     if reduce is not None:
         return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
     if not values:

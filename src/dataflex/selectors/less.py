@@ -80,19 +80,33 @@ def eval_targets(feats: torch.Tensor, groups: list[tuple[str, int, int]] | None,
     no supervised token): one row, the mean of all valid rows (``mean``), or one mean per eval group
     (``task_max``; a row's Score is then its largest cosine-mean over the groups). Returns it and the
     number of valid eval rows."""
-    valid = ~torch.isnan(feats[:, 0])
-    if not bool(valid.any()):
-        raise nothing_supervised("eval")
     if aggregate == "mean":
+        valid = valid_rows(feats)
         return feats[valid].mean(dim=0, keepdim=True), int(valid.sum())
     if not groups or len(groups) < 2:
         raise ValueError(f"selector '{selector}': eval_aggregate: task_max needs several eval datasets (give them "
                          "as eval_dataset: a,b with eval_on_each_dataset: true); got one eval set")
+    return group_means(feats, groups, selector)
+
+
+def valid_rows(feats: torch.Tensor) -> torch.Tensor:
+    """Mask of the eval rows that have a feature; an error when none has."""
+    valid = ~torch.isnan(feats[:, 0])
+    if not bool(valid.any()):
+        raise nothing_supervised("eval")
+    return valid
+
+
+def group_means(feats: torch.Tensor, groups: list[tuple[str, int, int]], selector: str,
+                what: str = "eval dataset") -> tuple[torch.Tensor, int]:
+    """One mean of the valid unit eval features per ``(name, start, end)`` group: ``[G, proj_dim]``,
+    and the number of valid eval rows. A group without a valid row is an error."""
+    valid = valid_rows(feats)
     rows = []
     for name, start, end in groups:
         part = feats[start:end][valid[start:end]]
         if len(part) == 0:
-            raise ValueError(f"selector '{selector}': eval dataset '{name}' has no row with a supervised token")
+            raise ValueError(f"selector '{selector}': {what} '{name}' has no row with a supervised token")
         rows.append(part.mean(dim=0))
     return torch.stack(rows), int(valid.sum())
 
@@ -121,14 +135,11 @@ class LessSelector(Selector):
     def state_dict(self) -> dict[str, Any]:
         if self.cumulative is None:
             return {}
-        values = [None if math.isnan(v) else v for v in self.cumulative.tolist()]
-        return {"cumulative_score": values, "learning_rates": list(self.learning_rates)}
+        return {"cumulative_score": _nan_to_none(self.cumulative.tolist()), "learning_rates": list(self.learning_rates)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("cumulative_score") is not None:
-            self.cumulative = torch.tensor(
-                [float("nan") if v is None else float(v) for v in state["cumulative_score"]], dtype=torch.float64
-            )
+            self.cumulative = torch.tensor(_none_to_nan(state["cumulative_score"]), dtype=torch.float64)
             self.learning_rates = [float(v) for v in state.get("learning_rates", [])]
 
     # ------------------------------------------------------------------ selection
@@ -139,12 +150,15 @@ class LessSelector(Selector):
                                       self.params.scoring_batch_size, plain, desc="LESS eval gradients")
         return eval_targets(eval_feats, ctx.eval_groups, self.params.eval_aggregate, self.name)
 
-    def select(self, ctx: SelectionContext) -> SelectionResult:
+    def target_scores(self, ctx: SelectionContext) -> tuple[list[int], torch.Tensor, str, int]:
+        """The pool, every pool row's Score against every eval target (``[P, G]`` float64, NaN rows:
+        no supervised token), the train feature used (``adam``, or ``sgd`` when asked for or when the
+        optimizer has no moments yet) and the number of eval rows."""
         p = self.params
         engine = ctx.scorer
         model = engine.model
         if ctx.eval_dataset is None or len(ctx.eval_dataset) == 0:
-            raise ValueError("selector 'less' needs eval_dataset, and the eval set is empty")
+            raise ValueError(f"selector '{self.name}' needs eval_dataset, and the eval set is empty")
         pool = candidate_indices(ctx, p.candidate_pool)
 
         plain = GradientFeaturizer(model, self.projector)
@@ -153,7 +167,7 @@ class LessSelector(Selector):
         gradient_type = p.gradient_type
         moments = None
         if gradient_type == "adam":
-            with ctx.agreement.section("less: gathering Adam moments"):  # DeepSpeed gathers them collectively
+            with ctx.agreement.section(f"{self.name}: gathering Adam moments"):  # DeepSpeed gathers them collectively
                 moments, reason = adam_moments(ctx.optimizer, model, plain.param_names, engine.device)
             if moments is None:
                 gradient_type = "sgd"
@@ -162,25 +176,37 @@ class LessSelector(Selector):
                                    "samples", self.name, reason, ctx.selection + 1)
         train = GradientFeaturizer(model, self.projector, moments)
         target_dev = target.to(engine.device)  # [G, proj_dim]: one row per eval target
-        score = sharded_features(engine, ctx.train_dataset, pool, p.scoring_batch_size, train,
-                                 reduce=lambda f: (f @ target_dev.T).max(dim=1).values,
-                                 desc="LESS train gradients").double()
+        per_target = sharded_features(engine, ctx.train_dataset, pool, p.scoring_batch_size, train,
+                                      reduce=lambda f: f @ target_dev.T, desc=f"{self.name} train gradients")
+        return pool, per_target.reshape(len(pool), -1).double(), gradient_type, n_eval
 
+    def accumulate(self, ctx: SelectionContext, pool: list[int], score: torch.Tensor) -> torch.Tensor:
+        """Add η · ``score`` (``[P]`` or ``[P, K]``, NaN rows: unscored) to the running sums of the pool's
+        rows and return the sums of the pool (NaN for the rows unscored now)."""
         lr = float(ctx.learning_rate)
-        if self.cumulative is None or len(self.cumulative) != ctx.train_size:
+        shape = (ctx.train_size, *score.shape[1:])
+        if self.cumulative is None or tuple(self.cumulative.shape) != shape:
             if self.cumulative is not None and ctx.rank == 0:
-                logger.warning("[DataFlex] less: stored cumulative scores are for %d samples, the training set has %d: "
-                               "starting afresh", len(self.cumulative), ctx.train_size)
-            self.cumulative = torch.full((ctx.train_size,), float("nan"), dtype=torch.float64)
+                logger.warning("[DataFlex] %s: stored cumulative scores have the shape %s, this run needs %s: "
+                               "starting afresh", self.name, tuple(self.cumulative.shape), shape)
+            self.cumulative = torch.full(shape, float("nan"), dtype=torch.float64)
             self.learning_rates = []
         pool_t = torch.tensor(pool, dtype=torch.long)
-        scored = ~torch.isnan(score)
+        scored = scored_rows(score)
         before = self.cumulative[pool_t]
         after = torch.where(torch.isnan(before), torch.zeros_like(before), before) + lr * score
         self.cumulative[pool_t[scored]] = after[scored]
         self.learning_rates.append(lr)
         S = self.cumulative[pool_t]
-        S = torch.where(scored, S, torch.full_like(S, float("nan")))  # unscored now: not a candidate now
+        return torch.where(torch.isnan(score), torch.full_like(S, float("nan")), S)  # unscored now: no candidate
+
+    def select(self, ctx: SelectionContext) -> SelectionResult:
+        p = self.params
+        pool, per_target, gradient_type, n_eval = self.target_scores(ctx)
+        score = per_target.max(dim=1).values  # one eval target, or the best of several (task_max)
+        lr = float(ctx.learning_rate)
+        S = self.accumulate(ctx, pool, score)
+        scored = scored_rows(score)
 
         order = rank_order(S if p.cumulative else score, score)
         if not order:
@@ -214,3 +240,20 @@ class LessSelector(Selector):
     def summary_extra(self) -> dict[str, Any]:
         """More of the selection's summary (for subclasses)."""
         return {}
+
+
+def scored_rows(score: torch.Tensor) -> torch.Tensor:
+    """Mask of the rows of ``[P]`` or ``[P, K]`` scores that have a score (NaN: none)."""
+    return ~torch.isnan(score.reshape(len(score), -1)[:, 0])
+
+
+def _nan_to_none(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_nan_to_none(v) for v in values]
+    return None if math.isnan(values) else values
+
+
+def _none_to_nan(values: Any) -> Any:
+    if isinstance(values, list):
+        return [_none_to_nan(v) for v in values]
+    return float("nan") if values is None else float(values)

@@ -1,10 +1,10 @@
-"""A test plugin: tracing, pauses and injected faults, installed only when its variables are set.
+"""The tests' plugin: pauses and injected faults, through the product's plugin hook.
 
-The launcher installs it when ``DATAFLEX_TEST_PLUGIN=1`` (the tests set it); production classes
-carry none of this. Everything is driven by environment variables, so torchrun children get it:
+``tests/conftest.py`` puts ``tests/`` on ``PYTHONPATH`` and sets
+``DATAFLEX_PLUGINS=dataflex.diagnostics,plugins.faults``, so every training process - torchrun
+workers included, which re-import everything - installs it. It does nothing unless its own
+variables are set (the decision trace, ``DATAFLEX_TRACE_DIR``, is the diagnostics plugin's):
 
-* ``DATAFLEX_TRACE_DIR``: every rank appends, per training micro-batch, ``{"step", "indices"}``
-  (plus ``"weights"`` / ``"domains"`` when the batch has them) to ``trace_rank{R}.jsonl``.
 * ``DATAFLEX_TEST_PAUSE_AT_STEP`` (+ ``DATAFLEX_TEST_PAUSE_FILE``): when that optimizer step is
   about to start, rank 0 writes its pid to the file and every rank sleeps (a test kills it).
 * ``DATAFLEX_TEST_FAULT=WHERE:RANK[:N]``: raise ``RuntimeError("injected ... fault")`` on rank RANK -
@@ -16,13 +16,11 @@ carry none of this. Everything is driven by environment variables, so torchrun c
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-TRACE_ENV = "DATAFLEX_TRACE_DIR"
 PAUSE_ENV = "DATAFLEX_TEST_PAUSE_AT_STEP"
 PAUSE_FILE_ENV = "DATAFLEX_TEST_PAUSE_FILE"
 FAULT_ENV = "DATAFLEX_TEST_FAULT"
@@ -43,43 +41,24 @@ def install() -> None:
     if _INSTALLED:
         return
     _INSTALLED = True
-    from .modes.base import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY
-    from .trainer import DataFlexTrainerMixin
+    from dataflex.trainer import DataFlexTrainerMixin
 
     fault = _fault()
 
-    # ------------------------------------------------------------------ trace and pause
-    original_compute_loss = DataFlexTrainerMixin.compute_loss
+    # ------------------------------------------------------------------ pause
     original_batches = DataFlexTrainerMixin.get_batch_samples
-    trace_dir = os.environ.get(TRACE_ENV)
-
-    def compute_loss(self, model, inputs, *args: Any, **kwargs: Any):
-        if trace_dir and INDEX_KEY in inputs and model.training:
-            line: dict[str, Any] = {"step": self.state.global_step, "indices": inputs[INDEX_KEY].tolist()}
-            if inputs.get(WEIGHT_KEY) is not None:
-                line["weights"] = [float(w) for w in inputs[WEIGHT_KEY]]
-            if inputs.get(DOMAIN_KEY) is not None:
-                line["domains"] = inputs[DOMAIN_KEY].tolist()
-            if inputs.get("labels") is not None:  # supervised tokens per row, as the loss counts them
-                line["tokens"] = (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist()
-            path = Path(trace_dir) / f"trace_rank{self.df_rank}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
-        return original_compute_loss(self, model, inputs, *args, **kwargs)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if os.environ.get(PAUSE_ENV) == str(self.state.global_step):
             marker = os.environ.get(PAUSE_FILE_ENV)
-            if marker and self.df_rank == 0:
+            if marker and self.args.process_index == 0:
                 Path(marker).write_text(str(os.getpid()))
             while True:  # the test kills the process here (SIGKILL)
                 time.sleep(1)
-        if fault and fault[0] == "weights" and fault[1] == self.df_rank and self.state.global_step == fault[2]:
-            raise RuntimeError(f"injected weights fault on rank {self.df_rank}")
+        if fault and fault[0] == "weights" and fault[1] == self.args.process_index and self.state.global_step == fault[2]:
+            raise RuntimeError(f"injected weights fault on rank {self.args.process_index}")
         return original_batches(self, epoch_iterator, num_batches, device)
 
-    DataFlexTrainerMixin.compute_loss = compute_loss
     DataFlexTrainerMixin.get_batch_samples = get_batch_samples
     if fault is None:
         return
@@ -87,7 +66,7 @@ def install() -> None:
 
     # ------------------------------------------------------------------ faults
     if where == "selection":
-        from .modes.select import SelectRound
+        from dataflex.modes.select import SelectRound
 
         original_select = SelectRound._select
 
@@ -107,7 +86,7 @@ def install() -> None:
 
         SelectRound._select = _select
     elif where in ("collate", "forward"):
-        from .scoring.engine import ScoringEngine
+        from dataflex.scoring.engine import ScoringEngine
 
         original_prepare = ScoringEngine.prepare
         calls = {"n": 0}
