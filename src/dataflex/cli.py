@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -201,6 +202,63 @@ def report(
                        f"dataset_dir={export_dataset}")
     except ConfigError as err:
         _fail(str(err))
+
+
+@app.command(context_settings=_EXTRA)
+def compare(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Training YAML with an eval_dataset held out from the training rows."),
+    methods: str = typer.Option(..., "--methods", help="Comma-separated: plain, random, less, ...; overrides as less:key=value."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per method (the config's seed, +1, +2, ...)."),
+    budget: str = typer.Option("steps", "--budget", help="steps (same optimizer steps), compute (same seconds or work) or both."),
+    metric: str = typer.Option("loss", "--metric", help="loss (always reported), choice (options column) or exact (greedy answer)."),
+    out: Path = typer.Option(Path("compare_out"), "--out", help="Folder of the runs and compare.json."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
+    options_column: Optional[str] = typer.Option(None, "--options", help="--metric choice: the eval rows' column of answer options (default: options)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between checkpoints measured (default: a quarter of the run)."),
+    compute: str = typer.Option("seconds", "--compute", help="--budget compute: seconds (wall-clock, default) or work (tokens trained on)."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="The method the others are compared with (default: random, else plain)."),
+    baseline_factor: float = typer.Option(2.0, "--baseline-factor", help="--budget compute: the baseline trains this many times the common steps."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+) -> None:
+    """Train each method x seed through `dataflex-cli train`, measure them on the eval set, and say which beat the baseline.
+
+    Rerunning the same command skips the runs that finished (the table names the missing ones).
+    """
+    from .log import setup_logging
+
+    setup_logging()
+    try:
+        from .compare.plan import prepare
+
+        setup = prepare(config, methods, seeds=seeds, budget=budget, metric=metric, out=out, overrides=list(ctx.args),
+                        options_column=options_column, eval_every=eval_every, compute=compute, baseline=baseline,
+                        baseline_factor=baseline_factor)
+        if html is not None and html.exists() and html.is_dir():
+            raise ConfigError(f"--html: '{html}' is a folder; allowed: a file path")
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        if debug:
+            raise
+        _fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    from .compare.runner import execute, text_report
+
+    interrupted = False
+    try:
+        data = execute(setup)
+    except KeyboardInterrupt:
+        interrupted = True
+        data = json.loads((setup.out / "compare.json").read_text(encoding="utf-8"))
+    typer.echo(text_report(data))
+    if html is not None:
+        from .compare.html import write_page
+
+        write_page(data, html)
+        typer.echo(f"\nHTML page written to {html}")
+    typer.echo(f"\ncompare.json written to {setup.out / 'compare.json'}")
+    if interrupted:
+        _fail("interrupted; rerun the same command to finish the missing runs", 130)
+    if data["failures"]:
+        _fail(f"{len(data['failures'])} run(s) failed: {data['failures'][0]}", 1)
 
 
 @app.command()

@@ -1,0 +1,273 @@
+"""Running a comparison: every method x seed through ``dataflex-cli train``, then its checkpoints measured.
+
+Each run trains in its own process with the ordinary command (so ``FORCE_TORCHRUN=1`` and DeepSpeed
+work as they do for ``dataflex-cli train``), writes its ordinary outputs into ``OUT/<method>/seed-<k>/``
+and, once trained and measured, ``compare_run.json`` there: the run's key, config, seconds and curve.
+A rerun of the same command finds that file with the same key and skips the run; a run without it
+(killed, crashed, interrupted) is trained again from scratch. ``compare.json`` in OUT is rewritten
+after every run, so an interrupted comparison still has its table of what finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import analysis
+from .plan import RunSpec, Setup, prepare
+
+FORMAT = 1
+_BAR = re.compile(r"(\d+)/(\d+) \[")
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class RunFailed(Exception):
+    pass
+
+
+class Progress:
+    """One line per run and about one every few seconds while it trains: method, seed, step, ETA."""
+
+    def __init__(self, total_runs: int, say: Callable[[str], None] = _say, every: float = 5.0):
+        self.total, self.say, self.every = total_runs, say, every
+        self.done_seconds: list[float] = []
+        self.number = 0
+
+    def eta_rest(self, spec: RunSpec, left_in_run: float, step_time: float | None, remaining: list[RunSpec]) -> float:
+        per_step = step_time or 0.0
+        if self.done_seconds:
+            per = sum(self.done_seconds) / len(self.done_seconds)
+            return left_in_run + per * len(remaining)
+        return left_in_run + per_step * sum(r.steps for r in remaining)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def train(spec: RunSpec, progress: Progress, remaining: list[RunSpec], env: dict[str, str] | None = None) -> None:
+    """Train one run with ``dataflex-cli train`` in a child process; its output goes to ``train.log``."""
+    if spec.out.exists():
+        shutil.rmtree(spec.out)  # an unfinished earlier attempt: start again from scratch
+    spec.out.mkdir(parents=True)
+    cfg = dict(spec.cfg)
+    if spec.method.params:
+        spec.components_path.write_text(yaml.safe_dump(spec.components, sort_keys=False), encoding="utf-8")
+        cfg["components_cfg_file"] = str(spec.components_path.resolve())
+    spec.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    cmd = [sys.executable, "-m", "dataflex.cli", "train", str(spec.config_path)]
+    log_path = spec.out / "train.log"
+    start = time.monotonic()
+    seen: dict[str, Any] = {"first": None, "step": 0, "last_said": 0.0}
+
+    def on_text(text: str) -> None:
+        for piece in re.split(r"[\r\n]", text):
+            m = _BAR.search(piece)
+            if not m or int(m.group(2)) != spec.steps:
+                continue
+            step, now = int(m.group(1)), time.monotonic()
+            if seen["first"] is None:
+                seen["first"] = (step, now)
+            seen["step"] = step
+            first_step, first_time = seen["first"]
+            step_time = (now - first_time) / (step - first_step) if step > first_step else None
+            if step == seen.get("said_step") or (now - seen["last_said"] < progress.every and step != spec.steps):
+                continue
+            seen["last_said"], seen["said_step"] = now, step
+            left = (spec.steps - step) * step_time if step_time else None
+            rest = progress.eta_rest(spec, left or 0.0, step_time, remaining) if step_time else None
+            eta = f", ETA run {_fmt_seconds(left)}, all {_fmt_seconds(rest)}" if left is not None else ""
+            progress.say(f"[compare] run {progress.number}/{progress.total} {spec.name}: step {step}/{spec.steps}"
+                         + (f", {step_time:.2f} s/step" if step_time else "") + eta)
+
+    with log_path.open("w", encoding="utf-8") as log:
+        # its own process group, so that stopping it stops everything it started (torchrun's workers); and
+        # ended by the kernel if this process dies without a chance to stop it (SIGKILL)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+
+        def pump() -> None:
+            buf = b""
+            while True:
+                chunk = proc.stderr.read1(4096) if hasattr(proc.stderr, "read1") else proc.stderr.read(4096)
+                if not chunk:
+                    break
+                log.write(chunk.decode("utf-8", errors="replace"))
+                log.flush()
+                buf += chunk
+                cut = max(buf.rfind(b"\r"), buf.rfind(b"\n"))
+                if cut >= 0:
+                    on_text(buf[:cut + 1].decode("utf-8", errors="replace"))
+                    buf = buf[cut + 1:]
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+        finally:
+            reader.join(timeout=10)
+    if code != 0:
+        tail = [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if "error" in line.lower()][-1:]
+        raise RunFailed(f"{spec.name}: dataflex-cli train exited with {code}"
+                        + (f" ({tail[0].strip()[:200]})" if tail else "") + f"; log {log_path}")
+    progress.done_seconds.append(time.monotonic() - start)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGKILL when the parent dies (elsewhere: nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a training child and everything it started (its own process group)."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def finished(spec: RunSpec) -> dict[str, Any] | None:
+    """The run's entry when it finished earlier with the same key, else None."""
+    try:
+        entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return entry if entry.get("key") == spec.key and entry.get("format") == FORMAT else None
+
+
+def measure(spec: RunSpec, evaluator: Any) -> dict[str, Any]:
+    """Measure every checkpoint of a trained run and write its ``compare_run.json`` (last, atomically)."""
+    from .evaluate import checkpoints, compute_of
+
+    compute = compute_of(spec.out)
+    curve = []
+    for step, folder in checkpoints(spec.out):
+        metrics = evaluator.measure(folder, spec.out / "compare_eval")
+        curve.append({"step": step, **compute[step],
+                      "values": {k: analysis.value(v) for k, v in metrics.items()},
+                      "metrics": {k: [list(p) for p in v] for k, v in metrics.items()}})
+    shutil.rmtree(spec.out / "compare_eval", ignore_errors=True)
+    results = {}
+    for name in ("all_results.json", "train_results.json"):
+        path = spec.out / name
+        if path.is_file():
+            results = json.loads(path.read_text(encoding="utf-8"))
+            break
+    entry = {"format": FORMAT, "key": spec.key, "method": spec.method.label, "seed_index": spec.index,
+             "seed": spec.seed, "role": spec.role, "steps": spec.steps, "out": str(spec.out),
+             "config": spec.cfg, "components": spec.components,
+             "seconds": {"train": results.get("train_runtime"), "decisions": results.get("dataflex_seconds", 0.0)},
+             "curve": curve}
+    tmp = spec.done_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry), encoding="utf-8")
+    tmp.replace(spec.done_path)
+    return entry
+
+
+def summarise(setup: Setup, entries: dict[str, dict[str, Any]], failures: list[str]) -> dict[str, Any]:
+    """The compare.json dict: the setup, every run's entry, the tables."""
+    labels = [m.label for m in setup.methods]
+    runs: dict[str, dict[str, list]] = {m.label: {} for m in setup.methods}
+    for spec in setup.runs:
+        runs[spec.method.label].setdefault(spec.role, [None] * setup.seeds)[spec.index] = entries.get(str(spec.out))
+    metrics = ["loss"] + ({"choice": ["choice", "choice_norm"], "exact": ["exact"]}.get(setup.metric, []))
+    tables = []
+    for budget in setup.budgets:
+        for metric in metrics:
+            tables.append(analysis.table(runs, labels, setup.baseline.label, budget, metric, setup.steps,
+                                         "tokens" if setup.compute_unit == "work" else "seconds"))
+    missing = [f"{s.name} ({s.out})" for s in setup.runs if str(s.out) not in entries]
+    return {"format": FORMAT, "config": str(setup.config), "methods": labels, "baseline": setup.baseline.label,
+            "seeds": setup.seeds, "budgets": setup.budgets, "metric": setup.metric, "compute": setup.compute_unit,
+            "steps": setup.steps, "baseline_steps": setup.baseline_steps, "eval_every": setup.eval_every,
+            "eval_rows": setup.eval_rows, "out": str(setup.out), "missing": missing, "failures": failures,
+            "runs": [entries[str(s.out)] for s in setup.runs if str(s.out) in entries], "tables": tables}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = None) -> dict[str, Any]:
+    """Train and measure every unfinished run of a prepared setup; returns the compare.json dict.
+
+    KeyboardInterrupt ends the running child, writes compare.json with what finished and propagates."""
+    setup.out.mkdir(parents=True, exist_ok=True)
+    if evaluator is None:
+        from .evaluate import Evaluator
+
+        evaluator = Evaluator(setup.cfg, setup.metric, setup.options_column)
+    order = sorted(setup.runs, key=lambda s: (s.index, s.role != "main"))  # seed 0 of every method first
+    entries: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec in order:
+        entry = finished(spec)
+        if entry is not None:
+            entries[str(spec.out)] = entry
+            say(f"[compare] {spec.name}: finished earlier (key {spec.key}), skipped")
+        else:
+            todo.append(spec)
+    progress = Progress(len(todo), say)
+    failures: list[str] = []
+    path = setup.out / "compare.json"
+    try:
+        for i, spec in enumerate(todo):
+            progress.number = i + 1
+            say(f"[compare] run {i + 1}/{len(todo)} {spec.name}: training {spec.steps} steps into {spec.out}")
+            try:
+                train(spec, progress, todo[i + 1:])
+                entries[str(spec.out)] = measure(spec, evaluator)
+            except RunFailed as err:
+                failures.append(str(err))
+                say(f"[compare] {err}")
+            write_json(path, summarise(setup, entries, failures))
+    finally:
+        data = summarise(setup, entries, failures)
+        write_json(path, data)
+    return data
+
+
+def run(config: str | os.PathLike, methods: str, seeds: int = 3, budget: str = "steps", metric: str = "loss",
+        out: str | os.PathLike = "compare_out", overrides: list[str] | None = None, **options: Any) -> dict[str, Any]:
+    """The whole comparison from Python (what ``dataflex-cli compare`` does): returns the compare.json dict."""
+    setup = prepare(config, methods, seeds=seeds, budget=budget, metric=metric, out=out, overrides=overrides, **options)
+    return execute(setup)
+
+
+def text_report(data: dict[str, Any]) -> str:
+    parts = [analysis.render(t) for t in data["tables"]]
+    if data["missing"]:
+        parts.append("missing runs (rerun the same command to finish them): " + "; ".join(data["missing"]))
+    return "\n\n".join(parts)
