@@ -37,51 +37,13 @@ def load_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
     domain's rows).
     """
     from . import integration
-
-    integration.install()
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.extras.constants import IGNORE_INDEX
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_model, load_tokenizer
-    from transformers import DataCollatorForLanguageModeling
-
     from .modes import BY_TRAIN_TYPE
     from .plan import RunPlan
 
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
     run = integration.Run(RunPlan(dict(cfg), BY_TRAIN_TYPE.get(cfg.get("train_type"))))
-    stage = finetuning_args.stage
-    tokenizer_module = load_tokenizer(model_args)
-    tokenizer = tokenizer_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    # DataFlex's loader, as the training workflow calls it
-    dataset_module = integration.dataset_loader(get_dataset, run)(template, model_args, data_args, training_args,
-                                                                  stage=stage, **tokenizer_module)
-    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    if stage == "pt":
-        collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-    else:
-        collator = SFTDataCollatorWith4DAttentionMask(
-            template=template,
-            model=model,
-            pad_to_multiple_of=8,
-            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-            block_diag_attn=model_args.block_diag_attn,
-            neat_packing=data_args.neat_packing,
-            attn_implementation=getattr(model.config, "_attn_implementation", None),
-            compute_dtype=model_args.compute_dtype,
-            **tokenizer_module,
-        )
-    return {
-        "model": model,
-        "tokenizer": tokenizer,
-        "train_dataset": dataset_module.get("train_dataset"),
-        "eval_dataset": dataset_module.get("eval_dataset"),
-        "collator": collator,
-        "training_args": training_args,
-        "finetuning_args": finetuning_args,
-        "data_info": run.data,
-    }
+    pipe = integration.build_pipeline(cfg, run)
+    pipe.pop("template")
+    return {**pipe, "data_info": run.data}
 
 
 # --------------------------------------------------------------------------------------------- the trace

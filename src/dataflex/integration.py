@@ -361,6 +361,53 @@ def _domain_datasets(eval_names, template, model_args, data_args, training_args,
 
 
 # --------------------------------------------------------------------------------------------- entry points
+def build_pipeline(cfg: dict[str, Any], run: Run | None = None) -> dict[str, Any]:
+    """Model, tokenizer, chat template, tokenized datasets and collator as LLaMA-Factory's SFT / PT
+    workflow builds them for the training config ``cfg``, without training. With ``run``, the datasets
+    go through DataFlex's loader (domains kept apart, raw columns) as in a DataFlex run; without, through
+    LLaMA-Factory's own (a plain run)."""
+    install()
+    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.extras.constants import IGNORE_INDEX
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_model, load_tokenizer
+    from transformers import DataCollatorForLanguageModeling
+
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
+    stage = finetuning_args.stage
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    loader = dataset_loader(get_dataset, run) if run is not None else get_dataset
+    dataset_module = loader(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
+    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+    if stage == "pt":
+        collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
+    else:
+        collator = SFTDataCollatorWith4DAttentionMask(
+            template=template,
+            model=model,
+            pad_to_multiple_of=8,
+            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+            block_diag_attn=model_args.block_diag_attn,
+            neat_packing=data_args.neat_packing,
+            attn_implementation=getattr(model.config, "_attn_implementation", None),
+            compute_dtype=model_args.compute_dtype,
+            **tokenizer_module,
+        )
+    return {"model": model, "tokenizer": tokenizer, "template": template, "collator": collator,
+            "train_dataset": dataset_module.get("train_dataset"), "eval_dataset": dataset_module.get("eval_dataset"),
+            "training_args": training_args, "finetuning_args": finetuning_args}
+
+
+def chat_template(tokenizer: Any, name: str | None) -> Any:
+    """LLaMA-Factory's template ``name`` for ``tokenizer`` (it encodes a turn as training does)."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    return get_template_and_fix_tokenizer(tokenizer, DataArguments(template=name))
+
+
 def known_train_keys() -> set[str]:
     """Every key LLaMA-Factory's train parser accepts once DataFlex is installed."""
     import llamafactory.hparams.parser as parser

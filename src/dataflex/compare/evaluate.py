@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..args import DATAFLEX_KEYS
+from ..integration import build_pipeline, chat_template
 from ..values import names
 
 Pairs = list[tuple[float, float]]
@@ -76,36 +77,6 @@ def question_of(row: dict[str, Any], columns: dict[str, str]) -> str:
     return "\n".join(p for p in (prompt, query) if p)
 
 
-def _eval_pipeline(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Model, tokenizer, tokenized eval set and collator as LLaMA-Factory's SFT workflow builds them for a plain
-    (DataFlex-free) config. The one place compare reaches into LLaMA-Factory; it belongs in
-    :mod:`dataflex.integration` next to the other seams."""
-    from llamafactory.data import SFTDataCollatorWith4DAttentionMask, get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.extras.constants import IGNORE_INDEX
-    from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_model, load_tokenizer
-    from transformers import DataCollatorForLanguageModeling
-
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args(dict(cfg))
-    tokenizer_module = load_tokenizer(model_args)
-    tokenizer = tokenizer_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    stage = finetuning_args.stage
-    data = get_dataset(template, model_args, data_args, training_args, stage=stage, **tokenizer_module)
-    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
-    if stage == "pt":
-        collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False)
-    else:
-        collator = SFTDataCollatorWith4DAttentionMask(
-            template=template, model=model, pad_to_multiple_of=8,
-            label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-            block_diag_attn=model_args.block_diag_attn, neat_packing=data_args.neat_packing,
-            attn_implementation=getattr(model.config, "_attn_implementation", None),
-            compute_dtype=model_args.compute_dtype, **tokenizer_module)
-    return {"model": model, "tokenizer": tokenizer, "eval_dataset": data.get("eval_dataset"), "collator": collator,
-            "template": template}
-
-
 class Evaluator:
     """Loads the model, tokenizer and eval set once (from the comparison's config); measures checkpoints."""
 
@@ -129,7 +100,7 @@ class Evaluator:
                 for key in ("deepspeed", "fsdp", "fsdp_config", "resume_from_checkpoint",
                             "include_num_input_tokens_seen"):
                     cfg.pop(key, None)
-                pipe = _eval_pipeline(cfg)
+                pipe = build_pipeline(cfg)
             finally:
                 if before is None:
                     os.environ.pop("LLAMAFACTORY_VERBOSITY", None)
@@ -204,11 +175,7 @@ class Evaluator:
 
     def _template(self, pipe: dict[str, Any]) -> Any:
         if "template" not in pipe:
-            from llamafactory.data import get_template_and_fix_tokenizer
-            from llamafactory.hparams import DataArguments
-
-            pipe["template"] = get_template_and_fix_tokenizer(pipe["tokenizer"],
-                                                              DataArguments(template=self.cfg.get("template")))
+            pipe["template"] = chat_template(pipe["tokenizer"], self.cfg.get("template"))
         return pipe["template"]
 
     def _choice(self, pipe: dict[str, Any]) -> dict[str, Pairs]:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from ..args import DATAFLEX_KEYS, read_config
-from ..components import ComponentSpec, build_component, load_components, resolve_components_path
+from ..components_file import ComponentSpec, build_component, load_components, resolve_components_path
 from ..errors import ConfigError
 from ..modes import BY_SECTION, BY_TRAIN_TYPE
 from ..values import names
