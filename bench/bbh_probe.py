@@ -9,7 +9,7 @@ checked download), a seeded split gives ``--train`` training and ``--test`` held
 **floor** is the untrained model on the held-out questions; the **ceiling** trains a LoRA adapter on the
 task's own training rows through ``dataflex-cli train`` (plain LLaMA-Factory SFT: loss on the answer
 tokens only) and is scored after every epoch. Scoring is multiple choice over the task's answer set
-(one forward per question, ``mc_tasks.ChoiceScorer``) plus two continuous metrics: the mean
+(one forward per question, the product's ``ChoiceScorer`` through ``mc_tasks.scorer_for``) plus two continuous metrics: the mean
 log-likelihood of the correct answer, and its log-probability *within the answer set* (which a model
 cannot raise by only learning the answer format). The answer balance of both splits is reported: a
 model that only learned the training answers' prior scores about the test set's ``majority`` share.
@@ -100,19 +100,19 @@ def train(cfg: dict, folder: Path, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def token_counts(scorer: mt.ChoiceScorer, rows: list[dict], cutoff: int) -> tuple[int, int]:
+def token_counts(scorer, rows: list[dict], cutoff: int) -> tuple[int, int]:
     """(tokens of one training pass over ``rows``, tokens of scoring them): prompt + answer, cut at
     ``cutoff``; scoring runs each prompt once and every answer of the set."""
     train = score = 0
     for r in rows:
         prompt, resp = scorer.encode(r["instruction"], r["output"])
         train += min(len(prompt) + len(resp), cutoff)
-        score += len(prompt) + sum(len(a) for a in scorer._answers(r["instruction"], tuple(r["options"])))
+        score += len(prompt) + sum(len(scorer.encode(r["instruction"], a)[1]) for a in r["options"])
     return train, score
 
 
 def score(model, tok, rows: list[dict]) -> dict:
-    return mt.choice_eval(mt.ChoiceScorer(model, tok), rows)
+    return mt.choice_eval(mt.scorer_for(model, tok), rows)
 
 
 def load_model(model_path: Path, adapter: Path | None = None):
@@ -165,7 +165,7 @@ def probe_task(task: str, path: Path, model_path: Path, tok, out: Path, args) ->
         if not ckpt.is_dir():
             raise SystemExit(f"bench/bbh_probe.py: {ckpt} is missing; delete {run} to train again")
         epochs.append({"epoch": e, "step": e * steps_per_epoch, **scored(f"epoch-{e}", ckpt)})
-    scorer = mt.ChoiceScorer(None, tok)  # counting needs the template, not a model
+    scorer = mt.scorer_for(None, tok)  # counting needs the template, not a model
     train_tok, _ = token_counts(scorer, train_rows, args.cutoff)
     _, eval_tok = token_counts(scorer, test_rows, args.cutoff)
     best = max(epochs, key=lambda r: r["acc_sum"])

@@ -462,60 +462,13 @@ def write_bbh_pool(out: Path, target: str, others: Sequence[str], paths: dict[st
             "tests": {t: len(files[f"bb_test_{t}"]) for t in [target, *others]}}
 
 
-class ChoiceScorer:
-    """Scores a question's answer set with one forward of its prompt.
+def scorer_for(model, tokenizer, template: str = "smollm2", system: str | None = None):
+    """The product's one-forward answer scorer (``dataflex.compare.evaluate.ChoiceScorer``) with LLaMA-Factory's
+    template ``template``: the prompt as training builds it runs once, the answers score from its cache."""
+    from dataflex.compare.evaluate import ChoiceScorer
+    from dataflex.integration import chat_template
 
-    The prompt (the training template's system + user turn, so the model sees what training showed it)
-    runs once; its key/value cache is repeated for the answers, which then run as one small batch of
-    their own tokens (each answer followed by the template's end-of-turn token). Per answer: the summed
-    log-probability of its tokens and their number."""
-
-    def __init__(self, model, tokenizer, template: str = "smollm2", system: str | None = None):
-        from llamafactory.data import get_template_and_fix_tokenizer
-        from llamafactory.hparams import DataArguments
-
-        self.model, self.tokenizer = model, tokenizer
-        self.template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template))
-        self.system = system
-        self._answer_ids: dict[tuple[str, ...], list[list[int]]] = {}
-
-    def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, answer ids) exactly as LLaMA-Factory encodes a training row."""
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        return self.template.encode_oneturn(self.tokenizer, messages, self.system)
-
-    def _answers(self, question: str, answers: tuple[str, ...]) -> list[list[int]]:
-        if answers not in self._answer_ids:
-            # the response ids of ``answer<|im_end|>\n``: drop what follows the end-of-turn token
-            eos = self.tokenizer.eos_token_id
-            ids = []
-            for a in answers:
-                resp = self.encode(question, a)[1]
-                ids.append(resp[:resp.index(eos) + 1] if eos in resp else resp)
-            self._answer_ids[answers] = ids
-        return self._answer_ids[answers]
-
-    def score(self, question: str, answers: tuple[str, ...]) -> list[tuple[float, int]]:
-        import torch
-
-        prompt = self.encode(question, answers[0])[0]
-        seqs = self._answers(question, answers)
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-            first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(len(seqs))
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-            mask = torch.ones(len(seqs), len(prompt) + width, dtype=torch.long)
-            logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                                                use_cache=False).logits.float(), dim=-1)
-        scored = []
-        for row, s in enumerate(seqs):
-            total = float(first[s[0]]) + sum(float(logp[row, p - 1, s[p]]) for p in range(1, len(s)))
-            scored.append((total, len(s)))
-        return scored
+    return ChoiceScorer(model, tokenizer, chat_template(tokenizer, template), system)
 
 
 def set_logprob(scored: Sequence[tuple[float, int]], right: int) -> float:
@@ -525,7 +478,7 @@ def set_logprob(scored: Sequence[tuple[float, int]], right: int) -> float:
     return scored[right][0] - (top + math.log(sum(math.exp(s - top) for s, _ in scored)))
 
 
-def choice_eval(scorer: ChoiceScorer, rows: Iterable[dict]) -> dict:
+def choice_eval(scorer, rows: Iterable[dict]) -> dict:
     """Multiple-choice accuracy (answer with the highest summed / length-normalised log-likelihood), with
     Wilson intervals; and two continuous metrics: the mean log-likelihood of the correct answer, and its
     mean log-probability within the answer set."""

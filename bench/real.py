@@ -903,9 +903,9 @@ def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
 
 def evaluate(model, tok, folder: Path, target: str, others: list[str], args) -> dict:
     """Held-out accuracy on the target and, pooled, on the other tasks (forgetting), scored through the
-    training template (``mc_tasks.ChoiceScorer``: one forward per question), with the target's mean
+    training template (the product's one-forward scorer, ``mc_tasks.scorer_for``), with the target's mean
     log-likelihood of the correct answer and its log-probability within the answer set."""
-    scorer = bb.ChoiceScorer(model, tok)
+    scorer = bb.scorer_for(model, tok)
     target_rows = json.loads((folder / f"bb_test_{target}.json").read_text())[:args.l2_test]
     res = {"target": {k: v for k, v in bb.choice_eval(scorer, target_rows).items() if k != "correct"}}
     hits = {"sum": 0, "mean": 0}

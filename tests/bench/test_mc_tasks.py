@@ -303,7 +303,7 @@ def test_choice_scorer_equals_a_full_forward_per_answer(tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    scorer = bigbench.ChoiceScorer(model, tok, template="default")
+    scorer = bigbench.scorer_for(model, tok, template="default")
     answers = ("(A)", "(B)", "seven hundred")
     got = scorer.score("Add the two numbers. 3 + 4 =", answers)
     for (total, n), answer in zip(got, answers):

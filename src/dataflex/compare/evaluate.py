@@ -55,7 +55,8 @@ class ChoiceScorer:
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            # only the prompt's last position predicts an answer token: no output layer over the rest
+            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
             first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             cache = out.past_key_values
             cache.batch_repeat_interleave(len(seqs))
