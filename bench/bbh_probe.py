@@ -170,10 +170,11 @@ def probe_task(task: str, path: Path, model_path: Path, tok, out: Path, args) ->
     _, eval_tok = token_counts(scorer, test_rows, args.cutoff)
     best = max(epochs, key=lambda r: r["acc_sum"])
     majority = summary["test"]["majority_by_train"]
+    learnable = best["ci_sum"][0] > floor["ci_sum"][1]
     return {**summary, "floor": _brief(floor), "epochs": [_brief(r) | {"epoch": r["epoch"]} for r in epochs],
-            "best_epoch": best["epoch"], "learnable": best["ci_sum"][0] > floor["ci_sum"][1],
-            # above what answering the training set's most common answer every time would score
-            "beats_prior": best["ci_sum"][0] > majority,
+            "best_epoch": best["epoch"], "learnable": learnable,
+            # learnable, and above what answering the training set's most common answer every time scores
+            "beats_prior": learnable and best["ci_sum"][0] > majority,
             "train_seconds": json.loads((cell / "train_seconds.json").read_text())["seconds"]
             if (cell / "train_seconds.json").exists() else None,
             "train_tokens": train_tok * args.epochs, "eval_tokens": eval_tok * (1 + args.epochs)}
@@ -190,8 +191,8 @@ def markdown(results: list[dict], args) -> str:
              "summed log-likelihood among the task's answer set; 95 % Wilson intervals. `majority`: the test "
              "share of the training set's most common answer (what learning the prior alone gives). "
              "`set logp`: mean log-probability of the correct answer within the answer set. `learnable`: the "
-             "best epoch's interval lies above the floor's; `beyond prior`: it also lies above `majority`, so "
-             "the gain is more than learning which answer is common.", "",
+             "best epoch's interval lies above the floor's; `beyond prior`: learnable, and the interval also lies "
+             "above `majority`, so the gain is more than learning which answer is common.", "",
              "| task | answers | chance | majority | floor | best epoch | ceiling | set logp floor -> best | "
              "learnable | beyond prior | train tokens | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -197,3 +197,22 @@ def test_bbh_probe_runs_and_resumes(smollm2, tmp_path):
     assert res.returncode == 0, failure_report(res)
     assert (out / "probe.md").read_text() == table
     assert (out / "tasks" / "sports_understanding" / "floor.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BBH.is_dir(), reason="no ../shared/data/bbh on this machine")
+def test_bbh_level2_through_compare(smollm2, tmp_path):
+    """bench/bbh_level2.py: a weighter against plain training on a BBH task, through dataflex.compare, with
+    the probe's held-out questions as the eval set; the table has both methods and a verdict."""
+    import json
+
+    out = tmp_path / "l2"
+    res = run_command([sys.executable, "bench/bbh_level2.py", "--target", "sports_understanding", "--family", "weight",
+                       "--methods", "loss", "--seeds", "1", "--steps", "2", "--train", "16", "--test", "6",
+                       "--eval-every", "2", "--out", out], timeout=900)
+    assert res.returncode == 0, failure_report(res)
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in data["tables"][0]["rows"]][:2] == ["plain", "loss"]
+    test = json.loads((out / "data" / "test.json").read_text())
+    assert len(test) == 6 and all(r["answer"] in r["options"] for r in test)
+    assert "verdict" in (out / "table.md").read_text()
