@@ -17,7 +17,8 @@ model that only learned the training answers' prior scores about the test set's 
 A task is **learnable** at this budget when the best epoch's 95 % interval lies above the floor's.
 
 Resumable: every finished piece (data, floor, training run, checkpoint score) is kept under ``--out``
-and a rerun skips it; ``probe.json`` / ``probe.md`` are rewritten after every task. Compute is counted
+and a rerun skips it (the small per-task JSON files are enough: they are tracked in git, the training
+runs are not); ``probe.json`` / ``probe.md`` are rewritten after every task. Compute is counted
 in work, not wall time: ``train_tokens`` is the token passes (forward + backward) of training,
 ``eval_tokens`` those of scoring, so the table means the same on a loaded machine.
 """
@@ -136,7 +137,7 @@ def probe_task(task: str, path: Path, model_path: Path, tok, out: Path, args) ->
         return None
     data = cell / "data"
     summary_path = cell / "data.json"
-    if not summary_path.exists():
+    if not summary_path.exists() or not (data / "train.json").exists():  # the split is seeded: written again alike
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary = write_data(data, task, path, args)
         summary_path.write_text(json.dumps(summary, indent=1))
@@ -156,13 +157,14 @@ def probe_task(task: str, path: Path, model_path: Path, tok, out: Path, args) ->
 
     floor = scored("floor", None)
     run = cell / "run"
-    if not (run / "train_results.json").exists():
+    scores_kept = all((cell / f"epoch-{e}.json").exists() for e in range(1, args.epochs + 1))
+    if not scores_kept and not (run / "train_results.json").exists():
         seconds = train(train_cfg(model_path, data, run, args, steps_per_epoch), cell, args.threads)
         (cell / "train_seconds.json").write_text(json.dumps({"seconds": seconds}))
     epochs = []
     for e in range(1, args.epochs + 1):
         ckpt = run / f"checkpoint-{e * steps_per_epoch}"
-        if not ckpt.is_dir():
+        if not (cell / f"epoch-{e}.json").exists() and not ckpt.is_dir():
             raise SystemExit(f"bench/bbh_probe.py: {ckpt} is missing; delete {run} to train again")
         epochs.append({"epoch": e, "step": e * steps_per_epoch, **scored(f"epoch-{e}", ckpt)})
     scorer = mt.scorer_for(None, tok)  # counting needs the template, not a model
