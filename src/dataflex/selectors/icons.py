@@ -22,25 +22,18 @@ With one task the vote only splits the ranking of ``less`` in two, so the choice
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from ..component import register
 from ..errors import ConfigError
 from ..scoring.gradients import GradientFeaturizer, sharded_features
-from .base import ScoringParams, SelectionContext, SelectionResult, logger, nothing_supervised, take_ranked
-from .less import LessSelector, group_means, scored_rows
+from .base import SelectionContext, SelectionResult, logger, nothing_supervised, take_ranked
+from .less import GradientFeatureParams, LessSelector, group_means, scored_rows
 
 
 @dataclass
-class IconsParams(ScoringParams):
-    gradient_type: Literal["adam", "sgd"] = field(
-        default="adam",
-        metadata={"help": "Train feature: the Adam update direction (adam) or the plain gradient (sgd)."},
-    )
-    proj_dim: int = field(default=8192, metadata={"help": "Dimension of the random projection of the gradients."})
-    seed: int = field(default=123, metadata={"help": "Seed of the random projection (same on every rank)."})
+class IconsParams(GradientFeatureParams):
     cumulative: bool = field(
         default=True,
         metadata={"help": "Each task's ranking by the sum of lr x its Score over the selections so far (true) or by "

@@ -47,13 +47,19 @@ from .base import (
 
 
 @dataclass
-class LessParams(ScoringParams):
+class GradientFeatureParams(ScoringParams):
+    """What LESS and its relatives (icons) need to build the projected gradient features."""
+
     gradient_type: Literal["adam", "sgd"] = field(
         default="adam",
         metadata={"help": "Train feature: the Adam update direction (adam) or the plain gradient (sgd)."},
     )
     proj_dim: int = field(default=8192, metadata={"help": "Dimension of the random projection of the gradients."})
     seed: int = field(default=123, metadata={"help": "Seed of the random projection (same on every rank)."})
+
+
+@dataclass
+class LessParams(GradientFeatureParams):
     cumulative: bool = field(
         default=True,
         metadata={"help": "Rank by S = sum of lr x Score over the selections so far (true) or by this Score only."},
