@@ -219,6 +219,7 @@ def compare(
     compute: str = typer.Option("seconds", "--compute", help="--budget compute: seconds (wall-clock, default) or work (tokens trained on)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The method the others are compared with (default: random, else plain)."),
     baseline_factor: float = typer.Option(2.0, "--baseline-factor", help="--budget compute: the baseline trains this many times the common steps."),
+    test_dataset: Optional[str] = typer.Option(None, "--test-dataset", help="Measure on this registered set instead of eval_dataset (which the methods then see alone)."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Train each method x seed through `dataflex-cli train`, measure them on the eval set, and say which beat the baseline.
@@ -233,7 +234,7 @@ def compare(
 
         setup = prepare(config, methods, seeds=seeds, budget=budget, metric=metric, out=out, overrides=list(ctx.args),
                         options_column=options_column, eval_every=eval_every, compute=compute, baseline=baseline,
-                        baseline_factor=baseline_factor)
+                        baseline_factor=baseline_factor, test_dataset=test_dataset)
         if html is not None and html.exists() and html.is_dir():
             raise ConfigError(f"--html: '{html}' is a folder; allowed: a file path")
     except (ConfigError, ValueError, FileNotFoundError) as err:

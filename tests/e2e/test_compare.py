@@ -49,6 +49,12 @@ def config_with(tmp_path, train_config):
                                                              "has no options column 'options'"),
     (["--methods", "random,loss:focus=extreme"], {}, "--methods: 'loss:focus=extreme': "),
     (["--methods", "loss"], {}, "--methods: no baseline to compare with"),
+    # the measured set apart from what the methods see: neither a training row nor a row of their eval set
+    (["--methods", "random,loss", "--test-dataset", "demo_add_eval"], {},
+     "--test-dataset: row 0 of 'demo_add_eval' is also a row of the methods' eval set 'demo_add_eval'"),
+    (["--methods", "random,loss", "--test-dataset", "demo_mix"], {"eval_dataset": None},
+     "--test-dataset: row 0 of 'demo_mix' is also a training row of 'demo_mix'"),
+    (["--methods", "random,loss", "--test-dataset", "nope"], {}, "--test-dataset: 'nope' is not registered in "),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, run_cli, config_with, args, keys,
                                                                      message):
@@ -132,6 +138,25 @@ def test_resume_skips_the_finished_run_and_leaves_it_byte_for_byte(compared):
     # progress lines: one per run started, with the step count and an ETA once steps are timed
     assert len(re.findall(r"\[compare\] run \d/5 .*: training", compared["res"].stderr)) == 5
     assert re.search(r"step 6/6, [\d.]+ s/step, ETA run 0s", compared["res"].stderr)
+
+
+@pytest.mark.e2e
+def test_a_finished_run_measured_otherwise_is_measured_again_not_trained_again(compared, tmp_path, run_cli):
+    """Another metric (or --test-dataset) over the same trained runs: every run is measured again from its
+    checkpoints, none trains, and the new entries carry the new measurement key."""
+    out = tmp_path / "out"
+    shutil.copytree(compared["out"], out)
+    weights = {p: p.stat().st_mtime_ns for p in out.rglob("adapter_model.safetensors")}
+    args = ["compare", compared["folder"] / "train.yaml", "--methods", E2E_METHODS, "--seeds", "2", "--budget",
+            "both", "--eval-every", "3", "--out", out, "--metric", "exact"]
+    res = run_cli(args, cwd=compared["folder"], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stderr.count("measured again for this metric / test set") == 6 and "training" not in res.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("adapter_model.safetensors")} == weights
+    data = json.loads((out / "compare.json").read_text())
+    assert all("exact" in point["values"] for r in data["runs"] for point in r["curve"])
+    assert len({r["measure_key"] for r in data["runs"]}) == 1
+    assert {r["measure_key"] for r in compared["data"]["runs"]}.isdisjoint({data["runs"][0]["measure_key"]})
 
 
 @pytest.mark.e2e

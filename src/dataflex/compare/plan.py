@@ -137,6 +137,17 @@ class Setup:
     out: Path
     runs: list[RunSpec]
     eval_rows: int
+    test_dataset: str | None = None  # measured on this set instead of the config's eval_dataset
+    measured_cfg: dict[str, Any] | None = None  # the config the evaluator reads (eval_dataset = the measured set)
+
+    @property
+    def measure_key(self) -> str:
+        """What a run's measurement depends on beyond its training: the metric, the options column and the
+        measured set. A finished run measured otherwise is measured again (not trained again)."""
+        cfg = self.measured_cfg or self.cfg
+        what = {"metric": self.metric, "options": self.options_column, "eval_dataset": cfg.get("eval_dataset"),
+                "max_samples": cfg.get("max_samples")}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
     def runs_of(self, method: Method, role: str = "main") -> list[RunSpec]:
         """The method's runs in seed order; the baseline's ``long`` runs are its main ones under the compute budget alone."""
@@ -196,7 +207,7 @@ def _content(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, ensure_ascii=False)
 
 
-def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None) -> int:
+def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None, label: str = "eval_dataset") -> int:
     """The eval set is there, held out (no row of it is a training row, by content) and can give the metric.
     Returns its number of rows (0 when it is not a local file)."""
     if not names(cfg.get("eval_dataset")):
@@ -209,7 +220,7 @@ def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None)
     for name, (entry, rows) in evals.items():
         for i, row in enumerate(rows or []):
             if isinstance(row, dict) and _content(row) in train_rows:
-                raise ConfigError(f"eval_dataset: row {i} of '{name}' is also a training row of "
+                raise ConfigError(f"{label}: row {i} of '{name}' is also a training row of "
                                   f"'{train_rows[_content(row)]}'; allowed: an eval set held out from the training data")
         count += len(rows or [])
         if metric in ("choice", "exact"):
@@ -233,6 +244,21 @@ def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None)
     return count
 
 
+def check_test_set(cfg: dict[str, Any], test_dataset: str) -> None:
+    """``--test-dataset``: one or more registered sets, none of whose rows the methods see as their eval set
+    (a selector aimed at the rows it is measured on would be measured on its own target)."""
+    if not names(test_dataset):
+        raise ConfigError("--test-dataset: empty; allowed: the name of a dataset registered in dataset_info.json")
+    tests = dataset_rows({**cfg, "--test-dataset": test_dataset}, "--test-dataset")
+    seen = {_content(r): name for name, (_, rows) in dataset_rows(cfg, "eval_dataset").items()
+            for r in rows or [] if isinstance(r, dict)}
+    for name, (_, rows) in tests.items():
+        for i, row in enumerate(rows or []):
+            if isinstance(row, dict) and _content(row) in seen:
+                raise ConfigError(f"--test-dataset: row {i} of '{name}' is also a row of the methods' eval set "
+                                  f"'{seen[_content(row)]}'; allowed: a test set held out from eval_dataset")
+
+
 def _method_spec(method: Method, path: Path, mode_section: str) -> ComponentSpec:
     specs = load_components(path)
     if method.name in specs[mode_section]:
@@ -253,7 +279,7 @@ def _method_spec(method: Method, path: Path, mode_section: str) -> ComponentSpec
 def prepare(config: str | os.PathLike, methods: str, *, seeds: int = 3, budget: str = "steps", metric: str = "loss",
             out: str | os.PathLike | None = None, overrides: list[str] | None = None,
             options_column: str | None = None, eval_every: int | None = None, compute: str = "seconds",
-            baseline: str | None = None, baseline_factor: float = 2.0) -> Setup:
+            baseline: str | None = None, baseline_factor: float = 2.0, test_dataset: str | None = None) -> Setup:
     """Check everything and plan every run (nothing is written, nothing is loaded)."""
     if budget not in BUDGETS:
         raise ConfigError(f"--budget: '{budget}' is not supported; allowed: {', '.join(BUDGETS)}")
@@ -300,7 +326,12 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int = 3, budget: 
             raise ConfigError(f"--baseline: '{baseline}' is not among --methods; allowed: "
                               f"{', '.join(m.label for m in parsed)}")
     steps = common_steps(cfg)
-    eval_rows = check_eval_set(cfg, metric, options_column or "options")
+    measured = cfg
+    if test_dataset is not None:
+        measured = {**cfg, "eval_dataset": test_dataset}
+        check_test_set(cfg, test_dataset)
+    eval_rows = check_eval_set(measured, metric, options_column or "options",
+                               "eval_dataset" if test_dataset is None else "--test-dataset")
     budgets = ["steps", "compute"] if budget == "both" else [budget]
     if eval_every is not None and steps % eval_every:
         raise ConfigError(f"--eval-every: {eval_every} does not divide the {steps} steps every method trains; "
@@ -320,7 +351,7 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int = 3, budget: 
                 run_cfg, comps = run_config(cfg, m, specs.get(m), comp_path, seed0 + k, run_steps, every, folder)
                 runs.append(RunSpec(m, k, seed0 + k, role, run_steps, run_cfg, comps, folder))
     return Setup(config, cfg, parsed, base, seeds, budgets, metric, compute, steps, base_steps, every,
-                 options_column or "options", out, runs, eval_rows)
+                 options_column or "options", out, runs, eval_rows, test_dataset, measured)
 
 
 def overrides_keys(overrides: list[str] | None) -> set[str]:

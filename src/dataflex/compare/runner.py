@@ -156,16 +156,21 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def finished(spec: RunSpec) -> dict[str, Any] | None:
-    """The run's entry when it finished earlier with the same key, else None."""
+def finished(spec: RunSpec, measure_key: str | None = None) -> tuple[dict[str, Any] | None, bool]:
+    """(the run's entry when it finished earlier with the same key and was measured the same way, whether it
+    was trained with the same key): a trained run measured otherwise (another metric or test set) is measured
+    again, not trained again. An entry from before measurement keys counts as measured the same way."""
     try:
         entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return entry if entry.get("key") == spec.key and entry.get("format") == FORMAT else None
+        return None, False
+    if entry.get("key") != spec.key or entry.get("format") != FORMAT:
+        return None, False
+    same = measure_key is None or entry.get("measure_key", measure_key) == measure_key
+    return (entry if same else None), True
 
 
-def measure(spec: RunSpec, evaluator: Any) -> dict[str, Any]:
+def measure(spec: RunSpec, evaluator: Any, measure_key: str | None = None) -> dict[str, Any]:
     """Measure every checkpoint of a trained run and write its ``compare_run.json`` (last, atomically)."""
     from .evaluate import checkpoints, compute_of
 
@@ -183,7 +188,7 @@ def measure(spec: RunSpec, evaluator: Any) -> dict[str, Any]:
         if path.is_file():
             results = json.loads(path.read_text(encoding="utf-8"))
             break
-    entry = {"format": FORMAT, "key": spec.key, "method": spec.method.label, "seed_index": spec.index,
+    entry = {"format": FORMAT, "key": spec.key, "measure_key": measure_key, "method": spec.method.label, "seed_index": spec.index,
              "seed": spec.seed, "role": spec.role, "steps": spec.steps, "out": str(spec.out),
              "config": spec.cfg, "components": spec.components,
              "seconds": {"train": results.get("train_runtime"), "decisions": results.get("dataflex_seconds", 0.0)},
@@ -210,7 +215,7 @@ def summarise(setup: Setup, entries: dict[str, dict[str, Any]], failures: list[s
     return {"format": FORMAT, "config": str(setup.config), "methods": labels, "baseline": setup.baseline.label,
             "seeds": setup.seeds, "budgets": setup.budgets, "metric": setup.metric, "compute": setup.compute_unit,
             "steps": setup.steps, "baseline_steps": setup.baseline_steps, "eval_every": setup.eval_every,
-            "eval_rows": setup.eval_rows, "out": str(setup.out), "missing": missing, "failures": failures,
+            "eval_rows": setup.eval_rows, "test_dataset": setup.test_dataset, "out": str(setup.out), "missing": missing, "failures": failures,
             "runs": [entries[str(s.out)] for s in setup.runs if str(s.out) in entries], "tables": tables}
 
 
@@ -228,27 +233,33 @@ def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = No
     if evaluator is None:
         from .evaluate import Evaluator
 
-        evaluator = Evaluator(setup.cfg, setup.metric, setup.options_column)
+        evaluator = Evaluator(setup.measured_cfg or setup.cfg, setup.metric, setup.options_column)
     order = sorted(setup.runs, key=lambda s: (s.index, s.role != "main"))  # seed 0 of every method first
     entries: dict[str, dict[str, Any]] = {}
     todo = []
+    remeasure = []
     for spec in order:
-        entry = finished(spec)
+        entry, trained = finished(spec, setup.measure_key)
         if entry is not None:
             entries[str(spec.out)] = entry
             say(f"[compare] {spec.name}: finished earlier (key {spec.key}), skipped")
+        elif trained:
+            remeasure.append(spec)
         else:
             todo.append(spec)
     progress = Progress(len(todo), say)
     failures: list[str] = []
     path = setup.out / "compare.json"
     try:
+        for spec in remeasure:
+            say(f"[compare] {spec.name}: trained earlier (key {spec.key}), measured again for this metric / test set")
+            entries[str(spec.out)] = measure(spec, evaluator, setup.measure_key)
         for i, spec in enumerate(todo):
             progress.number = i + 1
             say(f"[compare] run {i + 1}/{len(todo)} {spec.name}: training {spec.steps} steps into {spec.out}")
             try:
                 train(spec, progress, todo[i + 1:])
-                entries[str(spec.out)] = measure(spec, evaluator)
+                entries[str(spec.out)] = measure(spec, evaluator, setup.measure_key)
             except RunFailed as err:
                 failures.append(str(err))
                 say(f"[compare] {err}")
