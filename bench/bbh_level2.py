@@ -1,20 +1,28 @@
-"""Level 2 on BBH through ``dataflex-cli compare``: does a weighter or an ordering beat plain training
-on a BBH task SmolLM2 can learn, at equal steps, over seeds?
+"""Level 2 on BBH through ``dataflex-cli compare``: does a method beat its mode's baseline on a BBH task
+SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cell is a target and a family:
 
-    python bench/bbh_level2.py --target boolean_expressions --family weight
-    python bench/bbh_level2.py --target boolean_expressions --family reorder --seeds 3
+    python bench/bbh_level2.py --target boolean_expressions --family weight     # plain vs loss / adapt / jua
+    python bench/bbh_level2.py --target geometric_shapes --family reorder       # plain vs static / dynamic orders
+    python bench/bbh_level2.py --target geometric_shapes --family select        # random vs less / near / loss
+    python bench/bbh_level2.py --target geometric_shapes --family mix           # static vs odm / dynamic_moe
+    python bench/bbh_level2.py --verdicts                                       # the verdict table of every cell
 
-The target's questions are split as the ceiling probe splits them (``bench/bbh_probe.py``: the same
-seeded held-out questions, ``--train`` training rows); the training rows are the task's own, the eval
-set its held-out questions. Every method trains through the ordinary ``dataflex-cli train`` path that
-``dataflex.compare`` drives (LoRA r16 on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), and
-is scored by multiple-choice accuracy over the task's answer set (one forward per question) against
-``plain`` (LLaMA-Factory's own sampler and loss), with intervals over seeds and a verdict per method.
-Weighters and orderings spend no compute of their own beyond the step's forward (the ``loss``
-weighters reuse it; a ``static`` length order is computed once), so equal steps is equal compute here.
+* ``weight`` / ``reorder``: the training rows are the target's own (``--train``), split as the ceiling probe
+  splits them (``bench/bbh_probe.py``: the same seeded held-out questions); the baseline is ``plain``
+  (LLaMA-Factory's own sampler and loss). These methods do no decision work beyond the step's forward, so
+  equal steps is equal compute.
+* ``select``: a pool of the target and three other BBH tasks (``--train`` rows each); the selectors see a few-shot
+  eval set of the target (``--n-eval`` rows) and are measured on the target's held-out questions, with the
+  other tasks' held-out questions as forgetting; baseline ``random``. Equal steps and equal counted work
+  (training plus the selectors' own forward / backward token passes), so the verdict holds on a loaded machine.
+* ``mix``: the same four tasks as domains (one dataset each); baseline ``static`` (uniform); measured on
+  all domains' held-out questions, with the per-domain accuracy and the worst domain beside the mean.
 
-Resumable (compare skips finished runs). Output: ``bench/out/bbh-level2/<target>-<family>/`` with
-``compare.json``, ``table.md`` and the runs.
+Every run trains through the ordinary ``dataflex-cli train`` path that ``dataflex.compare`` drives (LoRA r16
+on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), scored by multiple-choice accuracy over the
+task's answer set (one forward per question). Resumable (compare skips finished runs). Output:
+``bench/out/bbh-level2/<target>-<family>/`` with ``compare.json`` and ``table.md`` (tracked) and the runs
+(not tracked); ``bench/out/bbh-level2/verdicts.md`` gathers every finished cell.
 """
 
 from __future__ import annotations
@@ -36,10 +44,78 @@ import mc_tasks as mt  # noqa: E402
 from _common import ROOT  # noqa: E402
 
 FAMILIES = {
-    # train_type, the component the config names, the methods compared with plain
-    "weight": ("dynamic_weight", "loss", ["loss", "adapt", "joint_update_aware"]),
-    "reorder": ("dynamic_reorder", "static", ["static:score=length:order=ascending", "dynamic"]),
+    # train_type, the component the config names, the baseline, the methods compared with it
+    "weight": ("dynamic_weight", "loss", "plain", ["loss", "adapt", "joint_update_aware"]),
+    "reorder": ("dynamic_reorder", "static", "plain", ["static:score=length:order=ascending", "dynamic"]),
+    "select": ("dynamic_select", "random", "random", ["less", "less:random_share=0.25", "near", "loss"]),
+    "mix": ("dynamic_mix", "static", "static", ["odm", "dynamic_moe"]),
 }
+# select: the target's rows are a quarter of a pool with three other BBH tasks (short prompts first);
+# mix: the same four tasks are the domains
+POOL_OTHERS = ["boolean_expressions", "sports_understanding", "disambiguation_qa", "formal_fallacies"]
+# the components the select and mix families compare (written beside the config; the packaged file serves
+# weight and reorder, whose runs must keep their keys)
+COMPONENTS = {
+    "selectors": {"random": {"name": "random", "params": {}},
+                  "less": {"name": "less", "params": {"proj_dim": 8192, "seed": 7}},
+                  "near": {"name": "near", "params": {"neighbours": 64}},
+                  "loss": {"name": "loss", "params": {"focus": "high"}}},
+    "mixers": {"static": {"name": "static", "params": {}},
+               "odm": {"name": "odm", "params": {"alpha": 0.9, "reward_scale": 1.0, "warmup_steps": 0}},
+               "dynamic_moe": {"name": "dynamic_moe", "params": {"c": 0.05, "collect_steps": 2, "eta": 10.0,
+                                                                 "eval_batch_size": 8, "eval_samples": 16}}},
+}
+
+
+def others_of(target: str) -> list[str]:
+    return [t for t in POOL_OTHERS if t != target][:3]
+
+
+def split_task(task: str, paths: dict, n_train: int, n_test: int, n_eval: int, seed: int) -> dict[str, list]:
+    """A task's held-out, few-shot eval and training questions; the held-out ones are the probe's (the same
+    seeded order, test first), so a task's level-2 accuracy reads against its probe row."""
+    qs, _ = mt.load_bbh(task, paths[task])
+    train, test = bbh_probe.split(qs, n_train + n_eval, n_test, seed)
+    if len(train) < n_train + n_eval:
+        raise mt.TaskFileError(f"BBH task {task} has {len(qs)} questions: too few for {n_test} held-out + "
+                               f"{n_eval} eval + {n_train} training rows")
+    return {"train": train[:n_train], "eval": train[n_train:], "test": test}
+
+
+def write_family_data(data: Path, family: str, target: str, args) -> tuple[dict, dict]:
+    """The select family's pool or the mix family's domains; returns (config keys, summary). Every file keeps
+    a ``task`` column, so per-task accuracy is read off compare's per-question scores."""
+    import random
+
+    tasks = [target, *others_of(target)]
+    paths = mt.fetch_bbh(tasks)
+    per_task = args.train if family == "select" else args.train // 2
+    n_test = {t: (args.test if t == target or family == "mix" else args.other_test) for t in tasks}
+    if family == "mix":
+        n_test = {t: args.test // 2 for t in tasks}
+    splits = {t: split_task(t, paths, per_task, n_test[t], args.n_eval, args.seed) for t in tasks}
+    files = {}
+    for t in tasks:
+        files[f"bb_test_{t}"] = [mt.bbh_row(q) for q in splits[t]["test"]]
+        files[f"bb_eval_{t}"] = [mt.bbh_row(q) for q in splits[t]["eval"]]
+        files[f"bb_train_{t}"] = [mt.bbh_row(q) for q in splits[t]["train"]]
+    data.mkdir(parents=True, exist_ok=True)
+    if family == "select":
+        pool = [r for t in tasks for r in files[f"bb_train_{t}"]]
+        random.Random(args.seed).shuffle(pool)
+        files["bb_pool"] = pool
+        keys = {"dataset": "bb_pool", "eval_dataset": f"bb_eval_{target}", "test_dataset": f"bb_test_{target}",
+                "extra": [f"bb_test_{t}" for t in tasks[1:]]}
+    else:
+        files["bb_test_all"] = [r for t in tasks for r in files[f"bb_test_{t}"]]
+        keys = {"dataset": ",".join(f"bb_train_{t}" for t in tasks), "eval_dataset": "bb_test_all",
+                "mixer_eval_dataset": ",".join(f"bb_eval_{t}" for t in tasks)}
+    for name, rows in files.items():
+        (data / f"{name}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=0))
+    (data / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in files}, indent=1))
+    summary = {"family": family, "target": target, "tasks": tasks, "train_per_task": per_task,
+               "test": {t: len(files[f"bb_test_{t}"]) for t in tasks}, "eval_per_task": args.n_eval}
+    return keys, summary
 
 
 def write_config(folder: Path, model: Path, target: str, args) -> Path:
@@ -48,13 +124,18 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
     from dataflex.assets import ASSETS
 
     data = folder / "data"
-    summary = bbh_probe.write_data(data, target, mt.fetch_bbh([target])[target], args)
-    info = {"bbh_train": {"file_name": "train.json"}, "bbh_test": {"file_name": "test.json"}}
-    (data / "dataset_info.json").write_text(json.dumps(info, indent=1))
-    train_type, component, _ = FAMILIES[args.family]
+    train_type, component, _, _ = FAMILIES[args.family]
+    if args.family in ("weight", "reorder"):
+        # the target's own rows, split as the probe splits them (these keys are the runs' keys: unchanged)
+        summary = bbh_probe.write_data(data, target, mt.fetch_bbh([target])[target], args)
+        info = {"bbh_train": {"file_name": "train.json"}, "bbh_test": {"file_name": "test.json"}}
+        (data / "dataset_info.json").write_text(json.dumps(info, indent=1))
+        keys = {"dataset": "bbh_train", "eval_dataset": "bbh_test"}
+    else:
+        keys, summary = write_family_data(data, args.family, target, args)
     cfg = {"model_name_or_path": str(model), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-           "lora_target": "all", "lora_rank": 16, "lora_alpha": 32, "dataset": "bbh_train",
-           "eval_dataset": "bbh_test", "dataset_dir": str(data), "template": ASSETS["smollm2"].template,
+           "lora_target": "all", "lora_rank": 16, "lora_alpha": 32, "dataset": keys["dataset"],
+           "eval_dataset": keys["eval_dataset"], "dataset_dir": str(data), "template": ASSETS["smollm2"].template,
            "cutoff_len": 512, "preprocessing_num_workers": 1, "overwrite_cache": True,
            "output_dir": str(folder / "unused"), "report_to": "none", "bf16": False,
            "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": args.lr,
@@ -63,45 +144,142 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
            "train_type": train_type, "component_name": component,
            "components_cfg_file": str(ROOT / "src" / "dataflex" / "configs" / "components.yaml"),
            "warmup_step": 0}
+    if args.family in ("select", "mix"):
+        comp = folder / "components.yaml"
+        comp.write_text(yaml.safe_dump(COMPONENTS, sort_keys=False))
+        # a random warm-up block, then a decision every block of the run (and of the baseline's longer run)
+        block = max(1, args.steps // 6)
+        cfg.update(components_cfg_file=str(comp), warmup_step=block, update_step=block, update_times=-1)
+        if args.family == "mix":
+            cfg.update(mixer_eval_dataset=keys["mixer_eval_dataset"], mixture_sample_rule="mixture")
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    (folder / "data.json").write_text(json.dumps(summary, indent=1))
+    (folder / "data.json").write_text(json.dumps({**summary, **{k: v for k, v in keys.items() if k != "dataset"}},
+                                                 indent=1))
     return path
+
+
+def per_task(data: dict, folder: Path) -> dict | None:
+    """The mix family's per-domain accuracy at the end of every run (compare scores each question; the
+    eval file's ``task`` column says whose it is): {method: {task: [acc per seed]}} and the worst domain."""
+    rows_path = folder / "data" / "bb_test_all.json"
+    if not rows_path.exists():
+        return None
+    tasks = [r["task"] for r in json.loads(rows_path.read_text())]
+    out: dict = {}
+    for run in data["runs"]:
+        if run.get("role") != "main" or not run.get("curve"):
+            continue
+        last = run["curve"][-1]["metrics"].get("choice")
+        if not last or len(last) != len(tasks):
+            continue
+        acc: dict[str, list[float]] = {}
+        for t, (v, _w) in zip(tasks, last):
+            acc.setdefault(t, []).append(v)
+        means = {t: sum(v) / len(v) for t, v in acc.items()}
+        entry = out.setdefault(run["method"], {"per_seed": []})
+        entry["per_seed"].append({**means, "worst": min(means.values())})
+    return out
+
+
+VERDICT_HEAD = ("| target | family | method | baseline | budget | seeds | accuracy ± 95 % CI | difference ± 95 % CI "
+                "| verdict |\n|---|---|---|---|---|---|---|---|---|\n")
+
+
+def verdict_rows(folder: Path) -> list[str]:
+    """One line per (method, budget) of every finished cell under ``folder`` (``<target>-<family>/compare.json``)."""
+    lines = []
+    for path in sorted(folder.glob("*-*/compare.json")):
+        target, _, family = path.parent.name.rpartition("-")
+        data = json.loads(path.read_text())
+        for table in data["tables"]:
+            if table["metric"] != "choice":
+                continue
+            for row in table["rows"]:
+                if row.get("verdict") is None:
+                    continue
+                lines.append(f"| {target} | {family} | {row['method']} | {table['baseline']} | {table['budget']} | "
+                             f"{row['seeds']} | {row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}] | "
+                             f"{row['diff_mean']:+.3f} [{row['diff_lo']:+.3f}, {row['diff_hi']:+.3f}] | "
+                             f"{row['verdict']} |")
+    return lines
+
+
+def write_verdicts(folder: Path) -> str:
+    lines = verdict_rows(folder)
+    text = ("Level 2 on BBH (SmolLM2-135M-Instruct, LoRA r16): multiple-choice accuracy on held-out questions, "
+            "mean ± Student-t 95 % interval over seeds; the difference to the baseline is paired by seed, and the "
+            "verdict is read off its interval alone (`tie`: it contains 0). Made by `python bench/bbh_level2.py "
+            "--verdicts` from the cells' `compare.json`.\n\n" + VERDICT_HEAD + "\n".join(lines) + "\n")
+    (folder / "verdicts.md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="boolean_expressions", help=f"one of {', '.join(mt.BBH_MC)}")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="weight")
-    ap.add_argument("--methods", default=None, help="comma-separated, compared with plain (default: the family's)")
+    ap.add_argument("--methods", default=None, help="comma-separated, compared with the family's baseline "
+                                                   "(default: the family's)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--train", type=int, default=96)
-    ap.add_argument("--test", type=int, default=100)
+    ap.add_argument("--train", type=int, default=96, help="the target's training rows (select: per task of the "
+                                                         "pool; mix: per domain, half of this)")
+    ap.add_argument("--test", type=int, default=100, help="held-out target questions (mix: per domain, half)")
+    ap.add_argument("--other-test", type=int, default=50, help="select: held-out questions per other task (forgetting)")
+    ap.add_argument("--n-eval", type=int, default=16, help="select / mix: the few-shot eval rows per task that "
+                                                         "the selectors and the router mixer see (never scored)")
     ap.add_argument("--seed", type=int, default=0, help="the split's seed (the probe's)")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--budget", choices=("steps", "compute", "both"), default=None,
+                    help="default: steps for weight / reorder (no decision work of their own), both for select / mix")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--verdicts", action="store_true", help="only rewrite verdicts.md from the finished cells")
     args = ap.parse_args(argv)
+    root = ROOT / "bench" / "out" / "bbh-level2"
+    if args.verdicts:
+        print(write_verdicts(args.out or root))
+        return 0
     if args.target not in mt.BBH_MC:
         ap.error(f"--target: {args.target} is not a multiple-choice BBH task; choose from {', '.join(mt.BBH_MC)}")
+    for name in ("seeds", "steps", "train", "test", "other_test", "n_eval"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     from dataflex.assets import fetch_locked
     from dataflex.compare import run
 
-    out = args.out or ROOT / "bench" / "out" / "bbh-level2" / f"{args.target}-{args.family}"
+    _, _, baseline, default_methods = FAMILIES[args.family]
+    out = args.out or root / f"{args.target}-{args.family}"
     out.mkdir(parents=True, exist_ok=True)
-    config = write_config(out, fetch_locked("smollm2"), args.target, args)
-    methods = ["plain", *(args.methods.split(",") if args.methods else FAMILIES[args.family][2])]
+    try:
+        config = write_config(out, fetch_locked("smollm2"), args.target, args)
+    except mt.TaskFileError as exc:
+        print(f"bench/bbh_level2.py: error: {exc}", file=sys.stderr)
+        return 2
+    methods = [baseline, *(args.methods.split(",") if args.methods else default_methods)]
+    budget = args.budget or ("steps" if args.family in ("weight", "reorder") else "both")
     options = {"eval_every": args.eval_every} if args.eval_every else {}
-    data = run(str(config), ",".join(methods), seeds=args.seeds, budget="steps", metric="choice",
-               out=str(out / "compare"), **options)
+    if budget != "steps":
+        options["compute"] = "work"  # counted work: the verdict does not depend on how loaded the machine is
+    info = json.loads((out / "data.json").read_text())
+    if "test_dataset" in info:
+        options["test_dataset"] = info["test_dataset"]  # the selectors see bb_eval_<target>, never these
+    data = run(str(config), ",".join(methods), seeds=args.seeds, budget=budget, metric="choice",
+               out=str(out / "compare"), baseline=baseline, **options)
     from dataflex.compare.runner import text_report
 
     text = text_report(data)
+    domains = per_task(data, out)
+    if domains:
+        text += "\n\nper domain at the end (mean over seeds):\n" + "\n".join(
+            f"  {m:14s} " + "  ".join(f"{k} {sum(s[k] for s in v['per_seed']) / len(v['per_seed']):.3f}"
+                                     for k in v["per_seed"][0]) for m, v in domains.items())
     # the comparison's record beside its table (the runs themselves stay untracked under compare/)
     (out / "compare.json").write_text((out / "compare" / "compare.json").read_text())
-    (out / "table.md").write_text(f"`python bench/bbh_level2.py --target {args.target} --family {args.family} "
-                                  f"--seeds {args.seeds} --steps {args.steps}`\n\n```text\n{text}\n```\n")
+    command = " ".join(["python bench/bbh_level2.py", *(argv if argv is not None else sys.argv[1:])])
+    (out / "table.md").write_text(f"`{command}`\n\n```text\n{text}\n```\n")
+    write_verdicts(root if args.out is None else out.parent)
     print(text)
     return 0
 

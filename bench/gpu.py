@@ -19,8 +19,9 @@ default: a step gets at most what is left; a failed or timed-out step is reporte
    depend on the weights' values.
 3. ``bench/zeroth.py --speed`` at the 0.5B shape: seconds per sample for K = 1, 4, 16 vs 2K forwards.
 4. ``tests/e2e/test_deepspeed.py`` on the GPU (the ``gpu`` marker: ZeRO-2/3 selections equal the run without).
-5. ``bench/real.py --full``: selection precision (level 1, every selector, 4 targets x 3 draws, plain and
-   form-hard pools) and training quality (level 2, 7 methods x 4 targets x 3 seeds) on the real
+5. ``bench/real.py --full``: selection precision (level 1, every selector, 6 targets x 3 draws, plain and
+   form-hard pools) and training quality (level 2: ``dataflex-cli compare`` cells for the four mode families
+   on boolean_expressions and geometric_shapes, 3 seeds, 48 steps, equal steps and equal counted work) on the real
    SmolLM2-135M-Instruct with BBH tasks; it needs the asset and the BBH task files (``$DATAFLEX_BBH_DIR``
    or ``../shared/data/bbh`` on a machine without network), and on one GPU it takes longer than this plan's budget: run it on its own
    where it matters (``python bench/real.py --full``). The dry run prints and checks its grid.

@@ -1,7 +1,7 @@
 """Selection quality on a real model and real tasks: SmolLM2-135M-Instruct + BBH (BIG-Bench Hard).
 
-    python bench/real.py --quick            # level 1 on one hard pool + a level-2 smoke
-    python bench/real.py                    # the CPU grid (6 BBH targets x 3 draws x plain/hard pools)
+    python bench/real.py --quick            # level 1 on one hard pool + one small level-2 cell
+    python bench/real.py                    # the CPU grid (level 1: 6 BBH targets x 3 draws; level 2: 4 families)
     python bench/real.py --full             # the full grid (bench/gpu.py runs it on a GPU machine)
     python bench/real.py --plan-only        # print the grid, check the arguments, load nothing
     python bench/real.py --data bigbench    # the BIG-bench tasks (needs the bigbench 1.0.0 sdist or a checkout)
@@ -27,15 +27,13 @@ many rows as the pool has target rows, in-process with the same engine. Per sele
 of target rows and of wrong-answer rows among the picks, and the selection's seconds. With two
 eval groups (target + sibling) ``less`` is also run with ``eval_aggregate: task_max``.
 
-Level 2 - does it train better. For each target: the floor (no training), the ceiling (training
-on target rows only) and then random / less / less with ``random_share`` 0.25 / the best
-embedding selector / the best loss selector, each through ``dataflex-cli train`` (LoRA, the same
-number of steps), scored by multiple-choice accuracy on held-out target questions and on the
-other tasks' questions, at ``--l2-curve`` checkpoints and the end; random trains on to
-``--l2-random-factor`` times the steps, which gives its accuracy at each method's equal compute. The
-reorder mode's curricula (``order_static_length``, ``order_static_loss``, ``order_dynamic_loss``) and
-the weighters (``weight_loss``, ``weight_jua``) run against ``plain`` training (LLaMA-Factory's own
-sampler and loss) in the same harness (``--full``, or ``--l2-methods`` on the CPU).
+Level 2 - does it train better, at equal steps and equal counted work. One ``dataflex-cli compare``
+cell per target and mode family (``bench/bbh_level2.py``; BBH only): ``weight`` (plain vs loss / adapt /
+joint_update_aware), ``reorder`` (plain vs a static length order / dynamic loss order), ``select`` (random vs
+less / less with random_share / near / loss on a four-task pool, forgetting on the other three) and ``mix``
+(static uniform vs odm / dynamic_moe, the four tasks as domains, worst domain beside the mean), each with
+seeds, Student-t intervals, paired differences and a verdict. Targets are tasks the ceiling probe
+(``bench/bbh_probe.py``) found learnable; their floor and ceiling are the probe's rows.
 
 Zeroth check (``--levels zeroth``): ``zeroth`` (direction: eval_gradient) against autograd on the real
 model - its finite difference vs the exact ∇f(z)·ḡ_eval, the rows' gradient norms, the exact cosines
@@ -44,7 +42,8 @@ BIG-bench hard pool (``--zeroth-data bigbench``) or on the repo's demo_mix again
 (``--zeroth-data demo``: needs only the model).
 
 Outputs: ``bench/out/real`` (``--quick``: ``bench/out/real-quick``): ``level1.json``/``.md``,
-``level2.json``/``.md``, ``zeroth_check[_demo].json``, ``precision.png``. Assets (the model, the task
+``level2.json`` (the cells' tables; the cells themselves under ``bench/out/bbh-level2/<target>-<family>/``, or
+``<out>/level2/`` with ``--out``), ``zeroth_check[_demo].json``, ``precision.png``. Assets (the model, the task
 files) are fetched on first use and cached (``dataflex.assets``, ``bench/mc_tasks.py``).
 """
 
@@ -658,78 +657,70 @@ def main(argv: list[str] | None = None) -> int:
                          "the model; level 1 only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
-    # level 2
-    ap.add_argument("--l2-targets", default=None)
-    ap.add_argument("--l2-methods", default=None)
+    # level 2 (bench/bbh_level2.py cells, through dataflex.compare)
+    ap.add_argument("--l2-targets", default=None, help=f"comma-separated, of {', '.join(L2_TARGETS)} (any "
+                                                       "multiple-choice BBH task is accepted)")
+    ap.add_argument("--l2-families", default=None, help=f"comma-separated, of {', '.join(L2_FAMILIES)}")
     ap.add_argument("--l2-seeds", type=int, default=None)
     ap.add_argument("--l2-steps", type=int, default=None)
-    ap.add_argument("--l2-test", type=int, default=None, help="held-out target questions")
-    ap.add_argument("--l2-other-test", type=int, default=None, help="held-out questions per other task")
-    ap.add_argument("--l2-batch", type=int, default=2, help="per-device batch of level-2 training")
-    ap.add_argument("--l2-accum", type=int, default=2, help="gradient accumulation of level-2 training")
-    ap.add_argument("--l2-lr", type=float, default=5e-4)
-    ap.add_argument("--l2-curve", type=int, default=None,
-                    help="checkpoints evaluated per run besides the end (accuracy vs step); 0 = the end only")
-    ap.add_argument("--l2-random-factor", type=int, default=2,
-                    help="random trains this many times the steps, so that its curve gives equal compute")
+    ap.add_argument("--l2-train", type=int, default=96, help="the target's training rows (see bench/bbh_level2.py)")
+    ap.add_argument("--l2-test", type=int, default=100, help="held-out target questions")
+    ap.add_argument("--l2-eval-every", type=int, default=None, help="steps between measured checkpoints")
     args = ap.parse_args(argv)
     size = "quick" if args.quick else "full" if args.full else "cpu"
-    defaults = {  # per size: targets, draws, per_task, selectors, l2 targets/methods/seeds/steps/test/other
-        "quick": (["strategyqa"], 1, 3, CPU_SELECTORS, ["strategyqa"],
-                  ["floor", "ceiling", "random", "less"], 1, 3, 20, 2),
-        "cpu": (["strategyqa", "navigate", "implicatures"], 1, 5, CPU_SELECTORS, ["strategyqa"],
-                ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss"], 2, 12, 100, 20),
-        "full": (list(SIBLINGS), 3, 20, list(SELECTORS) + ["less_taskmax"], list(SIBLINGS),
-                 ["floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss", *ORDER_WEIGHT],
-                 3, 60, 200, 50),
+    defaults = {  # per size: targets, draws, per_task, selectors
+        "quick": (["strategyqa"], 1, 3, CPU_SELECTORS),
+        "cpu": (["strategyqa", "navigate", "implicatures"], 1, 5, CPU_SELECTORS),
+        "full": (list(SIBLINGS), 3, 20, list(SELECTORS) + ["less_taskmax"]),
     }[size]
     if args.data == "bbh":
-        defaults = {  # level-2 targets: tasks the ceiling probe (bench/bbh_probe.py) found learnable
-            "quick": (["navigate"], 1, 3, CPU_SELECTORS, ["navigate"], *defaults[5:]),
-            "cpu": (list(BBH_SIBLINGS), 3, 5, CPU_SELECTORS, list(BBH_SIBLINGS)[:3], *defaults[5:]),
-            "full": (list(BBH_SIBLINGS), 3, 20, defaults[3], list(BBH_SIBLINGS), *defaults[5:]),
+        defaults = {
+            "quick": (["navigate"], 1, 3, CPU_SELECTORS),
+            "cpu": (list(BBH_SIBLINGS), 3, 5, CPU_SELECTORS),
+            "full": (list(BBH_SIBLINGS), 3, 20, defaults[3]),
         }[size]
-    args.levels = args.levels or ("1" if args.data == "demo" else "1,2")
+    # level 2 per size: targets, families, seeds, steps
+    l2_defaults = {"quick": (["boolean_expressions"], ["weight"], 1, 6),
+                   "cpu": (["boolean_expressions"], list(L2_FAMILIES), 3, 24),
+                   "full": (list(L2_TARGETS), list(L2_FAMILIES), 3, 48)}[size]
+    args.levels = args.levels or ("1" if args.data != "bbh" else "1,2")
+    if args.data != "bbh" and "2" in args.levels.split(","):
+        raise SystemExit(f"bench/real.py: --data {args.data}: level 2 runs on BBH only (bench/bbh_level2.py); "
+                         "use --levels 1 (or zeroth)")
     if args.data == "demo":
-        if "2" in args.levels.split(","):
-            raise SystemExit("bench/real.py: --data demo: level 2 needs BIG-bench's multiple-choice tasks; "
-                             "use --levels 1 (or zeroth)")
         defaults = (list(DEMO_SIBLINGS), *defaults[1:])
     args.targets = args.targets.split(",") if args.targets else defaults[0]
     args.draws = args.draws or defaults[1]
     args.per_task = args.per_task or defaults[2]
     args.selectors = args.selectors.split(",") if args.selectors else defaults[3]
-    args.l2_targets = args.l2_targets.split(",") if args.l2_targets else defaults[4]
-    args.l2_methods = args.l2_methods.split(",") if args.l2_methods else defaults[5]
-    args.l2_seeds = args.l2_seeds or defaults[6]
-    args.l2_steps = args.l2_steps or defaults[7]
-    args.l2_test = args.l2_test or defaults[8]
-    args.l2_other_test = args.l2_other_test or defaults[9]
-    if args.l2_curve is None:
-        args.l2_curve = {"quick": 0, "cpu": 1, "full": 5}[size]
-    if args.l2_curve < 0 or args.l2_random_factor < 1:
-        raise SystemExit("bench/real.py: --l2-curve must be >= 0 and --l2-random-factor >= 1")
-    # --quick keeps the hard pool only: measured per selector, both pools (~9 min) and level 2 did not fit in 10
-    args.kinds = args.kinds.split(",") if args.kinds else (["hard"] if size == "quick" else ["plain", "hard"])
+    args.l2_targets = args.l2_targets.split(",") if args.l2_targets else l2_defaults[0]
+    args.l2_families = args.l2_families.split(",") if args.l2_families else l2_defaults[1]
+    args.l2_seeds = args.l2_seeds or l2_defaults[2]
+    args.l2_steps = args.l2_steps or l2_defaults[3]
+    # the CPU sizes keep the hard pools only (a plain pool is separated by its task prefixes alone, and a pool
+    # with every CPU selector costs ~6 minutes on one thread): --quick's both pools took ~9 of its 10 minutes
+    args.kinds = args.kinds.split(",") if args.kinds else (["plain", "hard"] if size == "full" else ["hard"])
     levels = args.levels.split(",")
     targets = {"bbh": BBH_SIBLINGS, "demo": DEMO_SIBLINGS}.get(args.data, SIBLINGS)
     for key, values, allowed in (("--targets", args.targets, targets),
-                                 ("--l2-targets", args.l2_targets, BBH_SIBLINGS if args.data == "bbh" else SIBLINGS),
+                                 ("--l2-targets", args.l2_targets, bb.BBH_MC),
+                                 ("--l2-families", args.l2_families, L2_FAMILIES),
                                  ("--kinds", args.kinds, ("plain", "hard")),
                                  ("--selectors", args.selectors, [*SELECTORS, "less_taskmax"]),
-                                 ("--l2-methods", args.l2_methods, L2_METHODS), ("--levels", levels, ("1", "2", "zeroth"))):
+                                 ("--levels", levels, ("1", "2", "zeroth"))):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise SystemExit(f"bench/real.py: {key}: unknown {bad[0]!r}; allowed: {', '.join(allowed)}")
+    for key in ("l2_seeds", "l2_steps", "l2_train", "l2_test"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"bench/real.py: --{key.replace('_', '-')} must be at least 1")
     name = "bbh" if args.data == "bbh" else "real"
     out = args.out or ROOT / "bench" / "out" / ((f"{name}-quick" if args.quick else f"{name}-full" if args.full else name)
                                                + ("-demo" if args.data == "demo" else ""))
-    plan = l2_schedule(args)
     grid = {"size": size, "data": args.data, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
             "selectors": args.selectors, "targets": args.targets, "kinds": args.kinds, "draws": args.draws,
-            "pool_rows": 10 * args.per_task, "level2_runs": len(args.l2_targets) * len(args.l2_methods) * args.l2_seeds,
-            "l2_methods": args.l2_methods, "l2_steps": plan["steps"], "l2_seeds": args.l2_seeds,
-            "l2_checkpoints": plan["checkpoints"], "l2_random_steps": plan["random_steps"]}
+            "pool_rows": 10 * args.per_task, "level2_cells": [f"{t}/{f}" for t in args.l2_targets for f in args.l2_families],
+            "l2_seeds": args.l2_seeds, "l2_steps": args.l2_steps}
     print(json.dumps(grid, indent=1))
     if args.plan_only:
         return 0
@@ -774,348 +765,42 @@ def main(argv: list[str] | None = None) -> int:
         report["level1"] = md
         print(md)
     if "2" in levels:
-        l2 = level2(args, model_path, paths, out, out / "level1.json")
-        report["level2"] = l2["markdown"]
-        print(l2["markdown"])
+        cells = level2(args, out)
+        report["level2"] = cells
+        (out / "level2.json").write_text(json.dumps({"cells": cells, "args": vars_of(args), "machine": machine_info()},
+                                                    indent=1))
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(f"[real] done in {report['seconds']} s; tables in {out}", file=sys.stderr)
     return 0
 
 
-# the reorder issue's evidence: every row once per epoch, only the order (reorderers) or the loss weights
-# (weighters) differ; "plain" is LLaMA-Factory's own sampler and loss (the uniform custom weighter), their baseline
-ORDER_WEIGHT = {
-    "plain": ("dynamic_weight", "weighters", "custom", {}),
-    "order_static_length": ("dynamic_reorder", "reorderers", "static", {"score": "length", "order": "ascending"}),
-    "order_static_loss": ("dynamic_reorder", "reorderers", "static", {"score": "loss", "order": "ascending"}),
-    "order_dynamic_loss": ("dynamic_reorder", "reorderers", "dynamic", {"order": "ascending"}),
-    "weight_loss": ("dynamic_weight", "weighters", "loss", {}),
-    "weight_jua": ("dynamic_weight", "weighters", "joint_update_aware", {"beta": 1.0, "tau": 0.1}),
-}
-L2_METHODS = ("floor", "ceiling", "random", "less", "less_rs25", "best_embedding", "best_loss", *ORDER_WEIGHT)
+# Level 2 is bench/bbh_level2.py: one dataflex.compare cell per (target, family). The targets are tasks the
+# ceiling probe (bench/bbh_probe.py) found learnable: boolean_expressions (short prompts, the CPU grid's) and
+# geometric_shapes (the one learnable beyond its answer prior; long prompts, ~7x the CPU cost).
+L2_FAMILIES = ("weight", "reorder", "select", "mix")
+L2_TARGETS = ("boolean_expressions", "geometric_shapes")
 
 
-def best_by_level1(level1_json: Path, group: tuple[str, ...]) -> str | None:
-    """The selector of ``group`` with the highest mean correct-target share in level 1 (hard pools first)."""
-    if not level1_json.exists():
-        return None
-    table = json.loads(level1_json.read_text()).get("table", [])
-    for kind in ("hard", "plain"):
-        rows = [r for r in table if r["kind"] == kind and r["selector"] in group]
-        if rows:
-            return max(rows, key=lambda r: r["good_target_share"]["mean"])["selector"]
-    return None
+def level2(args, out: Path) -> list[dict]:
+    """Run (or resume) every level-2 cell; returns what each wrote (its compare.json tables)."""
+    import bbh_level2
 
-
-def l2_method_spec(method: str, level1_json: Path) -> tuple[str, dict, str]:
-    """(registered component, params, label) of a level-2 method; floor / ceiling are handled by the caller."""
-    if method in ORDER_WEIGHT:
-        _, _, name, params = ORDER_WEIGHT[method]
-        return name, params, method
-    if method == "less_rs25":
-        return "less", {**SELECTORS["less"], "random_share": 0.25}, "less (random_share 0.25)"
-    if method in ("best_embedding", "best_loss"):
-        group = EMBEDDING if method == "best_embedding" else LOSS_BASED
-        pick = best_by_level1(level1_json, group) or group[0]
-        name, params = selector_spec(pick)
-        return name, params, f"{pick} (best {method.split('_')[1]} by level 1)"
-    name, params = selector_spec(method)
-    return name, params, method
-
-
-def write_level2_data(folder: Path, target: str, paths: dict, args, seed: int) -> dict:
-    others = pool_tasks(target, "plain", args.data)
-    if args.data == "bbh":
-        summary = bb.write_bbh_pool(folder, target, others, paths, seed=seed, per_task=args.per_task,
-                                    n_eval=args.n_eval, n_test=max(args.l2_test, args.l2_other_test),
-                                    wrong_share=args.wrong)
-        return {**summary, "others": others}
-    summary = bb.write_pool(folder, target, others, paths, seed=seed, target_train=args.per_task,
-                            other_train=args.per_task, n_eval=args.n_eval, n_test=max(args.l2_test, args.l2_other_test),
-                            wrong_share=args.wrong)
-    rows = json.loads((folder / "bb_train.json").read_text())
-    (folder / "bb_target.json").write_text(json.dumps([r for r in rows if r["task"] == target], indent=0))
-    info = json.loads((folder / "dataset_info.json").read_text())
-    info["bb_target"] = {"file_name": "bb_target.json"}
-    (folder / "dataset_info.json").write_text(json.dumps(info, indent=1))
-    return {**summary, "others": others}
-
-
-def l2_schedule(args) -> dict:
-    """Level 2's step plan, the same for every method. A *block* is the steps one selection covers (about
-    the pool's target rows); the first block is a random warm-up, each later block starts with a selection.
-    Checkpoints fall on block boundaries that divide the run, so random's longer run (``--l2-random-factor``
-    times the steps) has one at exactly the others' last step: equal steps is read off it, not interpolated."""
-    G = args.l2_batch * args.l2_accum
-    per_selection = max(1, args.per_task // G)
-    blocks = max(2, round(args.l2_steps / per_selection))
-    steps = per_selection * blocks
-    if args.l2_curve == 0:
-        every = blocks
-    else:
-        want = max(1.0, blocks / (args.l2_curve + 1))
-        every = max(d for d in range(1, blocks + 1) if blocks % d == 0 and d <= want)
-    interval = per_selection * every
-    return {"per_selection": per_selection, "blocks": blocks, "steps": steps, "interval": interval,
-            "checkpoints": list(range(interval, steps + 1, interval)), "random_steps": steps * args.l2_random_factor}
-
-
-def l2_train_cfg(model_path: Path, folder: Path, out: Path, args, seed: int, dataset: str, component: str,
-                 components_file: Path, factor: int = 1) -> dict:
-    plan = l2_schedule(args)
-    per, blocks = plan["per_selection"], plan["blocks"] * factor
-    # constant learning rate: a prefix of random's longer run is the run random would make at fewer steps
-    save = plan["interval"] if (args.l2_curve or factor > 1) else plan["steps"] * factor + 1
-    train_type, _, name, _ = ORDER_WEIGHT.get(component, ("dynamic_select", None, None, None))
-    cfg = pipeline_cfg(model_path, folder, out, args.cutoff, dataset=dataset, seed=seed, logging_steps=1,
-                       save_steps=save, save_only_model=True, plot_loss=False,
-                       per_device_train_batch_size=args.l2_batch, gradient_accumulation_steps=args.l2_accum,
-                       learning_rate=args.l2_lr, lr_scheduler_type="constant", max_steps=per * blocks,
-                       dataloader_num_workers=0, train_type=train_type, component_name=component,
-                       components_cfg_file=str(components_file), warmup_step=per, update_step=per,
-                       update_times=blocks - 1)
-    if train_type == "dynamic_weight" or (train_type == "dynamic_reorder" and name == "static"):
-        for key in ("update_step", "update_times"):  # a weighter weights every step; a static order is made once
-            cfg.pop(key)
-    return cfg
-
-
-def run_cli_train(cfg: dict, folder: Path) -> tuple[float, dict, dict]:
-    import subprocess
-
-    import yaml
-
-    path = folder / f"train-{Path(cfg['output_dir']).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", "from dataflex.cli import main; main()", "train", str(path)],
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
-        raise SystemExit(f"bench/real.py: dataflex-cli train {path} failed:\n{tail}")
-    from dataflex.report import read_run
-
-    out = Path(cfg["output_dir"])
-    records = {rec["step"]: rec for rec in read_run(out).step_records()}
-    return seconds, records, json.loads((out / "train_results.json").read_text())
-
-
-def evaluate(model, tok, folder: Path, target: str, others: list[str], args) -> dict:
-    """Held-out accuracy on the target and, pooled, on the other tasks (forgetting), scored through the
-    training template (the product's one-forward scorer, ``mc_tasks.scorer_for``), with the target's mean
-    log-likelihood of the correct answer and its log-probability within the answer set."""
-    scorer = bb.scorer_for(model, tok)
-    target_rows = json.loads((folder / f"bb_test_{target}.json").read_text())[:args.l2_test]
-    res = {"target": {k: v for k, v in bb.choice_eval(scorer, target_rows).items() if k != "correct"}}
-    hits = {"sum": 0, "mean": 0}
-    n = 0
-    for t in others:
-        r = bb.choice_eval(scorer, json.loads((folder / f"bb_test_{t}.json").read_text())[:args.l2_other_test])
-        for k in hits:
-            hits[k] += round(r[f"acc_{k}"] * r["n"])
-        n += r["n"]
-    res["other"] = {"n": n, **{f"acc_{k}": v / n for k, v in hits.items()},
-                    **{f"ci_{k}": bb.wilson(v, n) for k, v in hits.items()}}
-    return res
-
-
-def level2(args, model_path: Path, paths: dict, out: Path, level1_json: Path) -> dict:
-    import torch
-    import yaml
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
-    plan = l2_schedule(args)
-    methods = ["floor"] + [m for m in args.l2_methods if m != "floor"]  # the floor is every curve's step 0
-    results = []
+    root = out / "level2" if args.out is not None else ROOT / "bench" / "out" / "bbh-level2"
+    cells = []
     for target in args.l2_targets:
-        for seed in range(args.l2_seeds):
-            folder = Path(tempfile.mkdtemp(prefix=f"real-l2-{target}-{seed}-"))
-            try:
-                info = write_level2_data(folder, target, paths, args, seed=500 + seed)
-                rows = json.loads((folder / "bb_train.json").read_text())
-                comps: dict[str, dict] = {"selectors": {"ceiling": {"name": "random", "params": {}}}}
-                for m in methods:
-                    if m not in ("floor", "ceiling"):
-                        section = ORDER_WEIGHT[m][1] if m in ORDER_WEIGHT else "selectors"
-                        name, params, _ = l2_method_spec(m, level1_json)
-                        comps.setdefault(section, {})[m] = {"name": name, "params": params}
-                (folder / "components.yaml").write_text(yaml.safe_dump(comps))
-                floor = None
-                for method in methods:
-                    entry: dict[str, Any] = {"task": target, "seed": seed, "method": method, "steps": plan["steps"]}
-                    if method == "floor":
-                        floor = evaluate(base, tok, folder, target, info["others"], args)
-                        entry.update(label="floor", seconds=0.0, selection_seconds=0.0, **floor,
-                                     curve=[curve_point(0, floor)])
-                    else:
-                        entry["label"] = "ceiling" if method == "ceiling" else l2_method_spec(method, level1_json)[2]
-                        factor = args.l2_random_factor if method == "random" else 1
-                        cfg = l2_train_cfg(model_path, folder, folder / f"run-{method}", args, seed,
-                                           "bb_target" if method == "ceiling" else "bb_train", method,
-                                           folder / "components.yaml", factor=factor)
-                        seconds, records, train = run_cli_train(cfg, folder)
-                        picked = [i for st, rec in records.items() if st < plan["steps"] for i in rec.get("indices", [])]
-                        if method not in ("ceiling", *ORDER_WEIGHT) and picked:
-                            entry["picked_target_share"] = sum(rows[i]["task"] == target for i in picked) / len(picked)
-                            entry["picked_wrong_share"] = sum(rows[i]["wrong"] for i in picked) / len(picked)
-                        run_steps = cfg["max_steps"]
-                        curve = [curve_point(0, floor)]
-                        # every checkpoint of the run: plan["checkpoints"], and for random the ones beyond
-                        for step in range(plan["interval"], run_steps + 1, plan["interval"]):
-                            where = Path(cfg["output_dir"]) / (f"checkpoint-{step}" if step < run_steps else "")
-                            model = PeftModel.from_pretrained(base, where).eval()
-                            res = evaluate(model, tok, folder, target, info["others"], args)
-                            base = model.unload()
-                            # unload() keeps the adapter's config on the model; the next adapter would warn
-                            # that it is a second one
-                            base.__dict__.pop("peft_config", None)
-                            curve.append(curve_point(step, res))
-                            if step == plan["steps"]:
-                                entry.update(res)  # equal steps: every method's last step, random's checkpoint
-                        entry.update(seconds=round(seconds, 1), run_steps=run_steps, curve=curve,
-                                     train_runtime=train.get("train_runtime"),
-                                     selection_seconds=round(train.get("dataflex_seconds", 0.0), 1))
-                    results.append(entry)
-                    print(f"[real] level 2 {target} seed {seed} {entry['label']}: target acc "
-                          f"{entry['target']['acc_sum']:.3f} other acc {entry['other']['acc_sum']:.3f} at step "
-                          f"{plan['steps'] if method != 'floor' else 0} ({entry['seconds']} s)", file=sys.stderr, flush=True)
-                    (out / "level2.json").write_text(json.dumps({"results": results, "args": vars_of(args)}, indent=1))
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-    summary = summarise_level2(results, plan)
-    md = level2_markdown(summary, args, plan)
-    (out / "level2.md").write_text(md)
-    (out / "level2.json").write_text(json.dumps({"results": results, "summary": summary, "plan": plan,
-                                                 "args": vars_of(args), "machine": machine_info()}, indent=1))
-    plot_level2(summary, results, out / "level2.png")
-    return {"results": results, "summary": summary, "markdown": md}
-
-
-def curve_point(step: int, res: dict) -> dict:
-    return {"step": step, "target": res["target"]["acc_sum"], "other": res["other"]["acc_sum"]}
-
-
-def summarise_level2(results: list[dict], plan: dict) -> dict:
-    """Per target and method: accuracies at equal steps, selection cost, and random at equal compute - random's
-    curve read (interpolated) where it has spent the method's selection seconds on extra training steps."""
-    from _common import at_step
-
-    out = []
-    for target in dict.fromkeys(r["task"] for r in results):
-        of = [r for r in results if r["task"] == target]
-        rand = [r for r in of if r["method"] == "random"]
-        # random's seconds per optimizer step, its own (tiny) DataFlex time taken out
-        step_s = statistics.fmean((r["train_runtime"] - r["selection_seconds"]) / r["run_steps"]
-                                  for r in rand) if rand else None
-        rows = []
-        for label in dict.fromkeys(r["label"] for r in of):
-            rs = [r for r in of if r["label"] == label]
-            row: dict[str, Any] = {"target": target, "label": label, "method": rs[0]["method"], "seeds": len(rs),
-                                   "steps": 0 if label == "floor" else plan["steps"]}
-            for key in ("target", "other"):
-                row[key] = mean_ci([r[key]["acc_sum"] for r in rs])
-                row[f"{key}_wilson"] = rs[0][key]["ci_sum"] if len(rs) == 1 else None
-            for key in ("picked_target_share", "picked_wrong_share"):
-                vals = [r[key] for r in rs if key in r]
-                row[key] = mean_ci(vals) if vals else None
-            row["selection_seconds"] = mean_ci([r["selection_seconds"] for r in rs])
-            row["seconds"] = mean_ci([r["seconds"] for r in rs])
-            if rand and step_s and label not in ("floor", "ceiling") and rs[0]["method"] != "random":
-                ec = plan["steps"] + row["selection_seconds"]["mean"] / step_s
-                row["equal_compute_steps"] = ec
-                row["random_at_equal_compute"] = mean_ci([at_step(r["curve"], ec, "target") for r in rand])
-                row["random_other_at_equal_compute"] = mean_ci([at_step(r["curve"], ec, "other") for r in rand])
-                row["beyond_random_curve"] = ec > rand[0]["run_steps"]
-            rows.append(row)
-        lo = {r["label"]: r for r in rows}
-        verdict = None
-        if "floor" in lo and "ceiling" in lo:
-            verdict = separates(lo["ceiling"], lo["floor"])
-        out.append({"target": target, "random_step_seconds": step_s, "ceiling_beats_floor": verdict, "rows": rows})
-    return {"targets": out}
-
-
-def separates(hi: dict, lo: dict) -> bool:
-    """Does ``hi`` clearly beat ``lo`` on target accuracy: over seeds, the t-intervals do not overlap; with one
-    seed, the Wilson intervals over questions do not."""
-    if hi["seeds"] > 1 and lo["seeds"] > 1:
-        return hi["target"]["mean"] - hi["target"]["ci"] > lo["target"]["mean"] + lo["target"]["ci"]
-    return hi["target_wilson"] is not None and lo["target_wilson"] is not None and \
-        hi["target_wilson"][0] > lo["target_wilson"][1]
-
-
-def level2_markdown(summary: dict, args, plan: dict) -> str:
-    G = args.l2_batch * args.l2_accum
-    lines = [f"LoRA r8 on SmolLM2-135M-Instruct through `dataflex-cli train`, {G} rows per step, lr {args.l2_lr} "
-             f"constant, {plan['steps']} steps for every method (the first {plan['per_selection']} a random warm-up, "
-             f"then a selection every {plan['per_selection']}); random also trains on to {plan['random_steps']} steps "
-             "for its equal-compute reading. Multiple-choice accuracy (the option with the highest summed "
-             f"log-likelihood) on {args.l2_test} held-out target questions and {args.l2_other_test} per other task. "
-             "One seed: Wilson 95 % interval over questions; several: mean ± Student-t 95 % over seeds.", "",
-             "| target | method | seeds | steps | target acc % | other tasks acc % | picked target % | "
-             "picked wrong % | selection s | random at equal compute: target % (steps) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    notes = []
-    for t in summary["targets"]:
-        for r in t["rows"]:
-            def acc(key: str, r=r) -> str:
-                if r[f"{key}_wilson"] is not None:
-                    lo, hi = r[f"{key}_wilson"]
-                    return f"{100 * r[key]['mean']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
-                return fmt(r[key])
-
-            ec = "-"
-            if "random_at_equal_compute" in r:
-                ec = f"{fmt(r['random_at_equal_compute'])} ({r['equal_compute_steps']:.1f}" + \
-                     (", past random's last step" if r["beyond_random_curve"] else "") + ")"
-            shares = [fmt(r[k]) if r[k] else "-" for k in ("picked_target_share", "picked_wrong_share")]
-            lines.append(f"| {t['target']} | {r['label']} | {r['seeds']} | {r['steps']} | {acc('target')} | "
-                         f"{acc('other')} | {shares[0]} | {shares[1]} | {fmt(r['selection_seconds'], pct=False)} | "
-                         f"{ec} |")
-        if t["ceiling_beats_floor"] is False:
-            notes.append(f"- {t['target']}: the ceiling (target rows only) does not clearly beat the floor (no "
-                         "training), so this target cannot separate the methods; pick another.")
-        elif t["ceiling_beats_floor"]:
-            notes.append(f"- {t['target']}: the ceiling clearly beats the floor: training helps on this target.")
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
-
-
-def plot_level2(summary: dict, results: list[dict], path: Path) -> None:
-    """Per target: target accuracy against optimizer steps and against training seconds (selection included,
-    spread evenly over the run), mean over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = [t["target"] for t in summary["targets"]]
-    fig, axes = plt.subplots(len(targets), 2, figsize=(11, 3.8 * len(targets)), squeeze=False)
-    for row, target in zip(axes, targets):
-        of = [r for r in results if r["task"] == target]
-        for label in dict.fromkeys(r["label"] for r in of):
-            rs = [r for r in of if r["label"] == label]
-            steps = [c["step"] for c in rs[0]["curve"]]
-            acc = [100 * statistics.fmean(r["curve"][i]["target"] for r in rs) for i in range(len(steps))]
-            if label == "floor":
-                for ax in row:
-                    ax.axhline(acc[0], color="grey", linestyle="--", linewidth=1, label="floor (no training)")
-                continue
-            secs = statistics.fmean(r["train_runtime"] for r in rs)
-            row[0].plot(steps, acc, marker="o", label=label)
-            row[1].plot([secs * s / rs[0]["run_steps"] for s in steps], acc, marker="o", label=label)
-        row[0].set_xlabel("optimizer step")
-        row[1].set_xlabel("training seconds (selection included)")
-        for ax in row:
-            ax.set_ylabel(f"{target} accuracy %")
-            ax.grid(alpha=0.3)
-        row[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        for family in args.l2_families:
+            print(f"[real] level 2 cell {target} / {family} ...", file=sys.stderr, flush=True)
+            argv = ["--target", target, "--family", family, "--seeds", str(args.l2_seeds), "--steps",
+                    str(args.l2_steps), "--test", str(args.l2_test), "--train", str(args.l2_train),
+                    "--out", str(root / f"{target}-{family}")]
+            if args.l2_eval_every:
+                argv += ["--eval-every", str(args.l2_eval_every)]
+            code = bbh_level2.main(argv)
+            if code:
+                raise SystemExit(code)
+            cells.append({"target": target, "family": family,
+                          "tables": json.loads((root / f"{target}-{family}" / "compare.json").read_text())["tables"]})
+    return cells
 
 
 if __name__ == "__main__":
