@@ -31,7 +31,7 @@ Level 2 - does it train better, at equal steps and equal counted work. One ``dat
 cell per target and mode family (``bench/bbh_level2.py``; BBH only): ``weight`` (plain vs loss / adapt /
 joint_update_aware), ``reorder`` (plain vs a static length order / dynamic loss order), ``select`` (random vs
 less / less with random_share / near / loss on a four-task pool, forgetting on the other three) and ``mix``
-(static uniform vs odm / dynamic_moe, the four tasks as domains, worst domain beside the mean), each with
+(static uniform vs odm / random proportions, the four tasks as domains, worst domain beside the mean), each with
 seeds, Student-t intervals, paired differences and a verdict. Targets are tasks the ceiling probe
 (``bench/bbh_probe.py``) found learnable; their floor and ceiling are the probe's rows.
 
