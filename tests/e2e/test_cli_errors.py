@@ -45,7 +45,7 @@ CASES = {
                                    {"comps.yaml": "selectors:\n  r: {name: random}\nmixers:\n  m: {name: random}\n" +
                                     PIPE.format("{family: selector, component: r, mode: draw}, "
                                                 "{family: mixer, component: m}")}, [],
-                                   ["pipeline 'p': selector:r and mixer:m both take the round's rows"]),
+                                   ["pipeline 'p': selector:r and mixer:m both take the update's rows"]),
 }
 
 # More bad configs, checked in-process through the same `prepare` the CLI calls (fast).
@@ -180,7 +180,7 @@ PREPARE_CASES = {
                                {"comps.yaml": "selectors:\n  r: {name: random}\nmixers:\n  m: {name: random}\n" +
                                 PIPE.format("{family: selector, component: r, mode: draw}, "
                                             "{family: mixer, component: m}")}, [],
-                               ["pipeline 'p': selector:r and mixer:m both take the round's rows; allowed: one "
+                               ["pipeline 'p': selector:r and mixer:m both take the update's rows; allowed: one "
                                 "budget-taker"]),
     "lego_two_selectors": (LEGO, {"comps.yaml": "selectors:\n  r: {name: random}\n" +
                                   PIPE.format("{family: selector, component: r}, "

@@ -39,7 +39,7 @@ def components(folder: Path) -> Path:
     return path
 
 
-def round_records(out: Path) -> dict[int, dict]:
+def update_records(out: Path) -> dict[int, dict]:
     folder = Path(manifest(out)["records"])
     return {r["step"]: r for r in (json.loads(p.read_text()) for p in folder.glob("step_*.json"))}
 
@@ -95,7 +95,7 @@ def test_a_one_stage_pipeline_trains_as_its_own_mode(make_train_yaml, run_cli, t
     for path in (lego, own):
         res = run_cli(["train", path], timeout=300)
         assert res.returncode == 0, failure_report(res)
-    a, b = round_records(tmp_path / "lego" / "out"), round_records(tmp_path / "own" / "out")
+    a, b = update_records(tmp_path / "lego" / "out"), update_records(tmp_path / "own" / "out")
     assert sorted(a) == [0, 2, 4] and sorted(b) == [2, 4]  # the pipeline records its warm-up draw too
     assert [a[s]["indices"] for s in (2, 4)] == [b[s]["indices"] for s in (2, 4)]
     sel = stage_records(tmp_path / "lego" / "out", "stage-0-selector")
@@ -129,18 +129,18 @@ def test_a_four_stage_pipeline_records_every_stage(all4_runs):
     log = res.stdout + res.stderr
     assert "pipeline 'all4': stages written as reorder:dynamic_saw -> mixer:odm -> selector:loss run as " \
            "selector:loss -> mixer:odm -> reorder:dynamic_saw" in log
-    rounds = round_records(out)
-    # cycles of 2 warm-up + 2 x 2 round steps over 12 steps: rounds at 2, 4, 8, 10
-    assert sorted(rounds) == [0, 2, 4, 6, 8, 10]
-    assert [rounds[s]["kind"] for s in sorted(rounds)] == ["warmup", "round", "round", "warmup", "round", "round"]
-    acts = {s: [(t["label"], t["action"]) for t in rounds[s]["stages"]] for s in (2, 4, 8, 10)}
+    updates = update_records(out)
+    # cycles of 2 warm-up + 2 x 2 update steps over 12 steps: updates at 2, 4, 8, 10
+    assert sorted(updates) == [0, 2, 4, 6, 8, 10]
+    assert [updates[s]["kind"] for s in sorted(updates)] == ["warmup", "update", "update", "warmup", "update", "update"]
+    acts = {s: [(t["label"], t["action"]) for t in updates[s]["stages"]] for s in (2, 4, 8, 10)}
     assert acts[2] == [("selector:loss", "decided"), ("mixer:odm", "decided"), ("reorder:dynamic_saw", "decided")]
     # step 4: the filter (every 6) keeps its pool, the mixer (every 4) is not due, the reorder (every 2) is: it
     # orders again the rows the mixer handed on; step 8: the filter is due, so every stage after it decides
     assert acts[4] == [("selector:loss", "kept"), ("mixer:odm", "kept"), ("reorder:dynamic_saw", "decided")]
     assert acts[8] == [(label, "decided") for label, _ in acts[2]]
-    assert rounds[2]["stages"][0]["rows_in"] == 48 and rounds[2]["stages"][0]["rows_out"] == 24
-    assert all(len(rounds[s]["indices"]) == 8 for s in rounds)  # 2 steps x 4 rows
+    assert updates[2]["stages"][0]["rows_in"] == 48 and updates[2]["stages"][0]["rows_out"] == 24
+    assert all(len(updates[s]["indices"]) == 8 for s in updates)  # 2 steps x 4 rows
     filt = stage_records(out, "stage-0-selector")
     mix = stage_records(out, "stage-1-mixer")
     order = stage_records(out, "stage-2-reorder")
@@ -149,13 +149,13 @@ def test_a_four_stage_pipeline_records_every_stage(all4_runs):
         pool = set(filt[s]["indices"])
         assert len(pool) == 24 and set(mix[s]["indices"]) <= pool  # the mixer draws from the filter's pool
         assert sorted(order[s]["rows"]) == sorted(mix[s]["indices"])  # the reorder orders the mixer's rows
-        assert rounds[s]["indices"] == order[s]["rows"]  # and they are trained on in that order
+        assert updates[s]["indices"] == order[s]["rows"]  # and they are trained on in that order
         assert sum(mix[s]["counts"]) == 8 and mix[s]["domains"] == ["demo_mix", "demo_graded"]
     lines = weight_lines(out, "stage-3-weighter")
     assert [ln["step"] for ln in lines] == list(range(3, 12))  # the weighter from its warmup_step 3 on
     for ln in lines:  # each step's weights are over that step's rows
-        step_rows = rounds[max(s for s in rounds if s <= ln["step"])]["indices"]
-        offset = (ln["step"] - max(s for s in rounds if s <= ln["step"])) * 4
+        step_rows = updates[max(s for s in updates if s <= ln["step"])]["indices"]
+        offset = (ln["step"] - max(s for s in updates if s <= ln["step"])) * 4
         assert ln["indices"] == step_rows[offset: offset + 4]
 
 
@@ -167,7 +167,7 @@ def test_a_pipeline_run_is_reported_stage_by_stage(all4_runs, run_cli, tmp_path)
     assert res.returncode == 0, failure_report(res)
     text = res.stdout
     for line in ("  0. selector:loss, mode filter, keep 0.5, every 6 steps",
-                 "  1. mixer:odm, takes the round's rows, every 4 steps",
+                 "  1. mixer:odm, takes the update's rows, every 4 steps",
                  "  2. reorder:dynamic_saw, every 2 steps",
                  "  3. weighter:loss, from step 3",
                  "Stage 0: selector:loss (loss), 2 record(s)",
@@ -177,12 +177,11 @@ def test_a_pipeline_run_is_reported_stage_by_stage(all4_runs, run_cli, tmp_path)
         assert line in text, line
     assert "  step     4: selector:loss kept; mixer:odm kept; reorder:dynamic_saw decided 8->8 -> 8 rows" in text
     page = (tmp_path / "page.html").read_text()
-    for sid in ("pipeline", "rounds", "stage-0", "stage-1", "stage-2", "stage-3", "selections", "weights"):
+    for sid in ("pipeline", "updates", "stage-0", "stage-1", "stage-2", "stage-3", "selections", "weights"):
         assert f'id="{sid}"' in page, sid
 
 
 @pytest.mark.e2e
-@pytest.mark.slow
 def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yaml, run_cli):
     """Two processes (2 x GA 1 each) decide the same rows; a run killed at step 6 and resumed from
     checkpoint-4 alone (its records deleted) decides the same rows from step 4 on and ends on the same adapter."""
@@ -192,7 +191,7 @@ def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yam
                   env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=500)
     assert res.returncode == 0, failure_report(res)
     two = tmp / "two" / "out"
-    a, b = round_records(one), round_records(two)
+    a, b = update_records(one), update_records(two)
     assert sorted(a) == sorted(b) and all(a[s]["indices"] == b[s]["indices"] for s in a)
     ma, mb = stage_records(one, "stage-1-mixer"), stage_records(two, "stage-1-mixer")
     assert sorted(ma) == sorted(mb) == [2, 8]
@@ -207,7 +206,7 @@ def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yam
     shutil.rmtree(out / "dataflex")
     res = run_cli(["train", crash, f"resume_from_checkpoint={out / 'checkpoint-4'}"], timeout=400)
     assert res.returncode == 0, failure_report(res)
-    c = round_records(out)
+    c = update_records(out)
     assert sorted(c) == [4, 6, 8, 10] and all(c[s]["indices"] == a[s]["indices"] for s in c)
     assert [w["step"] for w in weight_lines(out, "stage-3-weighter")] == list(range(4, 12))
     assert [w["weights"] for w in weight_lines(out, "stage-3-weighter")] == [w["weights"] for w in wa[1:]]
@@ -228,20 +227,20 @@ def _work(tmp_path: Path, names: dict[str, str]) -> Path:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("example, names, rounds", [
+@pytest.mark.parametrize("example, names, updates", [
     ("select_then_reorder_qwen_sft_full.yaml", {"alpaca_en_demo": "demo_mix"}, [12, 16]),
     ("hierarchical_qwen_sft_full.yaml", {"math": "demo_mix", "code": "demo_graded", "orca": "demo_add_eval"}, [12, 16]),
 ])
-def test_the_original_lego_examples_train(example, names, rounds, tiny_model, run_cli, tmp_path):
-    """As written apart from the model, bf16, DeepSpeed and a CPU-sized batch and run (20 steps, a round every
+def test_the_original_lego_examples_train(example, names, updates, tiny_model, run_cli, tmp_path):
+    """As written apart from the model, bf16, DeepSpeed and a CPU-sized batch and run (20 steps, an update every
     4 steps after a warm-up of 12, so the stages' own warm-ups of 10 steps end inside it)."""
     work = _work(tmp_path, names)
     out = tmp_path / "out"
     res = run_cli(["train", EXAMPLES / example, f"model_name_or_path={tiny_model}", f"output_dir={out}", *CPU,
                    "max_samples=20", "max_steps=20", "warmup_step=12", "update_step=4"], cwd=work, timeout=400)
     assert res.returncode == 0, failure_report(res)
-    recs = round_records(out)
-    assert [s for s in sorted(recs) if recs[s]["kind"] == "round"] == rounds
-    first = recs[rounds[0]]["stages"]
+    recs = update_records(out)
+    assert [s for s in sorted(recs) if recs[s]["kind"] == "update"] == updates
+    first = recs[updates[0]]["stages"]
     assert first[0]["label"] == "selector:loss" and first[0]["action"] == "decided"  # past its warmup_step 10
     assert first[-1]["label"] == "reorder:dynamic_saw" and first[-1]["action"] == "decided"

@@ -2,11 +2,11 @@
 
 The run follows a schedule of stretches as ``dynamic_select`` does (``warmup_step``,
 ``update_step``, ``update_times``): warm-up stretches train on a seeded uniform draw, and at the
-start of every other stretch (a *round*) the index-space stages make the stretch's rows:
+start of every other stretch (an *update*) the index-space stages make the stretch's rows:
 
-    every row -> selector (filter: a share of the pool; draw: the round's rows)
-              -> mixer (the round's rows by domain proportions) | uniform draw (when nothing takes them)
-              -> reorder (the round's rows in the order they are trained on)
+    every row -> selector (filter: a share of the pool; draw: the update's rows)
+              -> mixer (the update's rows by domain proportions) | uniform draw (when nothing takes them)
+              -> reorder (the update's rows in the order they are trained on)
 
 A stage decides again when it is *due* (past its ``warmup_step``, and ``every`` steps after its
 last decision); once one stage decides, every stage after it decides too (its input changed), and
@@ -15,7 +15,7 @@ input through. The rows are scheduled by :class:`~dataflex.modes.rows.ScheduledR
 stages run as ``dynamic_weight`` runs them (one :class:`~dataflex.modes.weight.WeightMode` per
 stage); their weights multiply.
 
-Records: ``step_N.json`` per round in the run's folder (every stage's rows in and out), and each
+Records: ``step_N.json`` per update in the run's folder (every stage's rows in and out), and each
 stage's own records in ``stage-<i>-<family>/`` beside them, in its own mode's format.
 """
 
@@ -64,7 +64,7 @@ def fit_budget(rows: list[int], n: int, ordered: bool, generator: torch.Generato
     if len(rows) == n:
         return rows, None
     if not rows:
-        raise SelectionError("the pipeline's stages left no rows for the round")
+        raise SelectionError("the pipeline's stages left no rows for the update")
     if len(rows) > n:
         if ordered:
             return rows[:n], "head"
@@ -156,7 +156,7 @@ class SelectStage(IndexStage):
 
 
 class UniformStage(IndexStage):
-    """The round's rows drawn uniformly from the pool (placed when no stage takes the budget)."""
+    """The update's rows drawn uniformly from the pool (placed when no stage takes the budget)."""
 
     def __init__(self, stage: Stage, index: int, seed: int):
         super().__init__(stage, index)
@@ -168,7 +168,7 @@ class UniformStage(IndexStage):
 
 
 class MixStage(IndexStage):
-    """A mixer: its proportions over the domains, turned into the round's rows drawn from the pool."""
+    """A mixer: its proportions over the domains, turned into the update's rows drawn from the pool."""
 
     def __init__(self, stage: Stage, index: int, mode: "LegoMode", total: int):
         super().__init__(stage, index)
@@ -271,7 +271,7 @@ class MixStage(IndexStage):
 
 
 class ReorderStage(IndexStage):
-    """A reorderer: the round's rows in the order they are trained on."""
+    """A reorderer: the update's rows in the order they are trained on."""
 
     def __init__(self, stage: Stage, index: int, mode: "LegoMode"):
         super().__init__(stage, index)
@@ -314,17 +314,17 @@ class ReorderStage(IndexStage):
             self.reorderer.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------------- the round
+# ---------------------------------------------------------------------------------------------- the round (the object)
 class LegoRound(StretchRound):
-    """The stretches of the schedule; at each round, the index-space stages make its rows."""
+    """The stretches of the schedule; at each update, the index-space stages make its rows."""
 
-    what = "pipeline round"
+    what = "pipeline update"
 
     def __init__(self, schedule: Schedule, train_size: int, agreement: Any, seed: int, log_fn: LogFn | None = None):
         super().__init__(schedule, agreement, None, seed, log_fn)
         self.train_size = train_size
         self.stages: list[IndexStage] = []
-        self.rounds = 0
+        self.updates = 0
 
     def _enter(self, stretch: Stretch) -> list[int]:
         n = self.schedule.samples_for(stretch)
@@ -362,23 +362,23 @@ class LegoRound(StretchRound):
         rows, fitted = fit_budget(rows, n, ordered, seeded_generator(self.seed, "lego-fit", stretch.index))
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        self.rounds += 1
+        self.updates += 1
         self.history.append({"step": step, "seconds": seconds})
-        self.log.write_record(step, {"kind": "round", "round": self.rounds - 1, "step": step,
+        self.log.write_record(step, {"kind": "update", "update": self.updates - 1, "step": step,
                                      "num_steps": stretch.num_steps, "stretch": stretch.index, "stages": trace,
                                      "fitted": fitted, "indices": rows, "seconds": round(seconds, 4)})
-        self.info("pipeline round %d at step %d: %s -> %d rows in %.2fs", self.rounds, step,
+        self.info("pipeline update %d at step %d: %s -> %d rows in %.2fs", self.updates, step,
                   ", ".join(f"{t['label']} {t['action']}" + (f" {t['rows_in']}->{t['rows_out']}"
                                                               if t["action"] == "decided" else "") for t in trace),
                   len(rows), seconds)
         return rows
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rounds": self.rounds, "stages": [s.state_dict() for s in self.stages]}
+        return {**super().state_dict(), "updates": self.updates, "stages": [s.state_dict() for s in self.stages]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.rounds = int(state.get("rounds", 0))
+        self.updates = int(state.get("updates", 0))
         for st, saved in zip(self.stages, state["stages"]):
             st.load_state_dict(saved)
 
@@ -392,7 +392,7 @@ class LegoMode(ModeChecks):
         for key in ("update_step", "update_times"):
             if getattr(args, key) is None:
                 raise ConfigError(f"{key}: required with train_type: dynamic_lego (an integer: the steps between "
-                                  "two pipeline rounds, and the rounds per cycle)")
+                                  "two pipeline updates, and the updates per cycle)")
         if args.update_times >= 0 and args.warmup_step + args.update_step * args.update_times == 0:
             raise ConfigError("warmup_step/update_step/update_times: the schedule has no steps; "
                               "set warmup_step >= 1 or update_step, update_times >= 1")
@@ -425,7 +425,7 @@ class LegoMode(ModeChecks):
                 if comp.competence(0, 1) is not None:
                     raise ConfigError(f"{where}: reorderer with pacing '{comp.params.pacing}' cannot run as a "
                                       "pipeline stage (it draws from a growing share of every row, not from the "
-                                      "round's rows); allowed: pacing: none")
+                                      "update's rows); allowed: pacing: none")
             elif s.family == "selector" and s.mode == "filter" and getattr(comp.params, "random_share", 0):
                 logger.warning("[DataFlex] %s: random_share also applies to the filter's pool", where)
 
@@ -565,7 +565,7 @@ class LegoMode(ModeChecks):
         describe_schedule(self, self.schedule)
 
     def metrics(self) -> dict[str, Any]:
-        return {"dataflex_rounds": self.round.rounds}
+        return {"dataflex_updates": self.round.updates}
 
     def finish_files(self) -> list[str]:
         return []

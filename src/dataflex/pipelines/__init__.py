@@ -7,10 +7,10 @@ and checks the list and applies the composition rules (torch-free, no other comp
 
 1. index-space stages run select -> mix -> reorder; another written order is corrected, with a
    warning;
-2. exactly one stage takes the round's rows (its *budget*): a select stage in ``mode: draw`` or a
+2. exactly one stage takes the update's rows (its *budget*): a select stage in ``mode: draw`` or a
    mixer; a select stage in ``mode: filter`` only shrinks the pool; when no stage takes the
    budget a uniform draw is placed after the filters (before a reorder stage, which arranges the
-   round's rows and never changes their number);
+   update's rows and never changes their number);
 3. loss-space stages (weighters) multiply their per-sample weights.
 
 How the stages run during training is :mod:`dataflex.modes.lego`.
@@ -114,7 +114,7 @@ def parse_stage(pipeline: str, i: int, raw: Any) -> Stage | None:
         if mode not in SELECT_MODES:
             raise ConfigError(f"{where}: 'mode' = {mode!r} is invalid; allowed: {', '.join(SELECT_MODES)}")
         if keep is not None and mode == "draw":
-            raise ConfigError(f"{where}: 'keep_ratio' only applies to mode: filter (a draw takes the round's rows)")
+            raise ConfigError(f"{where}: 'keep_ratio' only applies to mode: filter (a draw takes the update's rows)")
         keep = 0.5 if keep is None else keep
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
             raise ConfigError(f"{where}: 'keep_ratio' = {keep!r} is invalid; allowed: a number in (0, 1]")
@@ -148,7 +148,7 @@ def compose(pipeline: str, written: list[Stage], warn: bool = True) -> list[Stag
                        " -> ".join(s.label for s in ordered))
     takers = [s for s in ordered if s.takes_budget]
     if len(takers) > 1:
-        raise ConfigError(f"pipeline '{pipeline}': {' and '.join(s.label for s in takers)} both take the round's "
+        raise ConfigError(f"pipeline '{pipeline}': {' and '.join(s.label for s in takers)} both take the update's "
                           "rows; allowed: one budget-taker (a selector in mode: draw, or a mixer); "
                           "set mode: filter on the selector to let it only shrink the pool")
     if not takers:
@@ -168,7 +168,7 @@ class PipelineParams(Params):
                                          "scoring batch (no effect here)."})
 
     inert: ClassVar[dict[str, str]] = {
-        "save_plans": "every round's rows and every stage's decision are always recorded under the run's folder",
+        "save_plans": "every update's rows and every stage's decision are always recorded under the run's folder",
     }
 
     def check(self) -> None:

@@ -1,4 +1,4 @@
-"""The pipeline rules (docs/pipelines.md): parsing, order, the budget-taker, rounds, the weight product."""
+"""The pipeline rules (docs/pipelines.md): parsing, order, the budget-taker, updates, the weight product."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_exactly_one_stage_takes_the_budget(written, expected):
 
 
 def test_two_budget_takers_are_refused():
-    with pytest.raises(ConfigError, match=r"^pipeline 'p': selector:s and mixer:m both take the round's rows; "
+    with pytest.raises(ConfigError, match=r"^pipeline 'p': selector:s and mixer:m both take the update's rows; "
                                           r"allowed: one budget-taker"):
         compose("p", stages({"family": "mixer", "component": "m"}, {"family": "selector", "component": "s",
                                                                     "mode": "draw"}))
@@ -109,7 +109,7 @@ def test_the_pipeline_component_reads_the_original_keys():
     assert built == [("selectors", "loss"), ("weighters", "loss")]
 
 
-# ------------------------------------------------------------------------------------------ rounds
+# ------------------------------------------------------------------------------------------ updates
 def test_fit_budget():
     gen = torch.Generator().manual_seed(0)
     assert fit_budget([5, 6, 7], 3, False, gen) == ([5, 6, 7], None)
@@ -138,7 +138,7 @@ def make_round(tmp_path, warmup=1, update_step=2, update_times=3):
     return rnd
 
 
-def test_a_round_runs_the_first_due_stage_and_every_stage_after_it(tmp_path):
+def test_an_update_runs_the_first_due_stage_and_every_stage_after_it(tmp_path):
     rnd = make_round(tmp_path)
     filt = Fake(Stage("selector", "s", warmup_step=0, every=4, mode="filter"), 0)
     take = Fake(Stage("uniform", ""), 1, takes=True)
@@ -156,12 +156,12 @@ def test_a_round_runs_the_first_due_stage_and_every_stage_after_it(tmp_path):
     assert recs[3]["stages"][1]["rows_in"] == 10 and recs[3]["indices"] == [0, 2, 4, 6]
 
 
-def test_a_stage_in_its_warm_up_passes_the_pool_through_and_the_round_is_fitted(tmp_path):
+def test_a_stage_in_its_warm_up_passes_the_pool_through_and_the_update_is_fitted(tmp_path):
     rnd = make_round(tmp_path, warmup=0, update_step=2, update_times=2)
     late = Fake(Stage("selector", "s", warmup_step=2, mode="filter"), 0, k=4)
     rnd.stages = [late]
     first = rnd.rows(0) + rnd.rows(1)
-    assert len(first) == 4 and late.calls == []  # 20 rows passed through, drawn down to the round's 4
+    assert len(first) == 4 and late.calls == []  # 20 rows passed through, drawn down to the update's 4
     second = rnd.rows(2) + rnd.rows(3)
     assert late.calls == [2]
     assert len(set(second)) == 4 and set(second) <= {0, 4, 8, 12, 16}  # 4 drawn from the filter's 5 (no order)

@@ -1,6 +1,6 @@
-"""The report of a pipeline run (``dynamic_lego``): its rounds, then every stage in its own mode's terms.
+"""The report of a pipeline run (``dynamic_lego``): its updates, then every stage in its own mode's terms.
 
-A pipeline run keeps one ``step_N.json`` per round (every stage's rows in and out, the round's rows)
+A pipeline run keeps one ``step_N.json`` per update (every stage's rows in and out, the update's rows)
 and each stage's own records in ``stage-<i>-<family>/`` (:func:`read_parts` reads them). A selector,
 mixer or weighter stage is shown by its own mode's report module on its own records; a reorder
 stage by its orderings' scores.
@@ -64,7 +64,7 @@ def _describe(stage: dict[str, Any]) -> str:
     if stage["family"] == "selector":
         bits.append(f"mode {stage['mode']}" + (f", keep {stage['keep_ratio']:g}" if stage.get("keep_ratio") else ""))
     if stage.get("budget"):
-        bits.append("takes the round's rows")
+        bits.append("takes the update's rows")
     if stage["warmup_step"]:
         bits.append(f"from step {stage['warmup_step']}")
     if stage["every"] > 1:
@@ -73,19 +73,19 @@ def _describe(stage: dict[str, Any]) -> str:
 
 
 def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int, damaged: Sequence[Damage] = ()) -> list[str]:
-    """The schedule, the stages, one line per round, then each stage's own summary."""
+    """The schedule, the stages, one line per update, then each stage's own summary."""
     sched = run["schedule"]
     lines = [f"  schedule: {sched['total_steps']} steps x {sched['global_batch']} rows, warm-up {sched['warmup_step']}, "
-             f"{sched['update_times']} x {sched['update_step']} steps per cycle, rounds at steps {sched['updates']}"]
+             f"{sched['update_times']} x {sched['update_step']} steps per cycle, updates at steps {sched['updates']}"]
     stages = _stages(run)
     lines.append(f"\nStages ({len(stages)}, in the order they run):")
     for st in stages:
         lines.append(f"  {st['stage']}. {_describe(st)}")
-    rounds = [r for r in records if r.get("kind") == "round"]
+    updates = [r for r in records if r.get("kind") == "update"]
     read = {r["step"] for r in records} | {d.step for d in damaged}
     missing = [s for s in sched["updates"] if s not in read]
-    lines.append(f"\nRounds ({len(rounds)} recorded" + (f", missing steps {missing}" if missing else "") + "):")
-    for r in rounds:
+    lines.append(f"\nUpdates ({len(updates)} recorded" + (f", missing steps {missing}" if missing else "") + "):")
+    for r in updates:
         acts = "; ".join(f"{t['label']} {t['action']}" + (f" {t['rows_in']}->{t['rows_out']}"
                                                            if t["action"] == "decided" else "") for t in r["stages"])
         fitted = f" ({r['fitted']} to fit)" if r.get("fitted") else ""
@@ -108,33 +108,33 @@ def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int, damage
 
 
 def decision_steps(run: dict[str, Any], records: list[dict[str, Any]]) -> tuple[list[float], str]:
-    steps, _ = decided_at([r["step"] for r in records if r.get("kind") == "round"])
-    return steps, "vertical lines: pipeline rounds (the stages made the rows of the steps after)" if steps else ""
+    steps, _ = decided_at([r["step"] for r in records if r.get("kind") == "update"])
+    return steps, "vertical lines: pipeline updates (the stages made the rows of the steps after)" if steps else ""
 
 
 def export_refusal(run: dict[str, Any]) -> str | None:
-    return None  # every round's rows are rows of the training set
+    return None  # every update's rows are rows of the training set
 
 
 def sections(run: dict[str, Any], records: list[dict[str, Any]], rows: Rows, group_by: str | None,
              top: int) -> list[str]:
-    """The stages and the rounds, then every stage's own sections."""
+    """The stages and the updates, then every stage's own sections."""
     stages = _stages(run)
     body = table(["#", "stage", "component", "warm-up", "every", "role"],
                  [[esc(st["stage"]), esc(st["label"]), esc(st["name"] or "-"), esc(st["warmup_step"]),
                    esc(st["every"]), esc(_describe(st).partition(", ")[2] or "-")] for st in stages])
     out = [section("pipeline", "Pipeline", body, "index-space stages run select -> mix -> reorder; weighters multiply")]
-    rounds = [r for r in records if r.get("kind") == "round"]
+    updates = [r for r in records if r.get("kind") == "update"]
     head = ["step"] + [st["label"] for st in stages if st["family"] != "weighter"] + ["rows", "seconds"]
     body_rows = []
-    for r in rounds:
+    for r in updates:
         cells = [esc(r["step"])]
         for t in r["stages"]:
             cells.append(esc(f"{t['action']} {t['rows_in']}->{t['rows_out']}" if t["action"] == "decided"
                              else t["action"]))
         cells += [esc(len(r["indices"])), esc(fmt(r.get("seconds", 0.0)))]
         body_rows.append(cells)
-    out.append(section("rounds", "Rounds", table(head, body_rows), f"{len(rounds)} rounds"))
+    out.append(section("updates", "Updates", table(head, body_rows), f"{len(updates)} updates"))
     for st in stages:
         if not st.get("folder"):
             continue
@@ -158,17 +158,17 @@ def _bound(rec: dict[str, Any], how: Any) -> str:
 
 
 def plot(plt: Any, run: dict[str, Any], records: list[dict[str, Any]]) -> Any:
-    """The rows each index-space stage handed on, per round."""
+    """The rows each index-space stage handed on, per update."""
     fig, ax = plt.subplots(figsize=(8, 4))
-    rounds = [r for r in records if r.get("kind") == "round"]
-    labels = [t["label"] for t in rounds[0]["stages"]] if rounds else []
+    updates = [r for r in records if r.get("kind") == "update"]
+    labels = [t["label"] for t in updates[0]["stages"]] if updates else []
     for k, label in enumerate(labels):
-        pts = [(r["step"], r["stages"][k]["rows_out"]) for r in rounds if k < len(r["stages"])]
+        pts = [(r["step"], r["stages"][k]["rows_out"]) for r in updates if k < len(r["stages"])]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if labels:
         ax.legend(loc="upper right")
-    ax.set_xlabel("optimizer step (round)")
+    ax.set_xlabel("optimizer step (update)")
     ax.set_ylabel("rows handed on")
-    ax.set_title(f"{run['name']}: rows per stage and round")
+    ax.set_title(f"{run['name']}: rows per stage and update")
     return fig
 
