@@ -466,7 +466,8 @@ def test_args_name_no_mode_and_ask_the_mode_table():
         assert f'"{mode.name}"' not in text and f"({mode.name}" not in text
     (field,) = [f for f in dataclasses.fields(args.DataFlexArguments) if f.name == "train_type"]
     assert field.metadata["help"] == ("The DataFlex mode, one of: dynamic_select (a selector), dynamic_mix (a mixer), "
-                                      "dynamic_weight (a weighter), dynamic_reorder (a reorderer); unset = plain "
+                                      "dynamic_weight (a weighter), dynamic_reorder (a reorderer), dynamic_lego (a pipeline); "
+                                      "unset = plain "
                                       "LLaMA-Factory.")
     # the select mode's reading of the keys, through the table; the other modes accept the same keys
     keys = {"component_name": "x", "warmup_step": 0, "update_step": 0, "update_times": 0}
