@@ -123,6 +123,9 @@ def parse_stage(pipeline: str, i: int, raw: Any) -> Stage | None:
             if key in raw:
                 raise ConfigError(f"{where}: '{key}' only applies to selector stages")
         keep = 0.5
+    if family == "weighter" and every != 1:
+        logger.warning("[DataFlex] %s: 'every' has no effect on a weighter stage (it weighs every step from its "
+                       "warmup_step on)", where)
     if not enabled:
         return None
     return Stage(family, component, warmup, every, mode, float(keep), written=i)
