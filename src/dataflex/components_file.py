@@ -13,6 +13,8 @@ Format: four optional sections, one per training mode; ``train_type`` decides wh
       loss: {name: loss, params: {strategy: linupper}}
     reorderers:                  # train_type: dynamic_reorder (also read under its other name, `reorders:`)
       by_length: {name: static, params: {score: length, order: ascending}}
+    pipelines:                   # train_type: dynamic_lego (stages name presets of the sections above)
+      select_then_reorder: {name: select_then_reorder, params: {stages: [...]}}
 
 A file without any section holds selectors at its top level (the first DataFlex format).
 """
@@ -154,7 +156,18 @@ def get_component(path: str | os.PathLike, component_name: str, kind: str = "sel
 def build_component(spec: ComponentSpec, warn: bool = True) -> Component:
     """Instantiate the component an entry names, with strictly checked params."""
     cls = component_class(spec.kind, spec.name, spec.key, base_dir=spec.source.parent)
-    return cls(cls.Params.from_dict(spec.key, spec.params, warn=warn))
+    component = cls(cls.Params.from_dict(spec.key, spec.params, warn=warn))
+    resolve = getattr(component, "resolve", None)
+    if resolve is not None:  # a component made of others (a pipeline): its parts come from the same file
+
+        def build(kind: str, key: str) -> Component:
+            try:
+                return build_component(get_component(spec.source, key, kind), warn=warn)
+            except ConfigError as err:
+                raise ConfigError(f"pipeline '{spec.key}': {BY_SECTION[kind].singular} stage '{key}': {err}") from None
+
+        resolve(build)
+    return component
 
 
 def available(kind: str) -> dict[str, type[Component]]:
@@ -208,6 +221,8 @@ def component_class(kind: str, name: str, component: str, base_dir: Path | None 
     """The class a components-file entry names, for ``kind``; a ``:`` in the name loads a user's class."""
     if ":" in name:
         return _user_class(name, kind, component, base_dir)
+    if BY_SECTION[kind].any_name:  # `name:` is a label; every entry is the section's one class
+        return BY_SECTION[kind].base_class()
     known = available(kind)
     if name not in known:
         raise ConfigError(f"component '{component}': unknown {BY_SECTION[kind].singular} name '{name}'; "

@@ -69,7 +69,7 @@ class Run:
     def domains_apart(self) -> bool:
         """Whether the run's mode needs every dataset of ``dataset`` tokenized on its own."""
         mode = self.plan.mode if self.plan is not None else None
-        return mode is not None and mode.mode_class().domains_apart
+        return mode is not None and mode.mode_class().keeps_domains_apart(self.plan.component)
 
     @property
     def columns(self) -> list[str]:

@@ -15,6 +15,9 @@ from support.helpers import run_command, write_yaml
 
 NO_MODEL = "/nonexistent/dataflex-test-model"  # proves no model is loaded before the error
 
+LEGO = {"train_type": "dynamic_lego", "components_cfg_file": "comps.yaml", "component_name": "p"}
+PIPE = "pipelines:\n  p: {{name: p, params: {{stages: [{}]}}}}\n"
+
 # id -> (YAML overrides (None removes a key), extra files {name: text}, extra CLI args, expected fragments)
 # These go through the CLI: the first one selected in a real subprocess (it pays for importing
 # LLaMA-Factory), the others forked from the warm CLI (tests/support/warm_cli.py).
@@ -38,6 +41,11 @@ CASES = {
                                [], ["component 'r': unknown param 'replacment'", "replacement"]),
     "unregistered_dataset": ({"dataset": "demo_mix,no_such_set"}, {}, ["seed=7"],
                              ["dataset: 'no_such_set' is not registered", "demo_mix"]),
+    "lego_two_budget_takers_cli": ({**LEGO, "dataset": "wiki_demo,c4_demo"},
+                                   {"comps.yaml": "selectors:\n  r: {name: random}\nmixers:\n  m: {name: random}\n" +
+                                    PIPE.format("{family: selector, component: r, mode: draw}, "
+                                                "{family: mixer, component: m}")}, [],
+                                   ["pipeline 'p': selector:r and mixer:m both take the update's rows"]),
 }
 
 # More bad configs, checked in-process through the same `prepare` the CLI calls (fast).
@@ -160,6 +168,45 @@ PREPARE_CASES = {
                       ["unknown mixer name 'doremix'; available: doremi, dynamic_moe, odm, random, static"]),
     "mix_stage_dpo": ({"train_type": "dynamic_mix", "component_name": "random", "stage": "dpo"}, {}, [],
                       ["stage: 'dpo' cannot be used with train_type; allowed: sft, pt"]),
+    # dynamic_lego: bad pipelines (docs/pipelines.md); LEGO = the pipeline `p` of comps.yaml
+    "lego_unknown_family": (LEGO, {"comps.yaml": PIPE.format("{family: sampler, component: loss}")}, [],
+                            ["pipeline 'p': stage 1: family 'sampler' is unknown; allowed: selector, mixer, reorder, "
+                             "weighter"]),
+    "lego_unknown_preset": (LEGO, {"comps.yaml": "selectors:\n  loss: {name: loss}\n" +
+                                   PIPE.format("{family: selector, component: nope}")}, [],
+                            ["pipeline 'p': selector stage 'nope': component_name: 'nope' is not in the selectors",
+                             "known selector components: loss"]),
+    "lego_two_budget_takers": ({**LEGO, "dataset": "wiki_demo,c4_demo"},
+                               {"comps.yaml": "selectors:\n  r: {name: random}\nmixers:\n  m: {name: random}\n" +
+                                PIPE.format("{family: selector, component: r, mode: draw}, "
+                                            "{family: mixer, component: m}")}, [],
+                               ["pipeline 'p': selector:r and mixer:m both take the update's rows; allowed: one "
+                                "budget-taker"]),
+    "lego_two_selectors": (LEGO, {"comps.yaml": "selectors:\n  r: {name: random}\n" +
+                                  PIPE.format("{family: selector, component: r}, "
+                                              "{family: selector, component: r, mode: draw}")}, [],
+                           ["pipeline 'p': 2 selector stages (stages 1, 2); allowed: at most one per family"]),
+    "lego_empty_pipeline": (LEGO, {"comps.yaml": PIPE.format("")}, [], ["pipeline 'p': no enabled stage"]),
+    "lego_all_stages_disabled": (LEGO, {"comps.yaml": "selectors:\n  r: {name: random}\n" +
+                                        PIPE.format("{family: selector, component: r, enabled: false}")}, [],
+                                 ["pipeline 'p': no enabled stage"]),
+    "lego_unknown_stage_key": (LEGO, {"comps.yaml": "selectors:\n  r: {name: random}\n" +
+                                      PIPE.format("{family: selector, component: r, evry: 2}")}, [],
+                               ["pipeline 'p': stage 1: unknown key 'evry'; allowed: family, component"]),
+    "lego_bad_keep_ratio": (LEGO, {"comps.yaml": "selectors:\n  r: {name: random}\n" +
+                                   PIPE.format("{family: selector, component: r, keep_ratio: 1.5}")}, [],
+                            ["stage 1 (selector 'r'): 'keep_ratio' = 1.5 is invalid; allowed: a number in (0, 1]"]),
+    "lego_mixer_it_cannot_serve": ({**LEGO, "dataset": "wiki_demo,c4_demo"},
+                                   {"comps.yaml": "mixers:\n  d: {name: dynamic_moe}\n"
+                                    + PIPE.format("{family: mixer, component: d}")}, [],
+                                   ["stage 1 (mixer:d): mixer 'dynamic_moe' cannot run as a pipeline stage",
+                                    "allowed mixers: static, random, odm"]),
+    "lego_paced_reorder_it_cannot_serve": (LEGO, {"comps.yaml": "reorderers:\n  o: {name: static, params: "
+                                                  "{pacing: linear}}\n" + PIPE.format("{family: reorder, component: o}")},
+                                           [], ["stage 1 (reorder:o): reorderer with pacing 'linear' cannot run as a "
+                                                "pipeline stage"]),
+    "lego_without_update_step": ({"train_type": "dynamic_lego", "component_name": "select_only", "update_step": None},
+                                 {}, [], ["update_step: required with train_type: dynamic_lego"]),
 }
 
 
@@ -419,7 +466,8 @@ def test_args_name_no_mode_and_ask_the_mode_table():
         assert f'"{mode.name}"' not in text and f"({mode.name}" not in text
     (field,) = [f for f in dataclasses.fields(args.DataFlexArguments) if f.name == "train_type"]
     assert field.metadata["help"] == ("The DataFlex mode, one of: dynamic_select (a selector), dynamic_mix (a mixer), "
-                                      "dynamic_weight (a weighter), dynamic_reorder (a reorderer); unset = plain "
+                                      "dynamic_weight (a weighter), dynamic_reorder (a reorderer), dynamic_lego (a pipeline); "
+                                      "unset = plain "
                                       "LLaMA-Factory.")
     # the select mode's reading of the keys, through the table; the other modes accept the same keys
     keys = {"component_name": "x", "warmup_step": 0, "update_step": 0, "update_times": 0}

@@ -26,7 +26,7 @@ def test_the_original_components_file_loads_and_every_implemented_component_take
     raw = yaml.safe_load(ORIGINAL_COMPONENTS.read_text())
     # the snapshot predates the reorder mode: its section is there, empty
     assert {k: set(v) for k, v in sections.items()} == {**{k: set(raw[k]) for k in ("selectors", "mixers", "weighters")},
-                                                        "reorderers": set()}
+                                                        "reorderers": set(), "pipelines": set()}
     built = 0
     with caplog.at_level(logging.WARNING, logger="dataflex"):
         for kind, specs in sections.items():

@@ -24,6 +24,7 @@ class ModeInfo:
     base: str  # the components' base class, "package.module:Class" under dataflex
     lines: str | None = None  # the per-step JSON-lines record the report reads (None: the step_N.json records)
     report: str = ""  # the mode's report module, "package.module" under dataflex (text, HTML, plot, export rule)
+    any_name: bool = False  # every entry of the section is the base class; its `name:` is only a label (pipelines)
 
     @property
     def module(self) -> Any:
@@ -55,6 +56,8 @@ TABLE = (
              "weighters.base:Weighter", lines="weights.jsonl", report="report.modes.weight"),
     ModeInfo("dynamic_reorder", "reorder", "reorderers", "reorderer", "dataflex_order.png", "reorder:ReorderMode",
              "reorderers.base:Reorderer", lines="order.jsonl", report="report.modes.reorder"),
+    ModeInfo("dynamic_lego", "lego", "pipelines", "pipeline", "dataflex_pipeline.png", "lego:LegoMode",
+             "pipelines:Pipeline", report="report.modes.lego", any_name=True),
 )
 
 TRAIN_TYPES = tuple(m.train_type for m in TABLE)

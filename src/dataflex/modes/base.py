@@ -141,6 +141,11 @@ class ModeChecks:
     domains_apart: ClassVar[bool] = False  # every training dataset (domain) tokenized on its own, its rows known
 
     @classmethod
+    def keeps_domains_apart(cls, component: Any) -> bool:
+        """Whether this run needs every training dataset tokenized on its own (default: ``domains_apart``)."""
+        return cls.domains_apart
+
+    @classmethod
     def check_args(cls, args: Any) -> None:
         """Checks of DataFlex's keys alone (``args``: a ``DataFlexArguments``), run inside LLaMA-Factory's parser."""
 

@@ -69,6 +69,25 @@ def ordering_steps(dynamic: bool, warmup_step: int, update_step: int | None, upd
     return out
 
 
+def read_column(ctx: ModeContext, component: str, name: str | None) -> list[float] | None:
+    """The numeric dataset column ``name`` a reorderer reads, one finite value per training row."""
+    if not name:
+        return None
+    key = f"component '{component}': param 'column' = '{name}'"
+    values = (getattr(ctx.data, "columns", None) or {}).get(name)
+    if values is None:
+        raise ConfigError(f"{key}: the column was not read with the training data")
+    if len(values) != len(ctx.train):
+        raise ConfigError(f"{key}: {len(values)} values for {len(ctx.train)} training rows (rows were dropped or "
+                          "packed during preprocessing, so they cannot be matched to dataset rows)")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{key}: training row {i} holds {v!r}; allowed: finite numbers in every row")
+        out.append(float(v))
+    return out
+
+
 class ReorderRound(Round):
     """The stream of epochs, the orderings, and the rows of every step."""
 
@@ -269,23 +288,7 @@ class ReorderMode(ModeChecks):
         return inputs
 
     def _column(self) -> list[float] | None:
-        name = self.component.column
-        if not name:
-            return None
-        ctx = self.ctx
-        key = f"component '{ctx.spec.key}': param 'column' = '{name}'"
-        values = (getattr(ctx.data, "columns", None) or {}).get(name)
-        if values is None:
-            raise ConfigError(f"{key}: the column was not read with the training data")
-        if len(values) != len(ctx.train):
-            raise ConfigError(f"{key}: {len(values)} values for {len(ctx.train)} training rows (rows were dropped or "
-                              "packed during preprocessing, so they cannot be matched to dataset rows)")
-        out = []
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"{key}: training row {i} holds {v!r}; allowed: finite numbers in every row")
-            out.append(float(v))
-        return out
+        return read_column(self.ctx, self.ctx.spec.key, self.component.column)
 
     def context(self, step: int, number: int, rows: list[int]) -> ReorderContext:
         ctx = self.ctx

@@ -36,6 +36,7 @@ class SelectRound(StretchRound):
         self.context = context
         self.train_size = train_size
         self.component = component
+        self.pool: list[int] | None = None  # a pipeline's pool: the selector picks positions in it (None: every row)
 
     def _enter(self, stretch: Stretch) -> list[int]:
         n = self.schedule.samples_for(stretch)
@@ -68,6 +69,8 @@ class SelectRound(StretchRound):
         if n_random:
             result = self._add_random_share(result, n_random, k)
         result = result.reordered(self._order(n, stretch))
+        if self.pool is not None:  # positions in the pool -> training rows
+            result = SelectionResult([self.pool[i] for i in result.indices], result.per_sample, result.summary)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         unique = len(set(result.indices))

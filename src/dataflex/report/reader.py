@@ -120,6 +120,9 @@ def read_run(path: str | os.PathLike) -> RunFolder:
         records = read_lines(where / mode.lines, damaged)
     else:
         records = read_records(where, manifest["run_id"], damaged)
+    parts = getattr(mode.report_module(), "read_parts", None) if mode is not None else None
+    if parts is not None:  # a mode whose records have parts (a pipeline's stages): read beside the manifest
+        manifest = {**manifest, "stage_records": parts(where, damaged)}
     notes = [] if where.is_dir() else [f"records folder {where} not found"]
     return RunFolder(folder, manifest, records, where, [Damage(f, r, _step_of(f)) for f, r in damaged], notes)
 

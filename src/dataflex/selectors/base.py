@@ -142,6 +142,9 @@ class ScoringParams(Params):
         metadata={"help": "Score only a fresh random pool per selection: a count (int) or a fraction of the "
                           "training set in (0, 1]. Unset: the whole set."},
     )
+    score_batch_size: int | None = field(
+        default=None, metadata={"help": "The original DataFlex's name for scoring_batch_size; when set, it is "
+                                         "the scoring batch."})
     random_share: float = field(
         default=0.0,
         metadata={"help": "Share in [0, 1) of every selection drawn uniformly at random from the rows the selector "
@@ -149,6 +152,10 @@ class ScoringParams(Params):
     )
 
     def check(self) -> None:
+        if self.score_batch_size is not None:
+            if self.score_batch_size < 1:
+                self.fail("score_batch_size", "an integer >= 1")
+            self.scoring_batch_size = self.score_batch_size
         if self.scoring_batch_size < 1:
             self.fail("scoring_batch_size", "an integer >= 1")
         if not 0.0 <= self.random_share < 1.0:

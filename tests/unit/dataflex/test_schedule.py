@@ -462,7 +462,7 @@ class TestComponentsFile:
     def test_empty_file_has_no_components(self, tmp_path):
         path = tmp_path / "c.yaml"
         path.write_text("# nothing\n")
-        assert load_components(path) == {"selectors": {}, "mixers": {}, "weighters": {}, "reorderers": {}}
+        assert load_components(path) == {"selectors": {}, "mixers": {}, "weighters": {}, "reorderers": {}, "pipelines": {}}
         with pytest.raises(ConfigError, match=r"known selector components: \(none\)"):
             get_component(path, "random")
 

@@ -1,0 +1,246 @@
+"""``dynamic_lego`` end to end on the tiny model: a one-stage pipeline trains exactly as its own mode, a
+four-stage pipeline trains, records and reports every stage, runs the same on one and two processes and
+resumes exactly after a kill; the original's presets load and its lego examples train."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from support.helpers import REPO_ROOT, failure_report, kill_at_step, manifest
+
+from dataflex.components_file import PACKAGED_COMPONENTS, build_component, load_components
+
+ORIGINAL = REPO_ROOT / "examples" / "compat" / "pipelines.yaml"
+EXAMPLES = REPO_ROOT / "examples" / "train_full" / "lego"
+CPU = ["bf16=false", "deepspeed=null", "preprocessing_num_workers=1", "dataloader_num_workers=0", "template=default",
+       "cutoff_len=48", "logging_steps=1", "save_steps=1000", "plot_loss=false", "per_device_train_batch_size=2",
+       "gradient_accumulation_steps=2"]
+
+# the packaged components plus the pipelines of these tests (stage steps small enough for a dozen steps)
+PIPELINES = {
+    "sel": [{"family": "selector", "component": "loss", "mode": "draw"}],
+    "all4": [{"family": "weighter", "component": "loss", "warmup_step": 3},
+             {"family": "reorder", "component": "dynamic_saw", "every": 2},
+             {"family": "mixer", "component": "odm", "every": 4},
+             {"family": "selector", "component": "loss", "mode": "filter", "keep_ratio": 0.5, "every": 6}],
+}
+
+
+def components(folder: Path) -> Path:
+    data = yaml.safe_load(PACKAGED_COMPONENTS.read_text())
+    data["pipelines"] = {k: {"name": k, "params": {"stages": v}} for k, v in PIPELINES.items()}
+    path = folder / "components.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def update_records(out: Path) -> dict[int, dict]:
+    folder = Path(manifest(out)["records"])
+    return {r["step"]: r for r in (json.loads(p.read_text()) for p in folder.glob("step_*.json"))}
+
+
+def stage_records(out: Path, stage: str) -> dict[int, dict]:
+    folder = Path(manifest(out)["records"]) / stage
+    return {r["step"]: r for r in (json.loads(p.read_text()) for p in folder.glob("step_*.json"))}
+
+
+def weight_lines(out: Path, stage: str) -> list[dict]:
+    path = Path(manifest(out)["records"]) / stage / "weights.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x]
+
+
+def adapter(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ presets
+def test_the_original_pipelines_load_and_the_packaged_file_holds_them(caplog):
+    original = load_components(ORIGINAL)["pipelines"]
+    packaged = load_components(PACKAGED_COMPONENTS)["pipelines"]
+    assert sorted(original) == sorted(packaged) == ["hierarchical", "mix_then_weight", "select_only",
+                                                    "select_then_reorder"]
+    for key, spec in original.items():
+        mine, theirs = build_component(packaged[key]), build_component(spec)
+        assert [(s.label, s.mode, s.keep_ratio if s.mode == "filter" else None, s.warmup_step, s.every)
+                for s in mine.stages] == \
+               [(s.label, s.mode, s.keep_ratio if s.mode == "filter" else None, s.warmup_step, s.every)
+                for s in theirs.stages], key
+    hier = build_component(original["hierarchical"])
+    assert [s.label for s in hier.stages] == ["selector:loss", "mixer:odm", "reorder:dynamic_saw", "weighter:loss"]
+    assert hier.stages[0].built.params.scoring_batch_size == 8  # the original's score_batch_size
+
+
+def test_list_shows_the_pipelines(run_cli):
+    res = run_cli(["list"])
+    assert res.returncode == 0, failure_report(res)
+    for key in ("hierarchical", "select_then_reorder", "mix_then_weight", "select_only"):
+        assert any(line.split()[:2] == ["pipeline", key] for line in res.stdout.splitlines()), key
+    assert "Pipelines (train_type: dynamic_lego" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ one stage
+@pytest.mark.e2e
+def test_a_one_stage_pipeline_trains_as_its_own_mode(make_train_yaml, run_cli, tmp_path):
+    comps = components(tmp_path)
+    base = {"max_samples": 40, "cutoff_len": 48, "components_cfg_file": str(comps)}
+    lego = make_train_yaml(tmp_path / "lego", train_type="dynamic_lego", component_name="sel", **base)
+    own = make_train_yaml(tmp_path / "own", train_type="dynamic_select", component_name="loss", **base)
+    for path in (lego, own):
+        res = run_cli(["train", path], timeout=300)
+        assert res.returncode == 0, failure_report(res)
+    a, b = update_records(tmp_path / "lego" / "out"), update_records(tmp_path / "own" / "out")
+    assert sorted(a) == [0, 2, 4] and sorted(b) == [2, 4]  # the pipeline records its warm-up draw too
+    assert [a[s]["indices"] for s in (2, 4)] == [b[s]["indices"] for s in (2, 4)]
+    sel = stage_records(tmp_path / "lego" / "out", "stage-0-selector")
+    assert sorted(sel) == [2, 4] and all(sel[s]["indices"] == b[s]["indices"] for s in (2, 4))
+    assert sel[2]["per_sample"] == b[2]["per_sample"]  # the same scores
+    ta, tb = adapter(tmp_path / "lego" / "out"), adapter(tmp_path / "own" / "out")
+    assert sorted(ta) == sorted(tb) and all(ta[k].equal(tb[k]) for k in ta)
+
+
+# ------------------------------------------------------------------------------------------ four stages
+def _all4(make_train_yaml, folder: Path, comps: Path, **extra) -> Path:
+    return make_train_yaml(folder, train_type="dynamic_lego", component_name="all4", components_cfg_file=str(comps),
+                           dataset="demo_mix,demo_graded", max_samples=24, cutoff_len=48, warmup_step=2, update_step=2,
+                           update_times=2, num_train_epochs=2.0, save_steps=4, **extra)
+
+
+@pytest.fixture(scope="module")
+def all4_runs(make_train_yaml, run_cli, tmp_path_factory):
+    """The four-stage pipeline on two domains (48 rows; two cycles of 6 steps of 4 rows): one process (2 x GA 2)."""
+    tmp = tmp_path_factory.mktemp("all4")
+    comps = components(tmp)
+    res = run_cli(["train", _all4(make_train_yaml, tmp / "one", comps)], timeout=400)
+    assert res.returncode == 0, failure_report(res)
+    return tmp, comps, res
+
+
+@pytest.mark.e2e
+def test_a_four_stage_pipeline_records_every_stage(all4_runs):
+    tmp, _, res = all4_runs
+    out = tmp / "one" / "out"
+    log = res.stdout + res.stderr
+    assert "pipeline 'all4': stages written as reorder:dynamic_saw -> mixer:odm -> selector:loss run as " \
+           "selector:loss -> mixer:odm -> reorder:dynamic_saw" in log
+    updates = update_records(out)
+    # cycles of 2 warm-up + 2 x 2 update steps over 12 steps: updates at 2, 4, 8, 10
+    assert sorted(updates) == [0, 2, 4, 6, 8, 10]
+    assert [updates[s]["kind"] for s in sorted(updates)] == ["warmup", "update", "update", "warmup", "update", "update"]
+    acts = {s: [(t["label"], t["action"]) for t in updates[s]["stages"]] for s in (2, 4, 8, 10)}
+    assert acts[2] == [("selector:loss", "decided"), ("mixer:odm", "decided"), ("reorder:dynamic_saw", "decided")]
+    # step 4: the filter (every 6) keeps its pool, the mixer (every 4) is not due, the reorder (every 2) is: it
+    # orders again the rows the mixer handed on; step 8: the filter is due, so every stage after it decides
+    assert acts[4] == [("selector:loss", "kept"), ("mixer:odm", "kept"), ("reorder:dynamic_saw", "decided")]
+    assert acts[8] == [(label, "decided") for label, _ in acts[2]]
+    assert updates[2]["stages"][0]["rows_in"] == 48 and updates[2]["stages"][0]["rows_out"] == 24
+    assert all(len(updates[s]["indices"]) == 8 for s in updates)  # 2 steps x 4 rows
+    filt = stage_records(out, "stage-0-selector")
+    mix = stage_records(out, "stage-1-mixer")
+    order = stage_records(out, "stage-2-reorder")
+    assert sorted(filt) == [2, 8] and sorted(mix) == [2, 8] and sorted(order) == [2, 4, 8, 10]
+    for s in (2, 8):
+        pool = set(filt[s]["indices"])
+        assert len(pool) == 24 and set(mix[s]["indices"]) <= pool  # the mixer draws from the filter's pool
+        assert sorted(order[s]["rows"]) == sorted(mix[s]["indices"])  # the reorder orders the mixer's rows
+        assert updates[s]["indices"] == order[s]["rows"]  # and they are trained on in that order
+        assert sum(mix[s]["counts"]) == 8 and mix[s]["domains"] == ["demo_mix", "demo_graded"]
+    lines = weight_lines(out, "stage-3-weighter")
+    assert [ln["step"] for ln in lines] == list(range(3, 12))  # the weighter from its warmup_step 3 on
+    for ln in lines:  # each step's weights are over that step's rows
+        step_rows = updates[max(s for s in updates if s <= ln["step"])]["indices"]
+        offset = (ln["step"] - max(s for s in updates if s <= ln["step"])) * 4
+        assert ln["indices"] == step_rows[offset: offset + 4]
+
+
+@pytest.mark.e2e
+def test_a_pipeline_run_is_reported_stage_by_stage(all4_runs, run_cli, tmp_path):
+    tmp, _, _ = all4_runs
+    out = tmp / "one" / "out"
+    res = run_cli(["report", out, "--html", tmp_path / "page.html"])
+    assert res.returncode == 0, failure_report(res)
+    text = res.stdout
+    for line in ("  0. selector:loss, mode filter, keep 0.5, every 6 steps",
+                 "  1. mixer:odm, takes the update's rows, every 4 steps",
+                 "  2. reorder:dynamic_saw, every 2 steps",
+                 "  3. weighter:loss, from step 3",
+                 "Stage 0: selector:loss (loss), 2 record(s)",
+                 "Stage 1: mixer:odm (odm), 2 record(s)",
+                 "Stage 2: reorder:dynamic_saw (dynamic_saw), 4 record(s)",
+                 "Stage 3: weighter:loss (loss), 9 record(s)"):
+        assert line in text, line
+    assert "  step     4: selector:loss kept; mixer:odm kept; reorder:dynamic_saw decided 8->8 -> 8 rows" in text
+    page = (tmp_path / "page.html").read_text()
+    for sid in ("pipeline", "updates", "stage-0", "stage-1", "stage-2", "stage-3", "selections", "weights"):
+        assert f'id="{sid}"' in page, sid
+
+
+@pytest.mark.e2e
+def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yaml, run_cli):
+    """Two processes (2 x GA 1 each) decide the same rows; a run killed at step 6 and resumed from
+    checkpoint-4 alone (its records deleted) decides the same rows from step 4 on and ends on the same adapter."""
+    tmp, comps, _ = all4_runs
+    one = tmp / "one" / "out"
+    res = run_cli(["train", _all4(make_train_yaml, tmp / "two", comps, gradient_accumulation_steps=1)],
+                  env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, timeout=500)
+    assert res.returncode == 0, failure_report(res)
+    two = tmp / "two" / "out"
+    a, b = update_records(one), update_records(two)
+    assert sorted(a) == sorted(b) and all(a[s]["indices"] == b[s]["indices"] for s in a)
+    ma, mb = stage_records(one, "stage-1-mixer"), stage_records(two, "stage-1-mixer")
+    assert sorted(ma) == sorted(mb) == [2, 8]
+    assert all(ma[s]["proportions"] == pytest.approx(mb[s]["proportions"], abs=1e-6) for s in ma)
+    wa, wb = weight_lines(one, "stage-3-weighter"), weight_lines(two, "stage-3-weighter")
+    assert [w["indices"] for w in wa] == [w["indices"] for w in wb]
+    assert [w["weights"] for w in wa] == [pytest.approx(w["weights"], abs=1e-4) for w in wb]
+
+    crash = _all4(make_train_yaml, tmp / "crash", comps)
+    kill_at_step(["train", crash], 6, tmp)
+    out = tmp / "crash" / "out"
+    shutil.rmtree(out / "dataflex")
+    res = run_cli(["train", crash, f"resume_from_checkpoint={out / 'checkpoint-4'}"], timeout=400)
+    assert res.returncode == 0, failure_report(res)
+    c = update_records(out)
+    assert sorted(c) == [4, 6, 8, 10] and all(c[s]["indices"] == a[s]["indices"] for s in c)
+    assert [w["step"] for w in weight_lines(out, "stage-3-weighter")] == list(range(4, 12))
+    assert [w["weights"] for w in weight_lines(out, "stage-3-weighter")] == [w["weights"] for w in wa[1:]]
+    ta, tc = adapter(one), adapter(out)
+    assert all(ta[k].equal(tc[k]) for k in ta)
+
+
+# ------------------------------------------------------------------------------------------ the examples
+def _work(tmp_path: Path, names: dict[str, str]) -> Path:
+    """A folder to run from, with a data/ where the example's dataset names are the demo sets."""
+    work = tmp_path / "work"
+    shutil.copytree(REPO_ROOT / "data", work / "data")
+    info = json.loads((work / "data" / "dataset_info.json").read_text())
+    for name, demo in names.items():
+        info[name] = info[demo]
+    (work / "data" / "dataset_info.json").write_text(json.dumps(info))
+    return work  # the examples' components_cfg_file (src/dataflex/configs/components.yaml) is the packaged file
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("example, names, updates", [
+    ("select_then_reorder_qwen_sft_full.yaml", {"alpaca_en_demo": "demo_mix"}, [12, 16]),
+    ("hierarchical_qwen_sft_full.yaml", {"math": "demo_mix", "code": "demo_graded", "orca": "demo_add_eval"}, [12, 16]),
+])
+def test_the_original_lego_examples_train(example, names, updates, tiny_model, run_cli, tmp_path):
+    """As written apart from the model, bf16, DeepSpeed and a CPU-sized batch and run (20 steps, an update every
+    4 steps after a warm-up of 12, so the stages' own warm-ups of 10 steps end inside it)."""
+    work = _work(tmp_path, names)
+    out = tmp_path / "out"
+    res = run_cli(["train", EXAMPLES / example, f"model_name_or_path={tiny_model}", f"output_dir={out}", *CPU,
+                   "max_samples=20", "max_steps=20", "warmup_step=12", "update_step=4"], cwd=work, timeout=400)
+    assert res.returncode == 0, failure_report(res)
+    recs = update_records(out)
+    assert [s for s in sorted(recs) if recs[s]["kind"] == "update"] == updates
+    first = recs[updates[0]]["stages"]
+    assert first[0]["label"] == "selector:loss" and first[0]["action"] == "decided"  # past its warmup_step 10
+    assert first[-1]["label"] == "reorder:dynamic_saw" and first[-1]["action"] == "decided"
