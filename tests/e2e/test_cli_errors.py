@@ -200,7 +200,7 @@ PREPARE_CASES = {
                                    {"comps.yaml": "mixers:\n  d: {name: dynamic_moe}\n"
                                     + PIPE.format("{family: mixer, component: d}")}, [],
                                    ["stage 1 (mixer:d): mixer 'dynamic_moe' cannot run as a pipeline stage",
-                                    "allowed mixers: static, random, odm"]),
+                                    "allowed mixers: static, random, odm, doremi"]),
     "lego_paced_reorder_it_cannot_serve": (LEGO, {"comps.yaml": "reorderers:\n  o: {name: static, params: "
                                                   "{pacing: linear}}\n" + PIPE.format("{family: reorder, component: o}")},
                                            [], ["stage 1 (reorder:o): reorderer with pacing 'linear' cannot run as a "

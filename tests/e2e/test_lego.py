@@ -1,6 +1,7 @@
 """``dynamic_lego`` end to end on the tiny model: a one-stage pipeline trains exactly as its own mode, a
-four-stage pipeline trains, records and reports every stage, runs the same on one and two processes and
-resumes exactly after a kill; the original's presets load and its lego examples train."""
+five-stage pipeline (doremi weighing the domains beside a loss weigher) trains, records and reports every
+stage, runs the same on one and two processes and resumes exactly after a kill; a doremi stage updates its
+weights as dynamic_mix does; the original's presets load and its lego examples train."""
 
 from __future__ import annotations
 
@@ -27,13 +28,35 @@ PIPELINES = {
     "all4": [{"family": "weighter", "component": "loss", "warmup_step": 3},
              {"family": "reorder", "component": "dynamic_saw", "every": 2},
              {"family": "mixer", "component": "odm", "every": 4},
-             {"family": "selector", "component": "loss", "mode": "filter", "keep_ratio": 0.5, "every": 6}],
+             {"family": "selector", "component": "loss", "mode": "filter", "keep_ratio": 0.5, "every": 6},
+             {"family": "mixer", "component": "doremi_ref", "warmup_step": 2, "every": 3}],
+    "dre": [{"family": "mixer", "component": "doremi_ref", "warmup_step": 4, "every": 4}],
 }
 
 
-def components(folder: Path) -> Path:
+def reference_model(tiny_model: Path, folder: Path) -> Path:
+    """The tiny model with its weights nudged by seeded noise: per token it is a little better or worse
+    than the model trained, so DoReMi's excess losses are neither all 0 nor alike across domains."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (folder / "config.json").exists():
+        return folder
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05 * (p.std() if p.numel() > 1 else 1.0))
+    model.save_pretrained(folder)
+    return folder
+
+
+def components(folder: Path, reference: Path | None = None) -> Path:
     data = yaml.safe_load(PACKAGED_COMPONENTS.read_text())
-    data["pipelines"] = {k: {"name": k, "params": {"stages": v}} for k, v in PIPELINES.items()}
+    data["pipelines"] = {k: {"name": k, "params": {"stages": v}} for k, v in PIPELINES.items()
+                         if reference is not None or k == "sel"}
+    if reference is not None:
+        data["mixers"]["doremi_ref"] = {"name": "doremi", "params": {"reference_model_path": str(reference)}}
     path = folder / "components.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -113,17 +136,22 @@ def _all4(make_train_yaml, folder: Path, comps: Path, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def all4_runs(make_train_yaml, run_cli, tmp_path_factory):
-    """The four-stage pipeline on two domains (48 rows; two cycles of 6 steps of 4 rows): one process (2 x GA 2)."""
+def all4_runs(make_train_yaml, run_cli, tiny_model, tmp_path_factory):
+    """Four index and loss stages plus doremi (a mixer weighing the domains' losses) on two domains (48 rows;
+    two cycles of 6 steps of 4 rows): one process (2 x GA 2)."""
     tmp = tmp_path_factory.mktemp("all4")
-    comps = components(tmp)
+    comps = components(tmp, reference_model(tiny_model, tmp / "reference"))
     res = run_cli(["train", _all4(make_train_yaml, tmp / "one", comps)], timeout=400)
     assert res.returncode == 0, failure_report(res)
     return tmp, comps, res
 
 
+def alphas(out: Path, stage: str = "stage-3-mixer") -> dict[int, list[float]]:
+    return {s: r["loss_weights"] for s, r in stage_records(out, stage).items()}
+
+
 @pytest.mark.e2e
-def test_a_four_stage_pipeline_records_every_stage(all4_runs):
+def test_a_five_stage_pipeline_records_every_stage(all4_runs):
     tmp, _, res = all4_runs
     out = tmp / "one" / "out"
     log = res.stdout + res.stderr
@@ -151,12 +179,33 @@ def test_a_four_stage_pipeline_records_every_stage(all4_runs):
         assert sorted(order[s]["rows"]) == sorted(mix[s]["indices"])  # the reorder orders the mixer's rows
         assert updates[s]["indices"] == order[s]["rows"]  # and they are trained on in that order
         assert sum(mix[s]["counts"]) == 8 and mix[s]["domains"] == ["demo_mix", "demo_graded"]
-    lines = weight_lines(out, "stage-3-weighter")
+    lines = weight_lines(out, "stage-4-weighter")
     assert [ln["step"] for ln in lines] == list(range(3, 12))  # the weighter from its warmup_step 3 on
     for ln in lines:  # each step's weights are over that step's rows
         step_rows = updates[max(s for s in updates if s <= ln["step"])]["indices"]
         offset = (ln["step"] - max(s for s in updates if s <= ln["step"])) * 4
         assert ln["indices"] == step_rows[offset: offset + 4]
+    # doremi takes no rows (the update records list the index stages only); its α moves at its warmup_step 2
+    # and every 3 steps after, from the excess losses over the reference model, as dynamic_mix records them
+    assert all("mixer:doremi_ref" not in [t["label"] for t in updates[s]["stages"]] for s in updates)
+    dre = stage_records(out, "stage-3-mixer")
+    assert sorted(dre) == [2, 5, 8, 11]
+    from dataflex.mixers.doremi import doremi_update
+
+    import torch
+    alpha = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for s in sorted(dre):
+        st = dre[s]["statistics"]
+        lam = [e / t for e, t in zip(st["excess_sum"], st["tokens"])]
+        assert dre[s]["summary"]["excess_loss"] == pytest.approx(lam, rel=1e-9)
+        alpha = doremi_update(alpha, torch.tensor(lam, dtype=torch.float64), 1.0, 1e-3)
+        assert dre[s]["loss_weights"] == pytest.approx(alpha.tolist(), rel=1e-9)
+    assert st["tokens"][0] > 0 and st["tokens"][1] > 0 and lam[0] != lam[1] and min(lam) > 0
+    saved = json.loads((out / "doremi_domain_weights.json").read_text())
+    # α of the updates at 2, 5, 8 and 11, each in force until the next (11 until the end at 12): averaged
+    avg = [(3 * sum(dre[s]["loss_weights"][d] for s in (2, 5, 8)) + dre[11]["loss_weights"][d]) / 10 for d in (0, 1)]
+    assert saved["domains"] == ["demo_mix", "demo_graded"] and saved["steps_averaged"] == 10
+    assert saved["weights"] == pytest.approx([a / sum(avg) for a in avg], rel=1e-9)
 
 
 @pytest.mark.e2e
@@ -169,15 +218,19 @@ def test_a_pipeline_run_is_reported_stage_by_stage(all4_runs, run_cli, tmp_path)
     for line in ("  0. selector:loss, mode filter, keep 0.5, every 6 steps",
                  "  1. mixer:odm, takes the update's rows, every 4 steps",
                  "  2. reorder:dynamic_saw, every 2 steps",
-                 "  3. weighter:loss, from step 3",
+                 "  3. mixer:doremi_ref, weighs the domains' losses, from step 2, every 3 steps",
+                 "  4. weighter:loss, from step 3",
                  "Stage 0: selector:loss (loss), 2 record(s)",
                  "Stage 1: mixer:odm (odm), 2 record(s)",
                  "Stage 2: reorder:dynamic_saw (dynamic_saw), 4 record(s)",
-                 "Stage 3: weighter:loss (loss), 9 record(s)"):
+                 "Stage 3: mixer:doremi_ref (doremi), 4 record(s)",
+                 "  domains demo_mix, demo_graded; loss weights and excess losses per update:",
+                 "Stage 4: weighter:loss (loss), 9 record(s)"):
         assert line in text, line
     assert "  step     4: selector:loss kept; mixer:odm kept; reorder:dynamic_saw decided 8->8 -> 8 rows" in text
     page = (tmp_path / "page.html").read_text()
-    for sid in ("pipeline", "updates", "stage-0", "stage-1", "stage-2", "stage-3", "selections", "weights"):
+    for sid in ("pipeline", "updates", "stage-0", "stage-1", "stage-2", "stage-3", "stage-4", "selections", "weights",
+                "loss-weights", "excess-loss"):
         assert f'id="{sid}"' in page, sid
 
 
@@ -196,7 +249,10 @@ def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yam
     ma, mb = stage_records(one, "stage-1-mixer"), stage_records(two, "stage-1-mixer")
     assert sorted(ma) == sorted(mb) == [2, 8]
     assert all(ma[s]["proportions"] == pytest.approx(mb[s]["proportions"], abs=1e-6) for s in ma)
-    wa, wb = weight_lines(one, "stage-3-weighter"), weight_lines(two, "stage-3-weighter")
+    da, db = alphas(one), alphas(two)
+    assert sorted(da) == sorted(db) == [2, 5, 8, 11]
+    assert all(da[s] == pytest.approx(db[s], abs=1e-6) for s in da)
+    wa, wb = weight_lines(one, "stage-4-weighter"), weight_lines(two, "stage-4-weighter")
     assert [w["indices"] for w in wa] == [w["indices"] for w in wb]
     assert [w["weights"] for w in wa] == [pytest.approx(w["weights"], abs=1e-4) for w in wb]
 
@@ -208,10 +264,38 @@ def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yam
     assert res.returncode == 0, failure_report(res)
     c = update_records(out)
     assert sorted(c) == [4, 6, 8, 10] and all(c[s]["indices"] == a[s]["indices"] for s in c)
-    assert [w["step"] for w in weight_lines(out, "stage-3-weighter")] == list(range(4, 12))
-    assert [w["weights"] for w in weight_lines(out, "stage-3-weighter")] == [w["weights"] for w in wa[1:]]
+    assert [w["step"] for w in weight_lines(out, "stage-4-weighter")] == list(range(4, 12))
+    assert [w["weights"] for w in weight_lines(out, "stage-4-weighter")] == [w["weights"] for w in wa[1:]]
+    dc = alphas(out)  # doremi's α and the statistics since its update at step 2 came back from checkpoint-4
+    assert sorted(dc) == [5, 8, 11] and all(dc[s] == da[s] for s in dc)
+    assert json.loads((out / "doremi_domain_weights.json").read_text()) == \
+        json.loads((one / "doremi_domain_weights.json").read_text())
     ta, tc = adapter(one), adapter(out)
     assert all(ta[k].equal(tc[k]) for k in ta)
+
+
+@pytest.mark.e2e
+def test_a_doremi_stage_updates_its_weights_as_dynamic_mix(all4_runs, make_train_yaml, run_cli):
+    """A pipeline of one doremi stage (a uniform draw takes the rows) against dynamic_mix doremi, at learning
+    rate 0 so that the model stays as it starts: every stretch of 4 steps x 4 rows trains each of the 16 rows
+    once in both runs, so the excess losses, and the weights α, agree update by update."""
+    tmp, comps, _ = all4_runs
+    common = dict(components_cfg_file=str(comps), dataset="demo_mix,demo_graded", max_samples=8, cutoff_len=48,
+                  warmup_step=4, update_step=4, update_times=-1, max_steps=12, learning_rate=0.0)
+    runs = {"lego": make_train_yaml(tmp / "dre", train_type="dynamic_lego", component_name="dre", **common),
+            "mix": make_train_yaml(tmp / "mix", train_type="dynamic_mix", component_name="doremi_ref", **common)}
+    for path in runs.values():
+        res = run_cli(["train", path], timeout=300)
+        assert res.returncode == 0, failure_report(res)
+    lego, mix = alphas(tmp / "dre" / "out", "stage-1-mixer"), update_records(tmp / "mix" / "out")
+    ups = {s: r for s, r in mix.items() if r["kind"] == "update"}
+    assert sorted(lego) == sorted(ups) == [4, 8]
+    for s in (4, 8):
+        assert lego[s] == pytest.approx(ups[s]["loss_weights"], rel=1e-6)
+    assert lego[8] != pytest.approx([0.5, 0.5], abs=1e-4)  # the weights moved
+    a, b = (json.loads((tmp / d / "out" / "doremi_domain_weights.json").read_text()) for d in ("dre", "mix"))
+    assert a["steps_averaged"] == b["steps_averaged"] == 8
+    assert a["weights"] == pytest.approx(b["weights"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ the examples

@@ -102,6 +102,10 @@ class Mixer(Component):
     Params: ClassVar[type[Params]] = Params
     granularity: ClassVar[str] = "sample"  # "sample": mixed rows; "micro_batch": one domain per micro-batch
     every_step: ClassVar[bool] = False  # update after every optimizer step (ignores update_step)
+    # what the mixer's decision acts on: "rows" (its proportions choose the coming rows: static, random,
+    # odm) or "loss" (it weighs each domain in the training loss and keeps the proportions it was given:
+    # doremi). A pipeline runs a "loss" mixer as a loss-space stage (docs/pipelines.md, rule 3).
+    acts_on: ClassVar[str] = "rows"
 
     def check_domains(self, cfg: dict[str, Any], domains: Sequence[str]) -> None:
         """Checks against the training datasets (the domains): a mixer that measures the model on each

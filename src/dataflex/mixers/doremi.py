@@ -72,6 +72,7 @@ class DoremiMixer(Mixer):
     name = "doremi"
     Params = DoremiParams
     needs = frozenset({"excess"})
+    acts_on = "loss"  # α weighs the domains' losses; the sampling proportions stay the reference distribution
     summary = "DoReMi step 2: domain weights from the excess loss over a reference model (Group DRO)"
 
     @property

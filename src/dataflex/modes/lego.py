@@ -13,7 +13,9 @@ last decision); once one stage decides, every stage after it decides too (its in
 the stages before it hand on what they last handed on. A stage still in its warm-up passes its
 input through. The rows are scheduled by :class:`~dataflex.modes.rows.ScheduledRows`. Weighter
 stages run as ``dynamic_weight`` runs them (one :class:`~dataflex.modes.weight.WeightMode` per
-stage); their weights multiply.
+stage); a mixer whose decision acts on the loss (doremi) is a loss-space stage too
+(:class:`ReweightStage`: its domain weights, as ``dynamic_mix`` applies them); their weights
+multiply.
 
 Records: ``step_N.json`` per update in the run's folder (every stage's rows in and out), and each
 stage's own records in ``stage-<i>-<family>/`` beside them, in its own mode's format.
@@ -24,7 +26,6 @@ from __future__ import annotations
 import bisect
 import copy
 import logging
-import math
 import time
 from typing import Any, Callable
 
@@ -43,7 +44,7 @@ from ..seeding import seeded_generator
 from ..selectors.base import SelectionContext, uniform_draw
 from .base import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY, ModeChecks, ModeContext
 from .loss import LossSignals
-from .mix import MixMode
+from .mix import MixMode, decide_mixture, loss_weight_logs, step_domain_weights
 from .reorder import read_column
 from .rows import ScheduledRows
 from .run import describe_schedule, stretch_schedule_digest, stretch_schedule_manifest
@@ -167,6 +168,28 @@ class UniformStage(IndexStage):
         return [pool[i] for i in picks]
 
 
+class Domains:
+    """The training datasets as a mixer stage's domains: names, first rows, sizes, starting proportions."""
+
+    def __init__(self, stage: Stage, ctx: ModeContext):
+        info = ctx.data
+        if info is None or not info.parts or not info.exact:
+            raise ConfigError(f"dataset: pipeline stage mixer '{stage.component}' could not tell which rows come "
+                              "from which dataset")
+        self.domains = [p[0] for p in info.parts]
+        self.starts = [p[1] for p in info.parts]
+        self.sizes = [p[2] - p[1] for p in info.parts]
+        fa = ctx.fa
+        self.initial, how = starting_proportions(fa.mixture_sample_rule or "mixture", self.sizes,
+                                                 fa.init_mixture_proportions, self.domains, stage.built)
+        if ctx.rank == 0:
+            logger.info("[DataFlex] pipeline mixer '%s': domains %s with %s rows; starting proportions %s: %s",
+                        stage.component, self.domains, self.sizes, [round(x, 4) for x in self.initial], how)
+
+    def domain_of(self, row: int) -> int:
+        return bisect.bisect_right(self.starts, row) - 1
+
+
 class MixStage(IndexStage):
     """A mixer: its proportions over the domains, turned into the update's rows drawn from the pool."""
 
@@ -174,29 +197,16 @@ class MixStage(IndexStage):
         super().__init__(stage, index)
         self.mode = mode
         ctx = mode.ctx
-        info = ctx.data
-        if info is None or not info.parts or not info.exact:
-            raise ConfigError(f"dataset: pipeline stage mixer '{stage.component}' could not tell which rows come "
-                              "from which dataset")
         self.mixer = stage.built
-        self.domains = [p[0] for p in info.parts]
-        self.starts = [p[1] for p in info.parts]
-        self.sizes = [p[2] - p[1] for p in info.parts]
-        fa = ctx.fa
-        initial, how = starting_proportions(fa.mixture_sample_rule or "mixture", self.sizes,
-                                            fa.init_mixture_proportions, self.domains, self.mixer)
-        if ctx.rank == 0:
-            logger.info("[DataFlex] pipeline mixer '%s': domains %s with %s rows; starting proportions %s: %s",
-                        stage.component, self.domains, self.sizes, [round(x, 4) for x in initial], how)
-        self.mixer.setup(self.domains, self.sizes, initial, total, stage.warmup_step)
+        parts = Domains(stage, ctx)
+        self.domains, self.starts, self.sizes = parts.domains, parts.starts, parts.sizes
+        self.domain_of = parts.domain_of
+        self.mixer.setup(self.domains, self.sizes, parts.initial, total, stage.warmup_step)
         self.total = total
-        self.proportions = list(initial)
+        self.proportions = list(parts.initial)
         self.stats = DomainStats.zeros(len(self.domains))
         self.stats_since = 0
         self.seed = ctx.args.seed
-
-    def domain_of(self, row: int) -> int:
-        return bisect.bisect_right(self.starts, row) - 1
 
     def observe(self, domains: torch.Tensor, sums: torch.Tensor, tokens: torch.Tensor) -> None:
         self.stats.add(domains, sums, tokens)
@@ -213,16 +223,7 @@ class MixStage(IndexStage):
             mctx = MixContext(step=step, update=self.decisions, domains=list(self.domains), sizes=list(self.sizes),
                               proportions=list(self.proportions), stats=stats, steps_since=step - self.stats_since,
                               total_steps=self.total, seed=self.seed, rank=ctx.rank)
-
-            def decide():
-                d = self.mixer.update(mctx)
-                props = [float(x) for x in d.proportions]
-                if len(props) != k or any(not math.isfinite(x) or x < 0 for x in props) or sum(props) <= 0:
-                    raise ValueError(f"mixer returned proportions {props}; expected {k} numbers >= 0, not all 0")
-                d.proportions = [x / sum(props) for x in props]
-                return d
-
-            decision = ctx.agreement.share(f"{label}: the decision", decide)
+            decision = decide_mixture(ctx.agreement, label, self.mixer, mctx)
         except AgreedFailure as err:
             raise SelectionError(f"{label} {err}") from None
         self.proportions = list(decision.proportions)
@@ -268,6 +269,114 @@ class MixStage(IndexStage):
         self.proportions = [float(x) for x in state["proportions"]]
         self.stats = DomainStats.from_dict(state["stats"])
         self.stats_since = int(state["stats_since"])
+
+
+class ReweightStage:
+    """A mixer whose decision acts on the loss (doremi), as a loss-space stage.
+
+    It takes no rows. From its ``warmup_step`` on, every step's samples are weighted by the mixer's
+    domain weights α as ``dynamic_mix`` weights them (:func:`~dataflex.modes.mix.step_domain_weights`);
+    the mixer's statistics (the training forwards' losses and, with a reference model, the excess
+    losses) accumulate from step 0 over every micro-batch and rank, and α is updated at the stage's
+    ``warmup_step`` and then every ``every`` steps, at the start of the step, before its weights.
+    """
+
+    def __init__(self, stage: Stage, index: int, mode: "LegoMode", total: int):
+        self.stage, self.index, self.mode = stage, index, mode
+        ctx = mode.ctx
+        self.mixer = stage.built
+        parts = Domains(stage, ctx)
+        self.domains, self.sizes, self.domain_of = parts.domains, parts.sizes, parts.domain_of
+        self.mixer.setup(self.domains, self.sizes, parts.initial, total, stage.warmup_step)
+        self.proportions = list(parts.initial)  # what the mixer is told is in force (it keeps them)
+        self.total = total
+        self.loss_weights: list[float] | None = self.mixer.initial_loss_weights()
+        self.stats = DomainStats.zeros(len(self.domains))
+        self.stats_since = 0
+        self.last_run: int | None = None
+        self.decisions = 0
+        self.seconds = 0.0
+        self.log: RunLog | None = None
+        self.reference = None
+        if getattr(self.mixer, "reference_model_path", None):
+            from ..scoring.reference import ReferenceModel
+
+            self.reference = ReferenceModel(self.mixer.reference_model_path, ctx.trainer.model, ctx.args.device)
+
+    def due(self, step: int) -> bool:
+        s = self.stage
+        return s.is_active(step) and (self.last_run is None or step - self.last_run >= s.every)
+
+    def observe(self, signals: LossSignals) -> None:
+        """What this rank's training forward saw, per domain (summed over ranks at the next update)."""
+        excess = None
+        if self.reference is not None:
+            excess = self.reference.excess_sums(signals.inputs, signals.labels, signals.logits.detach())
+        self.stats.add(signals.domains, signals.sums.detach(), signals.counts, excess)
+
+    def update(self, step: int) -> None:
+        ctx = self.mode.ctx
+        k = len(self.domains)
+        label = f"mixture update {self.decisions + 1} at step {step} (mixer '{self.mixer.name}')"
+        start = time.perf_counter()
+        try:
+            stats = DomainStats.from_flat(ctx.agreement.all_reduce(f"{label}: statistics", self.stats.flat()))
+            mctx = MixContext(step=step, update=self.decisions, domains=list(self.domains), sizes=list(self.sizes),
+                              proportions=list(self.proportions), stats=stats, steps_since=step - self.stats_since,
+                              total_steps=self.total, seed=ctx.args.seed, rank=ctx.rank)
+            decision = decide_mixture(ctx.agreement, label, self.mixer, mctx)
+        except AgreedFailure as err:
+            raise SelectionError(f"{label} {err}") from None
+        self.loss_weights = decision.loss_weights
+        self.stats = DomainStats.zeros(k)
+        self.stats_since = step
+        self.last_run = step
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if self.log is not None:
+            self.log.write_record(step, {
+                "kind": "update", "step": step, "num_steps": None, "stretch": None, "mixer": self.mixer.name,
+                "component": self.stage.component, "domains": self.domains, "proportions": self.proportions,
+                "counts": None, "loss_weights": self.loss_weights, "indices": [], "reshuffles": [],
+                "seconds": round(seconds, 4), "update": self.decisions, "mixer_proportions": decision.proportions,
+                "summary": decision.summary, "statistics": stats.to_dict()})
+        self.decisions += 1
+        self.mode.round.info("pipeline mixer '%s' at step %d: loss weights %s", self.mixer.name, step,
+                             [round(w, 4) for w in self.loss_weights] if self.loss_weights else None)
+        logs = {f"dataflex/domain_loss_{d}": round(x, 6) for d, x in zip(self.domains, stats.mean_loss())
+                if x is not None}
+        ctx.trainer.log({**logs, **loss_weight_logs(self.domains, self.loss_weights,
+                                                    decision.summary.get("excess_loss"))})
+
+    def weigh_step(self, batches: list[dict[str, Any]]) -> list[torch.Tensor] | None:
+        """This step's per-sample weights (one tensor per micro-batch), or None before ``warmup_step``;
+        the update comes first when it is due."""
+        step = self.mode.ctx.step
+        if self.due(step):
+            self.update(step)
+        if not self.stage.is_active(step) or self.loss_weights is None:
+            return None
+        return step_domain_weights(self.mode.ctx.agreement, step, self.loss_weights, batches)
+
+    def finish(self, output_dir: str) -> list[str]:
+        if self.mode.ctx.rank != 0:
+            return []
+        self.mixer.finish(self.total)
+        return self.mixer.outputs(output_dir)
+
+    def state_dict(self, stats: DomainStats) -> dict[str, Any]:
+        return {"mixer": self.mixer.state_dict(), "loss_weights": self.loss_weights, "stats": stats.to_dict(),
+                "stats_since": self.stats_since, "last_run": self.last_run, "decisions": self.decisions}
+
+    def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
+        if state.get("mixer"):
+            self.mixer.load_state_dict(state["mixer"])
+        self.loss_weights = state["loss_weights"]
+        # the checkpoint holds the statistics summed over ranks: rank 0 resumes with them, the others from 0
+        self.stats = DomainStats.from_dict(state["stats"]) if rank == 0 else DomainStats.zeros(len(self.domains))
+        self.stats_since = int(state["stats_since"])
+        self.last_run = state["last_run"]
+        self.decisions = int(state["decisions"])
 
 
 class ReorderStage(IndexStage):
@@ -403,7 +512,7 @@ class LegoMode(ModeChecks):
 
     @classmethod
     def needs_logits(cls, component: Any) -> bool:
-        return any(s.family == "weighter" or (s.family == "mixer" and "losses" in s.built.needs)
+        return any(s.family == "weighter" or (s.family == "mixer" and s.built.needs & {"losses", "excess"})
                    for s in component.stages)
 
     @classmethod
@@ -416,10 +525,10 @@ class LegoMode(ModeChecks):
             where = f"pipeline '{component.key}': stage {s.written + 1} ({s.label})"
             comp = s.built
             if s.family == "mixer":
-                if comp.needs & {"excess", "router"}:
+                if "router" in comp.needs or ("excess" in comp.needs and not s.loss_space):
                     raise ConfigError(f"{where}: mixer '{comp.name}' cannot run as a pipeline stage (it needs "
                                       f"{'a reference model' if 'excess' in comp.needs else 'per-domain eval sets'}"
-                                      " beside the training forward); allowed mixers: static, random, odm")
+                                      " beside the training forward); allowed mixers: static, random, odm, doremi")
                 MixMode.check_config(cfg, comp, yaml_dir)
             elif s.family == "reorder":
                 if comp.competence(0, 1) is not None:
@@ -438,8 +547,11 @@ class LegoMode(ModeChecks):
         self.round = LegoRound(self.schedule, len(ctx.train), ctx.agreement, targs.seed, log_fn=ctx.trainer.log)
         self.weighters: list[tuple[int, Stage, WeightMode]] = []
         self.mixers: list[MixStage] = []
+        self.reweighters: list[ReweightStage] = []  # mixers acting on the loss (at most one)
         for i, s in enumerate(self.pipeline.stages):
-            if s.family == "selector":
+            if s.loss_space:
+                self.reweighters.append(ReweightStage(s, i, self, total))
+            elif s.family == "selector":
                 self.round.stages.append(SelectStage(s, i, self))
             elif s.family == UNIFORM:
                 self.round.stages.append(UniformStage(s, i, targs.seed))
@@ -457,7 +569,8 @@ class LegoMode(ModeChecks):
                 self.weighters.append((i, s, wm))
         targs.max_steps = total  # the LR schedule spans exactly the schedule
         self.rows = ScheduledRows(ctx, self.round.rows, lambda: self.schedule.total_steps,
-                                  add=self.add_domains if self.mixers else None, before=self.weigh_step)
+                                  add=self.add_domains if self.mixers or self.reweighters else None,
+                                  before=self.weigh_step)
 
     # ------------------------------------------------------------------ the step's data
     def train_loader(self, default: Callable[[], Any]) -> Any:
@@ -472,14 +585,18 @@ class LegoMode(ModeChecks):
         return self.rows.step_batches(epoch_iterator, num_batches, device, default)
 
     def add_domains(self, batch: dict[str, Any]) -> None:
-        mix = self.mixers[0]
-        batch[DOMAIN_KEY] = torch.tensor([mix.domain_of(i) for i in batch[INDEX_KEY].tolist()],
-                                         dtype=torch.long)
+        domain_of = (self.mixers or self.reweighters)[0].domain_of
+        batch[DOMAIN_KEY] = torch.tensor([domain_of(i) for i in batch[INDEX_KEY].tolist()], dtype=torch.long)
 
     def weigh_step(self, batches: list[dict[str, Any]]) -> None:
-        """Weighters of scope global_batch: the step's weights before its first backward; they multiply."""
+        """The step's weights before its first backward: a loss-space mixer's domain weights (after its
+        update when it is due), and weighters of scope global_batch; they multiply."""
         step = self.ctx.step
         logs: dict[str, float] = {}
+        for rw in self.reweighters:
+            weights = rw.weigh_step(batches)
+            for b, w in zip(batches, weights or []):
+                b[WEIGHT_KEY] = w if b.get(WEIGHT_KEY) is None else b[WEIGHT_KEY] * w
         for _, s, wm in self.weighters:
             if wm.component.params.scope != "global_batch" or not wm.round.active(step):
                 continue
@@ -497,12 +614,14 @@ class LegoMode(ModeChecks):
         micro = [wm for _, _, wm in self.weighters
                  if wm.component.params.scope == "micro_batch" and wm.round.active(step)]
         observe = [m for m in self.mixers if "losses" in m.mixer.needs]
-        if not micro and not observe:
+        if not micro and not observe and not self.reweighters:
             return None
 
         def hook(signals: LossSignals) -> torch.Tensor | None:
             for m in observe:
                 m.observe(signals.domains, signals.sums.detach(), signals.counts)
+            for rw in self.reweighters:
+                rw.observe(signals)
             weights = signals.weights
             for wm in micro:
                 w = wm.weigh_micro(signals)
@@ -524,7 +643,8 @@ class LegoMode(ModeChecks):
             comp = s.built
             entry = {"stage": i, "family": s.family, "component": s.component, "label": s.label,
                      "name": comp.name if comp is not None else None, "warmup_step": s.warmup_step,
-                     "every": s.every, "budget": s.takes_budget, "folder": stage_folder(i, s) if comp else None,
+                     "every": s.every, "budget": s.takes_budget, "space": "index" if s.index_space else "loss",
+                     "folder": stage_folder(i, s) if comp else None,
                      "params": comp.params.to_dict() if comp is not None else None}
             if s.family == "selector":
                 entry.update(mode=s.mode, keep_ratio=s.keep_ratio if s.mode == "filter" else None)
@@ -543,17 +663,26 @@ class LegoMode(ModeChecks):
         return {**stretch_schedule_manifest(self.schedule), "stages": self.stage_entries()}
 
     def round_state(self) -> dict[str, Any]:
-        return {**self.round.state_dict(), "weighters": [wm.round.state_dict() for _, _, wm in self.weighters]}
+        state = {**self.round.state_dict(), "weighters": [wm.round.state_dict() for _, _, wm in self.weighters]}
+        if self.reweighters:  # statistics accumulate on every rank: the checkpoint keeps their sum
+            state["reweighters"] = [
+                rw.state_dict(DomainStats.from_flat(self.ctx.agreement.all_reduce(
+                    f"checkpoint: stage {rw.index} statistics", rw.stats.flat()))) for rw in self.reweighters]
+        return state
 
     def load_round_state(self, state: dict[str, Any]) -> None:
         self.round.load_state_dict(state)
         for (_, _, wm), saved in zip(self.weighters, state.get("weighters", [])):
             wm.round.load_state_dict(saved)
+        for rw, saved in zip(self.reweighters, state.get("reweighters", [])):
+            rw.load_state_dict(saved, self.ctx.rank)
 
     def start(self, log: RunLog) -> None:
         for st in self.round.stages:
             if st.stage.built is not None:
                 st.log = RunLog(log.folder, stage_folder(st.index, st.stage), enabled=log.enabled)
+        for rw in self.reweighters:
+            rw.log = RunLog(log.folder, stage_folder(rw.index, rw.stage), enabled=log.enabled)
         for i, s, wm in self.weighters:
             sub = RunLog(log.folder, stage_folder(i, s), enabled=log.enabled)
             wm.round.log = sub
@@ -568,4 +697,4 @@ class LegoMode(ModeChecks):
         return {"dataflex_updates": self.round.updates}
 
     def finish_files(self) -> list[str]:
-        return []
+        return [path for rw in self.reweighters for path in rw.finish(self.ctx.args.output_dir)]

@@ -33,6 +33,57 @@ from .run import describe_schedule, stretch_schedule_digest, stretch_schedule_ma
 logger = logging.getLogger("dataflex")
 
 
+# ---------------------------------------------------------------------------------------------- shared with pipelines
+def domain_sample_weights(alpha: list[float], domains: torch.Tensor, global_domain_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights w_i = α_d(i) N / N_d(i) of the α-weighted domain loss.
+
+    ``global_domain_tokens`` are the step's supervised tokens per domain over all ranks, so that
+    Σ_i w_i S_i / N = Σ_d α_d S_d / N_d: each domain's mean token loss, weighted by α.
+    """
+    a = torch.tensor(alpha, dtype=torch.float64)
+    n_d = global_domain_tokens.double()
+    total = n_d.sum()
+    factor = torch.where(n_d > 0, a * total / n_d.clamp(min=1), torch.zeros_like(a))
+    return factor[domains.long().cpu()]
+
+
+def step_domain_weights(agreement: Agreement, step: int, alpha: list[float],
+                        batches: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """The weights of one step's micro-batches (each carrying its rows' domains) under α: the step's
+    supervised tokens per domain are summed over its micro-batches and every rank first."""
+    local = torch.zeros(len(alpha), dtype=torch.float64)
+    for b in batches:
+        tokens = (b["labels"][:, 1:] != -100).sum(dim=1).double()
+        local.index_add_(0, b[DOMAIN_KEY], tokens)
+    total = agreement.all_reduce(f"step {step}: tokens per domain", local)
+    return [domain_sample_weights(alpha, b[DOMAIN_KEY], total) for b in batches]
+
+
+def decide_mixture(agreement: Agreement, label: str, mixer: Any, ctx: MixContext) -> Any:
+    """The mixer's decision on ``ctx`` (rank 0 decides, every rank gets it), its proportions checked and
+    normalised; ``label`` names the update in a failure."""
+    k = len(ctx.domains)
+
+    def decide():
+        d = mixer.update(ctx)
+        props = [float(x) for x in d.proportions]
+        if len(props) != k or any(not math.isfinite(x) or x < 0 for x in props) or sum(props) <= 0:
+            raise ValueError(f"mixer returned proportions {props}; expected {k} numbers >= 0, not all 0")
+        s = sum(props)
+        d.proportions = [x / s for x in props]
+        return d
+
+    return agreement.share(f"{label}: the decision", decide)
+
+
+def loss_weight_logs(domains: list[str], loss_weights: list[float] | None, excess: list[float] | None) -> dict[str, float]:
+    """The trainer's log lines of a DoReMi-style update: α and λ per domain."""
+    logs = {}
+    if loss_weights is not None:
+        logs.update({f"dataflex/loss_weight_{d}": round(w, 6) for d, w in zip(domains, loss_weights)})
+    if excess:
+        logs.update({f"dataflex/excess_loss_{d}": round(x, 6) for d, x in zip(domains, excess)})
+    return logs
 
 
 @dataclass
@@ -92,11 +143,7 @@ class MixRound(StretchRound):
         """
         if self.loss_weights is None:
             return None
-        alpha = torch.tensor(self.loss_weights, dtype=torch.float64)
-        n_d = global_domain_tokens.double()
-        total = n_d.sum()
-        factor = torch.where(n_d > 0, alpha * total / n_d.clamp(min=1), torch.zeros_like(alpha))
-        return factor[domains.long().cpu()]
+        return domain_sample_weights(self.loss_weights, domains, global_domain_tokens)
 
     # ------------------------------------------------------------------ stretches
     def _enter(self, stretch: Stretch) -> list[int]:
@@ -143,17 +190,7 @@ class MixRound(StretchRound):
             if self.mixer.needs & {"router"}:
                 ctx.scorer = self.scorer()
                 self.agreement.run(f"mixture update {self.updates + 1}: measuring", lambda: self.mixer.prepare(ctx))
-
-            def decide():
-                d = self.mixer.update(ctx)
-                props = [float(x) for x in d.proportions]
-                if len(props) != k or any(not math.isfinite(x) or x < 0 for x in props) or sum(props) <= 0:
-                    raise ValueError(f"mixer returned proportions {props}; expected {k} numbers >= 0, not all 0")
-                s = sum(props)
-                d.proportions = [x / s for x in props]
-                return d
-
-            decision = self.agreement.share(f"mixture update {self.updates + 1}: the decision", decide)
+            decision = decide_mixture(self.agreement, f"mixture update {self.updates + 1}", self.mixer, ctx)
         except AgreedFailure as err:
             raise SelectionError(f"{label} {err}") from None
         self.mixer_proportions = decision.proportions
@@ -168,11 +205,7 @@ class MixRound(StretchRound):
         for d, loss in zip(self.setup.domains, stats.mean_loss()):
             if loss is not None:
                 logs[f"dataflex/domain_loss_{d}"] = round(loss, 6)
-        if self.loss_weights is not None:
-            logs.update({f"dataflex/loss_weight_{d}": round(w, 6) for d, w in zip(self.setup.domains, self.loss_weights)})
-        excess = decision.summary.get("excess_loss")
-        if excess:
-            logs.update({f"dataflex/excess_loss_{d}": round(x, 6) for d, x in zip(self.setup.domains, excess)})
+        logs.update(loss_weight_logs(self.setup.domains, self.loss_weights, decision.summary.get("excess_loss")))
         self.log_fn(logs)
         self.history.append({"step": stretch.start_step, "proportions": list(self.proportions)})
         return {"update": self.updates - 1, "mixer_proportions": decision.proportions, "summary": decision.summary,
@@ -326,14 +359,9 @@ class MixMode(ModeChecks):
         """DoReMi: per-sample weights of the α-weighted domain loss for this step's batches."""
         if self.round.loss_weights is None:
             return
-        k = len(self.round.setup.domains)
-        local = torch.zeros(k, dtype=torch.float64)
-        for b in batches:
-            tokens = (b["labels"][:, 1:] != -100).sum(dim=1).double()
-            local.index_add_(0, b[DOMAIN_KEY], tokens)
-        total = self.ctx.agreement.all_reduce(f"step {self.ctx.step}: tokens per domain", local)
-        for b in batches:
-            b[WEIGHT_KEY] = self.round.sample_loss_weights(b[DOMAIN_KEY], total)
+        for b, w in zip(batches, step_domain_weights(self.ctx.agreement, self.ctx.step, self.round.loss_weights,
+                                                     batches)):
+            b[WEIGHT_KEY] = w
 
     def loss_hook(self) -> Callable | None:
         return self.observe if self.component.needs & {"losses", "excess"} else None

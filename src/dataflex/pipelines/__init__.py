@@ -11,7 +11,12 @@ and checks the list and applies the composition rules (torch-free, no other comp
    mixer; a select stage in ``mode: filter`` only shrinks the pool; when no stage takes the
    budget a uniform draw is placed after the filters (before a reorder stage, which arranges the
    update's rows and never changes their number);
-3. loss-space stages (weighters) multiply their per-sample weights.
+3. loss-space stages multiply their per-sample weights: weighters, and a mixer whose decision acts on
+   the loss (``acts_on = "loss"`` on its class: doremi's per-domain weights); such a mixer takes
+   no rows, so it does not count as the budget-taker.
+
+Which mixers act on the loss is known once the presets are built, so a pipeline composes its
+stages in :meth:`Pipeline.resolve`.
 
 How the stages run during training is :mod:`dataflex.modes.lego`.
 """
@@ -48,14 +53,16 @@ class Stage:
     keep_ratio: float = 0.5  # selector filter: the share of the pool it keeps
     written: int = 0  # its position in the YAML list (0-based)
     built: Any = None
+    loss_space: bool = False  # a mixer whose decision weighs the domains in the loss (set when it is built)
 
     @property
     def takes_budget(self) -> bool:
-        return (self.family == "selector" and self.mode == "draw") or self.family in ("mixer", UNIFORM)
+        return (self.family == "selector" and self.mode == "draw") or self.family == UNIFORM or \
+            (self.family == "mixer" and not self.loss_space)
 
     @property
     def index_space(self) -> bool:
-        return self.family != "weighter"
+        return self.family != "weighter" and not self.loss_space
 
     @property
     def label(self) -> str:
@@ -71,6 +78,8 @@ class Stage:
             bits.append(self.mode + (f" keep {self.keep_ratio:g}" if self.mode == "filter" else ""))
         if self.warmup_step:
             bits.append(f"from step {self.warmup_step}")
+        if self.loss_space:
+            bits.append("weighs the domains' losses")
         if self.every > 1:
             bits.append(f"every {self.every} steps")
         return " ".join(bits)
@@ -138,6 +147,10 @@ def compose(pipeline: str, written: list[Stage], warn: bool = True) -> list[Stag
                           f"(family: {', '.join(FAMILIES)})")
     index = [s for s in written if s.index_space]
     loss = [s for s in written if not s.index_space]
+    reweighting = [s for s in loss if s.family == "mixer"]
+    if len(reweighting) > 1:
+        raise ConfigError(f"pipeline '{pipeline}': {len(reweighting)} mixer stages that weigh the domains' losses "
+                          f"(stages {', '.join(str(s.written + 1) for s in reweighting)}); allowed: at most one")
     for family in INDEX_ORDER:
         same = [s for s in index if s.family == family]
         if len(same) > 1:
@@ -157,7 +170,7 @@ def compose(pipeline: str, written: list[Stage], warn: bool = True) -> list[Stag
     if not takers:
         at = next((i for i, s in enumerate(ordered) if s.family == "reorder"), len(ordered))
         ordered.insert(at, Stage(UNIFORM, "", written=-1))
-    return ordered + loss
+    return ordered + reweighting + [s for s in loss if s.family != "mixer"]
 
 
 @dataclass
@@ -181,7 +194,8 @@ class PipelineParams(Params):
 
 @register
 class Pipeline(Component):
-    """A ``pipelines:`` entry: its stages, checked and composed; the stage presets built on :meth:`resolve`."""
+    """A ``pipelines:`` entry: its stages, checked; on :meth:`resolve` the stage presets are built and the
+    stages composed (``stages``: in the order they run)."""
 
     kind = "pipelines"
     name = "pipeline"
@@ -192,8 +206,10 @@ class Pipeline(Component):
         super().__init__(params)
         key = params._component()
         self.key = key
-        self.stages = compose(key, [s for i, raw in enumerate(params.stages)
-                                    if (s := parse_stage(key, i, raw)) is not None])
+        self.written = [s for i, raw in enumerate(params.stages) if (s := parse_stage(key, i, raw)) is not None]
+        if not self.written:
+            compose(key, [])  # the one-line refusal of an empty pipeline, before anything is built
+        self.stages: list[Stage] = []
 
     @property
     def index_stages(self) -> list[Stage]:
@@ -204,10 +220,12 @@ class Pipeline(Component):
         return [s for s in self.stages if not s.index_space]
 
     def resolve(self, build: Callable[[str, str], Component]) -> None:
-        """Build every stage's preset: ``build(section, key)`` (the components file's own lookup)."""
-        for s in self.stages:
-            if s.family != UNIFORM:
-                s.built = build(FAMILIES[s.family], s.component)
+        """Build every stage's preset (``build(section, key)``: the components file's own lookup), then
+        compose the stages: a mixer whose class says ``acts_on = "loss"`` is a loss-space stage."""
+        for s in self.written:
+            s.built = build(FAMILIES[s.family], s.component)
+            s.loss_space = s.family == "mixer" and getattr(s.built, "acts_on", "rows") == "loss"
+        self.stages = compose(self.key, self.written)
 
     def parts(self) -> list[tuple[Stage, Component]]:
         return [(s, s.built) for s in self.stages if s.built is not None]

@@ -101,12 +101,42 @@ def test_the_pipeline_component_reads_the_original_keys():
         {"family": "selector", "component": "loss", "mode": "filter", "keep_ratio": 0.5, "warmup_step": 10,
          "every": 200}, {"family": "weighter", "component": "loss", "warmup_step": 10}]}, warn=False)
     pipe = Pipeline(params)
-    assert labels(pipe.stages) == ["selector:loss", "uniform", "weighter:loss"]
-    s = pipe.stages[0]
-    assert (s.mode, s.keep_ratio, s.warmup_step, s.every) == ("filter", 0.5, 10, 200)
     built = []
     pipe.resolve(lambda section, key: built.append((section, key)) or object())
     assert built == [("selectors", "loss"), ("weighters", "loss")]
+    assert labels(pipe.stages) == ["selector:loss", "uniform", "weighter:loss"]  # composed once built
+    s = pipe.stages[0]
+    assert (s.mode, s.keep_ratio, s.warmup_step, s.every) == ("filter", 0.5, 10, 200)
+
+
+def _pipe(*raw):
+    return Pipeline(PipelineParams.from_dict("p", {"stages": list(raw)}, warn=False))
+
+
+def test_a_mixer_acting_on_the_loss_is_a_loss_space_stage_and_takes_no_rows():
+    """doremi declares acts_on = "loss": it runs beside the weighters, so the rows need another taker."""
+    from dataflex.mixers.doremi import DoremiMixer
+    from dataflex.mixers.odm import OdmMixer
+
+    assert (DoremiMixer.acts_on, OdmMixer.acts_on) == ("loss", "rows")
+    kinds = {"d": SimpleNamespace(acts_on="loss"), "o": SimpleNamespace(acts_on="rows"), "s": object(), "w": object()}
+    build = lambda section, key: kinds[key]  # noqa: E731
+    pipe = _pipe({"family": "weighter", "component": "w"}, {"family": "mixer", "component": "d", "every": 3})
+    pipe.resolve(build)
+    assert labels(pipe.stages) == ["uniform", "mixer:d", "weighter:w"]  # the uniform draw takes the rows
+    assert [s.index_space for s in pipe.stages] == [True, False, False]
+    assert pipe.describe() == "rows: uniform; loss weights: mixer:d weighs the domains' losses every 3 steps x " \
+                              "weighter:w"
+    # a selector in mode: draw, or a mixer acting on the rows, takes them beside it
+    pipe = _pipe({"family": "mixer", "component": "d"}, {"family": "selector", "component": "s", "mode": "draw"})
+    pipe.resolve(build)
+    assert labels(pipe.stages) == ["selector:s", "mixer:d"]
+    pipe = _pipe({"family": "mixer", "component": "d"}, {"family": "mixer", "component": "o"})
+    pipe.resolve(build)
+    assert labels(pipe.stages) == ["mixer:o", "mixer:d"] and pipe.stages[0].takes_budget
+    with pytest.raises(ConfigError, match=r"^pipeline 'p': 2 mixer stages that weigh the domains' losses "
+                                          r"\(stages 1, 2\); allowed: at most one$"):
+        _pipe({"family": "mixer", "component": "d"}, {"family": "mixer", "component": "d"}).resolve(build)
 
 
 # ------------------------------------------------------------------------------------------ updates
@@ -205,11 +235,12 @@ class FakeWeighter:
             b[WEIGHT_KEY] = torch.tensor(self.weights, dtype=torch.float64)
 
 
-def lego_with(weighters):
+def lego_with(weighters, reweighters=()):
     mode = LegoMode.__new__(LegoMode)
-    mode.ctx = SimpleNamespace(step=5, pending_logs={})
+    mode.ctx = SimpleNamespace(step=5, pending_logs={}, agreement=Agreement())
     mode.weighters = [(i, Stage("weighter", f"w{i}"), wm) for i, wm in enumerate(weighters)]
     mode.mixers = []
+    mode.reweighters = list(reweighters)
     return mode
 
 
@@ -227,3 +258,65 @@ def test_global_batch_weighters_multiply_before_the_step():
     batches = [{}, {}]
     mode.weigh_step(batches)
     assert [b[WEIGHT_KEY].tolist() for b in batches] == [[1.5, 2.0], [1.5, 2.0]]
+
+
+def _doremi_stage(mode, alpha, warmup_step=0, every=1, last_run=None):
+    """A ReweightStage as LegoMode builds it, without a model: α in force, its schedule."""
+    from dataflex.modes.lego import ReweightStage
+
+    rw = ReweightStage.__new__(ReweightStage)
+    rw.stage = Stage("mixer", "doremi", warmup_step=warmup_step, every=every, loss_space=True)
+    rw.mode, rw.loss_weights, rw.last_run = mode, alpha, last_run
+    rw.updates_at = []
+    rw.update = lambda step: rw.updates_at.append(step)
+    return rw
+
+
+def _batch(domains, tokens):
+    """A micro-batch whose rows have these domains and these supervised tokens (labels shifted by one)."""
+    labels = torch.full((len(domains), 6), -100)
+    for r, t in enumerate(tokens):
+        labels[r, 1: 1 + t] = 7
+    return {"labels": labels, "domains": torch.tensor(domains)}
+
+
+def test_a_doremi_stage_weighs_as_dynamic_mix_and_multiplies_with_a_weighter():
+    """w_i = α_d(i) N / N_d(i) over the step's micro-batches (N_d: domain d's supervised tokens in the step),
+    as dynamic_mix weighs; times a global_batch weighter's weights."""
+    from dataflex.modes.base import DOMAIN_KEY
+
+    mode = lego_with([FakeWeighter("global_batch", [2.0, 0.5])])
+    rw = _doremi_stage(mode, [0.25, 0.75])
+    mode.reweighters = [rw]
+    batches = [_batch([0, 1], [3, 1]), _batch([1, 0], [4, 2])]
+    for b in batches:
+        b[DOMAIN_KEY] = b.pop("domains")
+    mode.weigh_step(batches)
+    # N_0 = 3 + 2 = 5, N_1 = 1 + 4 = 5, N = 10: domain 0 weighs 0.25 x 10 / 5 = 0.5, domain 1 0.75 x 2 = 1.5
+    assert [b[WEIGHT_KEY].tolist() for b in batches] == [[1.0, 0.75], [3.0, 0.25]]
+    assert rw.updates_at == [5]  # due (never updated, past its warmup_step 0): α is updated before the weights
+    from dataflex.modes.mix import MixRound
+
+    rnd = SimpleNamespace(loss_weights=[0.25, 0.75])  # dynamic_mix's formula on the same step
+    alone = MixRound.sample_loss_weights(rnd, torch.tensor([0, 1, 1, 0]), torch.tensor([5.0, 5.0]))
+    assert alone.tolist() == [0.5, 1.5, 1.5, 0.5]
+
+
+def test_a_doremi_stage_weighs_from_its_warmup_step_and_updates_every_few_steps():
+    from dataflex.modes.base import DOMAIN_KEY
+
+    mode = lego_with([])
+    rw = _doremi_stage(mode, [0.5, 0.5], warmup_step=6, every=3)
+    mode.reweighters = [rw]
+    seen = {}
+    for step in range(12):
+        mode.ctx.step = step
+        batches = [_batch([0, 1], [1, 3])]
+        batches[0][DOMAIN_KEY] = batches[0].pop("domains")
+        mode.weigh_step(batches)
+        if rw.updates_at and rw.updates_at[-1] == step:
+            rw.last_run = step
+        seen[step] = batches[0].get(WEIGHT_KEY)
+    assert rw.updates_at == [6, 9]
+    assert all(seen[s] is None for s in range(6))  # before its warmup_step: plain loss
+    assert seen[6].tolist() == [2.0, 2.0 / 3]  # 0.5 x 4 / 1, 0.5 x 4 / 3

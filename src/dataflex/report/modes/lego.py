@@ -65,6 +65,8 @@ def _describe(stage: dict[str, Any]) -> str:
         bits.append(f"mode {stage['mode']}" + (f", keep {stage['keep_ratio']:g}" if stage.get("keep_ratio") else ""))
     if stage.get("budget"):
         bits.append("takes the update's rows")
+    if stage["family"] == "mixer" and stage.get("space") == "loss":
+        bits.append("weighs the domains' losses")
     if stage["warmup_step"]:
         bits.append(f"from step {stage['warmup_step']}")
     if stage["every"] > 1:
@@ -96,7 +98,9 @@ def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int, damage
         recs = _records_of(run, st)
         lines.append(f"\nStage {st['stage']}: {st['label']} ({st['name']}), {len(recs)} record(s)")
         own = OWN.get(st["family"])
-        if own is not None:
+        if st.get("space") == "loss" and st["family"] == "mixer":
+            lines += _reweights(recs)
+        elif own is not None:
             lines += own.summary(stage_run(run, st, recs), recs, top)
         else:
             for r in recs:
@@ -104,6 +108,23 @@ def summary(run: dict[str, Any], records: list[dict[str, Any]], top: int, damage
                 stat = f"score {min(scored):.4g} .. {max(scored):.4g}" if scored else "no score"
                 lines.append(f"  ordering {r.get('ordering', 0) + 1} at step {r['step']}: {len(r.get('rows') or [])} "
                              f"rows, {stat}, {r.get('seconds', 0):.2f}s")
+    return lines
+
+
+def _reweights(recs: list[dict[str, Any]]) -> list[str]:
+    """A mixer weighing the domains' losses: its weights and excess losses per update."""
+    if not recs:
+        return ["  no update recorded"]
+    lines = [f"  domains {', '.join(recs[0]['domains'])}; loss weights and excess losses per update:"]
+    for r in recs:
+        summ = r.get("summary") or {}
+        lw = ", ".join(f"{w:.4f}" for w in r.get("loss_weights") or [])
+        ex = ", ".join(f"{x:.4f}" for x in summ.get("excess_loss") or [])
+        lines.append(f"  update {r.get('update', 0) + 1} at step {r['step']:>5}: weights {lw}" +
+                     (f"; excess loss {ex}" if ex else ""))
+    avg = (recs[-1].get("summary") or {}).get("average_domain_weights")
+    if avg:
+        lines.append("  averaged weights so far: " + ", ".join(f"{w:.4f}" for w in avg))
     return lines
 
 
@@ -123,9 +144,11 @@ def sections(run: dict[str, Any], records: list[dict[str, Any]], rows: Rows, gro
     body = table(["#", "stage", "component", "warm-up", "every", "role"],
                  [[esc(st["stage"]), esc(st["label"]), esc(st["name"] or "-"), esc(st["warmup_step"]),
                    esc(st["every"]), esc(_describe(st).partition(", ")[2] or "-")] for st in stages])
-    out = [section("pipeline", "Pipeline", body, "index-space stages run select -> mix -> reorder; weighters multiply")]
+    out = [section("pipeline", "Pipeline", body, "index-space stages run select -> mix -> reorder; loss-space stages "
+                                                 "(weighters, a mixer weighing the domains) multiply")]
     updates = [r for r in records if r.get("kind") == "update"]
-    head = ["step"] + [st["label"] for st in stages if st["family"] != "weighter"] + ["rows", "seconds"]
+    head = ["step"] + [st["label"] for st in stages if st.get("space", "loss" if st["family"] == "weighter" else
+                                                               "index") == "index"] + ["rows", "seconds"]
     body_rows = []
     for r in updates:
         cells = [esc(r["step"])]
@@ -143,6 +166,8 @@ def sections(run: dict[str, Any], records: list[dict[str, Any]], rows: Rows, gro
         title = f"Stage {st['stage']}: {st['label']}"
         if own is not None:
             parts = own.sections(stage_run(run, st, recs), recs, rows, None, top)
+            if st.get("space") == "loss":  # it draws no rows: its sampling proportions say nothing
+                parts = [p for p in parts if not p.startswith('<section id="proportions"')]
             out.append(section(f"stage-{st['stage']}", title, "".join(parts), f"{len(recs)} record(s)"))
         else:
             body = table(["ordering", "step", "rows", "score min", "score max"], [
