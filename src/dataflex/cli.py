@@ -216,7 +216,7 @@ def compare(
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
     options_column: Optional[str] = typer.Option(None, "--options", help="--metric choice: the eval rows' column of answer options (default: options)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between checkpoints measured (default: a quarter of the run)."),
-    compute: str = typer.Option("seconds", "--compute", help="--budget compute: seconds (wall-clock, default) or work (tokens trained on)."),
+    compute: str = typer.Option("seconds", "--compute", help="--budget compute: seconds (wall-clock, default) or work (token passes: training's and the method's scoring)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The method the others are compared with (default: random, else plain)."),
     baseline_factor: float = typer.Option(2.0, "--baseline-factor", help="--budget compute: the baseline trains this many times the common steps."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),

@@ -224,14 +224,27 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+BACKWARD_COST = 2  # a backward pass costs about two forwards (it multiplies by the weights and their inputs)
+
+
+def work_of(tokens: float | None, decision_forward: int, decision_backward: int) -> float | None:
+    """Counted work in forward-token units: each trained token goes forward and backward once
+    (1 + BACKWARD_COST), plus the decisions' scoring forwards and (x BACKWARD_COST) backwards."""
+    if tokens is None:
+        return None
+    return (1 + BACKWARD_COST) * tokens + decision_forward + BACKWARD_COST * decision_backward
+
+
 def compute_of(out: Path) -> dict[int, dict[str, float]]:
-    """``{step: {"seconds", "tokens"}}`` for each checkpoint of a finished run.
+    """``{step: {"seconds", "tokens", "decision_forward", "decision_backward", "work"}}`` per checkpoint of a
+    finished run.
 
     Seconds: from the start of the training loop (its end, the last checkpoint's write time, minus the
     ``train_runtime`` transformers measured) to the checkpoint's write time, so the method's own decisions
     made on the way are included and model loading is not. Tokens: the non-padding tokens trained on
-    (transformers' ``num_input_tokens_seen``) - each goes forward and backward once; the tokens a
-    component scores are not counted (see docs/compare.md).
+    (transformers' ``num_input_tokens_seen``, all ranks). Decision tokens: the tokens the method's scoring
+    passes forwarded and back-propagated up to the checkpoint (its ``dataflex_state.json``; 0 for plain
+    training). Work: :func:`work_of` of those.
     """
     results = json.loads((out / "train_results.json").read_text(encoding="utf-8"))
     points = checkpoints(out)
@@ -244,7 +257,13 @@ def compute_of(out: Path) -> dict[int, dict[str, float]]:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         tokens = state.get("num_input_tokens_seen") or next((e["num_input_tokens_seen"] for e in reversed(state.get("log_history", []))
                        if "num_input_tokens_seen" in e), None)
-        out_map[step] = {"seconds": max(0.0, stamp[step] - start), "tokens": tokens}
+        work = {}
+        own = path / "dataflex_state.json"
+        if own.is_file():
+            work = json.loads(own.read_text(encoding="utf-8")).get("work") or {}
+        fwd, bwd = int(work.get("forward_tokens", 0)), int(work.get("backward_tokens", 0))
+        out_map[step] = {"seconds": max(0.0, stamp[step] - start), "tokens": tokens, "decision_forward": fwd,
+                         "decision_backward": bwd, "work": work_of(tokens, fwd, bwd)}
     return out_map
 
 

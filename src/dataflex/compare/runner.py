@@ -27,7 +27,7 @@ import yaml
 from . import analysis
 from .plan import RunSpec, Setup, prepare
 
-FORMAT = 1
+FORMAT = 2  # 2: curve points carry the decisions' token passes and "work"
 _BAR = re.compile(r"(\d+)/(\d+) \[")
 
 
@@ -187,6 +187,8 @@ def measure(spec: RunSpec, evaluator: Any) -> dict[str, Any]:
              "seed": spec.seed, "role": spec.role, "steps": spec.steps, "out": str(spec.out),
              "config": spec.cfg, "components": spec.components,
              "seconds": {"train": results.get("train_runtime"), "decisions": results.get("dataflex_seconds", 0.0)},
+             "decision_tokens": {"forward": results.get("dataflex_decision_tokens_forward", 0),
+                                 "backward": results.get("dataflex_decision_tokens_backward", 0)},
              "curve": curve}
     tmp = spec.done_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entry), encoding="utf-8")
@@ -205,7 +207,7 @@ def summarise(setup: Setup, entries: dict[str, dict[str, Any]], failures: list[s
     for budget in setup.budgets:
         for metric in metrics:
             tables.append(analysis.table(runs, labels, setup.baseline.label, budget, metric, setup.steps,
-                                         "tokens" if setup.compute_unit == "work" else "seconds"))
+                                         setup.compute_unit))
     missing = [f"{s.name} ({s.out})" for s in setup.runs if str(s.out) not in entries]
     return {"format": FORMAT, "config": str(setup.config), "methods": labels, "baseline": setup.baseline.label,
             "seeds": setup.seeds, "budgets": setup.budgets, "metric": setup.metric, "compute": setup.compute_unit,
