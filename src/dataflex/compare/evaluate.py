@@ -81,9 +81,13 @@ def question_of(row: dict[str, Any], columns: dict[str, str]) -> str:
 class Evaluator:
     """Loads the model, tokenizer and eval set once (from the comparison's config); measures checkpoints."""
 
-    def __init__(self, cfg: dict[str, Any], metric: str, options_column: str = "options", batch_size: int = 8):
+    def __init__(self, cfg: dict[str, Any], metric: str, options_column: str = "options", batch_size: int = 8,
+                 cap: int | None = None):
+        """``cap``: measure at most this many rows of the eval set (its first ones)."""
         self.cfg, self.metric, self.options_column, self.batch_size = cfg, metric, options_column, batch_size
+        self.cap = cap
         self._loaded: dict[str, Any] | None = None
+        self._measured_checkpoint = False
 
     def _load(self, workdir: Path) -> dict[str, Any]:
         if self._loaded is None:
@@ -109,6 +113,9 @@ class Evaluator:
                     os.environ["LLAMAFACTORY_VERBOSITY"] = before
             pipe["model"].eval()
             pipe["rows"] = self._raw_rows()
+            if self.cap is not None:
+                pipe["rows"] = pipe["rows"][:self.cap]
+                pipe["eval_dataset"] = pipe["eval_dataset"].select(range(min(self.cap, len(pipe["eval_dataset"]))))
             self._loaded = pipe
         return self._loaded
 
@@ -144,9 +151,14 @@ class Evaluator:
             model.load_state_dict(state, strict=False)
         model.eval()
 
-    def measure(self, checkpoint: Path, workdir: Path) -> dict[str, Pairs]:
+    def measure(self, checkpoint: Path | None, workdir: Path) -> dict[str, Pairs]:
+        """The metrics of ``checkpoint``; None: of the model as loaded, before any checkpoint (call it first)."""
         pipe = self._load(workdir)
-        self.load_weights(checkpoint)
+        if checkpoint is not None:
+            self.load_weights(checkpoint)
+        elif self._measured_checkpoint:
+            raise RuntimeError("the starting model is measured before any checkpoint is loaded")
+        self._measured_checkpoint = self._measured_checkpoint or checkpoint is not None
         out = {"loss": self._loss(pipe)}
         if self.metric == "choice":
             out.update(self._choice(pipe))
@@ -269,3 +281,20 @@ def compute_of(out: Path) -> dict[int, dict[str, float]]:
 
 def eval_names(cfg: dict[str, Any]) -> list[str]:
     return names(cfg.get("eval_dataset"))
+
+
+class Evaluators:
+    """The measured set and the ``--eval-extra`` sets: one :class:`Evaluator` each, one dict of metrics
+    (an extra set's metrics are named ``NAME:metric``)."""
+
+    def __init__(self, sets: dict[str, dict[str, Any]], metric: str, options_column: str = "options",
+                 cap: int | None = None):
+        """``sets``: ``{"": cfg of the measured set, NAME: cfg of an extra set}`` (each with its eval_dataset)."""
+        self.parts = {name: Evaluator(cfg, metric, options_column, cap=cap) for name, cfg in sets.items()}
+
+    def measure(self, checkpoint: Path | None, workdir: Path) -> dict[str, Pairs]:
+        out: dict[str, Pairs] = {}
+        for name, part in self.parts.items():
+            for key, pairs in part.measure(checkpoint, workdir / (name or "main")).items():
+                out[f"{name}:{key}" if name else key] = pairs
+        return out
