@@ -105,7 +105,11 @@ class Evaluator:
                 for key in ("deepspeed", "fsdp", "fsdp_config", "resume_from_checkpoint",
                             "include_num_input_tokens_seen"):
                     cfg.pop(key, None)
-                pipe = build_pipeline(cfg)
+                import contextlib
+                import io
+
+                with contextlib.redirect_stdout(io.StringIO()):  # LLaMA-Factory prints a tokenized example
+                    pipe = build_pipeline(cfg)
             finally:
                 if before is None:
                     os.environ.pop("LLAMAFACTORY_VERBOSITY", None)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +398,27 @@ def run_config(cfg: dict[str, Any], method: Method, spec: ComponentSpec | None, 
     })
     run.pop("save_total_limit", None)
     return run, components
+
+
+def combine(main: Setup, others: list[tuple[Setup, str]]) -> Setup:
+    """One comparison of ``main``'s methods and those of other setups (other modes, datasets or configs,
+    one :func:`prepare` each) against ``main``'s baseline, measured on ``main``'s eval sets.
+
+    Each other setup comes with a label prefix (``"weight "``: its method ``loss`` becomes ``weight loss``)
+    and must share main's seeds, steps and checkpoints; prepare it with ``budget="steps"`` and an
+    ``out`` folder of its own (its own baseline, needed by :func:`prepare`, is an ordinary method here)."""
+    methods, runs = list(main.methods), list(main.runs)
+    for setup, prefix in others:
+        for key in ("seeds", "steps", "eval_every"):
+            if getattr(setup, key) != getattr(main, key):
+                raise ConfigError(f"combine: {setup.config} has {key} {getattr(setup, key)}, {main.config} "
+                                  f"{getattr(main, key)}; allowed: the same {key} in every part")
+        renamed = {m: replace(m, label=prefix + m.label) for m in setup.methods}
+        clash = [m.label for m in renamed.values() if m.label in {x.label for x in methods}]
+        if clash:
+            raise ConfigError(f"combine: method '{clash[0]}' is in two parts; give one a prefix of its own")
+        methods += renamed.values()
+        runs += [replace(r, method=renamed[r.method]) for r in setup.runs if r.role == "main"]
+    if len({str(r.out) for r in runs}) != len(runs):
+        raise ConfigError("combine: two parts train into the same folder; allowed: an out folder of its own per part")
+    return replace(main, methods=methods, runs=runs)
