@@ -23,8 +23,8 @@ The set-up (CPU, offline, deterministic; everything is generated here):
   method x seed trains through ``dataflex-cli train`` with the same LoRA, batch, constant learning
   rate and optimizer steps, against ``random`` at *equal steps* and at *equal compute* (random also
   trains twice as long; its metric is read at the seconds the method used, decisions included).
-  Rerunning the same command skips the finished runs (compare's resume), so ``--only`` a few more
-  methods adds them to the same ``--out``.
+  Rerunning into the same ``--out`` skips the finished runs (compare's resume): a rerun whose
+  ``--only`` lists the earlier methods and more trains only the new ones.
 * **Metrics** (compare's, at every checkpoint and for the untrained base): greedy exact match on
   held-out target prompts (``--test-dataset``), on held-out prompts of the other tasks
   (``--eval-extra other=...``; ``lookup`` is left out: its 40 names all occur in the pool, so no prompt
@@ -811,8 +811,9 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     import torch
 
-    torch.set_num_threads(1)  # measuring here, one thread like every training run
-    os.environ.update(env_for(s.out))  # offline, one thread: for the measuring here and every run
+    # pretraining and measuring here: OMP_NUM_THREADS when set, else up to 2 threads; every run: one thread
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+    os.environ.update(env_for(s.out))  # offline
     data = s.out / "data"
     meta = build_data(s, data)
     base = build_base(s.out, s.hidden, s.layers, s.pretrain_steps, s.pretrain_batch)
