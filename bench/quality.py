@@ -59,6 +59,7 @@ from pathlib import Path
 
 import yaml
 
+from dataflex.compare import analysis
 from dataflex.compare.evaluate import Evaluators
 from dataflex.compare.plan import combine, prepare
 from dataflex.compare.runner import execute
@@ -166,10 +167,13 @@ class Settings:
         return every if self.steps % every == 0 else None
 
 
-# parts of the comparison: one config (mode, data, schedule keys) each, its label prefix and components section
+# parts of the comparison: one config (mode, data, schedule keys) each, its label prefix and components section.
+# A pipeline row (#35: the dynamic_lego mode, not built yet) is one more part here - e.g. "pipeline":
+# ("dynamic_lego", "pipeline ", "<its section>") - with its methods in methods(); AGAINST_PLAIN reads it too.
 PARTS = {"select": ("dynamic_select", "", "selectors"), "weight": ("dynamic_weight", "weight ", "weighters"),
          "order_static": ("dynamic_reorder", "order ", "reorderers"),
          "order_dynamic": ("dynamic_reorder", "order ", "reorderers"), "mix": ("dynamic_mix", "mix ", "mixers")}
+AGAINST_PLAIN = ("order ", "pipeline ")  # rows also compared with plain training (#35), when plain ran
 
 
 def methods(s: Settings) -> list[dict]:
@@ -197,7 +201,9 @@ def methods(s: Settings) -> list[dict]:
     # curricula: every row once per epoch (1440 row-steps over a pool of 1200), only the order changes
     out += [{"part": "order_static", "key": "static_length", "name": "static", "params": {"score": "length", "order": "ascending"}},
             {"part": "order_static", "key": "static_loss", "name": "static", "params": {"score": "loss", "order": "ascending"}},
-            {"part": "order_dynamic", "key": "dynamic_loss", "name": "dynamic", "params": {"order": "ascending"}}]
+            {"part": "order_dynamic", "key": "dynamic_loss", "name": "dynamic", "params": {"order": "ascending"}},
+            # the `reorders:` preset: SAW over the rows left, re-scored by the current loss (easy to hard)
+            {"part": "order_dynamic", "key": "dynamic_saw", "name": "dynamic_saw", "params": {}}]
     out += [{"part": "mix", "key": "odm", "name": "odm", "params": {"warmup_steps": s.warmup, "initial_proportions": None}},
             {"part": "mix", "key": "random", "name": "random", "params": {}}]
     for m in out:
@@ -540,7 +546,20 @@ def summarise(s: Settings, data: dict) -> dict:
         row["selection_s"] = mean_ci([r["seconds"]["decisions"] for r in runs])
         row["train_s"] = mean_ci([r["seconds"]["train"] for r in runs])
         rows.append(row)
-    return {"rows": rows, "start": data.get("start"), "notes": [n for t in data["tables"] for n in t["notes"]]}
+    return {"rows": rows, "start": data.get("start"), "notes": [n for t in data["tables"] for n in t["notes"]],
+            "against_plain": against_plain(data)}
+
+
+def against_plain(data: dict) -> dict | None:
+    """The orderings (and a pipeline) against plain training at equal steps, target exact match (#35)."""
+    labels = [m for m in data["methods"] if m.startswith(AGAINST_PLAIN)]
+    if "plain" not in data["methods"] or not labels:
+        return None
+    runs: dict[str, dict[str, list]] = {}
+    for r in data["runs"]:
+        if r["method"] in labels or r["method"] == "plain":
+            runs.setdefault(r["method"], {}).setdefault("main", [None] * data["seeds"])[r["seed_index"]] = r
+    return analysis.table(runs, ["plain", *labels], "plain", "steps", "exact", data["steps"])
 
 
 def fmt(mc, digits=2, signed=False) -> str:
@@ -589,6 +608,15 @@ def report(s: Settings, summary: dict, meta: dict, command: str, transfer: dict 
             f"{fmt(r['target_share'])} | {fmt(r['noisy_share'])} | {fmt(r['noisy_auc'])} | {fmt(r['selection_s'], 1)} | "
             f"{fmt(r['train_s'], 0)} | {fmt(r['target_em_diff'], signed=True)} | {fmt(r['compute_diff'], signed=True)} | "
             f"{reading(r)} |")
+    plain = summary.get("against_plain")
+    if plain:
+        lines += ["", f"Orderings against plain training (LLaMA-Factory's own sampler), target EM at {s.steps} steps, "
+                      "difference paired by seed:", "",
+                  "| method | seeds | target EM | - plain | verdict |", "|---|---|---|---|---|"]
+        for r in plain["rows"]:
+            if r.get("seeds"):
+                lines.append(f"| {r['method']} | {r['seeds']} | {fmt(_pm(r))} | {fmt(_pm(r, 'diff_'), signed=True)} | "
+                             f"{r['verdict'] or ('(baseline)' if r['method'] == 'plain' else '-')} |")
     if transfer:
         lines += ["", f"Transfer: `less` run on a {transfer['proxy_params'] / 1e6:.2f}M-parameter proxy (seed 1); its "
                       f"selection ({transfer['rows']} rows, once per time chosen) exported with `dataflex-cli report "

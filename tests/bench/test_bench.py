@@ -18,15 +18,16 @@ def test_quality_benchmark_runs(tmp_path):
     import json
 
     out = tmp_path / "quality"
-    res = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out,
-                       "--only", "less", "less:random_share=0.5", "--shares", "0.5"], timeout=900)
+    only = ["less", "less:random_share=0.5", "plain", "order dynamic_saw"]
+    res = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out, "--only", *only, "--shares", "0.5"],
+                      timeout=900)
     assert res.returncode == 0, failure_report(res)
     table = (out / "results.md").read_text()
     for label in ("random", "less", "less:random_share=0.5"):
         assert f"| {label} | 1 |" in table
     result = json.loads((out / "results.json").read_text())
     rows = {r["label"]: r for r in result["summary"]["rows"]}
-    assert set(rows) == {"random", "less", "less:random_share=0.5"}
+    assert set(rows) == {"random", *only}
     for row in rows.values():
         assert 0.0 <= row["target_em"][0] <= 1.0 and 0.0 <= row["other_em"][0] <= 1.0
         assert 0.0 <= row["target_share"][0] <= 1.0
@@ -37,6 +38,13 @@ def test_quality_benchmark_runs(tmp_path):
     assert [p["step"] for p in runs[("less", "main")]["curve"]] == [3, 6]
     assert set(runs[("less", "main")]["curve"][-1]["values"]) == {"loss", "exact", "other:loss", "other:exact"}
     assert compare["start"]["values"]["exact"] == 0.0  # the untrained base has never seen the target task
+    # #35: the ordering against plain training, paired by seed, through compare's analysis
+    plain = {r["method"]: r for r in result["summary"]["against_plain"]["rows"]}
+    assert plain["order dynamic_saw"]["diff_mean"] == pytest.approx(
+        plain["order dynamic_saw"]["mean"] - plain["plain"]["mean"], abs=1e-12)
+    assert "| order dynamic_saw | 1 |" in table.split("Orderings against plain training")[1]
+    assert runs[("order dynamic_saw", "main")]["config"]["train_type"] == "dynamic_reorder"
+    assert "train_type" not in runs[("plain", "main")]["config"]  # plain: LLaMA-Factory's own training
     assert result["transfer"]["rows"] > 0 and set(result["transfer"]["rows_by_data"]) == {
         "less selection (exported)", "random draw, same size"}
     for name in ("accuracy_vs_step.png", "accuracy_vs_compute.png", "random_share.png"):
@@ -45,7 +53,7 @@ def test_quality_benchmark_runs(tmp_path):
     assert json.loads((base / "pretrain.json").read_text())["never_seen"] == "date_us"
     # rerunning adds nothing: every run is found finished by compare's resume
     again = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out, "--no-transfer",
-                         "--only", "less", "less:random_share=0.5", "--shares", "0.5"], timeout=600)
+                         "--only", *only, "--shares", "0.5"], timeout=600)
     assert again.returncode == 0, failure_report(again)
     assert again.stderr.count("finished earlier") == len(compare["runs"])
 
