@@ -39,7 +39,9 @@ def test_quality_benchmark_runs(tmp_path):
     assert set(runs[("less", "main")]["curve"][-1]["values"]) == {"loss", "exact", "other:loss", "other:exact"}
     assert compare["start"]["values"]["exact"] == 0.0  # the untrained base has never seen the target task
     # #35: the ordering against plain training, paired by seed, through compare's analysis
+    assert result["summary"]["against_plain"]["baseline"] == "plain"
     plain = {r["method"]: r for r in result["summary"]["against_plain"]["rows"]}
+    assert "diff_mean" not in plain["plain"] and plain["order dynamic_saw"]["seeds"] == 1
     assert plain["order dynamic_saw"]["diff_mean"] == pytest.approx(
         plain["order dynamic_saw"]["mean"] - plain["plain"]["mean"], abs=1e-12)
     assert "| order dynamic_saw | 1 |" in table.split("Orderings against plain training")[1]
