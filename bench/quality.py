@@ -1,7 +1,7 @@
 """Benchmark: does a method beat random at equal steps, and at equal compute? Exact-match accuracy, seeds, CIs.
 
     python bench/quality.py                 # the full benchmark, ~40 minutes on 2 CPU cores
-    python bench/quality.py --quick         # fewer seeds, methods and steps: a few minutes
+    python bench/quality.py --quick         # fewer seeds, methods and steps: ~14 minutes at one thread
     python bench/quality.py --only random less --seeds 1   # a subset
 
 The set-up (CPU, offline, deterministic; everything is generated here):
@@ -781,7 +781,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quality")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer seeds, methods and steps, no transfer (a few minutes with the base cached)")
+                    help="fewer seeds, methods and steps, no transfer (~14 minutes at one thread, 12 with the base cached)")
     ap.add_argument("--only", nargs="+", default=None, metavar="METHOD", help="methods to run (random is always run)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method (random too)")
     ap.add_argument("--pool", type=int, default=None)

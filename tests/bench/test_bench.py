@@ -30,7 +30,8 @@ def test_quality_benchmark_runs(tmp_path):
     assert set(rows) == {"random", *only}
     for row in rows.values():
         assert 0.0 <= row["target_em"][0] <= 1.0 and 0.0 <= row["other_em"][0] <= 1.0
-        assert 0.0 <= row["target_share"][0] <= 1.0
+        if row["label"] != "plain":  # LLaMA-Factory's own training has no DataFlex trace of its rows
+            assert 0.0 <= row["target_share"][0] <= 1.0
     assert rows["less"]["compute_diff"] is not None and rows["random"]["target_em_diff"] is None
     compare = result["compare"]  # compare.json: its runs, checkpoints every 3 steps, random's long runs to 12
     runs = {(r["method"], r["role"]): r for r in compare["runs"]}
