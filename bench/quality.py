@@ -1,6 +1,6 @@
 """Benchmark: does a method beat random at equal steps, and at equal compute? Exact-match accuracy, seeds, CIs.
 
-    python bench/quality.py                 # the full benchmark, ~40 minutes on 2 CPU cores
+    python bench/quality.py                 # the full benchmark (the earlier harness: ~46 minutes, 2 runs at a time)
     python bench/quality.py --quick         # fewer seeds, methods and steps: ~14 minutes at one thread
     python bench/quality.py --only random less --seeds 1   # a subset
 
