@@ -49,6 +49,10 @@ def config_with(tmp_path, train_config):
                                                              "has no options column 'options'"),
     (["--methods", "random,loss:focus=extreme"], {}, "--methods: 'loss:focus=extreme': "),
     (["--methods", "loss"], {}, "--methods: no baseline to compare with"),
+    (["--methods", "random,loss", "--test-dataset", "demo_mix"], {}, "--test-dataset: row 0 of 'demo_mix' is also a "
+                                                                     "training row of 'demo_mix'"),
+    (["--methods", "random,loss", "--eval-extra", "code=demo_code", "--eval-extra", "x=nope"], {},
+     "--eval-extra: 'nope' is not registered in "),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, run_cli, config_with, args, keys,
                                                                      message):
