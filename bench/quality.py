@@ -1,7 +1,7 @@
 """Benchmark: does a method beat random at equal steps, and at equal compute? Exact-match accuracy, seeds, CIs.
 
-    python bench/quality.py                 # the full benchmark, ~40 minutes on 2 CPU cores
-    python bench/quality.py --quick         # fewer seeds, methods and steps: a few minutes
+    python bench/quality.py                 # the full benchmark (the earlier harness: ~46 minutes, 2 runs at a time)
+    python bench/quality.py --quick         # fewer seeds, methods and steps: ~14 minutes at one thread
     python bench/quality.py --only random less --seeds 1   # a subset
 
 The set-up (CPU, offline, deterministic; everything is generated here):
@@ -18,18 +18,23 @@ The set-up (CPU, offline, deterministic; everything is generated here):
 * **The SFT pool**: the target task is a minority (``--target-share``, 10 %), a share of rows
   (``--noise-share``) carry a wrong answer of the right form (another prompt's answer), and some rows
   are near-duplicates of others (the same prompt and answer, reworded instruction).
-* **Runs**: every method trains through the real ``dataflex-cli train`` with the same LoRA, batch,
-  learning rate (constant, so a prefix of a longer run equals a shorter run) and number of optimizer
-  steps. ``random`` runs twice as many steps with the same checkpoints, which gives its accuracy at
-  *equal compute*: at the step where random has spent as many seconds as the method did (its
-  selection time converted into random's training steps).
-* **Metrics** at every checkpoint: exact match (greedy generation) on held-out target prompts and on
-  held-out prompts of the other tasks, target eval loss (mean token NLL of the answers). Per run:
-  the share of target / noisy / duplicate rows trained on after the warm-up, the AUC of the loss
-  score for finding noisy rows (``loss`` and ``delta_loss``), selection seconds and total seconds.
-* **Report**: mean and 95 % confidence interval (Student t over seeds) per method, as a Markdown
-  table (``results.md``), JSON (``results.json``) and plots (``accuracy_vs_step.png``,
-  ``accuracy_vs_compute.png``, ``random_share.png``) in ``--out`` (default ``bench/out/quality``).
+* **Runs**: one ``dataflex-cli compare`` (its Python API: :func:`dataflex.compare.plan.prepare` per
+  mode, :func:`~dataflex.compare.plan.combine`, :func:`~dataflex.compare.runner.execute`): every
+  method x seed trains through ``dataflex-cli train`` with the same LoRA, batch, constant learning
+  rate and optimizer steps, against ``random`` at *equal steps* and at *equal compute* (random also
+  trains twice as long; its metric is read at the seconds the method used, decisions included).
+  Rerunning into the same ``--out`` skips the finished runs (compare's resume): a rerun whose
+  ``--only`` lists the earlier methods and more trains only the new ones.
+* **Metrics** (compare's, at every checkpoint and for the untrained base): greedy exact match on
+  held-out target prompts (``--test-dataset``), on held-out prompts of the other tasks
+  (``--eval-extra other=...``; ``lookup`` is left out: its 40 names all occur in the pool, so no prompt
+  of it is held out) and the target eval loss. Per run (compare's ``after_run`` hook): the share of
+  target / noisy / duplicate rows trained on after the warm-up (the decision trace), the AUC of the
+  loss score for finding noisy rows (``loss`` and ``delta_loss``); seconds from compare.
+* **Report**: per method the mean and 95 % interval over seeds, the difference to random paired by
+  seed and compare's verdict, as a Markdown table (``results.md``), JSON (``results.json``, with the
+  whole ``compare.json``) and plots (``accuracy_vs_step.png``, ``accuracy_vs_compute.png``,
+  ``random_share.png``) in ``--out`` (default ``bench/out/quality``).
 * **Transfer**: select with the small model, export the selection with ``dataflex-cli report
   --export-dataset``: a smaller proxy base (same data, same pretraining) selects with ``less``, its
   selection is exported, and the benchmark's base (the larger model) trains statically on it with plain
@@ -43,20 +48,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
-from _common import at_step
 
+from dataflex.compare import analysis
+from dataflex.compare.evaluate import Evaluators
+from dataflex.compare.plan import combine, prepare
+from dataflex.compare.runner import execute
+from dataflex.compare.stats import interval
 from dataflex.report import read_run, read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +121,8 @@ def make(task: str, rng: random.Random) -> tuple[str, str]:
 
 
 OTHER_TASKS = ["upper", "sort", "lookup", "date"]  # what the base is pretrained on, and the pool's other tasks
+HELD_OUT_OTHER = ["upper", "sort", "date"]  # other tasks with prompts outside the pool (lookup's 40 names are all in it)
+
 
 
 # ================================================================================================ settings
@@ -125,7 +134,7 @@ class Settings:
     noise_share: float = 0.10
     dup_share: float = 0.05
     eval_target: int = 100
-    eval_other: int = 25  # per other task
+    eval_other: int = 25  # per held-out other task
     less_eval: int = 32  # target rows the eval-driven selectors (less, zeroth, near, ...) see
     hidden: int = 128
     layers: int = 4
@@ -140,9 +149,7 @@ class Settings:
     lr: float = 2e-3
     lora_rank: int = 16
     checkpoints: int = 4  # per run of the base length; random runs twice as long with the same spacing
-    seeds_random: int = 5
     seeds: int = 3
-    jobs: int = 2
     shares: list[float] = field(default_factory=lambda: [0.25, 0.5])
     knob_selectors: list[str] = field(default_factory=lambda: ["less", "tsds"])  # run with each share
     only: list[str] | None = None
@@ -154,52 +161,54 @@ class Settings:
         return self.warmup + self.update_step * self.update_times
 
     @property
-    def save_every(self) -> int:
-        return max(1, self.steps // self.checkpoints)
+    def save_every(self) -> int | None:
+        """Steps between checkpoints; None: compare's default (the run's steps have no such divisor)."""
+        every = max(1, self.steps // self.checkpoints)
+        return every if self.steps % every == 0 else None
+
+
+# parts of the comparison: one config (mode, data, schedule keys) each, its label prefix and components section.
+# A pipeline row (#35: the dynamic_lego mode, not built yet) is one more part here - e.g. "pipeline":
+# ("dynamic_lego", "pipeline ", "<its section>") - with its methods in methods(); AGAINST_PLAIN reads it too.
+PARTS = {"select": ("dynamic_select", "", "selectors"), "weight": ("dynamic_weight", "weight ", "weighters"),
+         "order_static": ("dynamic_reorder", "order ", "reorderers"),
+         "order_dynamic": ("dynamic_reorder", "order ", "reorderers"), "mix": ("dynamic_mix", "mix ", "mixers")}
+AGAINST_PLAIN = ("order ", "pipeline ")  # rows also compared with plain training (#35), when plain ran
 
 
 def methods(s: Settings) -> list[dict]:
-    """Every run to make: method label, train_type, component name and params, seeds."""
+    """Every method: its label, part, component key, registered name and params, and compare's method string."""
     pool = {"candidate_pool": s.scoring_pool} if s.scoring_pool else {}
-    sel = [
-        ("loss", "loss", {"focus": "medium", "record_scores": True, **pool}),  # the original's components.yaml
-        ("delta_loss", "delta_loss", {"record_scores": True, **pool}),
-        ("less", "less", {"proj_dim": 1024, **pool}),
+    sel = {
+        "loss": ("loss", {"focus": "medium", "record_scores": True, **pool}),  # the original's components.yaml
+        "delta_loss": ("delta_loss", {"record_scores": True, **pool}),
+        "less": ("less", {"proj_dim": 1024, **pool}),
         # 2K = 32 forwards per scored row: a 30 % candidate pool (still more rows than a selection takes)
-        ("zeroth", "zeroth", {"num_directions": 16, "candidate_pool": s.scoring_pool or 0.3}),
-        ("cluster_less", "cluster_less", {"proj_dim": 1024, "cluster_size": 16, "samples_per_cluster": 4}),
-        ("near", "near", {}),
-        ("tsds", "tsds", {"kde_K": 50, "max_K": 200}),
-    ]
-    out = [{"label": "random", "train_type": "dynamic_select", "name": "random", "params": {},
-            "seeds": list(range(1, s.seeds_random + 1)), "steps": 2 * s.steps}]
-    for label, name, params in sel:
-        out.append({"label": label, "train_type": "dynamic_select", "name": name, "params": params})
-    for name in s.knob_selectors:
-        params = next(p for label, n, p in sel if n == name)
-        for share in s.shares:
-            out.append({"label": f"{name} random_share={share}", "train_type": "dynamic_select", "name": name,
-                        "params": {**params, "random_share": share}, "knob": share})
-    out.append({"label": "weight loss", "train_type": "dynamic_weight", "name": "loss", "params": {}})
-    out.append({"label": "weight adapt", "train_type": "dynamic_weight", "name": "adapt",
-                "params": {"refresh_interval": 20, "anchor_batch_size": 8}})
-    out.append({"label": "weight joint_update_aware", "train_type": "dynamic_weight", "name": "joint_update_aware",
-                "params": {"beta": 1.0, "tau": 0.1, "target_update_step": 20}})
-    # LLaMA-Factory's own sampler and loss, bit for bit (the uniform `custom` weighter): the weighters' baseline
-    out.append({"label": "plain", "train_type": "dynamic_weight", "name": "custom", "params": {}})
+        "zeroth": ("zeroth", {"num_directions": 16, "candidate_pool": s.scoring_pool or 0.3}),
+        "cluster_less": ("cluster_less", {"proj_dim": 1024, "cluster_size": 16, "samples_per_cluster": 4}),
+        "near": ("near", {}),
+        "tsds": ("tsds", {"kde_K": 50, "max_K": 200}),
+    }
+    out = [{"part": "select", "key": "random", "name": "random", "params": {}},
+           {"part": "select", "key": "plain", "name": None, "params": {}}]  # LLaMA-Factory's own sampler and loss
+    out += [{"part": "select", "key": key, "name": name, "params": params} for key, (name, params) in sel.items()]
+    out += [{"part": "select", "key": key, "name": sel[key][0], "params": sel[key][1], "method": f"{key}:random_share={share}"}
+            for key in s.knob_selectors for share in s.shares]
+    out += [{"part": "weight", "key": "loss", "name": "loss", "params": {}},
+            {"part": "weight", "key": "adapt", "name": "adapt", "params": {"refresh_interval": 20, "anchor_batch_size": 8}},
+            {"part": "weight", "key": "joint_update_aware", "name": "joint_update_aware",
+             "params": {"beta": 1.0, "tau": 0.1, "target_update_step": 20}}]
     # curricula: every row once per epoch (1440 row-steps over a pool of 1200), only the order changes
-    out.append({"label": "order static length", "train_type": "dynamic_reorder", "name": "static",
-                "params": {"score": "length", "order": "ascending"}})
-    out.append({"label": "order static loss", "train_type": "dynamic_reorder", "name": "static",
-                "params": {"score": "loss", "order": "ascending"}})
-    out.append({"label": "order dynamic loss", "train_type": "dynamic_reorder", "name": "dynamic",
-                "params": {"order": "ascending"}})
-    out.append({"label": "mix odm", "train_type": "dynamic_mix", "name": "odm",
-                "params": {"warmup_steps": s.warmup, "initial_proportions": None}})
-    out.append({"label": "mix random", "train_type": "dynamic_mix", "name": "random", "params": {}})
+    out += [{"part": "order_static", "key": "static_length", "name": "static", "params": {"score": "length", "order": "ascending"}},
+            {"part": "order_static", "key": "static_loss", "name": "static", "params": {"score": "loss", "order": "ascending"}},
+            {"part": "order_dynamic", "key": "dynamic_loss", "name": "dynamic", "params": {"order": "ascending"}},
+            # the `reorders:` preset: SAW over the rows left, re-scored by the current loss (easy to hard)
+            {"part": "order_dynamic", "key": "dynamic_saw", "name": "dynamic_saw", "params": {}}]
+    out += [{"part": "mix", "key": "odm", "name": "odm", "params": {"warmup_steps": s.warmup, "initial_proportions": None}},
+            {"part": "mix", "key": "random", "name": "random", "params": {}}]
     for m in out:
-        m.setdefault("seeds", list(range(1, s.seeds + 1)))
-        m.setdefault("steps", s.steps)
+        m.setdefault("method", m["key"])
+        m["label"] = PARTS[m["part"]][1] + m["method"]
     if s.only:
         unknown = set(s.only) - {m["label"] for m in out}
         if unknown:
@@ -255,16 +264,19 @@ def build_data(s: Settings, folder: Path) -> dict:
         return out
 
     eval_target = held_out(TARGET, s.eval_target)
-    eval_other = [r for t in OTHER_TASKS for r in held_out(t, s.eval_other)]
+    eval_other = [r for t in HELD_OUT_OTHER for r in held_out(t, s.eval_other)]
     less_eval = held_out(TARGET, s.less_eval)  # what eval-driven selectors aim at: not the test prompts
 
     def dump(name: str, records: list[dict]) -> None:
         (folder / name).write_text(json.dumps([{k: r[k] for k in ("instruction", "input", "output")}
                                                for r in records], indent=0))
 
-    info = {"q_pool": {"file_name": "pool.json"}, "q_target_dev": {"file_name": "target_dev.json"}}
+    info = {"q_pool": {"file_name": "pool.json"}, "q_target_dev": {"file_name": "target_dev.json"},
+            "q_target_test": {"file_name": "target_test.json"}, "q_other_test": {"file_name": "other_test.json"}}
     dump("pool.json", rows)
     dump("target_dev.json", less_eval)
+    dump("target_test.json", eval_target)
+    dump("other_test.json", eval_other)
     # per-task domains for the mixers: the same rows, split by task, in the order of TASK_ORDER
     order = [TARGET] + OTHER_TASKS
     domain_rows: list[dict] = []
@@ -370,110 +382,42 @@ def build_base(folder: Path, hidden: int, layers: int, steps: int, batch: int, s
     return out
 
 
-# ================================================================================================ evaluation
-def evaluate(model, tokenizer, items: list[dict], batch: int = 50) -> tuple[list[bool], float]:
-    """Greedy exact match per item, and the mean token NLL of the reference answers."""
-    import torch
-
-    pad = tokenizer.pad_token_id
-    em: list[bool] = []
-    nll_sum, nll_n = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(items), batch):
-            chunk = items[start:start + batch]
-            enc = [_encode(tokenizer, f"{r['instruction']}\n{r['input']}", r["output"]) for r in chunk]
-            width = max(len(p) for p, _ in enc)
-            ids = torch.full((len(chunk), width), pad)
-            mask = torch.zeros_like(ids)
-            for i, (p, _) in enumerate(enc):  # left padding for generation
-                ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-            new = max(len(a) for _, a in enc) + 2
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for i, r in enumerate(chunk):
-                text = tokenizer.decode(gen[i, width:], skip_special_tokens=True)
-                em.append(text.strip() == r["output"])
-            # teacher-forced answer loss (right padding)
-            full = [p + a for p, a in enc]
-            w2 = max(map(len, full))
-            ids2 = torch.full((len(chunk), w2), pad)
-            mask2 = torch.zeros_like(ids2)
-            labels = torch.full_like(ids2, -100)
-            for i, ((p, a), f) in enumerate(zip(enc, full)):
-                ids2[i, :len(f)], mask2[i, :len(f)] = torch.tensor(f), 1
-                labels[i, len(p):len(f)] = torch.tensor(a)
-            logits = model(input_ids=ids2, attention_mask=mask2).logits[:, :-1].float()
-            tgt = labels[:, 1:]
-            lp = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                   ignore_index=-100, reduction="sum")
-            nll_sum += float(lp)
-            nll_n += int((tgt != -100).sum())
-    return em, nll_sum / max(nll_n, 1)
-
-
-def evaluate_run(run_dir: Path, base: Path, meta: dict) -> list[dict]:
-    """Accuracy and loss at step 0 (the base) and at every checkpoint of ``run_dir``."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.set_num_threads(1)
-    tok = AutoTokenizer.from_pretrained(base)
-    import copy
-
-    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    out = []
-    base_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    for step, path in [(0, None)] + [(int(p.name.split("-")[1]), p) for p in ckpts]:
-        model = base_model if path is None else PeftModel.from_pretrained(copy.deepcopy(base_model), path)
-        em_t, loss_t = evaluate(model, tok, meta["eval_target"])
-        em_o, _ = evaluate(model, tok, meta["eval_other"])
-        per_task = {}
-        for r, ok in zip(meta["eval_other"], em_o):
-            per_task.setdefault(r["task"], []).append(ok)
-        out.append({"step": step, "target_em": sum(em_t) / len(em_t), "other_em": sum(em_o) / len(em_o),
-                    "target_loss": loss_t, "per_task_em": {k: sum(v) / len(v) for k, v in per_task.items()}})
-    return out
 
 
 # ================================================================================================ runs
-def run_yaml(s: Settings, m: dict, seed: int, base: Path, data: Path, run_dir: Path, comp_path: Path,
-             meta: dict) -> dict:
+def base_config(s: Settings, part: str, base: Path, data: Path, comp_path: Path, meta: dict, key: str) -> dict:
+    """The training config of one part of the comparison (compare sets the folders, steps and checkpoints)."""
     cfg = {
         "model_name_or_path": str(base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_target": "all", "lora_rank": s.lora_rank, "lora_alpha": 2 * s.lora_rank,
         "dataset": "q_pool", "dataset_dir": str(data), "template": "default", "cutoff_len": 64,
-        "overwrite_cache": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": seed,
-        "output_dir": str(run_dir), "overwrite_output_dir": True, "report_to": "none", "logging_steps": 10,
-        "save_strategy": "steps", "save_steps": s.save_every, "save_only_model": True, "plot_loss": False,
+        "overwrite_cache": True, "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "seed": 1,
+        "report_to": "none", "logging_steps": 10, "plot_loss": False,
         "per_device_train_batch_size": s.batch, "gradient_accumulation_steps": 1, "learning_rate": s.lr,
-        "lr_scheduler_type": "constant", "max_steps": m["steps"], "bf16": False,
-        "include_num_input_tokens_seen": True,
-        "train_type": m["train_type"], "components_cfg_file": str(comp_path), "component_name": m["key"],
+        "lr_scheduler_type": "constant", "max_steps": s.steps, "bf16": False,
+        "train_type": PARTS[part][0], "components_cfg_file": str(comp_path), "component_name": key,
         "warmup_step": s.warmup, "update_step": s.update_step, "update_times": -1,
+        "eval_dataset": "q_target_dev",  # the target-task rows eval-driven components aim at (never the test set)
     }
-    cfg["eval_dataset"] = "q_target_dev"  # the target-task rows eval-driven components aim at (never the test set)
-    if m["train_type"] == "dynamic_mix":
+    if part == "mix":
         cfg["dataset"] = ",".join(f"q_{t}" for t in meta["domain_order"])
-    if m["train_type"] == "dynamic_weight" or (m["train_type"] == "dynamic_reorder" and m["name"] == "static"):
+    if part in ("weight", "order_static"):
         cfg.pop("update_step")
         cfg.pop("update_times")
     return cfg
 
 
-def components(s: Settings, ms: list[dict], meta: dict, path: Path) -> None:
-    kinds = {"dynamic_select": "selectors", "dynamic_weight": "weighters", "dynamic_mix": "mixers",
-             "dynamic_reorder": "reorderers"}
-    comps: dict = {"selectors": {}, "weighters": {}, "mixers": {}, "reorderers": {}}
-    for k, m in enumerate(ms):
-        m["key"] = f"m{k}_{m['name']}"
+def components(ms: list[dict], meta: dict, path: Path) -> None:
+    comps: dict = {}
+    for m in ms:
+        if m["name"] is None:
+            continue
         params = dict(m["params"])
         if "initial_proportions" in params:
             sizes = meta["domain_sizes"]
             params["initial_proportions"] = [n / sum(sizes) for n in sizes]
-        comps[kinds[m["train_type"]]][m["key"]] = {"name": m["name"], "params": params}
-    path.write_text(yaml.safe_dump({k: v for k, v in comps.items() if v}, sort_keys=False))
+        comps.setdefault(PARTS[m["part"]][2], {})[m["key"]] = {"name": m["name"], "params": params}
+    path.write_text(yaml.safe_dump(comps, sort_keys=False))
 
 
 def env_for(out: Path, trace: Path | None = None) -> dict:
@@ -484,6 +428,56 @@ def env_for(out: Path, trace: Path | None = None) -> dict:
         env["DATAFLEX_PLUGINS"] = "dataflex.diagnostics"  # the decision trace: the rows each step trained on
         env["DATAFLEX_TRACE_DIR"] = str(trace)
     return env
+
+
+def comparison(s: Settings, ms: list[dict], base: Path, data: Path, comp_path: Path, meta: dict):
+    """compare's setup: one prepared part per mode / schedule, combined against random (the select part's)."""
+    parts = []
+    for part, (_, prefix, _) in PARTS.items():
+        mine = [m for m in ms if m["part"] == part]
+        if not mine:
+            continue
+        cfg_path = s.out / f"compare_{part}.yaml"
+        cfg = base_config(s, part, base, data, comp_path, meta, next((m["key"] for m in mine if m["name"]), "random"))
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        main = part == "select"
+        parts.append((prepare(cfg_path, ",".join(m["method"] for m in mine), seeds=s.seeds,
+                              budget="both" if main else "steps", metric="exact", out=s.out / "runs" / part,
+                              eval_every=s.save_every, baseline="random" if main else mine[0]["method"],
+                              test_dataset="q_target_test", eval_extra=["other=q_other_test"]), prefix))
+    return combine(parts[0][0], parts[1:])
+
+
+def run_extra(s: Settings, meta: dict):
+    """compare's after_run hook: the shares of target / noisy / duplicate rows trained on after the warm-up,
+    and the noisy rows' AUC of the selector's recorded pool scores."""
+
+    def extra(spec) -> dict:
+        entries = [e for kind in (spec.components or {}).values() for e in kind.values()]
+        name = entries[0]["name"] if entries else None
+        rows_meta = meta["domains"] if spec.cfg.get("train_type") == "dynamic_mix" else meta["pool"]
+        consumed = []
+        trace = spec.out / "trace"
+        if trace.is_dir():
+            for lines in read_trace(trace).values():
+                consumed += [i for rec in lines if rec["step"] >= s.warmup for i in rec["indices"]]
+        share = {k: (sum(bool(rows_meta[i][k]) for i in consumed) / len(consumed) if consumed else None)
+                 for k in ("noisy", "dup")}
+        share["target"] = sum(rows_meta[i]["task"] == TARGET for i in consumed) / len(consumed) if consumed else None
+        aucs = []
+        if (spec.out / "dataflex" / "run.json").is_file():
+            for rec in read_run(spec.out).step_records():
+                ps = (rec.get("summary") or {}).get("pool_scores")
+                if ps:
+                    pairs = [(v if name == "loss" else -v, rows_meta[i]["noisy"])
+                             for i, v in zip(ps["indices"], ps["values"]) if v is not None]
+                    a = auc([v for v, _ in pairs], [n for _, n in pairs])
+                    if a is not None:
+                        aucs.append(a)
+        shutil.rmtree(trace, ignore_errors=True)
+        return {"shares": share, "noisy_auc": sum(aucs) / len(aucs) if aucs else None}
+
+    return extra
 
 
 def auc(scores: list[float], positive: list[bool]) -> float | None:
@@ -506,168 +500,123 @@ def auc(scores: list[float], positive: list[bool]) -> float | None:
     return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def one_run(s: Settings, m: dict, seed: int, base: Path, data: Path, comp_path: Path, meta: dict) -> dict:
-    run_dir = s.out / "runs" / f"{m['key']}-s{seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    trace = run_dir.with_name(run_dir.name + "-trace")
-    shutil.rmtree(trace, ignore_errors=True)
-    cfg = run_yaml(s, m, seed, base, data, run_dir, comp_path, meta)
-    cfg_path = s.out / "runs" / f"{m['key']}-s{seed}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.perf_counter()
-    proc = subprocess.run(["dataflex-cli", "train", str(cfg_path)], env=env_for(s.out, trace), cwd=s.out,
-                          capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - t0
-    (s.out / "runs" / f"{m['key']}-s{seed}.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise SystemExit(f"[quality] {m['label']} seed {seed} failed (exit {proc.returncode}):\n{tail}")
-    t1 = time.perf_counter()
-    curve = evaluate_run(run_dir, base, meta)
-    eval_s = time.perf_counter() - t1
-    train = json.loads((run_dir / "train_results.json").read_text())
-    rows_meta = meta["domains"] if m["train_type"] == "dynamic_mix" else meta["pool"]
-    consumed: list[int] = []
-    for lines in read_trace(trace).values():
-        consumed += [i for rec in lines if rec["step"] >= s.warmup for i in rec["indices"]]
-    share = {k: (sum(bool(rows_meta[i][k]) for i in consumed) / len(consumed) if consumed else None)
-             for k in ("noisy", "dup")}
-    share["target"] = sum(rows_meta[i]["task"] == TARGET for i in consumed) / len(consumed) if consumed else None
-    aucs = []
-    if (run_dir / "dataflex" / "run.json").is_file():
-        for rec in read_run(run_dir).step_records():
-            ps = (rec.get("summary") or {}).get("pool_scores")
-            if ps:
-                pairs = [(v if m["name"] == "loss" else -v, rows_meta[i]["noisy"])
-                         for i, v in zip(ps["indices"], ps["values"]) if v is not None]
-                a = auc([v for v, _ in pairs], [n for _, n in pairs])
-                if a is not None:
-                    aucs.append(a)
-    steps = m["steps"]
-    result = {
-        "label": m["label"], "name": m["name"], "train_type": m["train_type"], "seed": seed, "steps": steps,
-        "knob": m.get("knob"), "curve": curve, "wall_s": round(wall, 2), "eval_s": round(eval_s, 2),
-        "train_runtime_s": train.get("train_runtime"), "dataflex_s": train.get("dataflex_seconds", 0.0),
-        "tokens": train.get("num_input_tokens_seen"), "shares": share,
-        "noisy_auc": sum(aucs) / len(aucs) if aucs else None,
-    }
-    (run_dir.parent / f"{m['key']}-s{seed}.json").write_text(json.dumps(result, indent=1))
-    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints are evaluated: keep the record only
-    shutil.rmtree(trace, ignore_errors=True)
-    print(f"[quality] {m['label']} seed {seed}: target EM {curve[-1]['target_em']:.2f}, other EM "
-          f"{curve[-1]['other_em']:.2f}, selection {result['dataflex_s']:.1f}s, run {wall:.0f}s", flush=True)
-    return result
 
 
-# ================================================================================================ statistics
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % Student-t interval (0 for one value)."""
+# ================================================================================================ read-out
+def mean_ci(values: list[float | None]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % Student-t interval (0 for one value; nan for none)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return float("nan"), float("nan")
-    mu = sum(vals) / len(vals)
-    if len(vals) < 2:
-        return mu, 0.0
-    sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / (len(vals) - 1))
-    return mu, T975.get(len(vals) - 1, 1.96) * sd / math.sqrt(len(vals))
+    iv = interval([(v, 1.0) for v in vals])
+    return iv.mean, iv.half or 0.0
 
 
-def summarise(s: Settings, results: list[dict]) -> dict:
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["label"], []).append(r)
-    rand = by.get("random", [])
-    # random's seconds per training step: its training time without DataFlex's own, per step
-    step_s = (sum((r["train_runtime_s"] - r["dataflex_s"]) / r["steps"] for r in rand) / len(rand)) if rand else None
+def _pm(row: dict | None, key: str = "") -> tuple[float, float] | None:
+    if not row or not row.get("seeds") or f"{key}mean" not in row:
+        return None
+    lo, hi = row[f"{key}lo"], row[f"{key}hi"]
+    return row[f"{key}mean"], 0.0 if lo is None else (hi - lo) / 2
+
+
+def summarise(s: Settings, data: dict) -> dict:
+    """Per method: compare's rows (means, differences to random, verdicts) and the benchmark's own columns."""
+    tables = {(t["budget"], t["metric"]): t for t in data["tables"]}
     rows = []
-    for label, rs in by.items():
-        steps = s.steps
-        final = [at_step(r["curve"], steps, "target_em") for r in rs]
-        row = {"label": label, "seeds": len(rs), "knob": rs[0]["knob"], "train_type": rs[0]["train_type"]}
-        for key in ("target_em", "other_em", "target_loss"):
-            row[key] = mean_ci([at_step(r["curve"], steps, key) for r in rs])
-        row["target_em_each"] = final
+    for label in data["methods"]:
+        runs = [r for r in data["runs"] if r["method"] == label and r["role"] == "main"] or \
+               [r for r in data["runs"] if r["method"] == label]
+        if not runs:
+            continue
+        get = {key: next((r for r in t["rows"] if r["method"] == label), None) for key, t in tables.items()}
+        row = {"label": label, "seeds": len(runs), "train_type": runs[0]["config"].get("train_type") or "plain",
+               "knob": float(label.split(":random_share=")[1]) if ":random_share=" in label else None}
+        for key, metric in (("target_em", "exact"), ("other_em", "other:exact"), ("target_loss", "loss")):
+            row[key] = _pm(get.get(("steps", metric)))
+            row[f"{key}_diff"] = _pm(get.get(("steps", metric)), "diff_")
+            row[f"{key}_verdict"] = (get.get(("steps", metric)) or {}).get("verdict")
+        compute = get.get(("compute", "exact"))
+        row["compute_diff"] = _pm(compute, "diff_")
+        row["compute_verdict"] = (compute or {}).get("verdict")
+        row["compute_past"] = any(n.startswith(f"{label}: its") for n in tables.get(("compute", "exact"), {}).get("notes", []))
         for key in ("target", "noisy", "dup"):
-            row[f"{key}_share"] = mean_ci([r["shares"][key] for r in rs])
-        row["noisy_auc"] = mean_ci([r["noisy_auc"] for r in rs]) if rs[0]["noisy_auc"] is not None else None
-        row["selection_s"] = mean_ci([r["dataflex_s"] for r in rs])
-        row["total_s"] = mean_ci([r["wall_s"] for r in rs])
-        row["tokens"] = mean_ci([r["tokens"] * steps / r["steps"] if r["tokens"] else None for r in rs])
-        if rand and step_s and label != "random":
-            extra = row["selection_s"][0] / step_s
-            row["equal_compute_steps"] = steps + extra
-            row["random_at_equal_compute"] = mean_ci([at_step(r["curve"], steps + extra, "target_em") for r in rand])
-            row["random_other_at_equal_compute"] = mean_ci([at_step(r["curve"], steps + extra, "other_em")
-                                                            for r in rand])
-            row["beyond_random_curve"] = steps + extra > rand[0]["steps"]
+            row[f"{key}_share"] = mean_ci([(r["extra"] or {}).get("shares", {}).get(key) for r in runs])
+        aucs = [(r["extra"] or {}).get("noisy_auc") for r in runs]
+        row["noisy_auc"] = mean_ci(aucs) if any(a is not None for a in aucs) else None
+        row["selection_s"] = mean_ci([r["seconds"]["decisions"] for r in runs])
+        row["train_s"] = mean_ci([r["seconds"]["train"] for r in runs])
         rows.append(row)
-    return {"step_seconds_random": step_s, "rows": rows}
+    return {"rows": rows, "start": data.get("start"), "notes": [n for t in data["tables"] for n in t["notes"]],
+            "against_plain": against_plain(data)}
 
 
-def compare(a: tuple[float, float], b: tuple[float, float]) -> int:
-    """1 when interval a lies above interval b (mean ± half-width), -1 below, 0 when they overlap."""
-    if a[0] - a[1] > b[0] + b[1]:
-        return 1
-    return -1 if a[0] + a[1] < b[0] - b[1] else 0
+def against_plain(data: dict) -> dict | None:
+    """The orderings (and a pipeline) against plain training at equal steps, target exact match (#35)."""
+    labels = [m for m in data["methods"] if m.startswith(AGAINST_PLAIN)]
+    if "plain" not in data["methods"] or not labels:
+        return None
+    runs: dict[str, dict[str, list]] = {}
+    for r in data["runs"]:
+        if r["method"] in labels or r["method"] == "plain":
+            runs.setdefault(r["method"], {}).setdefault("main", [None] * data["seeds"])[r["seed_index"]] = r
+    return analysis.table(runs, ["plain", *labels], "plain", "steps", "exact", data["steps"])
 
 
-def verdict(row: dict, rand: dict | None) -> str:
-    if rand is None or row["label"] == "random":
-        return ""
-    equal_steps = {1: "beats random at equal steps", -1: "worse than random at equal steps",
-                   0: "not distinguishable from random at equal steps"}[compare(row["target_em"], rand["target_em"])]
-    if "random_at_equal_compute" not in row:
-        return equal_steps
-    compute = {1: "beats it at equal compute", -1: "loses at equal compute",
-               0: "a tie at equal compute"}[compare(row["target_em"], row["random_at_equal_compute"])]
-    if row.get("beyond_random_curve"):
-        compute += " (random's curve ends earlier: its last point)"
-    return f"{equal_steps}; {compute}"
-
-
-def fmt(mc, digits=2) -> str:
-    if mc is None:
+def fmt(mc, digits=2, signed=False) -> str:
+    if mc is None or mc[0] != mc[0]:
         return "–"
-    mu, ci = mc
-    if mu != mu:
-        return "–"
-    return f"{mu:.{digits}f} ± {ci:.{digits}f}"
+    return f"{mc[0]:{'+' if signed else ''}.{digits}f} ± {mc[1]:.{digits}f}"
 
 
-def report(s: Settings, summary: dict, meta: dict, results: list[dict], command: str, transfer: dict | None,
-           pretrain: dict) -> str:
-    rows = summary["rows"]
-    rand = next((r for r in rows if r["label"] == "random"), None)
-    base = results[0]["curve"][0] if results else {}
+def reading(row: dict) -> str:
+    if row["label"] == "random":
+        return "(baseline)"
+    word = row["target_em_verdict"] or "-"
+    text = f"{word} at equal steps"
+    if row["compute_verdict"] is not None or row["compute_diff"] is not None:
+        text += f"; {row['compute_verdict'] or '-'} at equal compute"
+        if row["compute_past"]:
+            text += " (past random's last checkpoint)"
+    return text
+
+
+def report(s: Settings, summary: dict, meta: dict, command: str, transfer: dict | None, pretrain: dict) -> str:
+    start = (summary.get("start") or {}).get("values", {})
     n_target = sum(r["task"] == TARGET for r in meta["pool"])
     lines = [
         f"`{command}`", "",
         f"Base: a {pretrain['params'] / 1e6:.2f}M-parameter Qwen2 (hidden {pretrain['hidden']}, {pretrain['layers']} "
         f"layers) pretrained for {pretrain['steps']} steps ({pretrain['seconds']:.0f} s) on {', '.join(OTHER_TASKS)}; "
-        f"it has never seen `{TARGET}`. At step 0 it scores target EM {base.get('target_em', 0):.2f}, other-task "
-        f"EM {base.get('other_em', 0):.2f}.",
+        f"it has never seen `{TARGET}`. At step 0 it scores target EM {start.get('exact', 0):.2f}, other-task "
+        f"EM {start.get('other:exact', 0):.2f}.",
         f"Pool: {len(meta['pool'])} rows, `{TARGET}` {100 * n_target / len(meta['pool']):.0f} %, wrong answers "
         f"{100 * sum(r['noisy'] for r in meta['pool']) / len(meta['pool']):.0f} %, near-duplicates "
         f"{100 * sum(r['dup'] for r in meta['pool']) / len(meta['pool']):.0f} %. Every method: {s.steps} optimizer "
         f"steps x {s.batch} rows (LoRA r={s.lora_rank}, constant lr {s.lr}), warm-up {s.warmup} random steps, then a "
         f"decision every {s.update_step} steps. Test: {len(meta['eval_target'])} held-out `{TARGET}` prompts and "
-        f"{len(meta['eval_other'])} of the other tasks, greedy exact match. Mean ± 95 % CI over seeds.",
+        f"{len(meta['eval_other'])} of {', '.join(HELD_OUT_OTHER)}, greedy exact match. Through `dataflex-cli compare`: "
+        "mean ± 95 % CI over seeds (one seed: over the test prompts), differences to random paired by seed; "
+        "equal compute = random read at the seconds the method used (training + decisions).",
         "",
         "| method | seeds | target EM | other-task EM | target loss | target share | noisy share | noisy AUC | "
-        "selection s | run s | random at equal compute (steps) | reading |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "selection s | train s | target EM - random, equal steps | target EM - random, equal compute | reading |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        eq = "–"
-        if "random_at_equal_compute" in r:
-            eq = f"{fmt(r['random_at_equal_compute'])} ({r['equal_compute_steps']:.0f})"
+    for r in summary["rows"]:
         lines.append(
             f"| {r['label']} | {r['seeds']} | {fmt(r['target_em'])} | {fmt(r['other_em'])} | {fmt(r['target_loss'])} | "
             f"{fmt(r['target_share'])} | {fmt(r['noisy_share'])} | {fmt(r['noisy_auc'])} | {fmt(r['selection_s'], 1)} | "
-            f"{fmt(r['total_s'], 0)} | {eq} | {verdict(r, rand)} |")
+            f"{fmt(r['train_s'], 0)} | {fmt(r['target_em_diff'], signed=True)} | {fmt(r['compute_diff'], signed=True)} | "
+            f"{reading(r)} |")
+    plain = summary.get("against_plain")
+    if plain:
+        lines += ["", f"Orderings against plain training (LLaMA-Factory's own sampler), target EM at {s.steps} steps, "
+                      "difference paired by seed:", "",
+                  "| method | seeds | target EM | - plain | verdict |", "|---|---|---|---|---|"]
+        for r in plain["rows"]:
+            if r.get("seeds"):
+                lines.append(f"| {r['method']} | {r['seeds']} | {fmt(_pm(r))} | {fmt(_pm(r, 'diff_'), signed=True)} | "
+                             f"{r['verdict'] or ('(baseline)' if r['method'] == 'plain' else '-')} |")
     if transfer:
         lines += ["", f"Transfer: `less` run on a {transfer['proxy_params'] / 1e6:.2f}M-parameter proxy (seed 1); its "
                       f"selection ({transfer['rows']} rows, once per time chosen) exported with `dataflex-cli report "
@@ -680,28 +629,37 @@ def report(s: Settings, summary: dict, meta: dict, results: list[dict], command:
     return "\n".join(lines) + "\n"
 
 
-def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
+def _curve(run: dict, start: dict | None) -> list[dict]:
+    """A run's points with the untrained base as step 0."""
+    return ([{"step": 0, "seconds": 0.0, "values": start["values"]}] if start else []) + run["curve"]
+
+
+def plots(s: Settings, summary: dict, data: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    start = data.get("start")
     by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["label"], []).append(r)
+    for r in data["runs"]:
+        if r["method"] == "random" and r["role"] == "main" and any(x["role"] == "long" for x in data["runs"]):
+            continue  # random's long runs carry its whole curve
+        by.setdefault(r["method"], []).append(r)
+    knobs = {r["label"] for r in summary["rows"] if r["knob"] is not None}
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharex=True)
     for label, rs in by.items():
-        if rs[0]["knob"] is not None:
+        if label in knobs:
             continue
-        steps = sorted({c["step"] for c in rs[0]["curve"]})
-        for ax, key in zip(axes, ("target_em", "other_em")):
-            stats = [mean_ci([at_step(r["curve"], st, key) for r in rs]) for st in steps]
+        steps = sorted({p["step"] for p in _curve(rs[0], start)})
+        for ax, key in zip(axes, ("exact", "other:exact")):
+            stats = [mean_ci([next((p["values"][key] for p in _curve(r, start) if p["step"] == st), None) for r in rs])
+                     for st in steps]
             mu = [m for m, _ in stats]
-            lo = [max(0.0, m - c) for m, c in stats]  # accuracies: the band is clipped to [0, 1]
-            hi = [min(1.0, m + c) for m, c in stats]
             style = {"color": "black", "linestyle": "--", "linewidth": 2} if label == "random" else {}
             line, = ax.plot(steps, mu, marker="o", markersize=3, label=label, **style)
-            ax.fill_between(steps, lo, hi, alpha=0.12, color=line.get_color())
+            ax.fill_between(steps, [max(0.0, m - c) for m, c in stats], [min(1.0, m + c) for m, c in stats],
+                            alpha=0.12, color=line.get_color())  # accuracies: the band is clipped to [0, 1]
     axes[0].set_ylabel(f"exact match, target task `{TARGET}`")
     axes[1].set_ylabel("exact match, the other tasks")
     for ax in axes:
@@ -715,18 +673,18 @@ def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    step_s = summary["step_seconds_random"]
-    if "random" in by and step_s:
+    if "random" in by:
         rs = by["random"]
-        steps = sorted({c["step"] for c in rs[0]["curve"]})
-        mu = [mean_ci([at_step(r["curve"], st, "target_em") for r in rs])[0] for st in steps]
-        ax.plot([st * step_s for st in steps], mu, "k--", label="random (training seconds)")
+        pts = [[(p["seconds"], p["values"]["exact"]) for p in _curve(r, start)] for r in rs]
+        ax.plot([sum(p[i][0] for p in pts) / len(pts) for i in range(len(pts[0]))],
+                [sum(p[i][1] for p in pts) / len(pts) for i in range(len(pts[0]))], "k--", label="random")
     for row in summary["rows"]:
-        if row["label"] == "random" or row["knob"] is not None:
+        if row["label"] == "random" or row["knob"] is not None or row["label"] not in by:
             continue
-        x = (s.steps * step_s if step_s else 0) + row["selection_s"][0]
-        ax.errorbar([x], [row["target_em"][0]], yerr=[row["target_em"][1]], fmt="o", capsize=3, label=row["label"])
-    ax.set_xlabel("compute: training seconds + selection seconds (1 thread)")
+        ends = [r["curve"][-1] for r in by[row["label"]]]
+        ax.errorbar([sum(e["seconds"] for e in ends) / len(ends)], [row["target_em"][0]], yerr=[row["target_em"][1]],
+                    fmt="o", capsize=3, label=row["label"])
+    ax.set_xlabel("compute: seconds of the training loop, decisions included (1 thread)")
     ax.set_ylabel(f"exact match, `{TARGET}`")
     ax.set_title("Accuracy vs compute")
     ax.grid(alpha=0.3)
@@ -737,12 +695,12 @@ def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
 
     curves: dict[str, list[tuple[float, dict]]] = {}
     for row in summary["rows"]:
-        if row["knob"] is not None:  # label "<selector> random_share=<x>"; share 0 is the selector's own row
-            curves.setdefault(row["label"].split(" random_share=")[0], []).append((row["knob"], row))
+        if row["knob"] is not None:  # label "<selector>:random_share=<x>"; share 0 is the selector's own row
+            curves.setdefault(row["label"].split(":random_share=")[0], []).append((row["knob"], row))
     for name in list(curves):
-        plain = next((r for r in summary["rows"] if r["label"] == name), None)
-        if plain is not None:
-            curves[name].append((0.0, plain))
+        own = next((r for r in summary["rows"] if r["label"] == name), None)
+        if own is not None:
+            curves[name].append((0.0, own))
         curves[name].sort(key=lambda kr: kr[0])
     if curves:
         rand = next((r for r in summary["rows"] if r["label"] == "random"), None)
@@ -766,18 +724,16 @@ def plots(s: Settings, summary: dict, results: list[dict], out: Path) -> None:
 
 # ================================================================================================ transfer
 def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_path: Path, meta: dict,
-             less_key: str) -> dict:
+             evaluators: Evaluators) -> dict:
     """Select with the small model, export (every row once per time it was chosen), train the large one
     statically for the benchmark's number of steps; against a random draw of the same size."""
     work = s.out / "transfer"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     env = env_for(s.out)
-    sel = {"label": "less", "train_type": "dynamic_select", "name": "less", "key": less_key, "steps": s.steps}
     run_dir = work / "select"
-    cfg = run_yaml(s, sel, 1, small_base, data, run_dir, comp_path, meta)
-    cfg["save_strategy"] = "no"
-    cfg.pop("save_steps")
+    cfg = {**base_config(s, "select", small_base, data, comp_path, meta, "less"), "output_dir": str(run_dir),
+           "overwrite_output_dir": True, "save_strategy": "no"}
     (work / "select.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     subprocess.run(["dataflex-cli", "train", str(work / "select.yaml")], env=env, cwd=s.out, check=True,
                    capture_output=True, timeout=3600)
@@ -793,34 +749,25 @@ def transfer(s: Settings, small_base: Path, large_base: Path, data: Path, comp_p
     info["q_random_draw"] = {"file_name": "random_draw.json"}
     (exported / "dataset_info.json").write_text(json.dumps(info, indent=1))
     steps = s.steps  # equal steps with the dynamic runs (the exported rows, once per time chosen, are cycled)
-    datasets = (("less selection (exported)", name), ("random draw, same size", "q_random_draw"))
-
-    def static_run(dataset: str, seed: int) -> dict:
-        out_dir = work / f"{dataset}-s{seed}"
-        lf = {"model_name_or_path": str(large_base), "stage": "sft", "do_train": True, "finetuning_type": "lora",
-              "lora_target": "all", "lora_rank": s.lora_rank, "lora_alpha": 2 * s.lora_rank, "dataset": dataset,
-              "dataset_dir": str(exported), "template": "default", "cutoff_len": 64, "overwrite_cache": True,
-              "preprocessing_num_workers": 1, "seed": seed, "output_dir": str(out_dir),
-              "overwrite_output_dir": True, "report_to": "none", "save_strategy": "no",
-              "per_device_train_batch_size": s.batch, "learning_rate": s.lr, "lr_scheduler_type": "constant",
-              "max_steps": steps, "bf16": False, "logging_steps": 10}
-        (work / f"{dataset}-s{seed}.yaml").write_text(yaml.safe_dump(lf, sort_keys=False))
-        subprocess.run(["llamafactory-cli", "train", str(work / f"{dataset}-s{seed}.yaml")], env=env, cwd=s.out,
-                       check=True, capture_output=True, timeout=3600)
-        (out_dir / "checkpoint-final").mkdir(exist_ok=True)
-        for f in out_dir.glob("adapter_*"):
-            shutil.copy(f, out_dir / "checkpoint-final" / f.name)
-        (out_dir / "checkpoint-final").rename(out_dir / f"checkpoint-{steps}")
-        last = evaluate_run(out_dir, large_base, meta)[-1]
-        shutil.rmtree(out_dir, ignore_errors=True)
-        return last
-
-    runs = [(label, dataset, seed) for label, dataset in datasets for seed in range(1, s.seeds + 1)]
-    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        finals = list(pool.map(lambda r: static_run(r[1], r[2]), runs))
     by_data: dict[str, dict] = {}
-    for label, _ in datasets:
-        ems = {key: [f[key] for (lab, _, _), f in zip(runs, finals) if lab == label] for key in ("target_em", "other_em")}
+    for label, dataset in (("less selection (exported)", name), ("random draw, same size", "q_random_draw")):
+        finals = []
+        for seed in range(1, s.seeds + 1):
+            out_dir = work / f"{dataset}-s{seed}"
+            lf = {**base_config(s, "select", large_base, exported, comp_path, meta, "less"), "dataset": dataset,
+                  "seed": seed, "output_dir": str(out_dir), "overwrite_output_dir": True, "save_strategy": "no",
+                  "max_steps": steps}
+            for key in ("train_type", "components_cfg_file", "component_name", "warmup_step", "update_step",
+                        "update_times", "eval_dataset"):
+                lf.pop(key, None)
+            (work / f"{dataset}-s{seed}.yaml").write_text(yaml.safe_dump(lf, sort_keys=False))
+            subprocess.run(["llamafactory-cli", "train", str(work / f"{dataset}-s{seed}.yaml")], env=env, cwd=s.out,
+                           check=True, capture_output=True, timeout=3600)
+            metrics = evaluators.measure(out_dir, work / "eval")
+            finals.append({k: sum(p[0] for p in metrics[m]) / sum(p[1] for p in metrics[m])
+                           for k, m in (("target_em", "exact"), ("other_em", "other:exact"))})
+            shutil.rmtree(out_dir, ignore_errors=True)
+        ems = {key: [f[key] for f in finals] for key in ("target_em", "other_em")}
         by_data[label] = {"seeds": s.seeds, "target_em": mean_ci(ems["target_em"]), "other_em": mean_ci(ems["other_em"]),
                           "each": ems}
         print(f"[quality] transfer, {label}: target EM {by_data[label]['target_em'][0]:.2f}", flush=True)
@@ -834,11 +781,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quality")
     ap.add_argument("--quick", action="store_true",
-                    help="fewer seeds, methods and steps, no transfer (about 6 minutes, 4 with the base cached)")
+                    help="fewer seeds, methods and steps, no transfer (~14 minutes at one thread, 12 with the base cached)")
     ap.add_argument("--only", nargs="+", default=None, metavar="METHOD", help="methods to run (random is always run)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (random: --seeds-random)")
-    ap.add_argument("--seeds-random", type=int, default=None)
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (random too)")
     ap.add_argument("--pool", type=int, default=None)
     ap.add_argument("--steps-per-selection", type=int, default=None)
     ap.add_argument("--selections", type=int, default=None)
@@ -848,29 +793,26 @@ def parse(argv: list[str] | None) -> tuple[Settings, str]:
     ap.add_argument("--shares", type=float, nargs="*", default=None, help="random_share values for the LESS curve")
     ap.add_argument("--no-transfer", action="store_true")
     ap.add_argument("--replot", action="store_true", help="only redraw the plots from <out>/results.json")
-    ap.add_argument("--merge", type=Path, default=None, metavar="DIR",
-                    help="add the methods of DIR/results.json (same set-up) to <out>'s results, no training")
     ap.add_argument("--tiny", action="store_true",
                     help="toy sizes for the test suite: checks the pipeline, measures nothing")
     args = ap.parse_args(argv)
     s = Settings(out=args.out.resolve())
     if args.quick:
-        s.pool, s.seeds_random, s.seeds, s.shares = 600, 2, 1, [0.5]
+        s.pool, s.seeds, s.shares = 600, 1, [0.5]
         s.update_step, s.update_times, s.transfer = 30, 3, False  # the same base as the full run (cached)
-        s.only = ["loss", "less", "zeroth", "less random_share=0.5", "weight loss", "mix odm"]
+        s.only = ["loss", "less", "zeroth", "less:random_share=0.5", "weight loss", "mix odm"]
     if args.tiny:
         s.pool, s.eval_target, s.eval_other, s.less_eval = 120, 10, 3, 4
         s.hidden, s.layers, s.proxy_hidden, s.proxy_layers, s.pretrain_steps, s.pretrain_batch = 48, 2, 32, 2, 10, 8
-        s.warmup, s.update_step, s.update_times, s.checkpoints, s.seeds_random, s.seeds = 2, 2, 2, 2, 1, 1
+        s.warmup, s.update_step, s.update_times, s.checkpoints, s.seeds = 2, 2, 2, 2, 1
     for attr, val in (("pool", args.pool), ("update_step", args.steps_per_selection),
                       ("update_times", args.selections), ("warmup", args.warmup_steps),
-                      ("pretrain_steps", args.pretrain_steps), ("seeds", args.seeds),
-                      ("seeds_random", args.seeds_random), ("hidden", args.hidden), ("shares", args.shares)):
+                      ("pretrain_steps", args.pretrain_steps), ("seeds", args.seeds), ("hidden", args.hidden),
+                      ("shares", args.shares)):
         if val is not None:
             setattr(s, attr, val)
     if args.only:
         s.only = args.only
-    s.jobs = args.jobs
     if args.no_transfer:
         s.transfer = False
     if s.only is not None and "random" not in s.only:
@@ -884,84 +826,56 @@ def replot(s: Settings) -> int:
     for key, value in saved["settings"].items():
         if key != "out" and hasattr(s, key):
             setattr(s, key, value)
-    plots(s, saved["summary"], saved["runs"], s.out)
+    plots(s, saved["summary"], saved["compare"], s.out)
     print(f"[quality] plots written to {s.out}")
-    return 0
-
-
-def merge(s: Settings, other: Path) -> int:
-    """Add the runs of methods that ``<out>/results.json`` lacks from ``other/results.json`` (same set-up:
-    pool, base and schedule must match), then rewrite the table, JSON and plots of ``<out>``."""
-    mine = json.loads((s.out / "results.json").read_text())
-    theirs = json.loads((Path(other) / "results.json").read_text())
-    keys = ("pool", "target_share", "noise_share", "hidden", "layers", "pretrain_steps", "warmup", "update_step",
-            "batch", "lr", "lora_rank")
-    diff = [k for k in keys if mine["settings"].get(k) != theirs["settings"].get(k)]
-    if diff or mine["pretrain"]["fingerprint"] != theirs["pretrain"]["fingerprint"]:
-        raise SystemExit(f"--merge: {other} was run with another set-up ({', '.join(diff) or 'base model'})")
-    for key, value in mine["settings"].items():
-        if key != "out" and hasattr(s, key):
-            setattr(s, key, value)
-    have = {r["label"] for r in mine["runs"]}
-    added = [r for r in theirs["runs"] if r["label"] not in have]
-    runs = mine["runs"] + added
-    meta = json.loads((s.out / "data" / "meta.json").read_text())
-    summary = summarise(s, runs)
-    command = mine["command"] + f" (+ {theirs['command']}, merged)"
-    (s.out / "results.md").write_text(report(s, summary, meta, runs, command, mine["transfer"], mine["pretrain"]))
-    mine.update(runs=runs, summary=summary, command=command)
-    (s.out / "results.json").write_text(json.dumps(mine, indent=1))
-    plots(s, summary, runs, s.out)
-    print(f"[quality] merged {len(added)} runs ({sorted({r['label'] for r in added})}) into {s.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     s, command = parse(argv)
-    args_list = argv if argv is not None else sys.argv[1:]
-    if "--replot" in args_list:
+    if "--replot" in (argv if argv is not None else sys.argv[1:]):
         return replot(s)
-    if "--merge" in args_list:
-        return merge(s, Path(args_list[args_list.index("--merge") + 1]))
     s.out.mkdir(parents=True, exist_ok=True)
-    (s.out / "runs").mkdir(exist_ok=True)
     t_start = time.perf_counter()
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # pretraining and measuring here: OMP_NUM_THREADS when set, else up to 2 threads; every run: one thread
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+    os.environ.update(env_for(s.out))  # offline
     data = s.out / "data"
     meta = build_data(s, data)
     base = build_base(s.out, s.hidden, s.layers, s.pretrain_steps, s.pretrain_batch)
     pretrain = json.loads((base / "pretrain.json").read_text())
     ms = methods(s)
     comp_path = s.out / "components.yaml"
-    components(s, ms, meta, comp_path)
-    jobs = [(m, seed) for m in ms for seed in m["seeds"]]
-    jobs.sort(key=lambda j: -j[0]["steps"])  # the long random runs first
-    print(f"[quality] {len(jobs)} runs of {s.steps} steps ({len(ms)} methods), {s.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        results = list(pool.map(lambda j: one_run(s, j[0], j[1], base, data, comp_path, meta), jobs))
-    results.sort(key=lambda r: ([m["label"] for m in ms].index(r["label"]), r["seed"]))
+    components(ms, meta, comp_path)
+    setup = comparison(s, ms, base, data, comp_path, meta)
+    sets = {"": setup.measure_cfg, **{n: {**setup.cfg, "eval_dataset": d} for n, d in setup.extra_sets.items()}}
+    evaluators = Evaluators(sets, setup.metric)
+    print(f"[quality] {len(setup.runs)} runs of {s.steps} steps ({len(setup.methods)} methods) through compare",
+          flush=True)
+    result = execute(setup, evaluator=evaluators, after_run=run_extra(s, meta),
+                     run_env=lambda spec: env_for(s.out, spec.out / "trace"))
+    if result["failures"]:
+        raise SystemExit("[quality] failed runs:\n" + "\n".join(result["failures"]))
     trans = None
     if s.transfer:
-        less = next((m for m in ms if m["label"] == "less"), None)
-        if less is None:
+        if not any(m["label"] == "less" for m in ms):
             print("[quality] transfer skipped: needs the less method", flush=True)
         else:
             proxy = build_base(s.out, s.proxy_hidden, s.proxy_layers, s.pretrain_steps, s.pretrain_batch)
-            trans = transfer(s, proxy, base, data, comp_path, meta, less["key"])
-    summary = summarise(s, results)
-    table = report(s, summary, meta, results, command, trans, pretrain)
+            trans = transfer(s, proxy, base, data, comp_path, meta, evaluators)
+    summary = summarise(s, result)
+    table = report(s, summary, meta, command, trans, pretrain)
     (s.out / "results.md").write_text(table)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _common import machine_info
 
     (s.out / "results.json").write_text(json.dumps({
         "command": command, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
-        "machine": machine_info(),
-        "pretrain": pretrain, "summary": summary, "transfer": trans, "runs": results,
+        "machine": machine_info(), "pretrain": pretrain, "summary": summary, "transfer": trans, "compare": result,
         "seconds": round(time.perf_counter() - t_start, 1)}, indent=1))
-    plots(s, summary, results, s.out)
+    plots(s, summary, result, s.out)
     print(table)
     print(f"[quality] written to {s.out} in {time.perf_counter() - t_start:.0f}s", flush=True)
     return 0

@@ -209,17 +209,19 @@ def compare(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="Training YAML with an eval_dataset held out from the training rows."),
     methods: str = typer.Option(..., "--methods", help="Comma-separated: plain, random, less, ...; overrides as less:key=value."),
-    seeds: int = typer.Option(3, "--seeds", help="Seeds per method (the config's seed, +1, +2, ...)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per method (the config's seed, +1, +2, ...); default 3 (--quick: 2)."),
     budget: str = typer.Option("steps", "--budget", help="steps (same optimizer steps), compute (same seconds or work) or both."),
     metric: str = typer.Option("loss", "--metric", help="loss (always reported), choice (options column) or exact (greedy answer)."),
     out: Path = typer.Option(Path("compare_out"), "--out", help="Folder of the runs and compare.json."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page here."),
     options_column: Optional[str] = typer.Option(None, "--options", help="--metric choice: the eval rows' column of answer options (default: options)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between checkpoints measured (default: a quarter of the run)."),
-    compute: str = typer.Option("seconds", "--compute", help="--budget compute: seconds (wall-clock, default) or work (tokens trained on)."),
+    compute: str = typer.Option("seconds", "--compute", help="--budget compute: seconds (wall-clock, default) or work (token passes: training's and the method's scoring)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The method the others are compared with (default: random, else plain)."),
     baseline_factor: float = typer.Option(2.0, "--baseline-factor", help="--budget compute: the baseline trains this many times the common steps."),
-    test_dataset: Optional[str] = typer.Option(None, "--test-dataset", help="Measure on this registered set instead of eval_dataset (which the methods then see alone)."),
+    quick: bool = typer.Option(False, "--quick", help="A small comparison: 2 seeds, at most 20 steps, one checkpoint per run, at most 50 eval rows per set."),
+    test_dataset: Optional[str] = typer.Option(None, "--test-dataset", help="Measure on this registered dataset instead of the config's eval_dataset (which the methods may aim at)."),
+    eval_extra: Optional[list[str]] = typer.Option(None, "--eval-extra", help="NAME=DATASET: also measure on this held-out set (metrics NAME:loss, NAME:<metric>); repeatable."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Train each method x seed through `dataflex-cli train`, measure them on the eval set, and say which beat the baseline.
@@ -234,7 +236,8 @@ def compare(
 
         setup = prepare(config, methods, seeds=seeds, budget=budget, metric=metric, out=out, overrides=list(ctx.args),
                         options_column=options_column, eval_every=eval_every, compute=compute, baseline=baseline,
-                        baseline_factor=baseline_factor, test_dataset=test_dataset)
+                        baseline_factor=baseline_factor, quick=quick, test_dataset=test_dataset,
+                        eval_extra=list(eval_extra or []))
         if html is not None and html.exists() and html.is_dir():
             raise ConfigError(f"--html: '{html}' is a folder; allowed: a file path")
     except (ConfigError, ValueError, FileNotFoundError) as err:

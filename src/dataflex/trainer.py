@@ -88,6 +88,7 @@ class DataFlexTrainerMixin:
         state = load_state(checkpoint)
         check_setup(state["setup"], mode_run.setup_digest(mode), checkpoint)
         mode.load_round_state(dict(state["round"]))
+        mode.ctx.work.load(state.get("work"))  # the scoring work counts on from the checkpoint's
         if mode.ctx.rank == 0:
             logger.info("[DataFlex] resuming run %s at step %d from %s (%s state restored from the checkpoint)",
                         state["run_id"], state["step"], checkpoint, mode.ctx.info.singular)

@@ -12,32 +12,53 @@ pytestmark = pytest.mark.e2e
 
 
 def test_quality_benchmark_runs(tmp_path):
-    """--tiny: the whole pipeline (pretraining, runs through dataflex-cli, evaluation, equal-compute
-    read-out, the random_share curve, transfer through report --export-dataset and llamafactory-cli)."""
+    """--tiny: the whole pipeline (pretraining, the level-2 runs through compare's engine, the benchmark's
+    own per-run shares, equal-compute read-out, the random_share curve, transfer through report
+    --export-dataset and llamafactory-cli)."""
     import json
 
     out = tmp_path / "quality"
-    res = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out, "--jobs", "1",
-                       "--only", "less", "less random_share=0.5", "--shares", "0.5"], timeout=900)
+    only = ["less", "less:random_share=0.5", "plain", "order dynamic_saw"]
+    res = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out, "--only", *only, "--shares", "0.5"],
+                      timeout=900)
     assert res.returncode == 0, failure_report(res)
     table = (out / "results.md").read_text()
-    for label in ("random", "less", "less random_share=0.5"):
+    for label in ("random", "less", "less:random_share=0.5"):
         assert f"| {label} | 1 |" in table
     result = json.loads((out / "results.json").read_text())
     rows = {r["label"]: r for r in result["summary"]["rows"]}
-    assert set(rows) == {"random", "less", "less random_share=0.5"}
+    assert set(rows) == {"random", *only}
     for row in rows.values():
         assert 0.0 <= row["target_em"][0] <= 1.0 and 0.0 <= row["other_em"][0] <= 1.0
-        assert 0.0 <= row["target_share"][0] <= 1.0
-    assert "random_at_equal_compute" in rows["less"] and rows["less"]["equal_compute_steps"] >= result["settings"]["warmup"]
-    random_runs = [r for r in result["runs"] if r["label"] == "random"]
-    assert [c["step"] for c in random_runs[0]["curve"]] == [0, 3, 6, 9, 12]  # 2 x 6 steps, a checkpoint every 3
+        if row["label"] != "plain":  # LLaMA-Factory's own training has no DataFlex trace of its rows
+            assert 0.0 <= row["target_share"][0] <= 1.0
+    assert rows["less"]["compute_diff"] is not None and rows["random"]["target_em_diff"] is None
+    compare = result["compare"]  # compare.json: its runs, checkpoints every 3 steps, random's long runs to 12
+    runs = {(r["method"], r["role"]): r for r in compare["runs"]}
+    assert [p["step"] for p in runs[("random", "long")]["curve"]] == [3, 6, 9, 12]
+    assert [p["step"] for p in runs[("less", "main")]["curve"]] == [3, 6]
+    assert set(runs[("less", "main")]["curve"][-1]["values"]) == {"loss", "exact", "other:loss", "other:exact"}
+    assert compare["start"]["values"]["exact"] == 0.0  # the untrained base has never seen the target task
+    # #35: the ordering against plain training, paired by seed, through compare's analysis
+    assert result["summary"]["against_plain"]["baseline"] == "plain"
+    plain = {r["method"]: r for r in result["summary"]["against_plain"]["rows"]}
+    assert "diff_mean" not in plain["plain"] and plain["order dynamic_saw"]["seeds"] == 1
+    assert plain["order dynamic_saw"]["diff_mean"] == pytest.approx(
+        plain["order dynamic_saw"]["mean"] - plain["plain"]["mean"], abs=1e-12)
+    assert "| order dynamic_saw | 1 |" in table.split("Orderings against plain training")[1]
+    assert runs[("order dynamic_saw", "main")]["config"]["train_type"] == "dynamic_reorder"
+    assert "train_type" not in runs[("plain", "main")]["config"]  # plain: LLaMA-Factory's own training
     assert result["transfer"]["rows"] > 0 and set(result["transfer"]["rows_by_data"]) == {
         "less selection (exported)", "random draw, same size"}
     for name in ("accuracy_vs_step.png", "accuracy_vs_compute.png", "random_share.png"):
         assert (out / name).stat().st_size > 1000
     base = next(out.glob("base-h48-l2-*"))
     assert json.loads((base / "pretrain.json").read_text())["never_seen"] == "date_us"
+    # rerunning adds nothing: every run is found finished by compare's resume
+    again = run_command([sys.executable, "bench/quality.py", "--tiny", "--out", out, "--no-transfer",
+                         "--only", *only, "--shares", "0.5"], timeout=600)
+    assert again.returncode == 0, failure_report(again)
+    assert again.stderr.count("finished earlier") == len(compare["runs"])
 
 
 def test_selector_agreement_benchmark_runs(tmp_path):

@@ -49,11 +49,13 @@ def config_with(tmp_path, train_config):
                                                              "has no options column 'options'"),
     (["--methods", "random,loss:focus=extreme"], {}, "--methods: 'loss:focus=extreme': "),
     (["--methods", "loss"], {}, "--methods: no baseline to compare with"),
-    # the measured set apart from what the methods see: neither a training row nor a row of their eval set
+    (["--methods", "random,loss", "--test-dataset", "demo_mix"], {}, "--test-dataset: row 0 of 'demo_mix' is also a "
+                                                                     "training row of 'demo_mix'"),
+    (["--methods", "random,loss", "--eval-extra", "code=demo_code", "--eval-extra", "x=nope"], {},
+     "--eval-extra: 'nope' is not registered in "),
+    # the measured set apart from what the methods aim at
     (["--methods", "random,loss", "--test-dataset", "demo_add_eval"], {},
      "--test-dataset: row 0 of 'demo_add_eval' is also a row of the methods' eval set 'demo_add_eval'"),
-    (["--methods", "random,loss", "--test-dataset", "demo_mix"], {"eval_dataset": None},
-     "--test-dataset: row 0 of 'demo_mix' is also a training row of 'demo_mix'"),
     (["--methods", "random,loss", "--test-dataset", "nope"], {}, "--test-dataset: 'nope' is not registered in "),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, run_cli, config_with, args, keys,
@@ -142,7 +144,7 @@ def test_resume_skips_the_finished_run_and_leaves_it_byte_for_byte(compared):
 
 @pytest.mark.e2e
 def test_a_finished_run_measured_otherwise_is_measured_again_not_trained_again(compared, tmp_path, run_cli):
-    """Another metric (or --test-dataset) over the same trained runs: every run is measured again from its
+    """Another metric (or test set) over the same trained runs: every run is measured again from its
     checkpoints, none trains, and the new entries carry the new measurement key."""
     out = tmp_path / "out"
     shutil.copytree(compared["out"], out)
@@ -155,8 +157,8 @@ def test_a_finished_run_measured_otherwise_is_measured_again_not_trained_again(c
     assert {p: p.stat().st_mtime_ns for p in out.rglob("adapter_model.safetensors")} == weights
     data = json.loads((out / "compare.json").read_text())
     assert all("exact" in point["values"] for r in data["runs"] for point in r["curve"])
-    assert len({r["measure_key"] for r in data["runs"]}) == 1
-    assert {r["measure_key"] for r in compared["data"]["runs"]}.isdisjoint({data["runs"][0]["measure_key"]})
+    assert {r["measure_key"] for r in data["runs"]} == {data["measure_key"]}
+    assert data["measure_key"] != compared["data"]["measure_key"]
 
 
 @pytest.mark.e2e
@@ -197,6 +199,35 @@ def test_tables_and_verdicts_match_the_hand_computed_intervals(compared):
         assert r["seconds"]["train"] > 0 and r["curve"][-1]["tokens"] > r["curve"][0]["tokens"] > 0
 
 
+@pytest.mark.e2e
+def test_counted_work_adds_the_selectors_scoring_passes_exactly(compared, tiny_model, tmp_path):
+    """loss scores the whole training set (64 rows) at each of its selections (steps 2 and 4), one forward
+    per row: its decision work is that many tokens, checkpoint by checkpoint; random scores nothing."""
+    data = compared["data"]
+    train_tokens = _train_tokens(compared["out"] / "loss" / "seed-0" / "compare_train.yaml", tiny_model, tmp_path)
+    for r in data["runs"]:
+        scored = {3: 1, 6: 2} if r["method"] == "loss" else {}
+        for p in r["curve"]:
+            fwd = scored.get(p["step"], 0) * train_tokens
+            assert (p["decision_forward"], p["decision_backward"]) == (fwd, 0), (r["method"], p)
+            assert p["work"] == 3 * p["tokens"] + fwd  # forward + backward of every trained token, + the scoring
+        assert r["decision_tokens"] == {"forward": scored.get(6, 0) * train_tokens, "backward": 0}
+
+
+def _train_tokens(config: Path, model: Path, tmp_path: Path) -> int:
+    """The non-padding tokens of a run's training set, tokenized as its training tokenized it."""
+    import yaml
+    from support.helpers import load_lf_pipeline
+
+    from dataflex.scoring.engine import dataset_lengths
+
+    cfg = yaml.safe_load(config.read_text())
+    pipe = load_lf_pipeline(model, tmp_path / "pipe", **{k: cfg[k] for k in ("dataset", "dataset_dir", "template",
+                                                                           "cutoff_len", "max_samples")})
+    assert len(pipe["train_dataset"]) == 64
+    return sum(dataset_lengths(pipe["train_dataset"]))
+
+
 def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -222,7 +253,7 @@ def test_html_page_in_headless_chromium(compared):
 
 
 @pytest.mark.slow
-def test_two_process_compare(tmp_path, make_train_yaml, run_cli):
+def test_two_process_compare(tmp_path, make_train_yaml, run_cli, tiny_model):
     config = make_train_yaml(tmp_path, max_samples=64, eval_dataset="demo_add_eval")
     res = run_cli(["compare", config, "--methods", "random,loss", "--seeds", "1", "--out", tmp_path / "out"],
                   env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, cwd=tmp_path, timeout=900, real=True)
@@ -232,6 +263,10 @@ def test_two_process_compare(tmp_path, make_train_yaml, run_cli):
     manifest = json.loads((tmp_path / "out" / "loss" / "seed-0" / "dataflex" / "run.json").read_text())
     assert manifest["global_batch"] == 2 * 2 * 2  # two processes trained it
     assert data["tables"][0]["rows"][1]["over"] == "questions"
+    # the scoring work is the whole run's, as one process counts it: 2 selections x every training token
+    loss = next(r for r in data["runs"] if r["method"] == "loss")
+    tokens = _train_tokens(tmp_path / "out" / "loss" / "seed-0" / "compare_train.yaml", tiny_model, tmp_path)
+    assert loss["decision_tokens"] == {"forward": 2 * tokens, "backward": 0}
 
 
 @pytest.mark.e2e

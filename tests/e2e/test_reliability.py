@@ -66,6 +66,10 @@ def test_resume_from_the_checkpoint_alone_consumes_what_an_uninterrupted_run_wou
         assert recs[step]["run_id"] == run_id and recs[step]["indices"] == ref_recs[step]["indices"]
         # the selections after the resume used the restored state (delta_loss's baseline, LESS's sums)
         assert recs[step]["per_sample"][key] == pytest.approx(ref_recs[step]["per_sample"][key], abs=1e-5)
+    # the scoring work counts on from the checkpoint's: the resumed run ends with the uninterrupted run's total
+    work = [(r["dataflex_decision_tokens_forward"], r["dataflex_decision_tokens_backward"])
+            for r in (json.loads((d / "train_results.json").read_text()) for d in (tmp_path / "ref" / "out", out))]
+    assert work[0] == work[1] and work[0][0] > 0 and (work[0][1] > 0) == (component == "less")
 
 
 NEAR_COMPONENTS = "selectors:\n  near:\n    name: near\n    params: {neighbours: 6, refresh: false, scoring_batch_size: 8}\n"

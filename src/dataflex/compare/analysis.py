@@ -14,6 +14,11 @@ from .stats import Interval, interval, paired_difference, verdict
 HIGHER_IS_BETTER = {"loss": False, "choice": True, "choice_norm": True, "exact": True}
 
 
+def higher_is_better(metric: str) -> bool:
+    """``loss`` lower, the accuracies higher; ``NAME:metric`` (an ``--eval-extra`` set) as its metric."""
+    return HIGHER_IS_BETTER[metric.rpartition(":")[2]]
+
+
 def value(pairs: Sequence[Sequence[float]]) -> float:
     return sum(p[0] for p in pairs) / sum(p[1] for p in pairs)
 
@@ -49,7 +54,7 @@ def row(method: str, per_seed: list[list], base_per_seed: list[list] | None, met
     """One table row from per-seed per-question pairs (seeds paired by position with the baseline's).
 
     With two seeds or more, intervals are over seeds; with one, over the questions of that seed."""
-    higher = HIGHER_IS_BETTER[metric]
+    higher = higher_is_better(metric)
     if len(per_seed) >= 2:
         est = interval(_seed_sample(per_seed))
         diff = paired_difference(_seed_sample(per_seed), _seed_sample(base_per_seed)) if base_per_seed else None
@@ -124,7 +129,7 @@ def _pm(mean: float, lo: float | None, hi: float | None, signed: bool = False) -
 def render(tab: dict[str, Any]) -> str:
     """A table as text: method, mean ± 95 % CI, difference to the baseline ± its CI, verdict."""
     what = "same optimizer steps" if tab["budget"] == "steps" else f"same compute ({tab['unit']})"
-    direction = "lower is better" if not HIGHER_IS_BETTER[tab["metric"]] else "higher is better"
+    direction = "lower is better" if not higher_is_better(tab["metric"]) else "higher is better"
     lines = [f"budget {tab['budget']} ({what}); metric {tab['metric']} ({direction}); baseline {tab['baseline']}"]
     width = max([len(r["method"]) for r in tab["rows"]] + [6])
     lines.append(f"  {'method':<{width}}  {'seeds':>5}  {'mean ± 95% CI':<22}  {'diff to baseline ± 95% CI':<26}  verdict")

@@ -81,9 +81,13 @@ def question_of(row: dict[str, Any], columns: dict[str, str]) -> str:
 class Evaluator:
     """Loads the model, tokenizer and eval set once (from the comparison's config); measures checkpoints."""
 
-    def __init__(self, cfg: dict[str, Any], metric: str, options_column: str = "options", batch_size: int = 8):
+    def __init__(self, cfg: dict[str, Any], metric: str, options_column: str = "options", batch_size: int = 8,
+                 cap: int | None = None):
+        """``cap``: measure at most this many rows of the eval set (its first ones)."""
         self.cfg, self.metric, self.options_column, self.batch_size = cfg, metric, options_column, batch_size
+        self.cap = cap
         self._loaded: dict[str, Any] | None = None
+        self._measured_checkpoint = False
 
     def _load(self, workdir: Path) -> dict[str, Any]:
         if self._loaded is None:
@@ -101,7 +105,11 @@ class Evaluator:
                 for key in ("deepspeed", "fsdp", "fsdp_config", "resume_from_checkpoint",
                             "include_num_input_tokens_seen"):
                     cfg.pop(key, None)
-                pipe = build_pipeline(cfg)
+                import contextlib
+                import io
+
+                with contextlib.redirect_stdout(io.StringIO()):  # LLaMA-Factory prints a tokenized example
+                    pipe = build_pipeline(cfg)
             finally:
                 if before is None:
                     os.environ.pop("LLAMAFACTORY_VERBOSITY", None)
@@ -109,6 +117,9 @@ class Evaluator:
                     os.environ["LLAMAFACTORY_VERBOSITY"] = before
             pipe["model"].eval()
             pipe["rows"] = self._raw_rows()
+            if self.cap is not None:
+                pipe["rows"] = pipe["rows"][:self.cap]
+                pipe["eval_dataset"] = pipe["eval_dataset"].select(range(min(self.cap, len(pipe["eval_dataset"]))))
             self._loaded = pipe
         return self._loaded
 
@@ -144,9 +155,14 @@ class Evaluator:
             model.load_state_dict(state, strict=False)
         model.eval()
 
-    def measure(self, checkpoint: Path, workdir: Path) -> dict[str, Pairs]:
+    def measure(self, checkpoint: Path | None, workdir: Path) -> dict[str, Pairs]:
+        """The metrics of ``checkpoint``; None: of the model as loaded, before any checkpoint (call it first)."""
         pipe = self._load(workdir)
-        self.load_weights(checkpoint)
+        if checkpoint is not None:
+            self.load_weights(checkpoint)
+        elif self._measured_checkpoint:
+            raise RuntimeError("the starting model is measured before any checkpoint is loaded")
+        self._measured_checkpoint = self._measured_checkpoint or checkpoint is not None
         out = {"loss": self._loss(pipe)}
         if self.metric == "choice":
             out.update(self._choice(pipe))
@@ -224,14 +240,27 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+BACKWARD_COST = 2  # a backward pass costs about two forwards (it multiplies by the weights and their inputs)
+
+
+def work_of(tokens: float | None, decision_forward: int, decision_backward: int) -> float | None:
+    """Counted work in forward-token units: each trained token goes forward and backward once
+    (1 + BACKWARD_COST), plus the decisions' scoring forwards and (x BACKWARD_COST) backwards."""
+    if tokens is None:
+        return None
+    return (1 + BACKWARD_COST) * tokens + decision_forward + BACKWARD_COST * decision_backward
+
+
 def compute_of(out: Path) -> dict[int, dict[str, float]]:
-    """``{step: {"seconds", "tokens"}}`` for each checkpoint of a finished run.
+    """``{step: {"seconds", "tokens", "decision_forward", "decision_backward", "work"}}`` per checkpoint of a
+    finished run.
 
     Seconds: from the start of the training loop (its end, the last checkpoint's write time, minus the
     ``train_runtime`` transformers measured) to the checkpoint's write time, so the method's own decisions
     made on the way are included and model loading is not. Tokens: the non-padding tokens trained on
-    (transformers' ``num_input_tokens_seen``) - each goes forward and backward once; the tokens a
-    component scores are not counted (see docs/compare.md).
+    (transformers' ``num_input_tokens_seen``, all ranks). Decision tokens: the tokens the method's scoring
+    passes forwarded and back-propagated up to the checkpoint (its ``dataflex_state.json``; 0 for plain
+    training). Work: :func:`work_of` of those.
     """
     results = json.loads((out / "train_results.json").read_text(encoding="utf-8"))
     points = checkpoints(out)
@@ -244,9 +273,32 @@ def compute_of(out: Path) -> dict[int, dict[str, float]]:
         state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         tokens = state.get("num_input_tokens_seen") or next((e["num_input_tokens_seen"] for e in reversed(state.get("log_history", []))
                        if "num_input_tokens_seen" in e), None)
-        out_map[step] = {"seconds": max(0.0, stamp[step] - start), "tokens": tokens}
+        work = {}
+        own = path / "dataflex_state.json"
+        if own.is_file():
+            work = json.loads(own.read_text(encoding="utf-8")).get("work") or {}
+        fwd, bwd = int(work.get("forward_tokens", 0)), int(work.get("backward_tokens", 0))
+        out_map[step] = {"seconds": max(0.0, stamp[step] - start), "tokens": tokens, "decision_forward": fwd,
+                         "decision_backward": bwd, "work": work_of(tokens, fwd, bwd)}
     return out_map
 
 
 def eval_names(cfg: dict[str, Any]) -> list[str]:
     return names(cfg.get("eval_dataset"))
+
+
+class Evaluators:
+    """The measured set and the ``--eval-extra`` sets: one :class:`Evaluator` each, one dict of metrics
+    (an extra set's metrics are named ``NAME:metric``)."""
+
+    def __init__(self, sets: dict[str, dict[str, Any]], metric: str, options_column: str = "options",
+                 cap: int | None = None):
+        """``sets``: ``{"": cfg of the measured set, NAME: cfg of an extra set}`` (each with its eval_dataset)."""
+        self.parts = {name: Evaluator(cfg, metric, options_column, cap=cap) for name, cfg in sets.items()}
+
+    def measure(self, checkpoint: Path | None, workdir: Path) -> dict[str, Pairs]:
+        out: dict[str, Pairs] = {}
+        for name, part in self.parts.items():
+            for key, pairs in part.measure(checkpoint, workdir / (name or "main")).items():
+                out[f"{name}:{key}" if name else key] = pairs
+        return out

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..report.page import CSS
 from ..report.svg import line_chart
-from .analysis import HIGHER_IS_BETTER, render
+from .analysis import higher_is_better, render
 
 def run_report(out: Path, target: Path) -> Path | None:
     """A run's own report page (what ``dataflex-cli report OUT --html`` writes), or None for a run without
@@ -56,7 +56,7 @@ def _table_html(tab: dict[str, Any]) -> str:
                     f"<td class='{word}'>{word}</td></tr>")
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in tab["notes"])
     what = "same optimizer steps" if tab["budget"] == "steps" else f"same compute ({tab['unit']})"
-    better = "higher" if HIGHER_IS_BETTER[tab["metric"]] else "lower"
+    better = "higher" if higher_is_better(tab["metric"]) else "lower"
     return (f"<h3>Budget {tab['budget']} ({what}), metric {tab['metric']} ({better} is better)</h3>"
             "<table><tr><th>method</th><th>seeds</th><th>mean ± 95% CI</th><th>difference to "
             f"{html.escape(tab['baseline'])} ± 95% CI</th><th>verdict</th></tr>{''.join(rows)}</table>"
@@ -64,12 +64,15 @@ def _table_html(tab: dict[str, Any]) -> str:
 
 
 def page(data: dict[str, Any], where: Path | None = None) -> str:
-    metrics = sorted({t["metric"] for t in data["tables"]}, key=["loss", "choice", "choice_norm", "exact"].index)
+    order = ["loss", "choice", "choice_norm", "exact"]
+    metrics = sorted({t["metric"] for t in data["tables"]},
+                     key=lambda m: (":" in m, m.rpartition(":")[0], order.index(m.rpartition(":")[2])))
     charts = []
     for metric in metrics:
-        charts.append(f"<h3>{metric}</h3>"
-                      + line_chart(f"{metric}-by-step", _curves(data, metric, "step"), "optimizer step", metric)
-                      + line_chart(f"{metric}-by-seconds", _curves(data, metric, "seconds"), "seconds of training",
+        ident = metric.replace(":", "-")
+        charts.append(f"<h3>{html.escape(metric)}</h3>"
+                      + line_chart(f"{ident}-by-step", _curves(data, metric, "step"), "optimizer step", metric)
+                      + line_chart(f"{ident}-by-seconds", _curves(data, metric, "seconds"), "seconds of training",
                                    metric))
     links = []
     for entry in data["runs"]:

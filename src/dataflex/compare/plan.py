@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +137,10 @@ class Setup:
     out: Path
     runs: list[RunSpec]
     eval_rows: int
-    test_dataset: str | None = None  # measured on this set instead of the config's eval_dataset
-    measured_cfg: dict[str, Any] | None = None  # the config the evaluator reads (eval_dataset = the measured set)
-
-    @property
-    def measure_key(self) -> str:
-        """What a run's measurement depends on beyond its training: the metric, the options column and the
-        measured set. A finished run measured otherwise is measured again (not trained again)."""
-        cfg = self.measured_cfg or self.cfg
-        what = {"metric": self.metric, "options": self.options_column, "eval_dataset": cfg.get("eval_dataset"),
-                "max_samples": cfg.get("max_samples")}
-        return hashlib.sha256(json.dumps(what, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    measure_cfg: dict[str, Any] = field(default_factory=dict)  # cfg whose eval_dataset is the set measured
+    extra_sets: dict[str, str] = field(default_factory=dict)  # --eval-extra: name -> dataset
+    eval_cap: int | None = None  # --quick: rows measured per eval set, at most
+    quick: bool = False
 
     def runs_of(self, method: Method, role: str = "main") -> list[RunSpec]:
         """The method's runs in seed order; the baseline's ``long`` runs are its main ones under the compute budget alone."""
@@ -182,8 +175,11 @@ def _rows(path: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-def dataset_rows(cfg: dict[str, Any], key: str) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]] | None]]:
-    """``{name: (registry entry, rows or None)}`` for the datasets named by ``cfg[key]`` (local files only)."""
+def dataset_rows(cfg: dict[str, Any], key: str, what_of: dict[str, str] | None = None
+                 ) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+    """``{name: (registry entry, rows or None)}`` for the datasets named by ``cfg[key]`` (local files only);
+    ``what_of`` names the option behind a key in the messages."""
+    what_of = what_of or {}
     from ..integration import dataset_registry
 
     dataset_dir = str(cfg.get("dataset_dir", "data"))
@@ -192,7 +188,8 @@ def dataset_rows(cfg: dict[str, Any], key: str) -> dict[str, tuple[dict[str, Any
     for name in names(cfg.get(key)):
         entry = registry.get(name)
         if entry is None:
-            raise ConfigError(f"{key}: '{name}' is not registered in {os.path.join(dataset_dir, 'dataset_info.json')}")
+            raise ConfigError(f"{what_of.get(key, key)}: '{name}' is not registered in "
+                              f"{os.path.join(dataset_dir, 'dataset_info.json')}")
         rows = None
         file_name = entry.get("file_name")
         if file_name and not any(entry.get(k) for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
@@ -207,20 +204,21 @@ def _content(row: dict[str, Any]) -> str:
     return json.dumps(row, sort_keys=True, ensure_ascii=False)
 
 
-def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None, label: str = "eval_dataset") -> int:
-    """The eval set is there, held out (no row of it is a training row, by content) and can give the metric.
-    Returns its number of rows (0 when it is not a local file)."""
+def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None, what: str = "eval_dataset") -> int:
+    """The eval set (``cfg["eval_dataset"]``) is there, held out (no row of it is a training row, by content)
+    and can give the metric. Returns its number of rows (0 when it is not a local file). ``what``: the
+    key or option that named the set, for the messages."""
     if not names(cfg.get("eval_dataset")):
         raise ConfigError("eval_dataset: compare needs a held-out eval set to measure the methods on; "
                           "add eval_dataset: NAME to the config (a dataset registered in dataset_info.json)")
-    evals = dataset_rows(cfg, "eval_dataset")
+    evals = dataset_rows(cfg, "eval_dataset", {"eval_dataset": what})
     trains = dataset_rows(cfg, "dataset")
     train_rows = {_content(r): name for name, (_, rows) in trains.items() for r in rows or [] if isinstance(r, dict)}
     count = 0
     for name, (entry, rows) in evals.items():
         for i, row in enumerate(rows or []):
             if isinstance(row, dict) and _content(row) in train_rows:
-                raise ConfigError(f"{label}: row {i} of '{name}' is also a training row of "
+                raise ConfigError(f"{what}: row {i} of '{name}' is also a training row of "
                                   f"'{train_rows[_content(row)]}'; allowed: an eval set held out from the training data")
         count += len(rows or [])
         if metric in ("choice", "exact"):
@@ -245,13 +243,13 @@ def check_eval_set(cfg: dict[str, Any], metric: str, options_column: str | None,
 
 
 def check_test_set(cfg: dict[str, Any], test_dataset: str) -> None:
-    """``--test-dataset``: one or more registered sets, none of whose rows the methods see as their eval set
-    (a selector aimed at the rows it is measured on would be measured on its own target)."""
+    """``--test-dataset``: registered, and none of its rows is a row of the methods' eval set (a selector
+    aimed at the rows it is measured on would be measured on its own target)."""
     if not names(test_dataset):
         raise ConfigError("--test-dataset: empty; allowed: the name of a dataset registered in dataset_info.json")
-    tests = dataset_rows({**cfg, "--test-dataset": test_dataset}, "--test-dataset")
+    tests = dataset_rows({**cfg, "eval_dataset": test_dataset}, "eval_dataset", {"eval_dataset": "--test-dataset"})
     seen = {_content(r): name for name, (_, rows) in dataset_rows(cfg, "eval_dataset").items()
-            for r in rows or [] if isinstance(r, dict)}
+            for r in rows or [] if isinstance(r, dict)} if names(cfg.get("eval_dataset")) else {}
     for name, (_, rows) in tests.items():
         for i, row in enumerate(rows or []):
             if isinstance(row, dict) and _content(row) in seen:
@@ -276,11 +274,24 @@ def _method_spec(method: Method, path: Path, mode_section: str) -> ComponentSpec
     raise ConfigError(f"--methods: unknown method '{method.name}'; allowed: {known}")
 
 
-def prepare(config: str | os.PathLike, methods: str, *, seeds: int = 3, budget: str = "steps", metric: str = "loss",
-            out: str | os.PathLike | None = None, overrides: list[str] | None = None,
+QUICK_SEEDS, QUICK_STEPS, QUICK_EVAL_ROWS = 2, 20, 50
+
+
+def prepare(config: str | os.PathLike, methods: str, *, seeds: int | None = None, budget: str = "steps",
+            metric: str = "loss", out: str | os.PathLike | None = None, overrides: list[str] | None = None,
             options_column: str | None = None, eval_every: int | None = None, compute: str = "seconds",
-            baseline: str | None = None, baseline_factor: float = 2.0, test_dataset: str | None = None) -> Setup:
-    """Check everything and plan every run (nothing is written, nothing is loaded)."""
+            baseline: str | None = None, baseline_factor: float = 2.0, quick: bool = False,
+            test_dataset: str | None = None, eval_extra: list[str] | None = None) -> Setup:
+    """Check everything and plan every run (nothing is written, nothing is loaded).
+
+    ``quick``: a small comparison - QUICK_SEEDS seeds unless ``seeds`` is given, at most QUICK_STEPS
+    optimizer steps unless ``max_steps`` / ``train_step`` is overridden, one checkpoint per run (at its
+    end) unless ``eval_every`` is given, and at most QUICK_EVAL_ROWS rows of each eval set measured.
+    ``test_dataset``: measure on this registered set instead of the config's ``eval_dataset`` (which the
+    methods may aim at). ``eval_extra``: ``NAME=DATASET`` (or ``DATASET``) sets measured as well, reported
+    as metrics ``NAME:loss``, ``NAME:<metric>``."""
+    if seeds is None:
+        seeds = QUICK_SEEDS if quick else 3
     if budget not in BUDGETS:
         raise ConfigError(f"--budget: '{budget}' is not supported; allowed: {', '.join(BUDGETS)}")
     if metric not in METRICS:
@@ -326,12 +337,25 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int = 3, budget: 
             raise ConfigError(f"--baseline: '{baseline}' is not among --methods; allowed: "
                               f"{', '.join(m.label for m in parsed)}")
     steps = common_steps(cfg)
-    measured = cfg
+    if quick and not overrides_keys(overrides) & {"max_steps", "train_step"}:
+        steps = min(steps, QUICK_STEPS)
+    if quick and eval_every is None:
+        eval_every = steps
+    measure_cfg = dict(cfg)
     if test_dataset is not None:
-        measured = {**cfg, "eval_dataset": test_dataset}
+        measure_cfg["eval_dataset"] = test_dataset
         check_test_set(cfg, test_dataset)
-    eval_rows = check_eval_set(measured, metric, options_column or "options",
-                               "eval_dataset" if test_dataset is None else "--test-dataset")
+    eval_rows = check_eval_set(measure_cfg, metric, options_column or "options",
+                               "--test-dataset" if test_dataset is not None else "eval_dataset")
+    extra_sets: dict[str, str] = {}
+    for item in eval_extra or []:
+        name, eq, dataset = item.partition("=")
+        name, dataset = (name.strip(), dataset.strip()) if eq else (item.strip(), item.strip())
+        if not name or not dataset or ":" in name or name in extra_sets:
+            raise ConfigError(f"--eval-extra: '{item}' is invalid; allowed: NAME=DATASET (a registered dataset; "
+                              "names unique, without ':')")
+        check_eval_set({**cfg, "eval_dataset": dataset}, metric, options_column or "options", "--eval-extra")
+        extra_sets[name] = dataset
     budgets = ["steps", "compute"] if budget == "both" else [budget]
     if eval_every is not None and steps % eval_every:
         raise ConfigError(f"--eval-every: {eval_every} does not divide the {steps} steps every method trains; "
@@ -351,7 +375,8 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int = 3, budget: 
                 run_cfg, comps = run_config(cfg, m, specs.get(m), comp_path, seed0 + k, run_steps, every, folder)
                 runs.append(RunSpec(m, k, seed0 + k, role, run_steps, run_cfg, comps, folder))
     return Setup(config, cfg, parsed, base, seeds, budgets, metric, compute, steps, base_steps, every,
-                 options_column or "options", out, runs, eval_rows, test_dataset, measured)
+                 options_column or "options", out, runs, eval_rows, measure_cfg, extra_sets,
+                 QUICK_EVAL_ROWS if quick else None, quick)
 
 
 def overrides_keys(overrides: list[str] | None) -> set[str]:
@@ -389,3 +414,27 @@ def run_config(cfg: dict[str, Any], method: Method, spec: ComponentSpec | None, 
     })
     run.pop("save_total_limit", None)
     return run, components
+
+
+def combine(main: Setup, others: list[tuple[Setup, str]]) -> Setup:
+    """One comparison of ``main``'s methods and those of other setups (other modes, datasets or configs,
+    one :func:`prepare` each) against ``main``'s baseline, measured on ``main``'s eval sets.
+
+    Each other setup comes with a label prefix (``"weight "``: its method ``loss`` becomes ``weight loss``)
+    and must share main's seeds, steps and checkpoints; prepare it with ``budget="steps"`` and an
+    ``out`` folder of its own (its own baseline, needed by :func:`prepare`, is an ordinary method here)."""
+    methods, runs = list(main.methods), list(main.runs)
+    for setup, prefix in others:
+        for key in ("seeds", "steps", "eval_every"):
+            if getattr(setup, key) != getattr(main, key):
+                raise ConfigError(f"combine: {setup.config} has {key} {getattr(setup, key)}, {main.config} "
+                                  f"{getattr(main, key)}; allowed: the same {key} in every part")
+        renamed = {m: replace(m, label=prefix + m.label) for m in setup.methods}
+        clash = [m.label for m in renamed.values() if m.label in {x.label for x in methods}]
+        if clash:
+            raise ConfigError(f"combine: method '{clash[0]}' is in two parts; give one a prefix of its own")
+        methods += renamed.values()
+        runs += [replace(r, method=renamed[r.method]) for r in setup.runs if r.role == "main"]
+    if len({str(r.out) for r in runs}) != len(runs):
+        raise ConfigError("combine: two parts train into the same folder; allowed: an out folder of its own per part")
+    return replace(main, methods=methods, runs=runs)

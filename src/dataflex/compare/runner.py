@@ -27,7 +27,7 @@ import yaml
 from . import analysis
 from .plan import RunSpec, Setup, prepare
 
-FORMAT = 1
+FORMAT = 2  # 2: curve points carry the decisions' token passes and "work"
 _BAR = re.compile(r"(\d+)/(\d+) \[")
 
 
@@ -156,22 +156,30 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def finished(spec: RunSpec, measure_key: str | None = None) -> tuple[dict[str, Any] | None, bool]:
+def finished(spec: RunSpec, measure_key: str | None = None, needs_work: bool = False
+             ) -> tuple[dict[str, Any] | None, bool]:
     """(the run's entry when it finished earlier with the same key and was measured the same way, whether it
-    was trained with the same key): a trained run measured otherwise (another metric or test set) is measured
-    again, not trained again. An entry from before measurement keys counts as measured the same way."""
+    was trained with the same key). A trained run measured otherwise (another metric, test set, extra set or
+    cap) is measured again, not trained again. An entry of format 1 (before counted work and measurement
+    keys) serves a comparison that does not need counted work, as it was measured then."""
     try:
         entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, False
-    if entry.get("key") != spec.key or entry.get("format") != FORMAT:
+    if entry.get("key") != spec.key or entry.get("format") not in (1, FORMAT):
         return None, False
-    same = measure_key is None or entry.get("measure_key", measure_key) == measure_key
+    if entry.get("format") != FORMAT:  # its checkpoints carry no counted decision work: train again for it
+        return (None, False) if needs_work else (entry, True)
+    same = measure_key is None or entry.get("measure_key") == measure_key
     return (entry if same else None), True
 
 
-def measure(spec: RunSpec, evaluator: Any, measure_key: str | None = None) -> dict[str, Any]:
-    """Measure every checkpoint of a trained run and write its ``compare_run.json`` (last, atomically)."""
+def measure(spec: RunSpec, evaluator: Any, after_run: Callable[[RunSpec], dict[str, Any]] | None = None,
+            measure_key: str | None = None) -> dict[str, Any]:
+    """Measure every checkpoint of a trained run and write its ``compare_run.json`` (last, atomically).
+
+    ``after_run(spec)``: the caller's own measurements of the run (its folder is ``spec.out``), kept in
+    the entry as ``extra`` (a JSON-able dict), so a resumed comparison has them too."""
     from .evaluate import checkpoints, compute_of
 
     compute = compute_of(spec.out)
@@ -188,34 +196,41 @@ def measure(spec: RunSpec, evaluator: Any, measure_key: str | None = None) -> di
         if path.is_file():
             results = json.loads(path.read_text(encoding="utf-8"))
             break
-    entry = {"format": FORMAT, "key": spec.key, "measure_key": measure_key, "method": spec.method.label, "seed_index": spec.index,
+    entry = {"format": FORMAT, "key": spec.key, "measure_key": measure_key, "method": spec.method.label,
+             "seed_index": spec.index,
              "seed": spec.seed, "role": spec.role, "steps": spec.steps, "out": str(spec.out),
              "config": spec.cfg, "components": spec.components,
              "seconds": {"train": results.get("train_runtime"), "decisions": results.get("dataflex_seconds", 0.0)},
-             "curve": curve}
+             "decision_tokens": {"forward": results.get("dataflex_decision_tokens_forward", 0),
+                                 "backward": results.get("dataflex_decision_tokens_backward", 0)},
+             "curve": curve, "extra": after_run(spec) if after_run is not None else None}
     tmp = spec.done_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entry), encoding="utf-8")
     tmp.replace(spec.done_path)
     return entry
 
 
-def summarise(setup: Setup, entries: dict[str, dict[str, Any]], failures: list[str]) -> dict[str, Any]:
-    """The compare.json dict: the setup, every run's entry, the tables."""
+def summarise(setup: Setup, entries: dict[str, dict[str, Any]], failures: list[str],
+              start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The compare.json dict: the setup, the untrained model's metrics (``start``), every run's entry, the tables."""
     labels = [m.label for m in setup.methods]
     runs: dict[str, dict[str, list]] = {m.label: {} for m in setup.methods}
     for spec in setup.runs:
         runs[spec.method.label].setdefault(spec.role, [None] * setup.seeds)[spec.index] = entries.get(str(spec.out))
-    metrics = ["loss"] + ({"choice": ["choice", "choice_norm"], "exact": ["exact"]}.get(setup.metric, []))
+    own = ["loss"] + ({"choice": ["choice", "choice_norm"], "exact": ["exact"]}.get(setup.metric, []))
+    metrics = own + [f"{name}:{m}" for name in setup.extra_sets for m in own]
     tables = []
     for budget in setup.budgets:
         for metric in metrics:
             tables.append(analysis.table(runs, labels, setup.baseline.label, budget, metric, setup.steps,
-                                         "tokens" if setup.compute_unit == "work" else "seconds"))
+                                         setup.compute_unit))
     missing = [f"{s.name} ({s.out})" for s in setup.runs if str(s.out) not in entries]
     return {"format": FORMAT, "config": str(setup.config), "methods": labels, "baseline": setup.baseline.label,
             "seeds": setup.seeds, "budgets": setup.budgets, "metric": setup.metric, "compute": setup.compute_unit,
             "steps": setup.steps, "baseline_steps": setup.baseline_steps, "eval_every": setup.eval_every,
-            "eval_rows": setup.eval_rows, "test_dataset": setup.test_dataset, "out": str(setup.out), "missing": missing, "failures": failures,
+            "measure_key": _measure_key(setup), "eval_rows": setup.eval_rows, "eval_cap": setup.eval_cap, "quick": setup.quick,
+            "extra_sets": setup.extra_sets, "start": start, "out": str(setup.out), "missing": missing,
+            "failures": failures,
             "runs": [entries[str(s.out)] for s in setup.runs if str(s.out) in entries], "tables": tables}
 
 
@@ -225,56 +240,90 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = None) -> dict[str, Any]:
+def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = None,
+            run_env: Callable[[RunSpec], dict[str, str]] | None = None,
+            after_run: Callable[[RunSpec], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train and measure every unfinished run of a prepared setup; returns the compare.json dict.
 
+    ``run_env(spec)``: the environment of that run's training process (default: this one's), e.g. to
+    switch a plugin on with a folder of the run's own. ``after_run``: see :func:`measure`.
     KeyboardInterrupt ends the running child, writes compare.json with what finished and propagates."""
     setup.out.mkdir(parents=True, exist_ok=True)
     if evaluator is None:
-        from .evaluate import Evaluator
+        from .evaluate import Evaluators
 
-        evaluator = Evaluator(setup.measured_cfg or setup.cfg, setup.metric, setup.options_column)
+        sets = {"": setup.measure_cfg or setup.cfg}
+        sets.update({name: {**setup.cfg, "eval_dataset": dataset} for name, dataset in setup.extra_sets.items()})
+        evaluator = Evaluators(sets, setup.metric, setup.options_column, cap=setup.eval_cap)
     order = sorted(setup.runs, key=lambda s: (s.index, s.role != "main"))  # seed 0 of every method first
     entries: dict[str, dict[str, Any]] = {}
-    todo = []
-    remeasure = []
+    todo, again = [], []
+    key = _measure_key(setup)
+    needs_work = setup.compute_unit == "work" and "compute" in setup.budgets
     for spec in order:
-        entry, trained = finished(spec, setup.measure_key)
+        entry, trained = finished(spec, key, needs_work)
         if entry is not None:
             entries[str(spec.out)] = entry
             say(f"[compare] {spec.name}: finished earlier (key {spec.key}), skipped")
         elif trained:
-            remeasure.append(spec)
+            again.append(spec)
         else:
             todo.append(spec)
     progress = Progress(len(todo), say)
     failures: list[str] = []
     path = setup.out / "compare.json"
+    start = _start_point(setup, evaluator, path)
     try:
-        for spec in remeasure:
-            say(f"[compare] {spec.name}: trained earlier (key {spec.key}), measured again for this metric / test set")
-            entries[str(spec.out)] = measure(spec, evaluator, setup.measure_key)
+        for spec in again:
+            say(f"[compare] {spec.name}: trained earlier (key {spec.key}), measured again for this metric / "
+                "test set")
+            entries[str(spec.out)] = measure(spec, evaluator, after_run, key)
+            write_json(path, summarise(setup, entries, failures, start))
         for i, spec in enumerate(todo):
             progress.number = i + 1
             say(f"[compare] run {i + 1}/{len(todo)} {spec.name}: training {spec.steps} steps into {spec.out}")
             try:
-                train(spec, progress, todo[i + 1:])
-                entries[str(spec.out)] = measure(spec, evaluator, setup.measure_key)
+                train(spec, progress, todo[i + 1:], env=run_env(spec) if run_env is not None else None)
+                entries[str(spec.out)] = measure(spec, evaluator, after_run, key)
             except RunFailed as err:
                 failures.append(str(err))
                 say(f"[compare] {err}")
-            write_json(path, summarise(setup, entries, failures))
+            write_json(path, summarise(setup, entries, failures, start))
     finally:
-        data = summarise(setup, entries, failures)
+        data = summarise(setup, entries, failures, start)
         write_json(path, data)
     return data
 
 
-def run(config: str | os.PathLike, methods: str, seeds: int = 3, budget: str = "steps", metric: str = "loss",
-        out: str | os.PathLike = "compare_out", overrides: list[str] | None = None, **options: Any) -> dict[str, Any]:
-    """The whole comparison from Python (what ``dataflex-cli compare`` does): returns the compare.json dict."""
+def _start_point(setup: Setup, evaluator: Any, path: Path) -> dict[str, Any]:
+    """The untrained model's metrics (step 0 of every curve): measured once, kept in compare.json."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old.get("format") == FORMAT and old.get("start") and old.get("measure_key") == _measure_key(setup):
+            return old["start"]
+    except (OSError, ValueError):
+        pass
+    metrics = evaluator.measure(None, setup.out / "compare_eval")
+    shutil.rmtree(setup.out / "compare_eval", ignore_errors=True)
+    return {"step": 0, "values": {k: analysis.value(v) for k, v in metrics.items()},
+            "metrics": {k: [list(p) for p in v] for k, v in metrics.items()}}
+
+
+def _measure_key(setup: Setup) -> str:
+    from .plan import run_key
+
+    return run_key({"measure": setup.measure_cfg, "extra": setup.extra_sets, "cap": setup.eval_cap,
+                    "metric": setup.metric}, None)
+
+
+def run(config: str | os.PathLike, methods: str, seeds: int | None = None, budget: str = "steps", metric: str = "loss",
+        out: str | os.PathLike = "compare_out", overrides: list[str] | None = None,
+        run_env: Callable[[RunSpec], dict[str, str]] | None = None,
+        after_run: Callable[[RunSpec], dict[str, Any]] | None = None, **options: Any) -> dict[str, Any]:
+    """The whole comparison from Python (what ``dataflex-cli compare`` does): returns the compare.json dict.
+    ``options``: :func:`~dataflex.compare.plan.prepare`'s; ``run_env``, ``after_run``: :func:`execute`'s."""
     setup = prepare(config, methods, seeds=seeds, budget=budget, metric=metric, out=out, overrides=overrides, **options)
-    return execute(setup)
+    return execute(setup, run_env=run_env, after_run=after_run)
 
 
 def text_report(data: dict[str, Any]) -> str:

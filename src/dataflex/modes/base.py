@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 from ..dist.agreement import Agreement
 from ..schedule import total_steps
-from ..scoring.engine import ScoringEngine, dataset_lengths
+from ..scoring.engine import DecisionWork, ScoringEngine, dataset_lengths
 
 logger = logging.getLogger("dataflex")
 
@@ -92,6 +92,7 @@ class ModeContext:
         self.resumed_at: int | None = None  # the checkpoint's step, when the run resumed
         self.resumed_from: str | None = None
         self._scorer: ScoringEngine | None = None
+        self.work = DecisionWork()  # the token passes of the scoring engine's maps, the whole run (all ranks)
 
     @property
     def args(self) -> Any:
@@ -122,7 +123,8 @@ class ModeContext:
         """The scoring engine on the training model (built on first use)."""
         if self._scorer is None:
             t = self.trainer
-            self._scorer = ScoringEngine(t.model, self.collator, t.args.device, agreement=self.agreement)
+            self._scorer = ScoringEngine(t.model, self.collator, t.args.device, agreement=self.agreement,
+                                         work=self.work)
         return self._scorer
 
     def zero_stage(self) -> int | None:

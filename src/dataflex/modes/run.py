@@ -57,7 +57,7 @@ def state_dict(mode: Mode) -> dict[str, Any]:
     """The checkpoint's ``dataflex_state.json`` (called on every rank)."""
     ctx = mode.ctx
     return {"run_id": mode.round.log.run_id, "mode": mode.name, "step": ctx.step, "setup": setup_digest(mode),
-            "round": mode.round_state()}
+            "round": mode.round_state(), "work": ctx.work.as_dict()}
 
 
 def manifest(mode: Mode) -> dict[str, Any]:
@@ -101,6 +101,9 @@ def finish(mode: Mode, output: Any, total: float) -> Any:
     output.metrics["dataflex_decisions"] = len(rnd.history) or getattr(rnd, "steps", 0)
     output.metrics["dataflex_seconds"] = round(seconds, 3)
     output.metrics["dataflex_share"] = round(share, 4)
+    # the scoring passes of the decisions, in tokens (what `dataflex-cli compare --compute work` adds to training's)
+    output.metrics["dataflex_decision_tokens_forward"] = ctx.work.forward_tokens
+    output.metrics["dataflex_decision_tokens_backward"] = ctx.work.backward_tokens
     output.metrics.update(mode.metrics())
     return output
 

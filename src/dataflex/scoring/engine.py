@@ -16,7 +16,9 @@ gradient features, zeroth-order probes, an eval-set gradient - goes through one 
   weights, where peers may be waiting inside the forward's own collectives - ends the process at
   once so torchrun stops the others;
 * the per-sample results of every rank are gathered, so every rank gets all of them, aligned
-  with the indices asked for.
+  with the indices asked for;
+* the token passes a map costs are added to the engine's :class:`DecisionWork` (the whole run's
+  scoring work, the same number on every rank; see there).
 
 The model runs in eval mode (dropout off, LoRA dropout included) and its training mode is
 restored afterwards.
@@ -104,6 +106,37 @@ class Batch:
     padding: bool  # a count-equalising repeat: run it (collectives), its result is dropped
 
 
+@dataclass
+class DecisionWork:
+    """The token passes a run's own decisions cost: every token of every row scored, once per pass.
+
+    ``forward_tokens``: tokens that went through a scoring forward; ``backward_tokens``: tokens whose
+    loss was also back-propagated (per-sample gradients, an eval gradient). A row counts with its
+    non-padding length (``input_ids``), once per :meth:`ScoringEngine.map` that scores it, summed over
+    every rank's batches: the count-equalising repeats of a multi-process run are not work the method
+    asks for and are left out, so one process and several give the same total, and every rank holds it
+    (each knows every batch's rows). Recomputation inside a backward (``recompute``) is not counted, as
+    training's own gradient checkpointing is not counted in its trained tokens.
+    """
+
+    forward_tokens: int = 0
+    backward_tokens: int = 0
+
+    def add(self, tokens: int, backward: bool) -> None:
+        self.forward_tokens += int(tokens)
+        if backward:
+            self.backward_tokens += int(tokens)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"forward_tokens": self.forward_tokens, "backward_tokens": self.backward_tokens}
+
+    def load(self, state: dict[str, Any] | None) -> None:
+        """Continue from a checkpoint's counts (a checkpoint written before they existed: from 0)."""
+        state = state or {}
+        self.forward_tokens = int(state.get("forward_tokens", 0))
+        self.backward_tokens = int(state.get("backward_tokens", 0))
+
+
 def is_partitioned(model: torch.nn.Module) -> bool:
     """True when the weights are DeepSpeed ZeRO-3 partitions (forwards then run collectives)."""
     return any(is_partitioned_param(p) for p in model.parameters())
@@ -119,6 +152,7 @@ class ScoringEngine:
         device: Any = None,
         agreement: Agreement | None = None,
         show_progress: bool = True,
+        work: DecisionWork | None = None,
     ):
         self.model = model
         self.collator = collator
@@ -130,6 +164,7 @@ class ScoringEngine:
         self.partitioned = is_partitioned(model)
         self._lengths: dict[int, list[int]] = {}
         self.forward_passes = 0  # this rank's batches in the last map (for benchmarks and tests)
+        self.work = work if work is not None else DecisionWork()  # every map's token passes, all ranks
 
     # -------------------------------------------------------------- plumbing
     def lengths(self, dataset: Any) -> list[int]:
@@ -154,12 +189,13 @@ class ScoringEngine:
 
     # -------------------------------------------------------------- the loop
     def map(self, dataset: Any, indices: Sequence[int], batch_size: int, fn: Callable[[Batch], Any],
-            desc: str) -> list[Any]:
+            desc: str, backward: bool = False) -> list[Any]:
         """``fn`` on every batch of ``dataset[indices]``; one result per index, in the order of ``indices``.
 
         ``fn(batch)`` returns one value per sample of the batch (a sequence or a tensor whose first
         dimension is the batch). Tensors are moved to the CPU. Runs on every rank (see the module
-        docstring for the sharding and failure rules).
+        docstring for the sharding and failure rules). ``backward``: ``fn`` also back-propagates each
+        row's loss once (counted in :attr:`work`); without it, ``fn`` is one forward per row.
         """
         indices = [int(i) for i in indices]
         batches = self.batches(dataset, indices, batch_size)
@@ -201,6 +237,8 @@ class ScoringEngine:
         merged: dict[int, list[Any]] = {}
         for part in parts:
             merged.update(part)
+        lengths = self.lengths(dataset)
+        self.work.add(sum(lengths[i] for i in indices), backward)
         out: list[Any] = [None] * len(indices)
         for b, batch in enumerate(batches):
             for p, value in zip(batch, merged[b]):

@@ -463,7 +463,7 @@ def sharded_features(
         return (reduce(feats) if reduce is not None else feats).detach().float()
 
     with eval_mode(engine.model):
-        values = engine.map(dataset, indices, batch_size, run, desc)
+        values = engine.map(dataset, indices, batch_size, run, desc, backward=True)
     if reduce is not None and values and torch.is_tensor(values[0]) and values[0].dim() == 1:
         return torch.stack(values)  # several values per sample (e.g. one per eval target): [N, K]
     if reduce is not None:

@@ -326,7 +326,7 @@ class ZerothOrderProbe:
             return (counts > 0).cpu().tolist()
 
         with eval_mode(model):
-            flags = engine.map(dataset, indices, batch_size, grad_of, desc)
+            flags = engine.map(dataset, indices, batch_size, grad_of, desc, backward=True)
         self.cost.rank_backwards += engine.forward_passes
         self.cost.rank_forwards += engine.forward_passes
         self.cost.sample_forwards += len(indices)

@@ -105,4 +105,19 @@ def test_missing_seeds_are_left_out_of_both_sides_and_named():
     assert "note: A: missing seed 1" in text and re.search(r"A\s+2\s+1\.5000 ± ", text)
 
 
+def test_an_extra_sets_metric_reads_as_its_own_metric():
+    """``other:exact`` (an --eval-extra set) is an accuracy: a higher value is better; ``other:loss`` lower."""
+    def runs(metric, base_values, meth_values):
+        def curve(v):
+            return [{"step": 4, "seconds": 1.0, "values": {metric: v}, "metrics": {metric: [[v, 1.0]]}}]
+        return {"random": {"main": [{"curve": curve(v)} for v in base_values]},
+                "A": {"main": [{"curve": curve(v)} for v in meth_values]}}
+    # A is 0.2, 0.3, 0.25 higher than random seed by seed: an interval clear of 0 on the positive side
+    data = runs("other:exact", [0.5, 0.4, 0.6], [0.7, 0.7, 0.85])
+    assert table(data, ["random", "A"], "random", "steps", "other:exact", steps=4)["rows"][1]["verdict"] == "better"
+    data = runs("other:loss", [0.5, 0.4, 0.6], [0.7, 0.7, 0.85])
+    tab = table(data, ["random", "A"], "random", "steps", "other:loss", steps=4)
+    assert tab["rows"][1]["verdict"] == "worse" and "metric other:loss (lower is better)" in render(tab)
+
+
 # --------------------------------------------------------------------------- refusals (no model loaded)

@@ -60,6 +60,9 @@ def test_batched_losses_equal_batch1(lf_pipeline):
     subset = [5, 0, len(rows) - 1, 17]
     again = engine.losses(rows, subset, batch_size=3)
     assert torch.allclose(again, batched[subset], atol=1e-6, equal_nan=True)
+    # the decision work: every row of each map forwarded once, with its non-padding length (masked rows too)
+    assert engine.work.as_dict() == {"forward_tokens": sum(lengths) + sum(lengths[i] for i in subset),
+                                     "backward_tokens": 0}
 
 
 def test_scoring_is_deterministic_and_dropout_free(lf_pipeline):
@@ -121,7 +124,8 @@ def _sharded_worker(rank, world, port, model_dir, rows_path, out_path, fault):
                 model.model.layers[1].register_forward_pre_hook(hook)
         try:
             losses = engine.losses(rows, range(len(rows)), batch_size=4)
-            result = {"losses": [None if v != v else v for v in losses.tolist()], "forwards": engine.forward_passes}
+            result = {"losses": [None if v != v else v for v in losses.tolist()], "forwards": engine.forward_passes,
+                      "work": engine.work.as_dict()}
         except Exception as err:  # noqa: BLE001
             result = {"error": str(err), "forwards": engine.forward_passes}
         with open(f"{out_path}.{rank}", "w") as fh:
@@ -166,6 +170,10 @@ def test_two_ranks_give_the_one_rank_scores(tiny_model, tmp_path):
         got = torch.tensor([float("nan") if v is None else v for v in res["losses"]], dtype=torch.float64)
         assert torch.allclose(got, single, atol=1e-6, equal_nan=True)
     assert [r["forwards"] for r in results] == [2, 2]  # equal forward counts on every rank
+    # the work is the whole run's, the same on both ranks and equal to one process's: rank 1's repeated
+    # batch is not counted
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    assert [r["work"] for r in results] == [{"forward_tokens": tokens, "backward_tokens": 0}] * 2
 
 
 @pytest.mark.timeout(180)

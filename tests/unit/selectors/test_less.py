@@ -106,6 +106,8 @@ def test_sharded_features_equal_batch1_and_are_dropout_free(lf_pipeline):
     featurizer = GradientFeaturizer(model, CountSketchProjector(512, seed=7))
     model.train()  # LoRA dropout 0.1 would change every feature if it were left on
     batched = sharded_features(engine, rows, range(len(rows)), 7, featurizer)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    assert engine.work.as_dict() == {"forward_tokens": tokens, "backward_tokens": tokens}  # one fwd + bwd per row
     single = sharded_features(engine, rows, range(len(rows)), 1, featurizer)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert batched.shape == (len(rows), 512)
