@@ -167,12 +167,14 @@ class Settings:
         return every if self.steps % every == 0 else None
 
 
-# parts of the comparison: one config (mode, data, schedule keys) each, its label prefix and components section.
-# A pipeline row (#35: the dynamic_lego mode, not built yet) is one more part here - e.g. "pipeline":
-# ("dynamic_lego", "pipeline ", "<its section>") - with its methods in methods(); AGAINST_PLAIN reads it too.
+# parts of the comparison: one config (mode, data, schedule keys) each, its label prefix and components section
 PARTS = {"select": ("dynamic_select", "", "selectors"), "weight": ("dynamic_weight", "weight ", "weighters"),
          "order_static": ("dynamic_reorder", "order ", "reorderers"),
-         "order_dynamic": ("dynamic_reorder", "order ", "reorderers"), "mix": ("dynamic_mix", "mix ", "mixers")}
+         "order_dynamic": ("dynamic_reorder", "order ", "reorderers"), "mix": ("dynamic_mix", "mix ", "mixers"),
+         "pipeline": ("dynamic_lego", "pipeline ", "pipelines")}
+# the presets a pipeline's stages name (written beside the methods' own entries)
+STAGE_PRESETS = {"selectors": {"loss_filter": {"name": "loss", "params": {"focus": "medium"}}},
+                 "reorderers": {"saw_stage": {"name": "dynamic_saw", "params": {}}}}
 AGAINST_PLAIN = ("order ", "pipeline ")  # rows also compared with plain training (#35), when plain ran
 
 
@@ -206,6 +208,11 @@ def methods(s: Settings) -> list[dict]:
             {"part": "order_dynamic", "key": "dynamic_saw", "name": "dynamic_saw", "params": {}}]
     out += [{"part": "mix", "key": "odm", "name": "odm", "params": {"warmup_steps": s.warmup, "initial_proportions": None}},
             {"part": "mix", "key": "random", "name": "random", "params": {}}]
+    # the original's select_then_reorder at this schedule: a loss filter keeps half the pool at every update, a
+    # uniform draw takes the update's rows from it, and SAW orders them (#35)
+    out += [{"part": "pipeline", "key": "filter_saw", "name": "filter_saw", "params": {"stages": [
+        {"family": "selector", "component": "loss_filter", "mode": "filter", "keep_ratio": 0.5},
+        {"family": "reorder", "component": "saw_stage"}]}}]
     for m in out:
         m.setdefault("method", m["key"])
         m["label"] = PARTS[m["part"]][1] + m["method"]
@@ -417,6 +424,9 @@ def components(ms: list[dict], meta: dict, path: Path) -> None:
             sizes = meta["domain_sizes"]
             params["initial_proportions"] = [n / sum(sizes) for n in sizes]
         comps.setdefault(PARTS[m["part"]][2], {})[m["key"]] = {"name": m["name"], "params": params}
+        if m["part"] == "pipeline":
+            for section, entries in STAGE_PRESETS.items():
+                comps.setdefault(section, {}).update(entries)
     path.write_text(yaml.safe_dump(comps, sort_keys=False))
 
 
