@@ -267,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads((out / "data.json").read_text())
     if "test_dataset" in info:
         options["test_dataset"] = info["test_dataset"]  # the selectors see bb_eval_<target>, never these
+        # forgetting: the pool's other tasks, each its own held-out set and metric (<task>:choice)
+        options["eval_extra"] = [f"{name.removeprefix('bb_test_')}={name}" for name in info["extra"]]
     data = run(str(config), ",".join(methods), seeds=args.seeds, budget=budget, metric="choice",
                out=str(out / "compare"), baseline=baseline, **options)
     from dataflex.compare.runner import text_report
