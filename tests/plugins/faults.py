@@ -103,7 +103,7 @@ def install() -> None:
         if where == "forward":
             original_map = ScoringEngine.map
 
-            def map_(self, dataset, indices, batch_size, fn, desc):
+            def map_(self, dataset, indices, batch_size, fn, desc, **options):
                 layer = _first_layer(self.model)
 
                 def hook(module, args):
@@ -113,7 +113,7 @@ def install() -> None:
 
                 handle = layer.register_forward_pre_hook(hook) if layer is not None else None
                 try:
-                    return original_map(self, dataset, indices, batch_size, fn, desc)
+                    return original_map(self, dataset, indices, batch_size, fn, desc, **options)
                 finally:
                     if handle is not None:
                         handle.remove()
