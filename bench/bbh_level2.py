@@ -48,7 +48,8 @@ from _common import ROOT  # noqa: E402
 FAMILIES = {
     # train_type, the component the config names, the baseline, the methods compared with it
     "weight": ("dynamic_weight", "loss", "plain", ["loss", "adapt", "joint_update_aware"]),
-    "reorder": ("dynamic_reorder", "static", "plain", ["static:score=length:order=ascending", "dynamic"]),
+    "reorder": ("dynamic_reorder", "static", "plain", ["static:score=length:order=ascending",
+                                                       "static:score=loss:order=ascending", "dynamic"]),
     "select": ("dynamic_select", "random", "random", ["less", "less:random_share=0.25", "near", "loss"]),
     # dynamic_moe routes by a mixture-of-experts model's router logits: SmolLM2 is dense, so it refuses
     # (one line, before training); doremi's three-run chain is not a compare method
@@ -146,6 +147,10 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
            "train_type": train_type, "component_name": component,
            "components_cfg_file": str(ROOT / "src" / "dataflex" / "configs" / "components.yaml"),
            "warmup_step": 0}
+    if args.family == "reorder":
+        # the dynamic reorderer re-orders the rows left every update_step steps (a static one orders once and
+        # ignores these keys, with a warning; plain training drops every DataFlex key)
+        cfg.update(update_step=max(1, args.steps // 4), update_times=-1)
     if args.family in ("select", "mix"):
         comp = folder / "components.yaml"
         comp.write_text(yaml.safe_dump(COMPONENTS, sort_keys=False))
