@@ -40,12 +40,14 @@ def test_quality_benchmark_runs(tmp_path):
     assert set(runs[("less", "main")]["curve"][-1]["values"]) == {"loss", "exact", "other:loss", "other:exact"}
     assert compare["start"]["values"]["exact"] == 0.0  # the untrained base has never seen the target task
     # #35: the ordering against plain training, paired by seed, through compare's analysis
-    assert result["summary"]["against_plain"]["baseline"] == "plain"
-    plain = {r["method"]: r for r in result["summary"]["against_plain"]["rows"]}
-    assert "diff_mean" not in plain["plain"] and plain["order dynamic_saw"]["seeds"] == 1
-    assert plain["order dynamic_saw"]["diff_mean"] == pytest.approx(
-        plain["order dynamic_saw"]["mean"] - plain["plain"]["mean"], abs=1e-12)
-    assert "| order dynamic_saw | 1 |" in table.split("Orderings against plain training")[1]
+    tables = result["summary"]["against_plain"]
+    assert list(tables) == ["exact", "loss", "other:exact"] and {t["baseline"] for t in tables.values()} == {"plain"}
+    for metric, t in tables.items():
+        plain = {r["method"]: r for r in t["rows"]}
+        assert "diff_mean" not in plain["plain"] and plain["order dynamic_saw"]["seeds"] == 1
+        assert plain["order dynamic_saw"]["diff_mean"] == pytest.approx(
+            plain["order dynamic_saw"]["mean"] - plain["plain"]["mean"], abs=1e-12), metric
+    assert "| order dynamic_saw | 1 |" in table.split("Orderings and the pipeline against plain training")[1]
     assert runs[("order dynamic_saw", "main")]["config"]["train_type"] == "dynamic_reorder"
     assert "train_type" not in runs[("plain", "main")]["config"]  # plain: LLaMA-Factory's own training
     assert result["transfer"]["rows"] > 0 and set(result["transfer"]["rows_by_data"]) == {
