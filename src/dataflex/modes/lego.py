@@ -45,7 +45,7 @@ from ..selectors.base import SelectionContext, uniform_draw
 from .base import DOMAIN_KEY, INDEX_KEY, WEIGHT_KEY, ModeChecks, ModeContext
 from .loss import LossSignals
 from .mix import MixMode, decide_mixture, loss_weight_logs, step_domain_weights
-from .reorder import read_column
+from .reorder import agreed_order, read_column
 from .rows import ScheduledRows
 from .run import describe_schedule, stretch_schedule_digest, stretch_schedule_manifest
 from .select import SelectMode, SelectRound
@@ -395,17 +395,7 @@ class ReorderStage(IndexStage):
         start = time.perf_counter()
         rctx = ReorderContext(step=step, number=k, rows=list(pool), train_dataset=ctx.train, scorer=ctx.engine(),
                               generator=seeded_generator(ctx.args.seed, "reorder", k), column=self.column)
-
-        def decide():
-            result = self.reorderer.order(rctx)
-            result.check(pool)
-            return result
-
-        try:
-            mine = ctx.agreement.run(label, decide)
-            result = ctx.agreement.share(f"{label}: the decision", lambda: mine)
-        except AgreedFailure as err:
-            raise SelectionError(f"{label} {err}") from None
+        result = agreed_order(ctx.agreement, self.reorderer, rctx, pool, label, label)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         if self.log is not None:

@@ -69,6 +69,23 @@ def ordering_steps(dynamic: bool, warmup_step: int, update_step: int | None, upd
     return out
 
 
+def agreed_order(agreement: Agreement, reorderer: Any, ctx: ReorderContext, rows: list[int], where: str,
+                 what: str) -> Any:
+    """The reorderer's ordering of ``rows`` on ``ctx``: every rank orders (a failure on any rank ends all of
+    them), rank 0's result is the one every rank keeps, and it must be a permutation of ``rows``. ``where``
+    names the step between the ranks, ``what`` the ordering in a failure's one line."""
+    def decide():
+        result = reorderer.order(ctx)
+        result.check(rows)
+        return result
+
+    try:
+        mine = agreement.run(where, decide)
+        return agreement.share(f"{where}: the decision", lambda: mine)
+    except AgreedFailure as err:
+        raise SelectionError(f"{what} {err}") from None
+
+
 def read_column(ctx: ModeContext, component: str, name: str | None) -> list[float] | None:
     """The numeric dataset column ``name`` a reorderer reads, one finite value per training row."""
     if not name:
@@ -169,18 +186,8 @@ class ReorderRound(Round):
 
     # ------------------------------------------------------------------ orderings
     def _decide(self, step: int, rows: list[int], label: str) -> Any:
-        ctx = self.context(step, self.orderings, rows)
-
-        def decide():
-            result = self.reorderer.order(ctx)
-            result.check(rows)
-            return result
-
-        try:
-            mine = self.agreement.run(label, decide)
-            result = self.agreement.share(f"{label}: the decision", lambda: mine)
-        except AgreedFailure as err:
-            raise SelectionError(f"{label} at step {step} (reorderer '{self.reorderer.name}') {err}") from None
+        result = agreed_order(self.agreement, self.reorderer, self.context(step, self.orderings, rows), rows, label,
+                              f"{label} at step {step} (reorderer '{self.reorderer.name}')")
         for i, s in zip(result.rows, result.scores):
             self.scores[i] = s
         return result
