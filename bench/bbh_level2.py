@@ -94,9 +94,10 @@ def write_family_data(data: Path, family: str, target: str, args) -> tuple[dict,
     tasks = [target, *others_of(target)]
     paths = mt.fetch_bbh(tasks)
     per_task = args.train if family == "select" else args.train // 2
-    n_test = {t: (args.test if t == target or family == "mix" else args.other_test) for t in tasks}
-    if family == "mix":
+    if family == "mix":  # every domain is measured alike
         n_test = {t: args.test // 2 for t in tasks}
+    else:  # the target, and the other tasks for forgetting
+        n_test = {t: args.test if t == target else args.other_test for t in tasks}
     splits = {t: split_task(t, paths, per_task, n_test[t], args.n_eval, args.seed) for t in tasks}
     files = {}
     for t in tasks:
@@ -166,7 +167,7 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
     return path
 
 
-def per_task(data: dict, folder: Path) -> dict | None:
+def per_domain(data: dict, folder: Path) -> dict | None:
     """The mix family's per-domain accuracy at the end of every run (compare scores each question; the
     eval file's ``task`` column says whose it is): {method: {task: [acc per seed]}} and the worst domain."""
     rows_path = folder / "data" / "bb_test_all.json"
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataflex.compare.runner import text_report
 
     text = text_report(data)
-    domains = per_task(data, out)
+    domains = per_domain(data, out)
     if domains:
         text += "\n\nper domain at the end (mean over seeds):\n" + "\n".join(
             f"  {m:14s} " + "  ".join(f"{k} {sum(s[k] for s in v['per_seed']) / len(v['per_seed']):.3f}"
