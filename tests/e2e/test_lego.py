@@ -328,3 +328,20 @@ def test_the_original_lego_examples_train(example, names, updates, tiny_model, r
     first = recs[updates[0]]["stages"]
     assert first[0]["label"] == "selector:loss" and first[0]["action"] == "decided"  # past its warmup_step 10
     assert first[-1]["label"] == "reorder:dynamic_saw" and first[-1]["action"] == "decided"
+
+
+@pytest.mark.e2e
+def test_a_rank_failing_inside_a_stage_ends_both_ranks_with_its_message(make_train_yaml, run_cli, tmp_path):
+    """A loss-scoring forward that fails on rank 1 inside the pipeline's selector stage: both ranks stop, each
+    with the one line that names the stage, the failing rank and the original error (bounded by the timeout)."""
+    import re
+
+    comps = components(tmp_path)
+    cfg = make_train_yaml(tmp_path / "lego", train_type="dynamic_lego", component_name="sel", max_samples=40,
+                          cutoff_len=48, components_cfg_file=str(comps), gradient_accumulation_steps=1)
+    res = run_cli(["train", cfg], env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2",
+                                       "DATAFLEX_TEST_FAULT": "forward:1:1"}, timeout=300)
+    assert res.returncode != 0
+    pattern = (r"\[rank ([01])\] dataflex-cli: error: selection 1 at step 2 \(selector 'loss'\) failed on rank 1 "
+               r"\(scoring losses, batch 1/2\): RuntimeError: injected forward fault on rank 1")
+    assert sorted(re.findall(pattern, res.stderr)) == ["0", "1"], failure_report(res)
