@@ -11,8 +11,8 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
   splits them (``bench/bbh_probe.py``: the same seeded held-out questions); the baseline is ``plain``
   (LLaMA-Factory's own sampler and loss). These methods do no decision work beyond the step's forward, so
   equal steps is equal compute.
-* ``select``: a pool of the target and three other BBH tasks (``--train`` rows each); the selectors see a few-shot
-  eval set of the target (``--n-eval`` rows) and are measured on the target's held-out questions, with the
+* ``select``: a pool of the target and three other BBH tasks (half of ``--train`` rows each); the scoring
+  selectors score ``--candidate-pool`` rows of it per decision and see a few-shot eval set of the target (``--n-eval`` rows) and are measured on the target's held-out questions, with the
   other tasks' held-out questions as forgetting; baseline ``random``. Equal steps and equal counted work
   (training plus the selectors' own forward / backward token passes), so the verdict holds on a loaded machine.
 * ``mix``: the same four tasks as domains (one dataset each); baseline ``static`` (uniform); measured on
@@ -93,7 +93,7 @@ def write_family_data(data: Path, family: str, target: str, args) -> tuple[dict,
 
     tasks = [target, *others_of(target)]
     paths = mt.fetch_bbh(tasks)
-    per_task = args.train if family == "select" else args.train // 2
+    per_task = args.train // 2  # four tasks: a pool (or a mixture) twice the target's own rows
     if family == "mix":  # every domain is measured alike
         n_test = {t: args.test // 2 for t in tasks}
     else:  # the target, and the other tasks for forgetting
@@ -154,7 +154,12 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
         cfg.update(update_step=max(1, args.steps // 4), update_times=-1)
     if args.family in ("select", "mix"):
         comp = folder / "components.yaml"
-        comp.write_text(yaml.safe_dump(COMPONENTS, sort_keys=False))
+        components = json.loads(json.dumps(COMPONENTS))
+        if args.candidate_pool:  # the scoring selectors score a fresh random part of the pool per decision
+            for spec in components["selectors"].values():
+                if spec["name"] != "random":
+                    spec["params"]["candidate_pool"] = args.candidate_pool
+        comp.write_text(yaml.safe_dump(components, sort_keys=False))
         # a random warm-up block, then a decision every block of the run (and of the baseline's longer run)
         block = max(1, args.steps // 6)
         cfg.update(components_cfg_file=str(comp), warmup_step=block, update_step=block, update_times=-1)
@@ -232,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--train", type=int, default=96, help="the target's training rows (select: per task of the "
-                                                         "pool; mix: per domain, half of this)")
+                                                         "pool, half of this; mix: per domain, half of this)")
     ap.add_argument("--test", type=int, default=100, help="held-out target questions (mix: per domain, half)")
-    ap.add_argument("--other-test", type=int, default=50, help="select: held-out questions per other task (forgetting)")
+    ap.add_argument("--other-test", type=int, default=30, help="select: held-out questions per other task (forgetting)")
     ap.add_argument("--n-eval", type=int, default=16, help="select / mix: the few-shot eval rows per task that "
                                                          "the selectors and the router mixer see (never scored)")
+    ap.add_argument("--candidate-pool", type=int, default=64,
+                    help="select: rows the scoring selectors score per decision (a fresh random part of the pool; "
+                         "0: all of it)")
     ap.add_argument("--seed", type=int, default=0, help="the split's seed (the probe's)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--budget", choices=("steps", "compute", "both"), default=None,
@@ -251,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.target not in mt.BBH_MC:
         ap.error(f"--target: {args.target} is not a multiple-choice BBH task; choose from {', '.join(mt.BBH_MC)}")
+    if args.candidate_pool < 0:
+        ap.error("--candidate-pool must be 0 (the whole pool) or more")
     for name in ("seeds", "steps", "train", "test", "other_test", "n_eval"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -267,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     methods = [baseline, *(args.methods.split(",") if args.methods else default_methods)]
     budget = args.budget or ("steps" if args.family in ("weight", "reorder") else "both")
-    options = {"eval_every": args.eval_every} if args.eval_every else {}
+    # select / mix measure many sets (the forgetting sets, every domain): a checkpoint every half run
+    every = args.eval_every or (None if args.family in ("weight", "reorder") else max(1, args.steps // 2))
+    options = {"eval_every": every} if every else {}
     if budget != "steps":
         options["compute"] = "work"  # counted work: the verdict does not depend on how loaded the machine is
     info = json.loads((out / "data.json").read_text())
