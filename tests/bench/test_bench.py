@@ -223,3 +223,46 @@ def test_bbh_level2_through_compare(smollm2, tmp_path):
     test = json.loads((out / "data" / "test.json").read_text())
     assert len(test) == 6 and all(r["answer"] in r["options"] for r in test)
     assert "verdict" in (out / "table.md").read_text()
+
+
+@pytest.mark.skipif(not BBH.is_dir(), reason="no ../shared/data/bbh on this machine")
+def test_bbh_level2_select_and_mix_cells_are_sized_as_documented(tmp_path):
+    """The select cell's pool is the target and three other tasks at half ``--train`` rows each, its scoring
+    selectors score ``--candidate-pool`` rows per decision (random scores nothing), and none of the measured
+    questions is in the pool; the mix cell has one dataset per task and every domain's held-out questions."""
+    import argparse
+    import json
+
+    import yaml
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    args = argparse.Namespace(train=20, test=12, other_test=5, n_eval=4, seed=0, lr=5e-4, steps=6, candidate_pool=7,
+                              family="select")
+    cfg = yaml.safe_load(bbh_level2.write_config(tmp_path / "s", tmp_path / "model", "boolean_expressions",
+                                                 args).read_text())
+    data = tmp_path / "s" / "data"
+    pool = json.loads((data / "bb_pool.json").read_text())
+    assert cfg["dataset"] == "bb_pool" and cfg["eval_dataset"] == "bb_eval_boolean_expressions"
+    assert cfg["warmup_step"] == cfg["update_step"] == 1 and cfg["update_times"] == -1
+    tasks = ["boolean_expressions", "sports_understanding", "navigate", "disambiguation_qa"]
+    assert sorted(r["task"] for r in pool) == sorted(t for t in tasks for _ in range(10))
+    comps = yaml.safe_load((tmp_path / "s" / "components.yaml").read_text())["selectors"]
+    assert {k: v["params"].get("candidate_pool") for k, v in comps.items()} == {
+        "random": None, "less": 7, "near": 7, "loss": 7}
+    measured = json.loads((data / "bb_test_boolean_expressions.json").read_text())
+    assert len(measured) == 12 and len(json.loads((data / "bb_eval_boolean_expressions.json").read_text())) == 4
+    for t in tasks[1:]:
+        assert len(json.loads((data / f"bb_test_{t}.json").read_text())) == 5
+        measured += json.loads((data / f"bb_test_{t}.json").read_text())
+    assert not {r["instruction"] for r in measured} & {r["instruction"] for r in pool}
+
+    args.family = "mix"
+    cfg = yaml.safe_load(bbh_level2.write_config(tmp_path / "m", tmp_path / "model", "boolean_expressions",
+                                                 args).read_text())
+    assert cfg["dataset"] == ",".join(f"bb_train_{t}" for t in tasks) and cfg["mixture_sample_rule"] == "mixture"
+    data = tmp_path / "m" / "data"
+    assert [len(json.loads((data / f"bb_train_{t}.json").read_text())) for t in tasks] == [10] * 4
+    test_all = json.loads((data / "bb_test_all.json").read_text())
+    assert sorted(r["task"] for r in test_all) == sorted(t for t in tasks for _ in range(6))
