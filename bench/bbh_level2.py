@@ -5,7 +5,7 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
     python bench/bbh_level2.py --target geometric_shapes --family reorder       # plain vs static / dynamic orders
     python bench/bbh_level2.py --target geometric_shapes --family select        # random vs less / near / loss
     python bench/bbh_level2.py --target geometric_shapes --family mix           # static vs odm / random
-    python bench/bbh_level2.py --verdicts                                       # the verdict table of every cell
+    python bench/bbh_level2.py --verdicts                                       # verdict table + curves of every cell
 
 * ``weight`` / ``reorder``: the training rows are the target's own (``--train``), split as the ceiling probe
   splits them (``bench/bbh_probe.py``: the same seeded held-out questions); the baseline is ``plain``
@@ -25,7 +25,8 @@ Every run trains through the ordinary ``dataflex-cli train`` path that ``datafle
 on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), scored by multiple-choice accuracy over the
 task's answer set (one forward per question). Resumable (compare skips finished runs). Output:
 ``bench/out/bbh-level2/<target>-<family>/`` with ``compare.json`` and ``table.md`` (tracked) and the runs
-(not tracked); ``bench/out/bbh-level2/verdicts.md`` gathers every finished cell.
+(not tracked); ``bench/out/bbh-level2/verdicts.md`` gathers every finished cell, ``curves.png`` plots their
+accuracy against steps (and against counted work where a cell compares at equal work), mean and 95 % band.
 """
 
 from __future__ import annotations
@@ -220,6 +221,71 @@ def verdict_rows(folder: Path) -> list[str]:
     return lines
 
 
+def curves_of(data: dict, x: str) -> dict[str, list[tuple[float, float, float]]]:
+    """{method (its longer baseline runs as "<method> (longer)"): [(x, mean accuracy, 95 % half-width)]}, the
+    untrained model at x = 0 when compare measured it; points are averaged over the seeds that reached them."""
+    from real import mean_ci
+
+    start = (data.get("start") or {}).get("values", {}).get("choice")
+    by: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for run in data["runs"]:
+        name = run["method"] + (" (longer)" if run.get("role") == "long" else "")
+        for k, point in enumerate(run.get("curve") or []):
+            if point.get(x) is not None and "choice" in point.get("values", {}):
+                by.setdefault(name, {}).setdefault(k, []).append((point[x], point["values"]["choice"]))
+    out = {}
+    for name, points in by.items():
+        line = [(0.0, start, float("nan"))] if start is not None else []
+        for _, pts in sorted(points.items()):
+            stat = mean_ci([v for _, v in pts])
+            line.append((sum(p for p, _ in pts) / len(pts), stat["mean"], stat["ci"]))
+        out[name] = line
+    return out
+
+
+def plot_cells(folder: Path, path: Path) -> bool:
+    """Accuracy on the target's held-out questions against optimizer steps for every finished cell, and
+    against counted work (token passes) for the cells compared at equal work; returns whether it drew."""
+    cells = sorted(folder.glob("*-*/compare.json"))
+    if not cells:
+        return False
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for cell in cells:
+        data = json.loads(cell.read_text())
+        panels.append((cell.parent.name, "step", curves_of(data, "step")))
+        if "compute" in data.get("budgets", []) and data.get("compute") == "work":
+            panels.append((cell.parent.name, "work", curves_of(data, "work")))
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, x, curves) in zip(axes.flat, panels):
+        for method, line in curves.items():
+            xs = [p[0] / (1e6 if x == "work" else 1) for p in line]
+            ys = [p[1] for p in line]
+            lo = [y - (0 if math.isnan(c) else c) for _, y, c in line]
+            hi = [y + (0 if math.isnan(c) else c) for _, y, c in line]
+            style = "--" if method.endswith("(longer)") else "-"
+            shown = ax.plot(xs, ys, style, marker="o", markersize=3, label=method)
+            ax.fill_between(xs, lo, hi, alpha=0.12, color=shown[0].get_color())
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("optimizer steps" if x == "step" else "counted work (million token passes)")
+        ax.set_ylabel("accuracy (held-out)")
+        ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def write_verdicts(folder: Path) -> str:
     lines = verdict_rows(folder)
     text = ("Level 2 on BBH (SmolLM2-135M-Instruct, LoRA r16): multiple-choice accuracy on held-out questions, "
@@ -227,6 +293,7 @@ def write_verdicts(folder: Path) -> str:
             "verdict is read off its interval alone (`tie`: it contains 0). Made by `python bench/bbh_level2.py "
             "--verdicts` from the cells' `compare.json`.\n\n" + VERDICT_HEAD + "\n".join(lines) + "\n")
     (folder / "verdicts.md").write_text(text)
+    plot_cells(folder, folder / "curves.png")
     return text
 
 
@@ -257,7 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = ROOT / "bench" / "out" / "bbh-level2"
     if args.verdicts:
-        print(write_verdicts(args.out or root))
+        folder = args.out or root
+        if not any(folder.glob("*-*/compare.json")):
+            print(f"bench/bbh_level2.py: error: no finished cell (<target>-<family>/compare.json) under {folder}",
+                  file=sys.stderr)
+            return 2
+        print(write_verdicts(folder))
         return 0
     if args.target not in mt.BBH_MC:
         ap.error(f"--target: {args.target} is not a multiple-choice BBH task; choose from {', '.join(mt.BBH_MC)}")

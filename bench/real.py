@@ -111,6 +111,9 @@ SELECTORS: dict[str, dict] = {
 }
 # zeroth_norm costs 2 + 2 x norm_directions forwards per row: too slow for the CPU grid (see docs)
 CPU_SELECTORS = [s for s in SELECTORS if s != "zeroth_norm"] + ["less_taskmax"]
+# the two costliest CPU selectors (~85 and ~110 s of a ~450 s BBH pool): the CPU size runs them on each target's
+# first draw only (--costly-draws), so the table's `pools` column says on how many pools each selector ran
+COSTLY = ("cluster_less", "less_taskmax", "zeroth_norm")
 EMBEDDING = ("near", "tsds", "cluster_less")
 LOSS_BASED = ("loss", "delta_loss")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -398,7 +401,7 @@ def level1(args, model_path: Path, paths: dict, out: Path) -> dict:
     cells = [(kind, target, draw) for kind in args.kinds for target in args.targets for draw in range(args.draws)]
     for n, (kind, target, draw) in enumerate(cells, 1):
         done = {r["selector"] for r in results if (r["kind"], r["target"], r["draw"]) == (kind, target, draw)}
-        todo = [label for label in labels if label not in done]
+        todo = [label for label in labels if label not in done and (label not in COSTLY or draw < args.costly_draws)]
         print(f"[real] level 1 pool {n}/{len(cells)} {kind} {target} draw {draw}: "
               + (f"{len(todo)} selector(s) to run" if todo else "done before, skipped"), file=sys.stderr, flush=True)
         if not todo:
@@ -439,7 +442,10 @@ def level1_markdown(summary: dict, args) -> str:
             else f"10 tasks x {args.per_task}")
     lines = [f"Pools of {10 * args.per_task} rows ({made}; target share 10 %, planted wrong "
              f"answers {100 * args.wrong:.0f} %), eval {args.n_eval} target rows, one warm-up step; picks = target "
-             "rows of the pool. Mean ± 95 % CI (Student t) over targets x draws.", "",
+             "rows of the pool. Mean ± 95 % CI (Student t) over targets x draws"
+             + (f" ({', '.join(c for c in COSTLY if c in args.selectors)}: the first {args.costly_draws} draw(s) of "
+                "each target only)" if args.costly_draws < args.draws and set(COSTLY) & set(args.selectors) else "")
+             + ".", "",
              "| pool | selector | pools | target share % | wrong-answer share % | correct target rows % "
              "| sibling share % | seconds |", "|---|---|---|---|---|---|---|---|"]
     for row in summary["table"]:
@@ -646,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrong", type=float, default=0.1)
     ap.add_argument("--cutoff", type=int, default=256)
     ap.add_argument("--selectors", default=None)
+    ap.add_argument("--costly-draws", type=int, default=None,
+                    help=f"run {', '.join(COSTLY)} on the first N draws of each target only (default: every draw; "
+                         "the CPU size: 1)")
     ap.add_argument("--warmup-lr", type=float, default=2e-4)
     ap.add_argument("--warmup-rows", type=int, default=8)
     ap.add_argument("--zeroth-rows", type=int, default=40)
@@ -691,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
         defaults = (list(DEMO_SIBLINGS), *defaults[1:])
     args.targets = args.targets.split(",") if args.targets else defaults[0]
     args.draws = args.draws or defaults[1]
+    if args.costly_draws is None:
+        args.costly_draws = 1 if size == "cpu" else args.draws
+    if args.costly_draws < 0:
+        raise SystemExit("bench/real.py: --costly-draws must be 0 or more")
     args.per_task = args.per_task or defaults[2]
     args.selectors = args.selectors.split(",") if args.selectors else defaults[3]
     args.l2_targets = args.l2_targets.split(",") if args.l2_targets else l2_defaults[0]
@@ -719,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
                                                + ("-demo" if args.data == "demo" else ""))
     grid = {"size": size, "data": args.data, "levels": levels, "level1_pools": len(args.kinds) * len(args.targets) * args.draws,
             "selectors": args.selectors, "targets": args.targets, "kinds": args.kinds, "draws": args.draws,
+            "costly_draws": args.costly_draws,
             "pool_rows": 10 * args.per_task, "level2_cells": [f"{t}/{f}" for t in args.l2_targets for f in args.l2_families],
             "l2_seeds": args.l2_seeds, "l2_steps": args.l2_steps}
     print(json.dumps(grid, indent=1))
