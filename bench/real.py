@@ -41,9 +41,10 @@ that LESS ranks by, LESS's own scores, and ``normalize: true`` with 8 and 32 nor
 BIG-bench hard pool (``--zeroth-data bigbench``) or on the repo's demo_mix against demo_add_eval
 (``--zeroth-data demo``: needs only the model).
 
-Outputs: ``bench/out/real`` (``--quick``: ``bench/out/real-quick``): ``level1.json``/``.md``,
-``level2.json`` (the cells' tables; the cells themselves under ``bench/out/bbh-level2/<target>-<family>/``, or
-``<out>/level2/`` with ``--out``), ``zeroth_check[_demo].json``, ``precision.png``. Assets (the model, the task
+Outputs: ``bench/out/bbh`` (``--quick``: ``bench/out/bbh-quick``, ``--full``: ``bench/out/bbh-full``; ``real``
+instead of ``bbh`` with ``--data bigbench``): ``level1.json``/``.md``, ``level2.json`` (the cells' tables; the CPU
+grid's cells themselves under ``bench/out/bbh-level2/<target>-<family>/``, the other sizes' and any ``--out``'s
+under ``<out>/level2/``), ``zeroth_check[_demo].json``, ``precision.png``. Assets (the model, the task
 files) are fetched on first use and cached (``dataflex.assets``, ``bench/mc_tasks.py``).
 """
 
@@ -795,11 +796,19 @@ L2_FAMILIES = ("weight", "reorder", "select", "mix")
 L2_TARGETS = ("boolean_expressions", "geometric_shapes")
 
 
+def cells_root(args, out: Path) -> Path:
+    """Where the level-2 cells go: the CPU grid's are the tracked ones (bench/out/bbh-level2, where
+    bench/bbh_level2.py puts them); --quick's and --full's (other sizes, same cell names) and any --out's
+    stay under the run's own folder, so a quick run never overwrites a verdict."""
+    default_grid = args.out is None and not args.quick and not args.full
+    return ROOT / "bench" / "out" / "bbh-level2" if default_grid else out / "level2"
+
+
 def level2(args, out: Path) -> list[dict]:
     """Run (or resume) every level-2 cell; returns what each wrote (its compare.json tables)."""
     import bbh_level2
 
-    root = out / "level2" if args.out is not None else ROOT / "bench" / "out" / "bbh-level2"
+    root = cells_root(args, out)
     cells = []
     for target in args.l2_targets:
         for family in args.l2_families:

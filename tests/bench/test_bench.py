@@ -266,3 +266,21 @@ def test_bbh_level2_select_and_mix_cells_are_sized_as_documented(tmp_path):
     assert [len(json.loads((data / f"bb_train_{t}.json").read_text())) for t in tasks] == [10] * 4
     test_all = json.loads((data / "bb_test_all.json").read_text())
     assert sorted(r["task"] for r in test_all) == sorted(t for t in tasks for _ in range(6))
+
+
+def test_real_quick_and_full_level2_cells_never_land_in_the_tracked_grid(tmp_path):
+    """The CPU grid's cells are bench/out/bbh-level2/<target>-<family>; --quick and --full train cells of the same
+    names at other sizes, so theirs (and any --out's) go under the run's own folder."""
+    import argparse
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import real
+
+    def ns(**kw):
+        return argparse.Namespace(**{"out": None, "quick": False, "full": False, **kw})
+
+    grid = REPO_ROOT / "bench" / "out" / "bbh-level2"
+    assert real.cells_root(ns(), tmp_path / "bbh") == grid
+    assert real.cells_root(ns(quick=True), tmp_path / "bbh-quick") == tmp_path / "bbh-quick" / "level2"
+    assert real.cells_root(ns(full=True), tmp_path / "bbh-full") == tmp_path / "bbh-full" / "level2"
+    assert real.cells_root(ns(out=tmp_path / "x"), tmp_path / "x") == tmp_path / "x" / "level2"
