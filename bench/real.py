@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2-seeds", type=int, default=None)
     ap.add_argument("--l2-steps", type=int, default=None)
     ap.add_argument("--l2-train", type=int, default=96, help="the target's training rows (see bench/bbh_level2.py)")
-    ap.add_argument("--l2-test", type=int, default=100, help="held-out target questions")
+    ap.add_argument("--l2-test", type=int, default=None, help="held-out target questions (default 100; --quick 50)")
     ap.add_argument("--l2-eval-every", type=int, default=None, help="steps between measured checkpoints")
     args = ap.parse_args(argv)
     size = "quick" if args.quick else "full" if args.full else "cpu"
@@ -711,6 +711,9 @@ def main(argv: list[str] | None = None) -> int:
     args.l2_families = args.l2_families.split(",") if args.l2_families else l2_defaults[1]
     args.l2_seeds = args.l2_seeds or l2_defaults[2]
     args.l2_steps = args.l2_steps or l2_defaults[3]
+    args.l2_test = args.l2_test or (50 if args.quick else 100)
+    if args.quick and args.l2_eval_every is None:  # one measurement at the end (a 6-step run measured every step
+        args.l2_eval_every = args.l2_steps          # spent most of --quick's 10 minutes in evaluation)
     # the CPU sizes keep the hard pools only (a plain pool is separated by its task prefixes alone, and a pool
     # with every CPU selector costs ~6 minutes on one thread): --quick's both pools took ~9 of its 10 minutes
     args.kinds = args.kinds.split(",") if args.kinds else (["plain", "hard"] if size == "full" else ["hard"])
