@@ -11,8 +11,9 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
   splits them (``bench/bbh_probe.py``: the same seeded held-out questions); the baseline is ``plain``
   (LLaMA-Factory's own sampler and loss). These methods do no decision work beyond the step's forward, so
   equal steps is equal compute.
-* ``select``: a pool of the target and three other BBH tasks (half of ``--train`` rows each); the scoring
-  selectors score ``--candidate-pool`` rows of it per decision and see a few-shot eval set of the target (``--n-eval`` rows) and are measured on the target's held-out questions, with the
+* ``select``: a pool of the target and three other BBH tasks (half of ``--train`` rows each); less and loss
+  score ``--candidate-pool`` rows of it per decision (near embeds all of it); the selectors see a few-shot
+  eval set of the target (``--n-eval`` rows) and are measured on the target's held-out questions, with the
   other tasks' held-out questions as forgetting; baseline ``random``. Equal steps and equal counted work
   (training plus the selectors' own forward / backward token passes), so the verdict holds on a loaded machine.
 * ``mix``: the same four tasks as domains (one dataset each); baseline ``static`` (uniform); measured on
@@ -158,9 +159,9 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
     if args.family in ("select", "mix"):
         comp = folder / "components.yaml"
         components = json.loads(json.dumps(COMPONENTS))
-        if args.candidate_pool:  # the scoring selectors score a fresh random part of the pool per decision
-            for spec in components["selectors"].values():
-                if spec["name"] != "random":
+        if args.candidate_pool:  # less and loss score a fresh random part of the pool per decision (near embeds
+            for spec in components["selectors"].values():  # and searches the whole pool: it refuses the key)
+                if spec["name"] in ("less", "loss"):
                     spec["params"]["candidate_pool"] = args.candidate_pool
         comp.write_text(yaml.safe_dump(components, sort_keys=False))
         # a random warm-up block, then a decision every block of the run (and of the baseline's longer run)
@@ -312,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-eval", type=int, default=16, help="select / mix: the few-shot eval rows per task that "
                                                          "the selectors and the router mixer see (never scored)")
     ap.add_argument("--candidate-pool", type=int, default=64,
-                    help="select: rows the scoring selectors score per decision (a fresh random part of the pool; "
-                         "0: all of it)")
+                    help="select: rows less and loss score per decision (a fresh random part of the pool; 0: all "
+                         "of it; near always embeds the whole pool)")
     ap.add_argument("--seed", type=int, default=0, help="the split's seed (the probe's)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--budget", choices=("steps", "compute", "both"), default=None,

@@ -228,7 +228,7 @@ def test_bbh_level2_through_compare(smollm2, tmp_path):
 @pytest.mark.skipif(not BBH.is_dir(), reason="no ../shared/data/bbh on this machine")
 def test_bbh_level2_select_and_mix_cells_are_sized_as_documented(tmp_path):
     """The select cell's pool is the target and three other tasks at half ``--train`` rows each, its scoring
-    selectors score ``--candidate-pool`` rows per decision (random scores nothing), and none of the measured
+    selectors less and loss score ``--candidate-pool`` rows per decision (near embeds the whole pool, random nothing), and none of the measured
     questions is in the pool; the mix cell has one dataset per task and every domain's held-out questions."""
     import argparse
     import json
@@ -250,7 +250,7 @@ def test_bbh_level2_select_and_mix_cells_are_sized_as_documented(tmp_path):
     assert sorted(r["task"] for r in pool) == sorted(t for t in tasks for _ in range(10))
     comps = yaml.safe_load((tmp_path / "s" / "components.yaml").read_text())["selectors"]
     assert {k: v["params"].get("candidate_pool") for k, v in comps.items()} == {
-        "random": None, "less": 7, "near": 7, "loss": 7}
+        "random": None, "less": 7, "near": None, "loss": 7}
     measured = json.loads((data / "bb_test_boolean_expressions.json").read_text())
     assert len(measured) == 12 and len(json.loads((data / "bb_eval_boolean_expressions.json").read_text())) == 4
     for t in tasks[1:]:

@@ -162,6 +162,12 @@ class ScoringParams(Params):
             self.fail("random_share", "a number in [0, 1), e.g. 0.25")
         self.check_count_or_fraction("candidate_pool")
 
+    def refuse_candidate_pool(self) -> None:
+        """For a selector that embeds and searches the whole training set: a candidate pool would be ignored."""
+        if self.candidate_pool is not None:
+            self.fail("candidate_pool", "unset (this selector embeds and searches the whole training set at every "
+                                        "selection)")
+
 
 def candidate_indices(ctx: SelectionContext, pool: int | float | None) -> list[int]:
     """The training indices to score at this selection: all, or a seeded random pool."""

@@ -44,6 +44,7 @@ class NearParams(ScoringParams):
 
     def check(self) -> None:
         super().check()
+        self.refuse_candidate_pool()
         if self.neighbours < 1:
             self.fail("neighbours", "an integer >= 1")
         if self.indices_path is not None:

@@ -62,6 +62,7 @@ class TsdsParams(ScoringParams):
 
     def check(self) -> None:
         super().check()
+        self.refuse_candidate_pool()
         if not 0 <= self.alpha <= 1:
             self.fail("alpha", "a number in [0, 1]")
         if not (math.isfinite(self.C) and self.C > 0):

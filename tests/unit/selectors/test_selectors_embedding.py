@@ -183,6 +183,16 @@ def test_tsds_probs_path_is_checked(tmp_path):
         TsdsParams.from_dict("tsds", {"alpha": 1.5})
 
 
+
+@pytest.mark.parametrize("name,cls", [("near", NearParams), ("tsds", TsdsParams)])
+def test_embedding_selectors_refuse_a_candidate_pool_they_would_ignore(name, cls):
+    """near and tsds embed and search the whole training set; candidate_pool (a ScoringParams key) used to be
+    accepted and ignored - a bench cell's "64-row candidate pool" near embedded all 192 rows at every decision."""
+    with pytest.raises(ConfigError, match=rf"component '{name}': param 'candidate_pool' = 64 is invalid; allowed: "
+                                          r"unset \(this selector embeds and searches the whole training set"):
+        cls.from_dict(name, {"candidate_pool": 64})
+    assert cls.from_dict(name, {}).candidate_pool is None
+
 # ---- cluster_less --------------------------------------------------------------------------------
 
 def test_kmeans_finds_planted_clusters():
