@@ -14,8 +14,10 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
 * ``select``: a pool of the target and three other BBH tasks (half of ``--train`` rows each); less and loss
   score ``--candidate-pool`` rows of it per decision (near embeds all of it); the selectors see a few-shot
   eval set of the target (``--n-eval`` rows) and are measured on the target's held-out questions, with the
-  other tasks' held-out questions as forgetting; baseline ``random``. Equal steps and equal counted work
-  (training plus the selectors' own forward / backward token passes), so the verdict holds on a loaded machine.
+  other tasks' held-out questions as forgetting; baseline ``random``. Equal steps, and equal counted work
+  (3 x trained tokens plus the selectors' own forward / backward token passes, so the verdict holds on a loaded
+  machine): each selector's earliest checkpoint that did at least random's whole run's work against random's
+  end (``equal_work.json``); ``--budget both`` also trains random on to twice the steps (compare's own way).
 * ``mix``: the same four tasks as domains (one dataset each); baseline ``static`` (uniform); measured on
   all domains' held-out questions, with the per-domain accuracy and the worst domain beside the mean. The
   mixers score nothing of their own (odm is rewarded by the step's own loss), so equal steps is equal work.
@@ -199,6 +201,50 @@ def per_domain(data: dict, folder: Path) -> dict | None:
     return out
 
 
+def equal_work_table(data: dict, metric: str = "choice") -> dict | None:
+    """Equal counted work without a longer baseline: every method's earliest measured checkpoint whose work is at
+    least what the baseline's whole run did (3 x its trained tokens), against the baseline's end, paired by seed.
+    The method gets at least the baseline's compute there, so a method that does not beat the baseline at this
+    point does not beat it at equal compute. None without counted work (runs made before it was counted)."""
+    from dataflex.compare import analysis
+
+    baseline, steps = data["baseline"], data["steps"]
+    runs: dict[str, dict[int, dict]] = {}
+    for run in data["runs"]:
+        if run.get("role") == "main" and run.get("curve"):
+            runs.setdefault(run["method"], {})[run["seed_index"]] = run
+    base = runs.get(baseline, {})
+    ends = {k: analysis.point_at_step(r["curve"], steps) for k, r in base.items()}
+    if not ends or any(e is None or e.get("work") is None for e in ends.values()):
+        return None
+    rows, notes = [], []
+    for method in data["methods"]:
+        if method == baseline or method not in runs:
+            continue
+        mine, theirs, at = [], [], []
+        for k, end in sorted(ends.items()):
+            run = runs[method].get(k)
+            if run is None:
+                continue
+            pts = [q for q in run["curve"] if q.get("work") is not None]
+            point = next((q for q in pts if q["work"] >= end["work"]), None)
+            if point is None:  # the method's whole run did less work than the baseline's: compared at its end
+                point = pts[-1]
+                notes.append(f"{method} seed {k}: its whole run did less work than the baseline's")
+            mine.append(point["metrics"][metric])
+            theirs.append(end["metrics"][metric])
+            at.append((point["step"], point["work"] / end["work"]))
+        if mine:
+            r = analysis.row(method, mine, theirs, metric)
+            r["at"] = at
+            rows.append(r)
+            notes.append(f"{method}: its checkpoint at step {', '.join(str(a) for a, _ in at)} (work x "
+                         f"{', '.join(f'{w:.2f}' for _, w in at)} the baseline's {steps}-step run)")
+    base_row = analysis.row(baseline, [e["metrics"][metric] for _, e in sorted(ends.items())], None, metric)
+    return {"budget": "work", "metric": metric, "unit": "counted work; each method's first checkpoint with at least the baseline's",
+            "baseline": baseline, "rows": [base_row, *rows], "notes": notes}
+
+
 VERDICT_HEAD = ("| target | family | method | baseline | budget | seeds | accuracy ± 95 % CI | difference ± 95 % CI "
                 "| verdict |\n|---|---|---|---|---|---|---|---|---|\n")
 
@@ -208,8 +254,10 @@ def verdict_rows(folder: Path) -> list[str]:
     lines = []
     for path in sorted(folder.glob("*-*/compare.json")):
         target, _, family = path.parent.name.rpartition("-")
-        data = json.loads(path.read_text())
-        for table in data["tables"]:
+        tables = json.loads(path.read_text())["tables"]
+        if (path.parent / "equal_work.json").exists():
+            tables += json.loads((path.parent / "equal_work.json").read_text())["tables"]
+        for table in tables:
             if table["metric"] != "choice":
                 continue
             for row in table["rows"]:
@@ -261,7 +309,7 @@ def plot_cells(folder: Path, path: Path) -> bool:
     for cell in cells:
         data = json.loads(cell.read_text())
         panels.append((cell.parent.name, "step", curves_of(data, "step")))
-        if "compute" in data.get("budgets", []) and data.get("compute") == "work":
+        if any(q.get("decision_forward") for r in data["runs"] for q in r.get("curve") or []):  # scoring work
             panels.append((cell.parent.name, "work", curves_of(data, "work")))
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
@@ -318,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the split's seed (the probe's)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--budget", choices=("steps", "compute", "both"), default=None,
-                    help="default: both for select, steps for the others (no decision work of their own)")
+                    help="default: steps (the select cell adds an equal-work table from the selectors' earlier "
+                         "checkpoints; both: the baseline also trains on to twice the steps)")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--verdicts", action="store_true", help="only rewrite verdicts.md from the finished cells")
@@ -352,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     methods = [baseline, *(args.methods.split(",") if args.methods else default_methods)]
     # weighters, orderings and mixers do no scoring passes of their own (odm's reward is the step's own loss), so
-    # equal steps is equal work; the scoring selectors' passes are counted and the baseline trains on to match
-    budget = args.budget or ("both" if args.family == "select" else "steps")
+    # equal steps is equal work. The scoring selectors' passes are counted: the select cell reads equal work off
+    # the selectors' earlier checkpoints (equal_work_table); --budget both also trains the baseline on to match
+    budget = args.budget or "steps"
     # select / mix measure many sets (the forgetting sets, every domain): a checkpoint every half run
     every = args.eval_every or (None if args.family in ("weight", "reorder") else max(1, args.steps // 2))
     options = {"eval_every": every} if every else {}
@@ -369,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     from dataflex.compare.runner import text_report
 
     text = text_report(data)
+    work = equal_work_table(data) if args.family == "select" else None
+    if work:
+        from dataflex.compare import analysis
+
+        text += "\n\n" + analysis.render(work)
+        (out / "equal_work.json").write_text(json.dumps({"tables": [work]}, indent=1))
     domains = per_domain(data, out)
     if domains:
         text += "\n\nper domain at the end (mean over seeds):\n" + "\n".join(

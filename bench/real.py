@@ -821,6 +821,8 @@ def level2(args, out: Path) -> list[dict]:
                     "--out", str(root / f"{target}-{family}")]
             if args.l2_eval_every:
                 argv += ["--eval-every", str(args.l2_eval_every)]
+            if args.full and family == "select":  # equal compute the long way too: random trains on to 2x the steps
+                argv += ["--budget", "both"]
             code = bbh_level2.main(argv)
             if code:
                 raise SystemExit(code)

@@ -284,3 +284,34 @@ def test_real_quick_and_full_level2_cells_never_land_in_the_tracked_grid(tmp_pat
     assert real.cells_root(ns(quick=True), tmp_path / "bbh-quick") == tmp_path / "bbh-quick" / "level2"
     assert real.cells_root(ns(full=True), tmp_path / "bbh-full") == tmp_path / "bbh-full" / "level2"
     assert real.cells_root(ns(out=tmp_path / "x"), tmp_path / "x") == tmp_path / "x" / "level2"
+
+
+def test_bbh_level2_equal_work_compares_each_method_at_its_first_checkpoint_with_the_baselines_work():
+    """A method that scores rows does more work per step than random: its earliest checkpoint whose counted work is
+    at least random's whole run is compared with random's end, seed by seed (hand-made curves)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    def run(method, k, points):
+        return {"method": method, "seed_index": k, "role": "main", "curve": [
+            {"step": s, "work": w, "metrics": {"choice": [[v, 1.0]] * 4}} for s, w, v in points]}
+
+    data = {"baseline": "random", "steps": 4, "methods": ["random", "less", "near", "cheap"], "runs": [
+        run("random", 0, [(2, 50, 0.5), (4, 100, 0.5)]), run("random", 1, [(2, 60, 0.25), (4, 120, 0.75)]),
+        run("less", 0, [(2, 130, 1.0), (4, 260, 0.0)]), run("less", 1, [(2, 150, 0.5), (4, 300, 0.0)]),
+        run("near", 0, [(2, 90, 0.0), (4, 180, 0.75)]), run("near", 1, [(2, 119, 0.0), (4, 200, 1.0)]),
+        run("cheap", 0, [(2, 40, 0.5), (4, 80, 0.5)]), run("cheap", 1, [(2, 40, 0.5), (4, 90, 0.5)])]}
+    table = bbh_level2.equal_work_table(data)
+    rows = {r["method"]: r for r in table["rows"]}
+    assert rows["random"]["per_seed"] == [0.5, 0.75]
+    assert rows["less"]["at"] == [(2, 1.3), (2, 1.25)] and rows["less"]["per_seed"] == [1.0, 0.5]
+    assert rows["near"]["at"] == [(4, 1.8), (4, 200 / 120)] and rows["near"]["per_seed"] == [0.75, 1.0]
+    assert rows["less"]["diff_mean"] == 0.125 and rows["near"]["diff_mean"] == 0.25
+    # a run that never reaches the baseline's work is compared at its end, and says so
+    assert rows["cheap"]["at"] == [(4, 0.8), (4, 0.75)]
+    assert any("cheap seed 0: its whole run did less work" in n for n in table["notes"])
+    # runs made before work was counted: no table
+    for r in data["runs"]:
+        for q in r["curve"]:
+            q["work"] = None
+    assert bbh_level2.equal_work_table(data) is None
