@@ -245,6 +245,26 @@ def equal_work_table(data: dict, metric: str = "choice") -> dict | None:
             "baseline": baseline, "rows": [base_row, *rows], "notes": notes}
 
 
+def worst_domain_text(domains: dict, baseline: str) -> str:
+    """The worst domain's accuracy per method, mean ± 95 % Student-t interval over seeds, and its difference to
+    the baseline's worst domain paired by seed (the worst domain may differ between seeds and methods)."""
+    from real import mean_ci
+
+    base = [s["worst"] for s in domains[baseline]["per_seed"]] if baseline in domains else None
+    lines = ["worst domain (mean ± 95% CI over seeds; difference to the baseline paired by seed):"]
+    for m, v in domains.items():
+        worst = [s["worst"] for s in v["per_seed"]]
+        stat = mean_ci(worst)
+        line = f"  {m:14s} {stat['mean']:.3f} ± {stat['ci']:.3f}"
+        if m != baseline and base and len(base) == len(worst):
+            diff = mean_ci([a - b for a, b in zip(worst, base)])
+            lo, hi = diff["mean"] - diff["ci"], diff["mean"] + diff["ci"]
+            verdict = "tie" if lo <= 0 <= hi else ("better" if lo > 0 else "worse")
+            line += f"   diff {diff['mean']:+.3f} ± {diff['ci']:.3f}  {verdict}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 VERDICT_HEAD = ("| target | family | method | baseline | budget | seeds | accuracy ± 95 % CI | difference ± 95 % CI "
                 "| verdict |\n|---|---|---|---|---|---|---|---|---|\n")
 
@@ -430,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n\nper domain at the end (mean over seeds):\n" + "\n".join(
             f"  {m:14s} " + "  ".join(f"{k} {sum(s[k] for s in v['per_seed']) / len(v['per_seed']):.3f}"
                                      for k in v["per_seed"][0]) for m, v in domains.items())
+        text += "\n" + worst_domain_text(domains, baseline)
+        (out / "per_domain.json").write_text(json.dumps(domains, indent=1))
     # the comparison's record beside its table (the runs themselves stay untracked under compare/)
     (out / "compare.json").write_text((out / "compare" / "compare.json").read_text())
     command = " ".join(["python bench/bbh_level2.py", *(argv if argv is not None else sys.argv[1:])])

@@ -315,3 +315,21 @@ def test_bbh_level2_equal_work_compares_each_method_at_its_first_checkpoint_with
         for q in r["curve"]:
             q["work"] = None
     assert bbh_level2.equal_work_table(data) is None
+
+
+def test_bbh_level2_worst_domain_is_paired_by_seed_with_a_student_t_interval():
+    """Hand values: the baseline's worst domains 0.40 / 0.36 / 0.40, odm's 0.40 each: differences 0 / 0.04 / 0,
+    mean 0.0133, half-width t(2) x sd / sqrt(3) = 4.303 x 0.02309 / 1.732 = 0.0574 - a tie (the baseline's own
+    interval is the same size: its sd is also 0.02309)."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    def seeds(*worst):
+        return {"per_seed": [{"a": w + 0.1, "b": w, "worst": w} for w in worst]}
+
+    text = bbh_level2.worst_domain_text({"static": seeds(0.4, 0.36, 0.4), "odm": seeds(0.4, 0.4, 0.4),
+                                         "random": seeds(0.5, 0.46, 0.5)}, "static")
+    lines = text.splitlines()
+    assert lines[1].split() == ["static", "0.387", "±", "0.057"]
+    assert lines[2].split()[-4:] == ["+0.013", "±", "0.057", "tie"]
+    assert lines[3].split()[-4:] == ["+0.100", "±", "0.000", "better"]
