@@ -245,6 +245,27 @@ def equal_work_table(data: dict, metric: str = "choice") -> dict | None:
             "baseline": baseline, "rows": [base_row, *rows], "notes": notes}
 
 
+def pick_shares(folder: Path) -> dict:
+    """The select cell's picks by task: {method: [{task: share of its picks} per seed]}, read from each run's
+    selection records (``compare/<method>/seed-<k>/dataflex/<run>/step_*.json``, ``kind: selection``) and the
+    pool's ``task`` column. Random's warm-up block is not a selection and is not counted."""
+    pool = json.loads((folder / "data" / "bb_pool.json").read_text())
+    out: dict[str, list[dict[str, float]]] = {}
+    for method_dir in sorted((folder / "compare").iterdir()):
+        seeds = sorted(d for d in method_dir.glob("seed-*") if d.name.split("-")[1].isdigit())
+        for seed in seeds:
+            counts: dict[str, int] = {}
+            for record in seed.glob("dataflex/*/step_*.json"):
+                entry = json.loads(record.read_text())
+                if entry.get("kind") == "selection":
+                    for i in entry["indices"]:
+                        counts[pool[i]["task"]] = counts.get(pool[i]["task"], 0) + 1
+            total = sum(counts.values())
+            if total:
+                out.setdefault(method_dir.name, []).append({t: n / total for t, n in sorted(counts.items())})
+    return out
+
+
 def worst_domain_text(domains: dict, baseline: str) -> str:
     """The worst domain's accuracy per method, mean ± 95 % Student-t interval over seeds, and its difference to
     the baseline's worst domain paired by seed (the worst domain may differ between seeds and methods)."""
@@ -445,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
 
         text += "\n\n" + analysis.render(work)
         (out / "equal_work.json").write_text(json.dumps({"tables": [work]}, indent=1))
+    if args.family == "select" and (out / "compare").is_dir():
+        shares = pick_shares(out)
+        (out / "picks.json").write_text(json.dumps(shares, indent=1))
+        tasks = sorted({t for v in shares.values() for seed in v for t in seed})
+        text += "\n\nthe selections' picks by task (mean over seeds; the pool is a quarter each):\n" + "\n".join(
+            f"  {m:24s} " + "  ".join(f"{t} {sum(s.get(t, 0.0) for s in v) / len(v):.2f}" for t in tasks)
+            for m, v in shares.items())
     domains = per_domain(data, out)
     if domains:
         text += "\n\nper domain at the end (mean over seeds):\n" + "\n".join(

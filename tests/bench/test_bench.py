@@ -333,3 +333,23 @@ def test_bbh_level2_worst_domain_is_paired_by_seed_with_a_student_t_interval():
     assert lines[1].split() == ["static", "0.387", "±", "0.057"]
     assert lines[2].split()[-4:] == ["+0.013", "±", "0.057", "tie"]
     assert lines[3].split()[-4:] == ["+0.100", "±", "0.000", "better"]
+
+
+def test_bbh_level2_pick_shares_count_every_selection_record_by_the_pools_task_column(tmp_path):
+    """Two seeds of one selector: picks [0, 1, 2, 0] and [3, 3] over a pool whose rows 0-1 are task a, 2-3 task b;
+    a non-selection record and a run folder that is not a seed are ignored."""
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bb_pool.json").write_text(json.dumps([{"task": "a"}, {"task": "a"}, {"task": "b"},
+                                                                {"task": "b"}]))
+    for seed, records in ((0, [[0, 1], [2, 0]]), (1, [[3, 3]]), ("1-long", [[0]])):
+        run = tmp_path / "compare" / "less" / f"seed-{seed}" / "dataflex" / "r1"
+        run.mkdir(parents=True)
+        for k, picks in enumerate(records):
+            (run / f"step_{4 * (k + 1)}.json").write_text(json.dumps({"kind": "selection", "indices": picks}))
+        (run / "step_0.json").write_text(json.dumps({"kind": "warmup", "indices": [2, 2, 2]}))
+    assert bbh_level2.pick_shares(tmp_path) == {"less": [{"a": 0.75, "b": 0.25}, {"b": 1.0}]}
