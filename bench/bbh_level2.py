@@ -252,7 +252,7 @@ def pick_shares(folder: Path) -> dict:
     pool = json.loads((folder / "data" / "bb_pool.json").read_text())
     out: dict[str, list[dict[str, float]]] = {}
     for method_dir in sorted((folder / "compare").iterdir()):
-        seeds = sorted(d for d in method_dir.glob("seed-*") if d.name.split("-")[1].isdigit())
+        seeds = sorted(d for d in method_dir.glob("seed-*") if d.name[5:].isdigit())  # not seed-<k>-long
         for seed in seeds:
             counts: dict[str, int] = {}
             for record in seed.glob("dataflex/*/step_*.json"):
