@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     # the comparison's record beside its table (the runs themselves stay untracked under compare/)
     (out / "compare.json").write_text((out / "compare" / "compare.json").read_text())
     command = " ".join(["python bench/bbh_level2.py", *(argv if argv is not None else sys.argv[1:])])
+    command = command.replace(f"{ROOT}/", "")  # the repository's own paths, relative
     (out / "table.md").write_text(f"`{command}`\n\n```text\n{text}\n```\n")
     write_verdicts(root if args.out is None else out.parent)
     print(text)
