@@ -113,10 +113,17 @@ class RunSpec:
         return self.out / "compare_run.json"
 
 
+# where a run writes, not what it trains or measures: left out of every key, so moving an output folder keeps it
+WRITE_KEYS = ("output_dir", "components_cfg_file")
+
+
+def without_outputs(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k not in WRITE_KEYS}
+
+
 def run_key(cfg: dict[str, Any], components: dict[str, Any] | None) -> str:
     """A stable hash of what a run trains: its config (without the folders it writes to) and its component."""
-    keep = {k: v for k, v in cfg.items() if k not in ("output_dir", "components_cfg_file")}
-    text = json.dumps({"cfg": keep, "components": components}, sort_keys=True, default=str)
+    text = json.dumps({"cfg": without_outputs(cfg), "components": components}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 

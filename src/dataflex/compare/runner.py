@@ -310,9 +310,11 @@ def _start_point(setup: Setup, evaluator: Any, path: Path) -> dict[str, Any]:
 
 
 def _measure_key(setup: Setup) -> str:
-    from .plan import run_key
+    """What the measurements depend on: the measured set's config (not where the comparison writes), the
+    extra sets, the cap and the metric."""
+    from .plan import run_key, without_outputs
 
-    return run_key({"measure": setup.measure_cfg, "extra": setup.extra_sets, "cap": setup.eval_cap,
+    return run_key({"measure": without_outputs(setup.measure_cfg), "extra": setup.extra_sets, "cap": setup.eval_cap,
                     "metric": setup.metric}, None)
 
 

@@ -69,3 +69,18 @@ def test_combine_puts_other_modes_against_the_main_baseline(config, tmp_path):
         combine(main, [(prepare(config(), "random,loss", out=tmp_path / "x"), "again ")])
     with pytest.raises(ConfigError, match="combine: two parts train into the same folder"):
         combine(main, [(prepare(config(), "random,loss", out=tmp_path / "sel", seeds=2), "again ")])
+
+
+def test_measurement_key_depends_on_what_is_measured_not_where_it_is_written(config, tmp_path):
+    """A comparison moved to another folder (or another checkout) keeps its measurements; another measured set
+    measures again."""
+    from dataflex.compare.runner import _measure_key
+
+    here = prepare(config(), "random,loss", out=tmp_path / "a")
+    moved = prepare(config("moved.yaml", output_dir=str(tmp_path / "elsewhere")), "random,loss", out=tmp_path / "b")
+    assert here.measure_cfg["output_dir"] != moved.measure_cfg["output_dir"]
+    assert _measure_key(here) == _measure_key(moved)
+    assert [r.key for r in here.runs] == [r.key for r in moved.runs]
+    other = prepare(config(), "random,loss", out=tmp_path / "a", test_dataset="demo_arith")
+    capped = prepare(config(), "random,loss", out=tmp_path / "a", quick=True)
+    assert len({_measure_key(here), _measure_key(other), _measure_key(capped)}) == 3
