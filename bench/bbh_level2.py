@@ -26,9 +26,10 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
 
 Every run trains through the ordinary ``dataflex-cli train`` path that ``dataflex.compare`` drives (LoRA r16
 on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), scored by multiple-choice accuracy over the
-task's answer set (one forward per question). Resumable (compare skips finished runs). Output:
-``bench/out/bbh-level2/<target>-<family>/`` with ``compare.json`` and ``table.md`` (tracked) and the runs
-(not tracked); ``bench/out/bbh-level2/verdicts.md`` gathers every finished cell, ``curves.png`` plots their
+task's answer set (one forward per question). Resumable (compare skips finished runs), and a cell whose
+tracked result was made with the same settings (``cell.json``) is skipped whole, so a fresh checkout does not
+train it again (``--rerun`` runs it). Output: ``bench/out/bbh-level2/<target>-<family>/`` with ``compare.json``,
+``cell.json`` and ``table.md`` (tracked) and the runs (not tracked); ``bench/out/bbh-level2/verdicts.md`` gathers every finished cell, ``curves.png`` plots their
 accuracy against steps (and against counted work where a cell compares at equal work), mean and 95 % band.
 """
 
@@ -387,7 +388,26 @@ def write_verdicts(folder: Path) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+# what a cell's result depends on: every option but where it is written and what this call does
+NOT_SETTINGS = ("out", "verdicts", "rerun")
+
+
+def cell_settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+
+
+def finished_cell(out: Path, args: argparse.Namespace) -> bool:
+    """Whether ``out`` holds a cell's tracked result (compare.json, written last but for cell.json) made with
+    the same settings: a fresh checkout has the tracked results but not the (untracked) runs, and must not train
+    them all again to reach the same table."""
+    try:
+        record = json.loads((out / "cell.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (out / "compare.json").is_file() and record.get("settings") == cell_settings(args)
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="boolean_expressions", help=f"one of {', '.join(mt.BBH_MC)}")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="weight")
@@ -412,6 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--verdicts", action="store_true", help="only rewrite verdicts.md from the finished cells")
+    ap.add_argument("--rerun", action="store_true",
+                    help="run the cell even when its tracked result was made with these settings (cell.json); "
+                         "compare still skips the runs it finds finished under compare/")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     root = ROOT / "bench" / "out" / "bbh-level2"
     if args.verdicts:
@@ -434,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _, _, baseline, default_methods = FAMILIES[args.family]
     out = args.out or root / f"{args.target}-{args.family}"
+    if not args.rerun and finished_cell(out, args):
+        print(f"[bbh_level2] {out.name}: finished earlier with these settings ({out / 'cell.json'}); "
+              "--rerun runs it again", file=sys.stderr, flush=True)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     try:
         config = write_config(out, fetch_locked("smollm2"), args.target, args)
@@ -485,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/bbh_level2.py", *(argv if argv is not None else sys.argv[1:])])
     command = command.replace(f"{ROOT}/", "")  # the repository's own paths, relative
     (out / "table.md").write_text(f"`{command}`\n\n```text\n{text}\n```\n")
+    (out / "cell.json").write_text(json.dumps({"settings": cell_settings(args)}, indent=1, sort_keys=True) + "\n")
     write_verdicts(root if args.out is None else out.parent)
     print(text)
     return 0

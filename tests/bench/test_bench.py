@@ -353,3 +353,29 @@ def test_bbh_level2_pick_shares_count_every_selection_record_by_the_pools_task_c
             (run / f"step_{4 * (k + 1)}.json").write_text(json.dumps({"kind": "selection", "indices": picks}))
         (run / "step_0.json").write_text(json.dumps({"kind": "warmup", "indices": [2, 2, 2]}))
     assert bbh_level2.pick_shares(tmp_path) == {"less": [{"a": 0.75, "b": 0.25}, {"b": 1.0}]}
+
+
+def test_bbh_level2_skips_a_cell_whose_tracked_result_has_the_same_settings(tmp_path, monkeypatch):
+    """A fresh checkout has each cell's compare.json and cell.json (tracked) but not its runs: the same
+    settings skip the cell without loading anything; other settings (or --rerun) run it."""
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    import dataflex.assets
+
+    loads = []
+    monkeypatch.setattr(dataflex.assets, "fetch_locked", lambda name: loads.append(name) or 1 / 0)
+    argv = ["--target", "boolean_expressions", "--family", "weight", "--steps", "24", "--out", str(tmp_path)]
+    settings = bbh_level2.cell_settings(bbh_level2.parser().parse_args(argv))
+    assert settings["steps"] == 24 and settings["seeds"] == 3 and "out" not in settings
+    (tmp_path / "cell.json").write_text(json.dumps({"settings": settings}))
+    with pytest.raises(ZeroDivisionError):  # no compare.json yet: the cell runs (and loads the model)
+        bbh_level2.main(argv)
+    (tmp_path / "compare.json").write_text("{}")
+    assert bbh_level2.main(argv) == 0 and loads == ["smollm2"]
+    for other in (["--steps", "12"], ["--rerun"], ["--seeds", "2"]):
+        with pytest.raises(ZeroDivisionError):
+            bbh_level2.main([*argv, *other])
+    assert loads == ["smollm2"] * 4
