@@ -269,22 +269,18 @@ def pick_shares(folder: Path) -> dict:
 
 def worst_domain_text(domains: dict, baseline: str) -> str:
     """The worst domain's accuracy per method, mean ± 95 % Student-t interval over seeds, and its difference to
-    the baseline's worst domain paired by seed (the worst domain may differ between seeds and methods)."""
-    from real import mean_ci
+    the baseline's worst domain paired by seed (the worst domain may differ between seeds and methods): compare's
+    own table, with each seed's worst domain as that seed's value."""
+    from dataflex.compare import analysis
 
-    base = [s["worst"] for s in domains[baseline]["per_seed"]] if baseline in domains else None
-    lines = ["worst domain (mean ± 95% CI over seeds; difference to the baseline paired by seed):"]
-    for m, v in domains.items():
-        worst = [s["worst"] for s in v["per_seed"]]
-        stat = mean_ci(worst)
-        line = f"  {m:14s} {stat['mean']:.3f} ± {stat['ci']:.3f}"
-        if m != baseline and base and len(base) == len(worst):
-            diff = mean_ci([a - b for a, b in zip(worst, base)])
-            lo, hi = diff["mean"] - diff["ci"], diff["mean"] + diff["ci"]
-            verdict = "tie" if lo <= 0 <= hi else ("better" if lo > 0 else "worse")
-            line += f"   diff {diff['mean']:+.3f} ± {diff['ci']:.3f}  {verdict}"
-        lines.append(line)
-    return "\n".join(lines)
+    def per_seed(method: str) -> list[list]:
+        return [[[s["worst"], 1.0]] for s in domains[method]["per_seed"]]
+
+    base = per_seed(baseline) if baseline in domains else None
+    rows = [analysis.row(m, per_seed(m), None if m == baseline or base is None else base, "choice")
+            for m in domains]
+    tab = {"budget": "steps", "metric": "choice", "baseline": baseline, "rows": rows, "notes": []}
+    return "worst domain (its accuracy per seed; difference to the baseline paired by seed):\n" + analysis.render(tab)
 
 
 VERDICT_HEAD = ("| target | family | method | baseline | budget | seeds | accuracy ± 95 % CI | difference ± 95 % CI "

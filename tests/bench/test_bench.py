@@ -330,9 +330,9 @@ def test_bbh_level2_worst_domain_is_paired_by_seed_with_a_student_t_interval():
     text = bbh_level2.worst_domain_text({"static": seeds(0.4, 0.36, 0.4), "odm": seeds(0.4, 0.4, 0.4),
                                          "random": seeds(0.5, 0.46, 0.5)}, "static")
     lines = text.splitlines()
-    assert lines[1].split() == ["static", "0.387", "±", "0.057"]
-    assert lines[2].split()[-4:] == ["+0.013", "±", "0.057", "tie"]
-    assert lines[3].split()[-4:] == ["+0.100", "±", "0.000", "better"]
+    assert lines[3].split() == ["static", "3", "0.3867", "±", "0.0574", "(baseline)"]
+    assert lines[4].split() == ["odm", "3", "0.4000", "±", "0.0000", "+0.0133", "±", "0.0574", "tie"]
+    assert lines[5].split() == ["random", "3", "0.4867", "±", "0.0574", "+0.1000", "±", "0.0000", "better"]
 
 
 def test_bbh_level2_pick_shares_count_every_selection_record_by_the_pools_task_column(tmp_path):
