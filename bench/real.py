@@ -639,6 +639,14 @@ def zeroth_check(args, model_path: Path, paths: dict, out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished child processes (compare's training runs)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="<= 10 minutes on a 2-core CPU")
@@ -748,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from dataflex.assets import fetch_locked
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu_seconds()
     model_path = fetch_locked("smollm2")
     sources = {args.data} & {"bbh", "bigbench"} if ("1" in levels or "2" in levels) else set()
     if "zeroth" in levels:
@@ -788,7 +796,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "level2.json").write_text(json.dumps({"cells": cells, "args": vars_of(args), "machine": machine_info()},
                                                     indent=1))
     report["seconds"] = round(time.perf_counter() - started, 1)
-    print(f"[real] done in {report['seconds']} s; tables in {out}", file=sys.stderr)
+    report["cpu_seconds"] = round(cpu_seconds() - cpu_started, 1)
+    print(f"[real] done in {report['seconds']} s wall, {report['cpu_seconds']} s of CPU (this process and the "
+          f"training processes it ran: the load-independent cost); tables in {out}", file=sys.stderr)
     return 0
 
 

@@ -159,6 +159,7 @@ def test_real_model_benchmark_runs_end_to_end_on_bbh(smollm2, tmp_path):
     (its sibling sports_understanding), and level 2's quick cell through compare. Who wins is not
     asserted; the shapes, the splits and the resume are."""
     import json
+    import re
 
     out = tmp_path / "out"
     cmd = [sys.executable, "bench/real.py", "--quick", "--selectors", "random,loss", "--n-eval", "4",
@@ -176,11 +177,15 @@ def test_real_model_benchmark_runs_end_to_end_on_bbh(smollm2, tmp_path):
     assert rows == ["plain", "loss", "adapt", "joint_update_aware"]
     cell = out / "level2" / "boolean_expressions-weight"
     assert len(json.loads((cell / "data" / "test.json").read_text())) == 6 and (out / "level2" / "verdicts.md").exists()
-    # level 1 resumes pool by pool: a second run finds the pool done and does not score it again
-    res = run_command([*cmd, "--levels", "1"], env={"DATAFLEX_BBH_DIR": None}, timeout=600)
+    first_cpu = float(re.search(r"wall, ([\d.]+) s of CPU", res.stderr).group(1))
+    # level 1 resumes pool by pool, level 2 cell by cell: a second run scores and trains nothing again
+    res = run_command(cmd, env={"DATAFLEX_BBH_DIR": None}, timeout=600)
     assert res.returncode == 0, failure_report(res)
-    assert "done before, skipped" in res.stderr
+    assert "done before, skipped" in res.stderr and "finished earlier with these settings" in res.stderr
     assert json.loads((out / "level1.json").read_text())["results"] == level1["results"]
+    assert json.loads((out / "level2.json").read_text())["cells"] == cells
+    # the CPU count includes the training processes: the first run's four trainings dwarf the rerun's nothing
+    assert float(re.search(r"wall, ([\d.]+) s of CPU", res.stderr).group(1)) < first_cpu / 3
 
 
 @pytest.mark.slow
