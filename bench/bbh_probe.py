@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[probe] {i}/{len(tasks)} {task}: floor {f['acc_sum']:.2f}, best {b['acc_sum']:.2f} (epoch "
               f"{res['best_epoch']}), learnable {res['learnable']} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
-        (out / "probe.json").write_text(json.dumps({"args": vars(args) | {"out": str(out)}, "results": results},
+        shown = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out  # the repo's own: relative
+        (out / "probe.json").write_text(json.dumps({"args": vars(args) | {"out": str(shown)}, "results": results},
                                                    indent=1, default=str))
         (out / "probe.md").write_text(markdown(results, args))
     print(markdown(results, args))
