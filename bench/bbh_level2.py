@@ -28,9 +28,10 @@ Every run trains through the ordinary ``dataflex-cli train`` path that ``datafle
 on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), scored by multiple-choice accuracy over the
 task's answer set (one forward per question). Resumable (compare skips finished runs), and a cell whose
 tracked result was made with the same settings (``cell.json``) is skipped whole, so a fresh checkout does not
-train it again (``--rerun`` runs it). Output: ``bench/out/bbh-level2/<target>-<family>/`` with ``compare.json``,
-``cell.json`` and ``table.md`` (tracked) and the runs (not tracked); ``bench/out/bbh-level2/verdicts.md`` gathers every finished cell, ``curves.png`` plots their
-accuracy against steps (and against counted work where a cell compares at equal work), mean and 95 % band.
+train it again (``--rerun`` runs it). Output: ``bench/out/bbh-level2/<target>-<family>/`` with
+``compare.json``, ``cell.json`` and ``table.md`` (tracked) and the runs (not tracked);
+``bench/out/bbh-level2/verdicts.md`` gathers every finished cell, ``curves.png`` plots their accuracy against
+steps (and against counted work where a cell compares at equal work), mean and 95 % band.
 """
 
 from __future__ import annotations

@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks.sort(key=lambda t: sum(len(q.input) for q in mt.load_bbh(t, paths[t])[0]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+    # probe.json names its folder relative to the repository when it lies inside it (a tracked file)
+    shown = str(out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out)
     results = []
     for i, task in enumerate(tasks, 1):
         t0 = time.perf_counter()
@@ -268,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[probe] {i}/{len(tasks)} {task}: floor {f['acc_sum']:.2f}, best {b['acc_sum']:.2f} (epoch "
               f"{res['best_epoch']}), learnable {res['learnable']} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
-        shown = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out  # the repo's own: relative
-        (out / "probe.json").write_text(json.dumps({"args": vars(args) | {"out": str(shown)}, "results": results},
+        (out / "probe.json").write_text(json.dumps({"args": vars(args) | {"out": shown}, "results": results},
                                                    indent=1, default=str))
         (out / "probe.md").write_text(markdown(results, args))
     print(markdown(results, args))
