@@ -55,8 +55,12 @@ from _common import ROOT  # noqa: E402
 FAMILIES = {
     # train_type, the component the config names, the baseline, the methods compared with it
     "weight": ("dynamic_weight", "loss", "plain", ["loss", "adapt", "joint_update_aware"]),
+    # static by length and by loss, each walked in order and paced (root competence: a step draws from the
+    # easiest share of the rows, which grows to all of them over half the run)
     "reorder": ("dynamic_reorder", "static", "plain", ["static:score=length:order=ascending",
-                                                       "static:score=loss:order=ascending", "dynamic"]),
+                                                       "static:score=loss:order=ascending",
+                                                       "static:score=length:order=ascending:pacing=root",
+                                                       "static:score=loss:order=ascending:pacing=root", "dynamic"]),
     "select": ("dynamic_select", "random", "random", ["less", "less:random_share=0.25", "near", "loss"]),
     # dynamic_moe routes by a mixture-of-experts model's router logits: SmolLM2 is dense, so it refuses
     # (one line, before training); doremi's three-run chain is not a compare method
@@ -390,7 +394,15 @@ NOT_SETTINGS = ("out", "verdicts", "rerun")
 
 
 def cell_settings(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    """The cell's options, with ``methods`` resolved to what is compared (a family's default methods can grow)."""
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+    settings["methods"] = ",".join(methods_of(args))
+    return settings
+
+
+def methods_of(args: argparse.Namespace) -> list[str]:
+    """The methods compared with the family's baseline: ``--methods``, else the family's."""
+    return args.methods.split(",") if args.methods else list(FAMILIES[args.family][3])
 
 
 def finished_cell(out: Path, args: argparse.Namespace) -> bool:
@@ -457,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataflex.assets import fetch_locked
     from dataflex.compare import run
 
-    _, _, baseline, default_methods = FAMILIES[args.family]
+    baseline = FAMILIES[args.family][2]
     out = args.out or root / f"{args.target}-{args.family}"
     if not args.rerun and finished_cell(out, args):
         print(f"[bbh_level2] {out.name}: finished earlier with these settings ({out / 'cell.json'}); "
@@ -469,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     except mt.TaskFileError as exc:
         print(f"bench/bbh_level2.py: error: {exc}", file=sys.stderr)
         return 2
-    methods = [baseline, *(args.methods.split(",") if args.methods else default_methods)]
+    methods = [baseline, *methods_of(args)]
     # weighters, orderings and mixers do no scoring passes of their own (odm's reward is the step's own loss), so
     # equal steps is equal work. The scoring selectors' passes are counted: the select cell reads equal work off
     # the selectors' earlier checkpoints (equal_work_table); --budget both also trains the baseline on to match

@@ -375,12 +375,18 @@ def test_bbh_level2_skips_a_cell_whose_tracked_result_has_the_same_settings(tmp_
     argv = ["--target", "boolean_expressions", "--family", "weight", "--steps", "24", "--out", str(tmp_path)]
     settings = bbh_level2.cell_settings(bbh_level2.parser().parse_args(argv))
     assert settings["steps"] == 24 and settings["seeds"] == 3 and "out" not in settings
+    assert settings["methods"] == "loss,adapt,joint_update_aware"  # the family's default, resolved
     (tmp_path / "cell.json").write_text(json.dumps({"settings": settings}))
     with pytest.raises(ZeroDivisionError):  # no compare.json yet: the cell runs (and loads the model)
         bbh_level2.main(argv)
     (tmp_path / "compare.json").write_text("{}")
     assert bbh_level2.main(argv) == 0 and loads == ["smollm2"]
-    for other in (["--steps", "12"], ["--rerun"], ["--seeds", "2"]):
+    for other in (["--steps", "12"], ["--rerun"], ["--seeds", "2"], ["--methods", "loss"]):
         with pytest.raises(ZeroDivisionError):
             bbh_level2.main([*argv, *other])
-    assert loads == ["smollm2"] * 4
+    assert loads == ["smollm2"] * 5
+    # a result made when the family compared fewer methods by default is not this cell's: it runs
+    (tmp_path / "cell.json").write_text(json.dumps({"settings": {**settings, "methods": "loss,adapt"}}))
+    with pytest.raises(ZeroDivisionError):
+        bbh_level2.main(argv)
+    assert loads == ["smollm2"] * 6
