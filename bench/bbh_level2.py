@@ -21,8 +21,10 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
 * ``mix``: the same four tasks as domains (one dataset each); baseline ``static`` (uniform); measured on
   all domains' held-out questions, with the per-domain accuracy and the worst domain beside the mean. The
   mixers score nothing of their own (odm is rewarded by the step's own loss), so equal steps is equal work.
-  ``dynamic_moe`` needs a mixture-of-experts model (SmolLM2 is dense) and ``doremi`` is a chain of three
-  runs (reference, proxy, final), not one method: neither is in this family.
+  DoReMi's chain runs inside the cell: its reference is the static baseline's seed-0 run (merged), ``doremi``
+  its proxies (step 2), ``doremi_final`` training on the proxies' averaged weights (step 3); at equal steps, and
+  the chain's own cost (the proxies) is stated beside it. ``dynamic_moe`` needs a mixture-of-experts model
+  (SmolLM2 is dense): not in this family.
 
 Every run trains through the ordinary ``dataflex-cli train`` path that ``dataflex.compare`` drives (LoRA r16
 on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), scored by multiple-choice accuracy over the
@@ -63,9 +65,14 @@ FAMILIES = {
                                                        "static:score=loss:order=ascending:pacing=root", "dynamic"]),
     "select": ("dynamic_select", "random", "random", ["less", "less:random_share=0.25", "near", "loss"]),
     # dynamic_moe routes by a mixture-of-experts model's router logits: SmolLM2 is dense, so it refuses
-    # (one line, before training); doremi's three-run chain is not a compare method
-    "mix": ("dynamic_mix", "static", "static", ["odm", "random"]),
+    # (one line, before training). doremi is DoReMi's step 2 (the proxy), doremi_final its step 3: see DOREMI
+    "mix": ("dynamic_mix", "static", "static", ["odm", "random", "doremi", "doremi_final"]),
 }
+# DoReMi's three steps in the mix cell: step 1, the reference model, is the static baseline's seed-0 run (uniform
+# proportions, the paper's reference), its LoRA adapter merged into the base model; step 2 (`doremi`) trains a proxy
+# per seed against it; step 3 (`doremi_final`) trains on fixed proportions, the proxies' averaged domain weights
+# (their mean over seeds), from step 0. Both are measured like every other method.
+DOREMI = ("doremi", "doremi_final")
 # select: the target's rows are a quarter of a pool with three other BBH tasks (short prompts);
 # mix: the same four tasks are the domains
 # (formal_fallacies, at ~160 tokens a row, made a step of the pool ~2x as costly as navigate's ~85 tokens)
@@ -182,6 +189,82 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
     (folder / "data.json").write_text(json.dumps({**summary, **{k: v for k, v in keys.items() if k != "dataset"}},
                                                  indent=1))
     return path
+
+
+def last_adapter(run: Path) -> Path:
+    """The folder of a run's final LoRA adapter: the run's own folder (saved at the end), else its last checkpoint."""
+    from dataflex.compare.evaluate import checkpoints
+
+    if (run / "adapter_model.safetensors").is_file():
+        return run
+    found = checkpoints(run)
+    if not found:
+        raise FileNotFoundError(f"{run}: no adapter_model.safetensors and no checkpoint-N folder")
+    return found[-1][1]
+
+
+def merge_reference(adapter: Path, base: Path, into: Path) -> Path:
+    """DoReMi's reference as a model folder (what ``reference_model_path`` takes): the LoRA adapter merged
+    into the base model, with the base tokenizer. Written to a side folder and renamed, so an interrupted merge
+    leaves nothing that looks finished."""
+    import shutil
+
+    if (into / "config.json").is_file():
+        return into
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    partial = into.with_name(into.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.save_pretrained(str(partial))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(partial))
+    partial.rename(into)
+    return into
+
+
+def mean_weights(files: list[Path]) -> tuple[list[str], list[float]]:
+    """The domains and the mean of the proxies' averaged DoReMi weights (``doremi_domain_weights.json``), rounded
+    to 6 decimals with the last one making the sum exactly 1 (the static mixer checks the sum)."""
+    records = [json.loads(f.read_text()) for f in files]
+    domains = records[0]["domains"]
+    if any(r["domains"] != domains for r in records):
+        raise ValueError(f"the DoReMi proxies weighted different domains: {[r['domains'] for r in records]}")
+    mean = [round(sum(r["weights"][i] for r in records) / len(records), 6) for i in range(len(domains))]
+    mean[-1] = round(1.0 - sum(mean[:-1]), 6)
+    return domains, mean
+
+
+def doremi_chain(config: Path, out: Path, seeds: int, run, options: dict) -> dict:
+    """DoReMi's steps 1 and 2 for the mix cell, then step 3's proportions in its components file (see DOREMI);
+    returns what the chain used. Every step is a compare run, so a rerun skips what is finished."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    comp = Path(cfg["components_cfg_file"])
+    runs = out / "compare"
+    common = {"budget": "steps", "metric": "choice", "out": str(runs), "baseline": "static", **options}
+    # step 1: the static baseline's seed-0 run (uniform proportions), merged
+    print("[bbh_level2] doremi step 1: the reference (static, seed 0)", file=sys.stderr, flush=True)
+    run(str(config), "static", seeds=1, **common)
+    reference = merge_reference(last_adapter(runs / "static" / "seed-0"), Path(cfg["model_name_or_path"]),
+                                out / "doremi-reference")
+    components = yaml.safe_load(comp.read_text())
+    components["mixers"]["doremi"] = {"name": "doremi", "params": {"reference_model_path": str(reference)}}
+    comp.write_text(yaml.safe_dump(components, sort_keys=False))
+    # step 2: a proxy per seed, trained with Group DRO against the reference; each writes its averaged weights
+    print("[bbh_level2] doremi step 2: the proxies", file=sys.stderr, flush=True)
+    run(str(config), "static,doremi", seeds=seeds, **common)
+    files = [runs / "doremi" / f"seed-{k}" / "doremi_domain_weights.json" for k in range(seeds)]
+    domains, weights = mean_weights(files)
+    # step 3's proportions: a static mixer that starts (and stays) on them
+    components["mixers"]["doremi_final"] = {"name": "static", "params": {"proportions": weights}}
+    comp.write_text(yaml.safe_dump(components, sort_keys=False))
+    per_seed = [json.loads(f.read_text())["weights"] for f in files]
+    print(f"[bbh_level2] doremi step 3: proportions {dict(zip(domains, weights))}", file=sys.stderr, flush=True)
+    return {"domains": domains, "proportions": weights, "per_proxy": per_seed}
 
 
 def per_domain(data: dict, folder: Path) -> dict | None:
@@ -496,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         options["test_dataset"] = info["test_dataset"]  # the selectors see bb_eval_<target>, never these
         # forgetting: the pool's other tasks, each its own held-out set and metric (<task>:choice)
         options["eval_extra"] = [f"{name.removeprefix('bb_test_')}={name}" for name in info["extra"]]
+    if any(m in DOREMI for m in methods):
+        if args.family != "mix":
+            ap.error(f"--methods: {', '.join(DOREMI)} are the mix family's (DoReMi's steps 2 and 3)")
+        chain = doremi_chain(config, out, args.seeds, run, options)
+        (out / "doremi.json").write_text(json.dumps(chain, indent=1))
     data = run(str(config), ",".join(methods), seeds=args.seeds, budget=budget, metric="choice",
                out=str(out / "compare"), baseline=baseline, **options)
     from dataflex.compare.runner import text_report

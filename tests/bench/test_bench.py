@@ -390,3 +390,100 @@ def test_bbh_level2_skips_a_cell_whose_tracked_result_has_the_same_settings(tmp_
     with pytest.raises(ZeroDivisionError):
         bbh_level2.main(argv)
     assert loads == ["smollm2"] * 6
+
+
+def test_bbh_level2_doremi_reference_is_the_adapter_merged_into_the_base(tiny_model, tmp_path):
+    """DoReMi's step-1 model is a model folder: the LoRA adapter merged into the base gives the same logits as the
+    base with the adapter; a second call finds it and merges nothing; no half-written folder is left."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the adapter an effect
+            torch.nn.init.normal_(p, std=0.5)
+    adapter = tmp_path / "run" / "checkpoint-6"
+    peft_model.save_pretrained(adapter)
+    assert bbh_level2.last_adapter(tmp_path / "run") == adapter
+    ref = bbh_level2.merge_reference(adapter, tiny_model, tmp_path / "reference")
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    merged = AutoModelForCausalLM.from_pretrained(ref)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+        got = merged(ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, base, atol=1e-3)
+    stamp = (ref / "config.json").stat().st_mtime_ns
+    assert bbh_level2.merge_reference(adapter, tiny_model, ref) == ref
+    assert (ref / "config.json").stat().st_mtime_ns == stamp and not (tmp_path / "reference.partial").exists()
+
+
+def test_bbh_level2_doremi_final_proportions_are_the_proxies_mean_and_sum_to_one(tmp_path):
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    files = []
+    for k, w in enumerate(([0.2, 0.3, 0.5], [0.4, 0.1, 0.5], [0.3, 0.3, 0.4])):
+        files.append(tmp_path / f"w{k}.json")
+        files[-1].write_text(json.dumps({"domains": ["a", "b", "c"], "weights": w}))
+    domains, mean = bbh_level2.mean_weights(files)
+    assert domains == ["a", "b", "c"] and mean == [0.3, 0.233333, 0.466667] and abs(sum(mean) - 1) < 1e-12
+    files[2].write_text(json.dumps({"domains": ["a", "c", "b"], "weights": [0.3, 0.3, 0.4]}))
+    with pytest.raises(ValueError, match="different domains"):
+        bbh_level2.mean_weights(files)
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N"):
+        bbh_level2.last_adapter(tmp_path)
+
+
+def test_bbh_level2_doremi_chain_trains_the_reference_then_the_proxies_then_names_the_final_proportions(
+        tmp_path, monkeypatch):
+    """The chain's order and wiring, with compare's run replaced: static seed 0 first (the reference, merged), the
+    proxies against that reference, and step 3 a static mixer on the proxies' mean weights; the components file
+    names both, and the mix cell's other entries are kept."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    args = argparse.Namespace(train=20, test=12, other_test=5, n_eval=4, seed=0, lr=5e-4, steps=6, candidate_pool=7,
+                              family="mix")
+    config = bbh_level2.write_config(tmp_path, tmp_path / "model", "boolean_expressions", args)
+    calls = []
+    weights = {0: [0.1, 0.2, 0.3, 0.4], 1: [0.3, 0.2, 0.1, 0.4]}
+
+    def fake_run(cfg, methods, seeds, **options):
+        calls.append((methods, seeds, options["baseline"], options.get("eval_every")))
+        runs = Path(options["out"])
+        (runs / "static" / "seed-0" / "checkpoint-6").mkdir(parents=True, exist_ok=True)
+        if "doremi" in methods.split(","):
+            comps = yaml.safe_load(Path(yaml.safe_load(Path(cfg).read_text())["components_cfg_file"]).read_text())
+            assert comps["mixers"]["doremi"]["params"]["reference_model_path"] == str(tmp_path / "doremi-reference")
+            for k in range(seeds):
+                (runs / "doremi" / f"seed-{k}").mkdir(parents=True)
+                (runs / "doremi" / f"seed-{k}" / "doremi_domain_weights.json").write_text(json.dumps(
+                    {"domains": ["bb_train_" + t for t in ("boolean_expressions", "sports_understanding", "navigate",
+                                                            "disambiguation_qa")], "weights": weights[k]}))
+        return {}
+
+    merged = []
+    monkeypatch.setattr(bbh_level2, "merge_reference",
+                        lambda adapter, base, into: merged.append((adapter, base)) or into)
+    chain = bbh_level2.doremi_chain(config, tmp_path, 2, fake_run, {"eval_every": 3})
+    assert calls == [("static", 1, "static", 3), ("static,doremi", 2, "static", 3)]
+    assert merged == [(tmp_path / "compare" / "static" / "seed-0" / "checkpoint-6", tmp_path / "model")]
+    comps = yaml.safe_load((tmp_path / "components.yaml").read_text())["mixers"]
+    assert comps["doremi_final"] == {"name": "static", "params": {"proportions": [0.2, 0.2, 0.2, 0.4]}}
+    assert {"static", "odm", "random", "doremi", "doremi_final"} <= set(comps)
+    assert chain["proportions"] == [0.2, 0.2, 0.2, 0.4] and chain["per_proxy"] == [weights[0], weights[1]]
