@@ -1,7 +1,7 @@
 """Which BBH tasks can SmolLM2-135M learn at a CPU budget? The ceiling probe before any verdict.
 
     python bench/bbh_probe.py                    # every multiple-choice BBH task, cheapest first
-    python bench/bbh_probe.py --tasks navigate,sports_understanding --epochs 4 --lr 2e-4
+    python bench/bbh_probe.py --tasks navigate,sports_understanding --epochs 4 --lr 2e-4 --out /tmp/probe-lr2e-4
     python bench/bbh_probe.py --quick            # two short tasks, a few steps (a smoke run)
 
 Per task (the BBH files of ``bench/mc_tasks.py``: ``$DATAFLEX_BBH_DIR``, ``../shared/data/bbh``, or a
@@ -17,8 +17,9 @@ model that only learned the training answers' prior scores about the test set's 
 A task is **learnable** at this budget when the best epoch's 95 % interval lies above the floor's.
 
 Resumable: every finished piece (data, floor, training run, checkpoint score) is kept under ``--out``
-and a rerun skips it (the small per-task JSON files are enough: they are tracked in git, the training
-runs are not); ``probe.json`` / ``probe.md`` are rewritten after every task. Compute is counted
+with the settings it was made with (``settings.json``), and a rerun with the same settings skips it (other
+settings are refused, one line naming the option, rather than reported under the new values). The small
+per-task JSON files are enough to resume: they are tracked in git, the training runs are not. ``probe.json`` / ``probe.md`` are rewritten after every task. Compute is counted
 in work, not wall time: ``train_tokens`` is the token passes (forward + backward) of training,
 ``eval_tokens`` those of scoring, so the table means the same on a loaded machine.
 """
@@ -128,10 +129,39 @@ def load_model(model_path: Path, adapter: Path | None = None):
     return model.eval()
 
 
+# what a task's pieces (split, floor, run, scores) depend on: recorded beside them in settings.json
+PIECE_KEYS = ("train", "test", "seed", "epochs", "lr", "batch", "rank", "cutoff")
+
+
+def check_settings(cell: Path, task: str, args) -> None:
+    """Refuse to reuse a task's pieces made with other settings (they would be reported under these), and
+    record the settings of a task begun now. One line naming the option that differs."""
+    want = {k: getattr(args, k) for k in PIECE_KEYS}
+    path = cell / "settings.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = [k for k in PIECE_KEYS if have.get(k) != want[k]]
+        if diff:
+            raise SystemExit(f"bench/bbh_probe.py: {task} under {cell.parent.parent} was probed with "
+                             + ", ".join(f"--{k} {have.get(k)}" for k in diff) + " (this run: "
+                             + ", ".join(f"--{k} {want[k]}" for k in diff) + "); rerun with those values, or "
+                             "give another --out")
+        return
+    made = sorted(p.name for p in cell.glob("*.json"))
+    if made:
+        raise SystemExit(f"bench/bbh_probe.py: {cell} holds {', '.join(made)} but no settings.json: what they were "
+                         "made with is unknown; delete the folder, or give another --out")
+    if not args.table_only:
+        cell.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(want, indent=1) + "\n")
+
+
 def probe_task(task: str, path: Path, model_path: Path, tok, out: Path, args) -> dict | None:
-    """One task's floor, training run and per-epoch scores, each made only when not on disk already.
-    With ``--table-only`` nothing is made: a task with a missing piece gives None."""
+    """One task's floor, training run and per-epoch scores, each made only when not on disk already (and
+    only with the settings they were made with). With ``--table-only`` nothing is made: a task with a missing
+    piece gives None."""
     cell = out / "tasks" / task
+    check_settings(cell, task, args)
     if args.table_only and not all((cell / f"{name}.json").exists()
                                    for name in ["data", "floor", *(f"epoch-{e}" for e in range(1, args.epochs + 1))]):
         return None
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=96, help="training questions per task")
     ap.add_argument("--test", type=int, default=100, help="held-out questions per task")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4, help="constant learning rate (the published probe's)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--cutoff", type=int, default=512)

@@ -487,3 +487,35 @@ def test_bbh_level2_doremi_chain_trains_the_reference_then_the_proxies_then_name
     assert comps["doremi_final"] == {"name": "static", "params": {"proportions": [0.2, 0.2, 0.2, 0.4]}}
     assert {"static", "odm", "random", "doremi", "doremi_final"} <= set(comps)
     assert chain["proportions"] == [0.2, 0.2, 0.2, 0.4] and chain["per_proxy"] == [weights[0], weights[1]]
+
+
+def test_bbh_probe_refuses_pieces_made_with_other_settings(tmp_path):
+    """A task's pieces are reported under the run's settings, so pieces made with others (or with unknown ones)
+    are refused with one line naming the option; a task begun now records its settings (not with --table-only)."""
+    import argparse
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_probe
+
+    args = argparse.Namespace(train=96, test=100, seed=0, epochs=3, lr=5e-4, batch=8, rank=16, cutoff=512,
+                              table_only=True)
+    cell = tmp_path / "tasks" / "navigate"
+    bbh_probe.check_settings(cell, "navigate", args)
+    assert not cell.exists()  # --table-only writes nothing
+    args.table_only = False
+    bbh_probe.check_settings(cell, "navigate", args)
+    assert json.loads((cell / "settings.json").read_text())["lr"] == 5e-4
+    bbh_probe.check_settings(cell, "navigate", args)  # the same settings: resumes
+    args.lr, args.epochs = 1e-3, 4
+    with pytest.raises(SystemExit, match=r"navigate under .* was probed with --epochs 3, --lr 0.0005 \(this run: "
+                                         r"--epochs 4, --lr 0.001\)"):
+        bbh_probe.check_settings(cell, "navigate", args)
+    (cell / "settings.json").unlink()
+    (cell / "floor.json").write_text("{}")
+    with pytest.raises(SystemExit, match="holds floor.json but no settings.json"):
+        bbh_probe.check_settings(cell, "navigate", args)
+    # the tracked probe's tasks all carry the settings the published table was made with
+    tracked = sorted((REPO_ROOT / "bench" / "out" / "bbh-probe" / "tasks").iterdir())
+    assert len(tracked) == 17
+    assert {json.loads((t / "settings.json").read_text())["lr"] for t in tracked} == {5e-4}
