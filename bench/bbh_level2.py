@@ -5,6 +5,7 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
     python bench/bbh_level2.py --target geometric_shapes --family reorder       # plain vs static / dynamic orders
     python bench/bbh_level2.py --target geometric_shapes --family select        # random vs less / near / loss
     python bench/bbh_level2.py --target geometric_shapes --family mix           # static vs odm / random
+    python bench/bbh_level2.py --target boolean_expressions --family doremi     # static vs DoReMi's chain
     python bench/bbh_level2.py --verdicts                                       # verdict table + curves of every cell
 
 * ``weight`` / ``reorder``: the training rows are the target's own (``--train``), split as the ceiling probe
@@ -21,10 +22,11 @@ SmolLM2 can learn, at equal steps and at equal counted work, over seeds? One cel
 * ``mix``: the same four tasks as domains (one dataset each); baseline ``static`` (uniform); measured on
   all domains' held-out questions, with the per-domain accuracy and the worst domain beside the mean. The
   mixers score nothing of their own (odm is rewarded by the step's own loss), so equal steps is equal work.
-  DoReMi's chain runs inside the cell: its reference is the static baseline's seed-0 run (merged), ``doremi``
-  its proxies (step 2), ``doremi_final`` training on the proxies' averaged weights (step 3); at equal steps, and
-  the chain's own cost (the proxies) is stated beside it. ``dynamic_moe`` needs a mixture-of-experts model
-  (SmolLM2 is dense): not in this family.
+  ``dynamic_moe`` needs a mixture-of-experts model (SmolLM2 is dense): not in this family.
+* ``doremi``: the mix cell's domains and baseline, and DoReMi's three-step chain: its reference is the static
+  baseline's seed-0 run (merged into the base model), ``doremi`` its proxies (step 2, one per seed),
+  ``doremi_final`` training on the proxies' averaged domain weights (step 3). Compared at equal steps; the
+  chain's own cost (the proxies, with the reference model's forwards) comes on top of the final run's.
 
 Every run trains through the ordinary ``dataflex-cli train`` path that ``dataflex.compare`` drives (LoRA r16
 on all linears, lr 5e-4 constant, batch 8, ``--steps`` steps), scored by multiple-choice accuracy over the
@@ -65,10 +67,13 @@ FAMILIES = {
                                                        "static:score=loss:order=ascending:pacing=root", "dynamic"]),
     "select": ("dynamic_select", "random", "random", ["less", "less:random_share=0.25", "near", "loss"]),
     # dynamic_moe routes by a mixture-of-experts model's router logits: SmolLM2 is dense, so it refuses
-    # (one line, before training). doremi is DoReMi's step 2 (the proxy), doremi_final its step 3: see DOREMI
-    "mix": ("dynamic_mix", "static", "static", ["odm", "random", "doremi", "doremi_final"]),
+    # (one line, before training)
+    "mix": ("dynamic_mix", "static", "static", ["odm", "random"]),
+    # the mix cell's material, DoReMi's chain: doremi is its step 2 (the proxy), doremi_final its step 3 (DOREMI)
+    "doremi": ("dynamic_mix", "static", "static", ["doremi", "doremi_final"]),
 }
-# DoReMi's three steps in the mix cell: step 1, the reference model, is the static baseline's seed-0 run (uniform
+MIXING = ("mix", "doremi")  # families whose training sets are the tasks as domains
+# DoReMi's three steps in the doremi cell: step 1, the reference model, is the static baseline's seed-0 run (uniform
 # proportions, the paper's reference), its LoRA adapter merged into the base model; step 2 (`doremi`) trains a proxy
 # per seed against it; step 3 (`doremi_final`) trains on fixed proportions, the proxies' averaged domain weights
 # (their mean over seeds), from step 0. Both are measured like every other method.
@@ -113,7 +118,7 @@ def write_family_data(data: Path, family: str, target: str, args) -> tuple[dict,
     tasks = [target, *others_of(target)]
     paths = mt.fetch_bbh(tasks)
     per_task = args.train // 2  # four tasks: a pool (or a mixture) twice the target's own rows
-    if family == "mix":  # every domain is measured alike
+    if family in MIXING:  # every domain is measured alike
         n_test = {t: args.test // 2 for t in tasks}
     else:  # the target, and the other tasks for forgetting
         n_test = {t: args.test if t == target else args.other_test for t in tasks}
@@ -171,7 +176,7 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
         # the dynamic reorderer re-orders the rows left every update_step steps (a static one orders once and
         # ignores these keys, with a warning; plain training drops every DataFlex key)
         cfg.update(update_step=max(1, args.steps // 4), update_times=-1)
-    if args.family in ("select", "mix"):
+    if args.family in ("select", *MIXING):
         comp = folder / "components.yaml"
         components = json.loads(json.dumps(COMPONENTS))
         if args.candidate_pool:  # less and loss score a fresh random part of the pool per decision (near embeds
@@ -182,7 +187,7 @@ def write_config(folder: Path, model: Path, target: str, args) -> Path:
         # a random warm-up block, then a decision every block of the run (and of the baseline's longer run)
         block = max(1, args.steps // 6)
         cfg.update(components_cfg_file=str(comp), warmup_step=block, update_step=block, update_times=-1)
-        if args.family == "mix":
+        if args.family in MIXING:
             cfg["mixture_sample_rule"] = "mixture"
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -238,7 +243,7 @@ def mean_weights(files: list[Path]) -> tuple[list[str], list[float]]:
 
 
 def doremi_chain(config: Path, out: Path, seeds: int, run, options: dict) -> dict:
-    """DoReMi's steps 1 and 2 for the mix cell, then step 3's proportions in its components file (see DOREMI);
+    """DoReMi's steps 1 and 2 for the doremi cell, then step 3's proportions in its components file (see DOREMI);
     returns what the chain used. Every step is a compare run, so a rerun skips what is finished."""
     import yaml
 
@@ -580,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         # forgetting: the pool's other tasks, each its own held-out set and metric (<task>:choice)
         options["eval_extra"] = [f"{name.removeprefix('bb_test_')}={name}" for name in info["extra"]]
     if any(m in DOREMI for m in methods):
-        if args.family != "mix":
-            ap.error(f"--methods: {', '.join(DOREMI)} are the mix family's (DoReMi's steps 2 and 3)")
+        if args.family != "doremi":
+            ap.error(f"--methods: {', '.join(DOREMI)} are DoReMi's steps 2 and 3: use --family doremi")
         chain = doremi_chain(config, out, args.seeds, run, options)
         (out / "doremi.json").write_text(json.dumps(chain, indent=1))
     data = run(str(config), ",".join(methods), seeds=args.seeds, budget=budget, metric="choice",

@@ -805,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
 # Level 2 is bench/bbh_level2.py: one dataflex.compare cell per (target, family). The targets are tasks the
 # ceiling probe (bench/bbh_probe.py) found learnable: boolean_expressions (short prompts, the CPU grid's) and
 # geometric_shapes (the one learnable beyond its answer prior; long prompts, ~7x the CPU cost).
-L2_FAMILIES = ("weight", "reorder", "select", "mix")
+L2_FAMILIES = ("weight", "reorder", "select", "mix", "doremi")
 L2_TARGETS = ("boolean_expressions", "geometric_shapes")
 
 

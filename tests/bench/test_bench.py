@@ -458,8 +458,18 @@ def test_bbh_level2_doremi_chain_trains_the_reference_then_the_proxies_then_name
     import bbh_level2
 
     args = argparse.Namespace(train=20, test=12, other_test=5, n_eval=4, seed=0, lr=5e-4, steps=6, candidate_pool=7,
-                              family="mix")
+                              family="doremi")
     config = bbh_level2.write_config(tmp_path, tmp_path / "model", "boolean_expressions", args)
+    # the doremi cell trains the mix cell's runs: its static baseline's config is the mix cell's, key for key
+    args.family = "mix"
+    mix = yaml.safe_load(bbh_level2.write_config(tmp_path / "mix", tmp_path / "model", "boolean_expressions",
+                                                 args).read_text())
+    folders = ("dataset_dir", "output_dir", "components_cfg_file")  # where each cell keeps its files
+    assert {k: v for k, v in mix.items() if k not in folders} == {
+        k: v for k, v in yaml.safe_load(config.read_text()).items() if k not in folders}
+    assert (tmp_path / "mix" / "components.yaml").read_text() == (tmp_path / "components.yaml").read_text()
+    assert (tmp_path / "mix" / "data" / "bb_train_navigate.json").read_text() == (
+        tmp_path / "data" / "bb_train_navigate.json").read_text()
     calls = []
     weights = {0: [0.1, 0.2, 0.3, 0.4], 1: [0.3, 0.2, 0.1, 0.4]}
 

@@ -196,7 +196,7 @@ def test_demo_data_refuses_level_2_and_names_its_targets():
         real.main(["--plan-only", "--data", "demo", "--levels", "1,2"])
     with pytest.raises(SystemExit, match="--data bigbench: level 2 runs on BBH only"):
         real.main(["--plan-only", "--data", "bigbench", "--levels", "2"])
-    with pytest.raises(SystemExit, match="--l2-families: unknown 'curriculum'; allowed: weight, reorder, select, mix"):
+    with pytest.raises(SystemExit, match="--l2-families: unknown 'curriculum'; allowed: weight, reorder, select, mix, doremi"):
         real.main(["--plan-only", "--l2-families", "weight,curriculum"])
     with pytest.raises(SystemExit, match="--targets: unknown 'strategyqa'; allowed: add, sort, reverse, vowels"):
         real.main(["--plan-only", "--data", "demo", "--targets", "strategyqa"])
