@@ -558,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     from dataflex.compare import run
 
     baseline = FAMILIES[args.family][2]
-    out = args.out or root / f"{args.target}-{args.family}"
+    # absolute: the runs' configs name their data folder, and compare's run keys hash them (a relative --out would
+    # make every finished run unknown to a call that spells the same folder absolutely)
+    out = args.out.resolve() if args.out else root / f"{args.target}-{args.family}"
     if not args.rerun and finished_cell(out, args):
         print(f"[bbh_level2] {out.name}: finished earlier with these settings ({out / 'cell.json'}); "
               "--rerun runs it again", file=sys.stderr, flush=True)

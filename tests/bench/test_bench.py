@@ -529,3 +529,32 @@ def test_bbh_probe_refuses_pieces_made_with_other_settings(tmp_path):
     tracked = sorted((REPO_ROOT / "bench" / "out" / "bbh-probe" / "tasks").iterdir())
     assert len(tracked) == 17
     assert {json.loads((t / "settings.json").read_text())["lr"] for t in tracked} == {5e-4}
+
+
+def test_bbh_level2_a_relative_out_gives_the_runs_absolute_paths(tmp_path, monkeypatch):
+    """compare's run keys hash the config, data folder included: a cell given as a relative --out must write the
+    same config as the same folder given absolutely, or its finished runs would be trained again."""
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    import dataflex.assets
+    import dataflex.compare
+
+    seen = []
+
+    def stop(config, *a, **k):
+        seen.append(yaml.safe_load(Path(config).read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataflex.assets, "fetch_locked", lambda name: tmp_path / "model")
+    monkeypatch.setattr(dataflex.compare, "run", stop)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--target", "boolean_expressions", "--family", "weight", "--train", "8", "--test", "4"]
+    for out in ("cell", str(tmp_path / "cell")):
+        with pytest.raises(KeyboardInterrupt):
+            bbh_level2.main([*argv, "--out", out])
+    assert seen[0] == seen[1] and seen[0]["dataset_dir"] == str(tmp_path / "cell" / "data")
