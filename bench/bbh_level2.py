@@ -230,16 +230,17 @@ def merge_reference(adapter: Path, base: Path, into: Path) -> Path:
     return into
 
 
-def mean_weights(files: list[Path]) -> tuple[list[str], list[float]]:
-    """The domains and the mean of the proxies' averaged DoReMi weights (``doremi_domain_weights.json``), rounded
-    to 6 decimals with the last one making the sum exactly 1 (the static mixer checks the sum)."""
+def mean_weights(files: list[Path]) -> tuple[list[str], list[float], list[list[float]]]:
+    """The domains, the mean of the proxies' averaged DoReMi weights (``doremi_domain_weights.json``), rounded
+    to 6 decimals with the last one making the sum exactly 1 (the static mixer checks the sum), and each proxy's
+    weights."""
     records = [json.loads(f.read_text()) for f in files]
     domains = records[0]["domains"]
     if any(r["domains"] != domains for r in records):
         raise ValueError(f"the DoReMi proxies weighted different domains: {[r['domains'] for r in records]}")
     mean = [round(sum(r["weights"][i] for r in records) / len(records), 6) for i in range(len(domains))]
     mean[-1] = round(1.0 - sum(mean[:-1]), 6)
-    return domains, mean
+    return domains, mean, [r["weights"] for r in records]
 
 
 def doremi_chain(config: Path, out: Path, seeds: int, run, options: dict) -> dict:
@@ -263,13 +264,12 @@ def doremi_chain(config: Path, out: Path, seeds: int, run, options: dict) -> dic
     print("[bbh_level2] doremi step 2: the proxies", file=sys.stderr, flush=True)
     run(str(config), "static,doremi", seeds=seeds, **common)
     files = [runs / "doremi" / f"seed-{k}" / "doremi_domain_weights.json" for k in range(seeds)]
-    domains, weights = mean_weights(files)
+    domains, weights, per_proxy = mean_weights(files)
     # step 3's proportions: a static mixer that starts (and stays) on them
     components["mixers"]["doremi_final"] = {"name": "static", "params": {"proportions": weights}}
     comp.write_text(yaml.safe_dump(components, sort_keys=False))
-    per_seed = [json.loads(f.read_text())["weights"] for f in files]
     print(f"[bbh_level2] doremi step 3: proportions {dict(zip(domains, weights))}", file=sys.stderr, flush=True)
-    return {"domains": domains, "proportions": weights, "per_proxy": per_seed}
+    return {"domains": domains, "proportions": weights, "per_proxy": per_proxy}
 
 
 def per_domain(data: dict, folder: Path) -> dict | None:
@@ -554,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seeds", "steps", "train", "test", "other_test", "n_eval"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.family != "doremi" and any(m in DOREMI for m in methods_of(args)):  # before the cell writes anything
+        ap.error(f"--methods: {', '.join(DOREMI)} are DoReMi's steps 2 and 3: use --family doremi")
     from dataflex.assets import fetch_locked
     from dataflex.compare import run
 
@@ -587,8 +589,6 @@ def main(argv: list[str] | None = None) -> int:
         # forgetting: the pool's other tasks, each its own held-out set and metric (<task>:choice)
         options["eval_extra"] = [f"{name.removeprefix('bb_test_')}={name}" for name in info["extra"]]
     if any(m in DOREMI for m in methods):
-        if args.family != "doremi":
-            ap.error(f"--methods: {', '.join(DOREMI)} are DoReMi's steps 2 and 3: use --family doremi")
         chain = doremi_chain(config, out, args.seeds, run, options)
         (out / "doremi.json").write_text(json.dumps(chain, indent=1))
     data = run(str(config), ",".join(methods), seeds=args.seeds, budget=budget, metric="choice",

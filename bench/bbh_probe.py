@@ -19,9 +19,10 @@ A task is **learnable** at this budget when the best epoch's 95 % interval lies 
 Resumable: every finished piece (data, floor, training run, checkpoint score) is kept under ``--out``
 with the settings it was made with (``settings.json``), and a rerun with the same settings skips it (other
 settings are refused, one line naming the option, rather than reported under the new values). The small
-per-task JSON files are enough to resume: they are tracked in git, the training runs are not. ``probe.json`` / ``probe.md`` are rewritten after every task. Compute is counted
-in work, not wall time: ``train_tokens`` is the token passes (forward + backward) of training,
-``eval_tokens`` those of scoring, so the table means the same on a loaded machine.
+per-task JSON files are enough to resume: they are tracked in git, the training runs are not.
+``probe.json`` / ``probe.md`` are rewritten after every task. Compute is counted in work, not wall time:
+``train_tokens`` is the token passes (forward + backward) of training, ``eval_tokens`` those of scoring, so
+the table means the same on a loaded machine.
 """
 
 from __future__ import annotations

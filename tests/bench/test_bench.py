@@ -381,6 +381,9 @@ def test_bbh_level2_skips_a_cell_whose_tracked_result_has_the_same_settings(tmp_
         bbh_level2.main(argv)
     (tmp_path / "compare.json").write_text("{}")
     assert bbh_level2.main(argv) == 0 and loads == ["smollm2"]
+    with pytest.raises(SystemExit):  # DoReMi's steps belong to the doremi family: refused before anything is made
+        bbh_level2.main(["--family", "mix", "--methods", "doremi", "--out", str(tmp_path / "mix")])
+    assert not (tmp_path / "mix").exists() and loads == ["smollm2"]
     for other in (["--steps", "12"], ["--rerun"], ["--seeds", "2"], ["--methods", "loss"]):
         with pytest.raises(ZeroDivisionError):
             bbh_level2.main([*argv, *other])
@@ -434,8 +437,9 @@ def test_bbh_level2_doremi_final_proportions_are_the_proxies_mean_and_sum_to_one
     for k, w in enumerate(([0.2, 0.3, 0.5], [0.4, 0.1, 0.5], [0.3, 0.3, 0.4])):
         files.append(tmp_path / f"w{k}.json")
         files[-1].write_text(json.dumps({"domains": ["a", "b", "c"], "weights": w}))
-    domains, mean = bbh_level2.mean_weights(files)
+    domains, mean, per_proxy = bbh_level2.mean_weights(files)
     assert domains == ["a", "b", "c"] and mean == [0.3, 0.233333, 0.466667] and abs(sum(mean) - 1) < 1e-12
+    assert per_proxy == [[0.2, 0.3, 0.5], [0.4, 0.1, 0.5], [0.3, 0.3, 0.4]]
     files[2].write_text(json.dumps({"domains": ["a", "c", "b"], "weights": [0.3, 0.3, 0.4]}))
     with pytest.raises(ValueError, match="different domains"):
         bbh_level2.mean_weights(files)
