@@ -9,7 +9,7 @@ it sits on top, beside the CLI.
   selector can be run on real data by hand.
 * The decision trace is a plugin (docs/plugins.md): with ``DATAFLEX_PLUGINS=dataflex.diagnostics``
   and ``DATAFLEX_TRACE_DIR=FOLDER`` every training process appends, per training micro-batch, one
-  JSON line ``{"step", "indices", ["weights"], ["domains"], ["tokens"]}`` to
+  JSON line ``{"step", "indices", ["weights"], ["domains"], ["tokens"], ["lengths"]}`` to
   ``FOLDER/trace_rank{R}.jsonl``: the rows each rank trained on, with their weights and domains.
   :func:`read_trace` reads such a folder back.
 """
@@ -68,6 +68,8 @@ def install() -> None:
                 line["domains"] = inputs[DOMAIN_KEY].tolist()
             if inputs.get("labels") is not None:  # supervised tokens per row, as the loss counts them
                 line["tokens"] = (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist()
+            if inputs.get("attention_mask") is not None:  # non-padding tokens per row, as a forward sees them
+                line["lengths"] = (inputs["attention_mask"] != 0).sum(dim=1).tolist()
             path = Path(folder) / f"trace_rank{self.args.process_index}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a", encoding="utf-8") as fh:

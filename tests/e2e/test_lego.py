@@ -272,6 +272,11 @@ def test_one_and_two_processes_and_a_resumed_run_agree(all4_runs, make_train_yam
         json.loads((one / "doremi_domain_weights.json").read_text())
     ta, tc = adapter(one), adapter(out)
     assert all(ta[k].equal(tc[k]) for k in ta)
+    # the decisions' counted work (the loss stage's scoring and the reference model's forwards over every
+    # trained row) is the same on one and two processes, and the resumed run counts on from checkpoint-4's
+    work = [tuple(json.loads((d / "train_results.json").read_text())[f"dataflex_decision_tokens_{k}"]
+                  for k in ("forward", "backward")) for d in (one, two, out)]
+    assert work[0] == work[1] == work[2] and work[0][0] > 0
 
 
 @pytest.mark.e2e

@@ -301,7 +301,8 @@ class ReweightStage:
         if getattr(self.mixer, "reference_model_path", None):
             from ..scoring.reference import ReferenceModel
 
-            self.reference = ReferenceModel(self.mixer.reference_model_path, ctx.trainer.model, ctx.args.device)
+            self.reference = ReferenceModel(self.mixer.reference_model_path, ctx.trainer.model, ctx.args.device,
+                                            work=ctx.work)
 
     def due(self, step: int) -> bool:
         s = self.stage

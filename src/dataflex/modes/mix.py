@@ -336,7 +336,8 @@ class MixMode(ModeChecks):
         if mixer.reference_model_path:
             from ..scoring.reference import ReferenceModel
 
-            self.reference = ReferenceModel(mixer.reference_model_path, ctx.trainer.model, targs.device)
+            self.reference = ReferenceModel(mixer.reference_model_path, ctx.trainer.model, targs.device,
+                                            work=ctx.work)
         self.rows = ScheduledRows(ctx, self.round.rows, lambda: self.schedule.total_steps, add=self.add_domains,
                                   before=self.weigh_domains)
 

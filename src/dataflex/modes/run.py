@@ -56,6 +56,7 @@ def setup_digest(mode: Mode) -> dict[str, Any]:
 def state_dict(mode: Mode) -> dict[str, Any]:
     """The checkpoint's ``dataflex_state.json`` (called on every rank)."""
     ctx = mode.ctx
+    ctx.work.settle(ctx.agreement)  # the ranks' own passes (a reference model's) join the total first
     return {"run_id": mode.round.log.run_id, "mode": mode.name, "step": ctx.step, "setup": setup_digest(mode),
             "round": mode.round_state(), "work": ctx.work.as_dict()}
 
@@ -102,6 +103,7 @@ def finish(mode: Mode, output: Any, total: float) -> Any:
     output.metrics["dataflex_seconds"] = round(seconds, 3)
     output.metrics["dataflex_share"] = round(share, 4)
     # the scoring passes of the decisions, in tokens (what `dataflex-cli compare --compute work` adds to training's)
+    ctx.work.settle(ctx.agreement)
     output.metrics["dataflex_decision_tokens_forward"] = ctx.work.forward_tokens
     output.metrics["dataflex_decision_tokens_backward"] = ctx.work.backward_tokens
     output.metrics.update(mode.metrics())

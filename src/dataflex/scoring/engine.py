@@ -117,15 +117,33 @@ class DecisionWork:
     asks for and are left out, so one process and several give the same total, and every rank holds it
     (each knows every batch's rows). Recomputation inside a backward (``recompute``) is not counted, as
     training's own gradient checkpointing is not counted in its trained tokens.
+
+    Passes that a rank makes on its own training micro-batches (DoReMi's reference model) are added with
+    :meth:`add_local` and summed over the ranks by :meth:`settle`, which every rank calls at the same
+    points (a checkpoint, the end of training) once a rank-local pass was announced with ``local = True``.
     """
 
     forward_tokens: int = 0
     backward_tokens: int = 0
+    local: bool = False  # some passes are counted per rank (set on every rank alike, before training)
+    pending_forward: int = 0  # this rank's forward tokens not yet summed over the ranks
 
     def add(self, tokens: int, backward: bool) -> None:
         self.forward_tokens += int(tokens)
         if backward:
             self.backward_tokens += int(tokens)
+
+    def add_local(self, tokens: int) -> None:
+        """A forward over ``tokens`` of this rank's own batch (summed over the ranks at :meth:`settle`)."""
+        self.pending_forward += int(tokens)
+
+    def settle(self, agreement: Agreement) -> None:
+        """Add every rank's pending forward tokens to the total (a collective when ``local``)."""
+        if not self.local:
+            return
+        total = agreement.all_reduce("decision work: the ranks' own passes", torch.tensor([self.pending_forward]))
+        self.forward_tokens += int(round(float(total[0])))
+        self.pending_forward = 0
 
     def as_dict(self) -> dict[str, int]:
         return {"forward_tokens": self.forward_tokens, "backward_tokens": self.backward_tokens}

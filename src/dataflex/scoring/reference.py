@@ -46,7 +46,9 @@ def router_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 class ReferenceModel:
     """A frozen causal LM scoring the training batches token by token (DoReMi)."""
 
-    def __init__(self, path: str, like: torch.nn.Module, device: Any):
+    def __init__(self, path: str, like: torch.nn.Module, device: Any, work: Any = None):
+        """``work``: the run's :class:`~dataflex.scoring.engine.DecisionWork`; every forward of the reference
+        adds its batch's non-padding tokens to it (a decision's cost that training does not pay)."""
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(like, "dtype", None) or torch.float32
@@ -59,12 +61,18 @@ class ReferenceModel:
         if ours != theirs:
             raise ConfigError(f"reference_model_path: the reference model has a vocabulary of {theirs} tokens, the "
                               f"trained model {ours}; allowed: a reference trained with the same tokenizer")
+        self.work = work
+        if work is not None:
+            work.local = True
 
     @torch.no_grad()
     def token_losses(self, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kwargs = {k: v for k, v in inputs.items() if k not in ("labels", "output_hidden_states", "num_items_in_batch")}
         kwargs["use_cache"] = False
         logits = self.model(**kwargs).logits
+        if self.work is not None:
+            mask = inputs.get("attention_mask")
+            self.work.add_local(int((mask != 0).sum()) if mask is not None else int(inputs["input_ids"].numel()))
         return token_losses(logits, labels)
 
     @torch.no_grad()

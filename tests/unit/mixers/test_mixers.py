@@ -307,6 +307,20 @@ def test_doremi_step2_loss_weights_are_the_same_on_every_rank_and_follow_alpha(d
 
 
 @pytest.mark.e2e
+def test_doremi_counts_the_reference_models_forwards_as_decision_work(doremi):
+    """Step 2 runs the reference model forward over every training micro-batch on both ranks: its decision
+    work is every trained row's non-padding tokens, summed over the two ranks (the trace's lengths); step 1
+    (static, no reference) does no decision work."""
+    trace = traces(doremi.tmp / "trace2")
+    trained = sum(sum(line["lengths"]) for rank in (0, 1) for line in trace[rank])
+    assert trained > 0 and all(len(line["lengths"]) == len(line["indices"]) for line in trace[0] + trace[1])
+    step2 = json.loads((doremi.step2 / "train_results.json").read_text())
+    assert (step2["dataflex_decision_tokens_forward"], step2["dataflex_decision_tokens_backward"]) == (trained, 0)
+    step1 = json.loads((doremi.step1 / "train_results.json").read_text())
+    assert (step1["dataflex_decision_tokens_forward"], step1["dataflex_decision_tokens_backward"]) == (0, 0)
+
+
+@pytest.mark.e2e
 def test_doremi_weights_json_feeds_step3_unchanged(doremi):
     data = json.loads(doremi.weights.read_text())
     assert data["domains"] == ["wiki_demo", "c4_demo"] and sum(data["weights"]) == pytest.approx(1.0)
