@@ -9,6 +9,7 @@ with one line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -101,6 +102,12 @@ class RunSpec:
         return run_key(self.cfg, self.components)
 
     @property
+    def keys(self) -> tuple[str, str]:
+        """The key, and the key of an earlier version (the data folder's path instead of its content),
+        under which a run it finished still counts."""
+        return self.key, path_run_key(self.cfg, self.components)
+
+    @property
     def config_path(self) -> Path:
         return self.out / "compare_train.yaml"
 
@@ -122,9 +129,79 @@ def without_outputs(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_key(cfg: dict[str, Any], components: dict[str, Any] | None) -> str:
-    """A stable hash of what a run trains: its config (without the folders it writes to) and its component."""
-    text = json.dumps({"cfg": without_outputs(cfg), "components": components}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    """A stable hash of what a run trains: its config (without the folders it writes to, and with the data it
+    reads in place of the data folder's path: :func:`keyed`) and its component."""
+    return key_hash({"cfg": keyed(cfg), "components": components})
+
+
+def path_run_key(cfg: dict[str, Any], components: dict[str, Any] | None) -> str:
+    """:func:`run_key` as compare computed it before it keyed the data by content (``dataset_dir`` as a path)."""
+    return key_hash({"cfg": without_outputs(cfg), "components": components})
+
+
+def key_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def keyed(cfg: dict[str, Any], extra: tuple[str, ...] = (), train: bool = True) -> dict[str, Any]:
+    """``cfg`` as the keys see it: without its output folders, and ``dataset_dir`` replaced by what the
+    datasets it names hold (``eval_dataset`` and ``extra``, and with ``train`` its ``dataset``): a comparison
+    copied with its data to another folder or checkout keeps its runs, and a data file edited in place trains
+    (or measures) them again."""
+    out = without_outputs(cfg)
+    read = (names(cfg.get("dataset")) if train else []) + names(cfg.get("eval_dataset")) + list(extra)
+    out["dataset_dir"] = data_identity(str(cfg.get("dataset_dir", "data")), tuple(read))
+    return out
+
+
+def data_identity(dataset_dir: str, datasets: tuple[str, ...]) -> Any:
+    """``{name: [registry entry, SHA-256 of its local file or folder (None for a hub dataset)]}``; the
+    folder's path itself when it has no ``dataset_info.json`` (LLaMA-Factory then reads the hub)."""
+    from ..integration import dataset_registry
+
+    registry = dataset_registry(dataset_dir)
+    if registry is None:
+        return dataset_dir
+    out = {}
+    for name in sorted(set(datasets)):
+        entry = registry.get(name)
+        digest = None
+        file_name = (entry or {}).get("file_name")
+        if file_name and not any(entry.get(k) for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
+            digest = _content_digest(os.path.join(dataset_dir, file_name))
+        out[name] = [entry, digest]
+    return out
+
+
+def _content_digest(path: str) -> str | None:
+    """SHA-256 of a file's bytes, or of a folder's files (relative names and bytes, in name order)."""
+    if os.path.isfile(path):
+        return _file_digest(path, *_stamp(path))
+    if not os.path.isdir(path):
+        return None
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for f in sorted(files):
+            full = os.path.join(root, f)
+            h.update(os.path.relpath(full, path).encode("utf-8") + b"\0")
+            h.update(_file_digest(full, *_stamp(full)).encode("ascii"))
+    return h.hexdigest()
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """(size and mtime make the cache forget a file changed in place)"""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass

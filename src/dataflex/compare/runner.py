@@ -156,21 +156,23 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def finished(spec: RunSpec, measure_key: str | None = None, needs_work: bool = False
+def finished(spec: RunSpec, measure_key: str | tuple[str, ...] | None = None, needs_work: bool = False
              ) -> tuple[dict[str, Any] | None, bool]:
     """(the run's entry when it finished earlier with the same key and was measured the same way, whether it
     was trained with the same key). A trained run measured otherwise (another metric, test set, extra set or
     cap) is measured again, not trained again. An entry of format 1 (before counted work and measurement
-    keys) serves a comparison that does not need counted work, as it was measured then."""
+    keys) serves a comparison that does not need counted work, as it was measured then. ``measure_key``: the
+    key, or the keys, under which its measurements count."""
     try:
         entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, False
-    if entry.get("key") != spec.key or entry.get("format") not in (1, FORMAT):
+    if entry.get("key") not in spec.keys or entry.get("format") not in (1, FORMAT):
         return None, False
     if entry.get("format") != FORMAT:  # its checkpoints carry no counted decision work: train again for it
         return (None, False) if needs_work else (entry, True)
-    same = measure_key is None or entry.get("measure_key") == measure_key
+    accepted = (measure_key,) if isinstance(measure_key, str) else measure_key
+    same = accepted is None or entry.get("measure_key") in accepted
     return (entry if same else None), True
 
 
@@ -258,10 +260,11 @@ def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = No
     order = sorted(setup.runs, key=lambda s: (s.index, s.role != "main"))  # seed 0 of every method first
     entries: dict[str, dict[str, Any]] = {}
     todo, again = [], []
-    key = _measure_key(setup)
+    keys = _measure_keys(setup)
+    key = keys[0]
     needs_work = setup.compute_unit == "work" and "compute" in setup.budgets
     for spec in order:
-        entry, trained = finished(spec, key, needs_work)
+        entry, trained = finished(spec, keys, needs_work)
         if entry is not None:
             entries[str(spec.out)] = entry
             say(f"[compare] {spec.name}: finished earlier (key {spec.key}), skipped")
@@ -299,7 +302,7 @@ def _start_point(setup: Setup, evaluator: Any, path: Path) -> dict[str, Any]:
     """The untrained model's metrics (step 0 of every curve): measured once, kept in compare.json."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("format") == FORMAT and old.get("start") and old.get("measure_key") == _measure_key(setup):
+        if old.get("format") == FORMAT and old.get("start") and old.get("measure_key") in _measure_keys(setup):
             return old["start"]
     except (OSError, ValueError):
         pass
@@ -310,12 +313,19 @@ def _start_point(setup: Setup, evaluator: Any, path: Path) -> dict[str, Any]:
 
 
 def _measure_key(setup: Setup) -> str:
-    """What the measurements depend on: the measured set's config (not where the comparison writes), the
-    extra sets, the cap and the metric."""
-    from .plan import run_key, without_outputs
+    """What the measurements depend on: the measured set's config (not where the comparison writes) and
+    content, the extra sets', the cap and the metric."""
+    return _measure_keys(setup)[0]
 
-    return run_key({"measure": without_outputs(setup.measure_cfg), "extra": setup.extra_sets, "cap": setup.eval_cap,
-                    "metric": setup.metric}, None)
+
+def _measure_keys(setup: Setup) -> tuple[str, str]:
+    """:func:`_measure_key`, and the key that compare gave the same measurements before it keyed the data by
+    content (``dataset_dir`` as a path): measurements made under it still count."""
+    from .plan import key_hash, keyed, path_run_key, without_outputs
+
+    rest = {"extra": setup.extra_sets, "cap": setup.eval_cap, "metric": setup.metric}
+    return (key_hash({"measure": keyed(setup.measure_cfg, tuple(setup.extra_sets.values()), train=False), **rest}),
+            path_run_key({"measure": without_outputs(setup.measure_cfg), **rest}, None))
 
 
 def run(config: str | os.PathLike, methods: str, seeds: int | None = None, budget: str = "steps", metric: str = "loss",

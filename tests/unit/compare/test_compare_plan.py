@@ -84,3 +84,63 @@ def test_measurement_key_depends_on_what_is_measured_not_where_it_is_written(con
     other = prepare(config(), "random,loss", out=tmp_path / "a", test_dataset="demo_arith")
     capped = prepare(config(), "random,loss", out=tmp_path / "a", quick=True)
     assert len({_measure_key(here), _measure_key(other), _measure_key(capped)}) == 3
+
+
+def test_keys_follow_the_data_the_runs_read_not_the_folders_path(config, tmp_path):
+    """The data folder copied elsewhere (an absolute dataset_dir that differs) keeps every run and measurement
+    key; a dataset the runs read, edited in place, changes them; one they do not read changes nothing."""
+    import json
+    import shutil
+
+    from support.helpers import DATA_DIR
+
+    from dataflex.compare.runner import _measure_key
+
+    copy = tmp_path / "copied-data"
+    shutil.copytree(DATA_DIR, copy)
+
+    def plan(folder, out):
+        return prepare(config(f"{out}.yaml", dataset_dir=str(folder)), "random,loss", out=tmp_path / out,
+                       eval_extra=["code=demo_code"])
+
+    here, moved = plan(DATA_DIR, "a"), plan(copy, "b")
+    assert here.runs[0].cfg["dataset_dir"] != moved.runs[0].cfg["dataset_dir"]
+    assert [r.key for r in here.runs] == [r.key for r in moved.runs]
+    assert _measure_key(here) == _measure_key(moved)
+
+    info = json.loads((copy / "dataset_info.json").read_text())
+    trained, unused = info[here.cfg["dataset"]]["file_name"], info["wiki_demo"]["file_name"]
+    (copy / unused).write_bytes((copy / unused).read_bytes() + b" ")
+    assert [r.key for r in plan(copy, "c").runs] == [r.key for r in here.runs]
+    rows = json.loads((copy / trained).read_text())
+    (copy / trained).write_text(json.dumps(rows[:-1]))  # one training row less: every run trains again
+    edited = plan(copy, "d")
+    assert not {r.key for r in edited.runs} & {r.key for r in here.runs}
+    assert _measure_key(edited) == _measure_key(here)  # the measured sets did not change
+    code = info["demo_code"]["file_name"]
+    (copy / code).write_text(json.dumps(json.loads((copy / code).read_text())[:-1]))  # an --eval-extra set did
+    assert _measure_key(plan(copy, "e")) != _measure_key(here)
+
+
+def test_a_run_finished_under_the_path_based_key_still_counts(config, tmp_path):
+    """Runs that compare finished before the keys followed the data's content are not trained again."""
+    import json
+
+    from dataflex.compare.plan import path_run_key, without_outputs
+    from dataflex.compare.runner import FORMAT, _measure_key, _measure_keys, finished
+
+    setup = prepare(config(), "random,loss", out=tmp_path / "o")
+    spec = setup.runs[0]
+    assert spec.key != path_run_key(spec.cfg, spec.components)
+    spec.out.mkdir(parents=True)
+    for key, counts in [(path_run_key(spec.cfg, spec.components), True), (spec.key, True), ("0" * 16, False)]:
+        spec.done_path.write_text(json.dumps({"format": FORMAT, "key": key, "measure_key": "m"}))
+        assert finished(spec, "m")[1] is counts, key
+    # and so do its measurements: the key the earlier version gave them, by hand, is accepted beside today's
+    old = path_run_key({"measure": without_outputs(setup.measure_cfg), "extra": {}, "cap": None,
+                        "metric": setup.metric}, None)
+    keys = _measure_keys(setup)
+    assert keys == (_measure_key(setup), old) and keys[0] != old
+    for measured, counts in [(old, True), (keys[0], True), ("0" * 16, False)]:
+        spec.done_path.write_text(json.dumps({"format": FORMAT, "key": spec.key, "measure_key": measured}))
+        assert (finished(spec, keys)[0] is not None) is counts, measured
