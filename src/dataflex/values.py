@@ -10,6 +10,10 @@ from typing import Any
 
 from .errors import ConfigError
 
+# a weighting run whose weights all lie within a band this wide (around their mean 1) weighted the loss almost as
+# plain training does: the run warns at its end and its report says so
+NEAR_UNIFORM_WEIGHTS = 0.02
+
 
 def names(value: Any) -> list[str]:
     if value is None or value == "":

@@ -685,7 +685,10 @@ class LegoMode(ModeChecks):
         describe_schedule(self, self.schedule)
 
     def metrics(self) -> dict[str, Any]:
-        return {"dataflex_updates": self.round.updates}
+        out: dict[str, Any] = {"dataflex_updates": self.round.updates}
+        for i, _, wm in self.weighters:  # each weighter stage's range of weights (and its warning when flat)
+            out.update({k.replace("dataflex_", f"dataflex_stage_{i}_"): v for k, v in wm.round.range_metrics().items()})
+        return out
 
     def finish_files(self) -> list[str]:
         return [path for rw in self.reweighters for path in rw.finish(self.ctx.args.output_dir)]

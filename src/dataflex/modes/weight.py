@@ -22,6 +22,7 @@ from ..dist.agreement import AgreedFailure, Agreement
 from ..errors import SelectionError
 from ..scoring.engine import eval_mode
 from ..scoring.losses import mean_losses, sample_loss_sums, supervised_logits, token_loss_sums
+from ..values import NEAR_UNIFORM_WEIGHTS
 from ..weighters.base import WeightContext, WeightSignals
 from .base import BATCH_KEYS, INDEX_KEY, WEIGHT_KEY, ModeChecks, ModeContext
 from .loss import LossSignals
@@ -51,6 +52,9 @@ class WeightRound(Round):
         self.warmup_step = warmup_step
         self.component = component
         self.steps = 0
+        self.low: float | None = None  # the smallest and largest weight of the run (None: none weighted yet)
+        self.high: float | None = None
+        self.partial_range = False  # resumed from a checkpoint that did not keep the range
 
     def active(self, step: int) -> bool:
         return step >= self.warmup_step
@@ -92,6 +96,8 @@ class WeightRound(Round):
         self.seconds += time.perf_counter() - start
         self.steps += 1
         stats = weight_stats(w)
+        self.low = stats["min"] if self.low is None else min(self.low, stats["min"])
+        self.high = stats["max"] if self.high is None else max(self.high, stats["max"])
         line = {"step": step, "indices": indices, "weights": [round(float(x), 6) for x in w], **stats}
         if micro is not None:
             line["micro"] = micro
@@ -104,12 +110,28 @@ class WeightRound(Round):
         return [torch.tensor(x, dtype=torch.float64) for x in mine[self.rank]]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"component": self.weighter.state_dict(), "steps": self.steps}
+        return {"component": self.weighter.state_dict(), "steps": self.steps, "range": [self.low, self.high]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("component"):
             self.weighter.load_state_dict(state["component"])
         self.steps = int(state.get("steps", 0))
+        # a checkpoint written before the range was kept: the range of the steps after it only
+        self.low, self.high = state.get("range") or [None, None]
+        self.partial_range = "range" not in state and self.steps > 0
+
+    def range_metrics(self) -> dict[str, float]:
+        """The run's smallest and largest weight (``train_results.json``), and on rank 0 a warning when every
+        weight stayed in a band :data:`~dataflex.values.NEAR_UNIFORM_WEIGHTS` wide: the run then trained almost
+        as plain training would, which a user comparing it with plain training needs to know."""
+        if self.low is None or self.high is None:
+            return {}
+        if self.rank == 0 and self.high - self.low < NEAR_UNIFORM_WEIGHTS and not self.partial_range:
+            logger.warning("[DataFlex] weighter '%s': every weight of its %d weighted step(s) stayed within "
+                           "[%.4f, %.4f]: the loss was weighted almost as plain training weighs it; expect plain "
+                           "training's result (what spreads this weighter's weights: docs/weighters/%s.md)", self.weighter.name, self.steps, self.low, self.high,
+                           self.weighter.name)
+        return {"dataflex_weight_min": self.low, "dataflex_weight_max": self.high}
 
 
 def normalise_weights(w: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -308,7 +330,7 @@ class WeightMode(ModeChecks):
         pass
 
     def metrics(self) -> dict[str, Any]:
-        return {}
+        return self.round.range_metrics()
 
     def finish_files(self) -> list[str]:
         return []

@@ -31,7 +31,8 @@ from .base import WeightContext, Weighter, WeightParams, WeightSignals
 
 @dataclass
 class AdaptParams(WeightParams):
-    tau: float = field(default=1.0, metadata={"help": "τ in σ(s / τ) (> 0); smaller separates samples more."})
+    tau: float = field(default=1.0, metadata={"help": "τ in σ(s / τ) (> 0); weights spread most where s / τ is "
+                                                          "about 1.3, not at all once σ saturates."})
     refresh_interval: int = field(default=50, metadata={"help": "Steps between anchor refreshes (>= 1)."})
     anchor_batch_size: int = field(default=8, metadata={"help": "Eval samples per forward when embedding anchors."})
     clip: float | None = field(default=None, metadata={"help": "Upper cap of σ(s / τ) before rescaling (> 0); "

@@ -194,3 +194,23 @@ def test_records_outside_a_moved_run_are_reported_as_not_found(tmp_path, run_cli
     text = report(run_cli, out).stdout
     assert "Selections (0 recorded, missing steps [3, 5]):" in text
     assert text.endswith(f"\nNot found: records folder {cache} not found\n")
+
+
+def test_a_weight_run_whose_weights_hardly_moved_says_so():
+    """The weight report notes a run whose weights all stayed in a band narrower than NEAR_UNIFORM_WEIGHTS
+    (it trained almost as plain training); a run with spread weights gets no note."""
+    from dataflex.report.modes.weight import summary
+    from dataflex.values import NEAR_UNIFORM_WEIGHTS
+
+    run = {"schedule": {"warmup_step": 0}}
+
+    def lines(low, high):
+        return [{"step": s, "indices": [0, 1], "weights": [low, high], "min": low, "max": high, "std": (high - low) / 2,
+                 "ess": 2.0} for s in range(3)]
+
+    flat = summary(run, lines(0.995, 1.005), top=2)
+    assert "  weights ranged from 0.9950 to 1.0050" in flat
+    assert sum(line.startswith("  note: the weights hardly moved from 1") for line in flat) == 1
+    edge = 1 + NEAR_UNIFORM_WEIGHTS / 2
+    assert not any("hardly moved" in line for line in summary(run, lines(2 - edge, edge), top=2))
+    assert not any("hardly moved" in line for line in summary(run, lines(0.8, 1.2), top=2))

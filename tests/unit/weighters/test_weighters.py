@@ -295,14 +295,14 @@ def uniform_vs_plain(make_train_yaml, run_cli, tmp_path_factory):
     path = write_yaml(tmp / "plain.yaml", plain)
     r2 = run_command([*llamafactory_cli(), "train", path], env=env, timeout=400)
     assert r2.returncode == 0, failure_report(r2)
-    return tmp / "ours" / "out", tmp / "plain" / "out"
+    return tmp / "ours" / "out", tmp / "plain" / "out", r1.stderr + r1.stdout
 
 
 @pytest.mark.e2e
 def test_uniform_weights_reproduce_plain_llamafactory_bit_for_bit(uniform_vs_plain):
     from safetensors.torch import load_file
 
-    ours, plain = uniform_vs_plain
+    ours, plain, log = uniform_vs_plain
     a, b = _losses(ours), _losses(plain)
     assert len(a) == len(b) == 5 and a == b  # exactly, every logged step
     lines = weight_lines(ours)
@@ -310,6 +310,10 @@ def test_uniform_weights_reproduce_plain_llamafactory_bit_for_bit(uniform_vs_pla
     assert all(w == 1.0 for ln in lines for w in ln["weights"]) and all(len(ln["weights"]) == 8 for ln in lines)
     wa, wb = load_file(ours / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the run says that its weights never left 1, once (rank 0), and records their range
+    assert log.count("weighter 'custom': every weight of its 5 weighted step(s) stayed within [1.0000, 1.0000]") == 1
+    results = json.loads((ours / "train_results.json").read_text())
+    assert (results["dataflex_weight_min"], results["dataflex_weight_max"]) == (1.0, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +352,12 @@ def test_one_and_two_processes_give_the_same_weights(loss_weight_runs):
                     got = dict(zip(line["indices"], line["weights"]))
                     assert all(got[i] == pytest.approx(recorded[line["step"]][i], abs=1e-6) for i in got)
     assert "dataflex/weight_ess" in log and (tmp / "one" / "out" / "dataflex_weights.png").stat().st_size > 1000
+    # the run's range of weights is the records' (one and two processes alike); spread weights are not warned about
+    for lines, folder in ((one, "one"), (two, "two")):
+        results = json.loads((tmp / folder / "out" / "train_results.json").read_text())
+        low, high = min(ln["min"] for ln in lines), max(ln["max"] for ln in lines)
+        assert (results["dataflex_weight_min"], results["dataflex_weight_max"]) == (low, high) and high - low > 0.02
+    assert "stayed within" not in log
 
 
 @pytest.mark.e2e

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ...values import NEAR_UNIFORM_WEIGHTS
 from ..page import extremes, section
 from ..reader import Damage
 from ..rows import Rows, source_of, text_cells
@@ -30,6 +31,9 @@ def summary(run: dict[str, Any], lines_in: list[dict[str, Any]], top: int, damag
     mins = [ln["min"] for ln in lines_in]
     maxs = [ln["max"] for ln in lines_in]
     lines.append(f"  weights ranged from {min(mins):.4f} to {max(maxs):.4f}")
+    if max(maxs) - min(mins) < NEAR_UNIFORM_WEIGHTS:
+        lines.append("  note: the weights hardly moved from 1: this run weighted the loss almost as plain training "
+                     "does; expect plain training's result")
     total: Counter[int] = Counter()
     seen: Counter[int] = Counter()
     for ln in lines_in:
