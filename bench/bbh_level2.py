@@ -335,7 +335,8 @@ def equal_work_table(data: dict, metric: str = "choice") -> dict | None:
             notes.append(f"{method}: its checkpoint at step {', '.join(str(a) for a, _ in at)} (work x "
                          f"{', '.join(f'{w:.2f}' for _, w in at)} the baseline's {steps}-step run)")
     base_row = analysis.row(baseline, [e["metrics"][metric] for _, e in sorted(ends.items())], None, metric)
-    return {"budget": "work", "metric": metric, "unit": "counted work; each method's first checkpoint with at least the baseline's",
+    return {"budget": "work", "metric": metric,
+            "unit": "counted work; each method's first checkpoint with at least the baseline's",
             "baseline": baseline, "rows": [base_row, *rows], "notes": notes}
 
 

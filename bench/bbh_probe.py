@@ -9,10 +9,11 @@ checked download), a seeded split gives ``--train`` training and ``--test`` held
 **floor** is the untrained model on the held-out questions; the **ceiling** trains a LoRA adapter on the
 task's own training rows through ``dataflex-cli train`` (plain LLaMA-Factory SFT: loss on the answer
 tokens only) and is scored after every epoch. Scoring is multiple choice over the task's answer set
-(one forward per question, the product's ``ChoiceScorer`` through ``mc_tasks.scorer_for``) plus two continuous metrics: the mean
-log-likelihood of the correct answer, and its log-probability *within the answer set* (which a model
-cannot raise by only learning the answer format). The answer balance of both splits is reported: a
-model that only learned the training answers' prior scores about the test set's ``majority`` share.
+(one forward per question, the product's ``ChoiceScorer`` through ``mc_tasks.scorer_for``) plus two
+continuous metrics: the mean log-likelihood of the correct answer, and its log-probability *within the
+answer set* (which a model cannot raise by only learning the answer format). The answer balance of both
+splits is reported: a model that only learned the training answers' prior scores about the test set's
+``majority`` share.
 
 A task is **learnable** at this budget when the best epoch's 95 % interval lies above the floor's.
 

@@ -129,8 +129,8 @@ class WeightRound(Round):
         if self.rank == 0 and self.high - self.low < NEAR_UNIFORM_WEIGHTS and not self.partial_range:
             logger.warning("[DataFlex] weighter '%s': every weight of its %d weighted step(s) stayed within "
                            "[%.4f, %.4f]: the loss was weighted almost as plain training weighs it; expect plain "
-                           "training's result (what spreads this weighter's weights: docs/weighters/%s.md)", self.weighter.name, self.steps, self.low, self.high,
-                           self.weighter.name)
+                           "training's result (what spreads this weighter's weights: docs/weighters/%s.md)",
+                           self.weighter.name, self.steps, self.low, self.high, self.weighter.name)
         return {"dataflex_weight_min": self.low, "dataflex_weight_max": self.high}
 
 
