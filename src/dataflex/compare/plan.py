@@ -165,12 +165,17 @@ def data_identity(dataset_dir: str, datasets: tuple[str, ...]) -> Any:
     out = {}
     for name in sorted(set(datasets)):
         entry = registry.get(name)
-        digest = None
-        file_name = (entry or {}).get("file_name")
-        if file_name and not any(entry.get(k) for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
-            digest = _content_digest(os.path.join(dataset_dir, file_name))
-        out[name] = [entry, digest]
+        path = local_path(entry, dataset_dir)
+        out[name] = [entry, _content_digest(str(path)) if path is not None else None]
     return out
+
+
+def local_path(entry: dict[str, Any] | None, dataset_dir: str) -> Path | None:
+    """Where a registered dataset's local file (or folder) is; None for a hub dataset or no entry."""
+    file_name = (entry or {}).get("file_name")
+    if not file_name or any(entry.get(k) for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
+        return None
+    return Path(dataset_dir) / file_name
 
 
 def _content_digest(path: str) -> str | None:
@@ -274,13 +279,8 @@ def dataset_rows(cfg: dict[str, Any], key: str, what_of: dict[str, str] | None =
         if entry is None:
             raise ConfigError(f"{what_of.get(key, key)}: '{name}' is not registered in "
                               f"{os.path.join(dataset_dir, 'dataset_info.json')}")
-        rows = None
-        file_name = entry.get("file_name")
-        if file_name and not any(entry.get(k) for k in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")):
-            path = Path(dataset_dir) / file_name
-            if path.is_file():
-                rows = _rows(path)
-        out[name] = (entry, rows)
+        path = local_path(entry, dataset_dir)
+        out[name] = (entry, _rows(path) if path is not None and path.is_file() else None)
     return out
 
 

@@ -275,7 +275,7 @@ def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = No
     progress = Progress(len(todo), say)
     failures: list[str] = []
     path = setup.out / "compare.json"
-    start = _start_point(setup, evaluator, path)
+    start = _start_point(setup, evaluator, path, keys)
     try:
         for spec in again:
             say(f"[compare] {spec.name}: trained earlier (key {spec.key}), measured again for this metric / "
@@ -298,11 +298,12 @@ def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = No
     return data
 
 
-def _start_point(setup: Setup, evaluator: Any, path: Path) -> dict[str, Any]:
-    """The untrained model's metrics (step 0 of every curve): measured once, kept in compare.json."""
+def _start_point(setup: Setup, evaluator: Any, path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The untrained model's metrics (step 0 of every curve): measured once, kept in compare.json (and kept
+    while its measurement key is one of ``keys``)."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("format") == FORMAT and old.get("start") and old.get("measure_key") in _measure_keys(setup):
+        if old.get("format") == FORMAT and old.get("start") and old.get("measure_key") in keys:
             return old["start"]
     except (OSError, ValueError):
         pass
