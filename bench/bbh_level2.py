@@ -528,7 +528,9 @@ def parser() -> argparse.ArgumentParser:
                     help="default: steps (the select cell adds an equal-work table from the selectors' earlier "
                          "checkpoints; both: the baseline also trains on to twice the steps)")
     ap.add_argument("--eval-every", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the cell's own folder (default: bench/out/bbh-level2/<target>-<family>); with --verdicts, "
+                         "the folder that holds the cells")
     ap.add_argument("--verdicts", action="store_true", help="only rewrite verdicts.md from the finished cells")
     ap.add_argument("--rerun", action="store_true",
                     help="run the cell even when its tracked result was made with these settings (cell.json); "
@@ -564,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     # absolute: the runs' configs name their data folder, and compare's run keys hash them (a relative --out would
     # make every finished run unknown to a call that spells the same folder absolutely)
     out = args.out.resolve() if args.out else root / f"{args.target}-{args.family}"
+    if any(out.glob("*-*/compare.json")):  # a folder of cells, not a cell: the runs would land beside the cells
+        ap.error(f"--out: {out} holds finished cells (<target>-<family>/compare.json); --out names one cell's "
+                 f"folder, e.g. {out / f'{args.target}-{args.family}'}")
     if not args.rerun and finished_cell(out, args):
         print(f"[bbh_level2] {out.name}: finished earlier with these settings ({out / 'cell.json'}); "
               "--rerun runs it again", file=sys.stderr, flush=True)

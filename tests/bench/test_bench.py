@@ -562,3 +562,23 @@ def test_bbh_level2_a_relative_out_gives_the_runs_absolute_paths(tmp_path, monke
         with pytest.raises(KeyboardInterrupt):
             bbh_level2.main([*argv, "--out", out])
     assert seen[0] == seen[1] and seen[0]["dataset_dir"] == str(tmp_path / "cell" / "data")
+
+
+def test_bbh_level2_refuses_a_folder_of_cells_as_a_cells_out(tmp_path, monkeypatch, capsys):
+    """--out names one cell's folder; given the folder that holds the cells (as --verdicts takes), a cell would
+    write its runs and data beside the finished cells: refused before anything is written."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    import dataflex.compare
+
+    monkeypatch.setattr(dataflex.compare, "run", lambda *a, **k: pytest.fail("compare ran"))
+    (tmp_path / "boolean_expressions-weight").mkdir()
+    (tmp_path / "boolean_expressions-weight" / "compare.json").write_text("{}")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        bbh_level2.main(["--target", "geometric_shapes", "--family", "reorder", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and str(tmp_path / "geometric_shapes-reorder") in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
