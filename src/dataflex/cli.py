@@ -249,6 +249,8 @@ def compare(
     interrupted = False
     try:
         data = execute(setup)
+    except ConfigError as err:  # another comparison writes this --out
+        _fail(str(err))
     except KeyboardInterrupt:
         interrupted = True
         data = json.loads((setup.out / "compare.json").read_text(encoding="utf-8"))

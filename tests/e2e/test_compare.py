@@ -67,6 +67,27 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, r
     assert not (tmp_path / "out").exists()
 
 
+def test_a_folder_another_comparison_writes_is_refused_in_one_line(tmp_path, run_cli, config_with):
+    """Two comparisons on one --out would train the same runs into the same folders: the second one ends with
+    exit 2 and one line naming the holder, and touches nothing there."""
+    import socket
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as other:
+        try:
+            (out / "compare.lock").write_text(f"{socket.gethostname()} {other.pid}")
+            res = run_cli(["compare", config_with(), "--methods", "random,loss", "--out", out], cwd=tmp_path)
+        finally:
+            other.kill()
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"dataflex-cli: error: --out: {out} is being written by another comparison (pid {other.pid} on "), lines
+    assert [p.name for p in out.iterdir()] == ["compare.lock"]
+
+
 # --------------------------------------------------------------------------- end to end
 E2E_METHODS = "random,loss"
 

@@ -10,20 +10,23 @@ after every run, so an interrupted comparison still has its table of what finish
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
+from ..errors import ConfigError
 from . import analysis
 from .plan import RunSpec, Setup, prepare
 
@@ -37,6 +40,59 @@ def _say(text: str) -> None:
 
 class RunFailed(Exception):
     pass
+
+
+LOCK = "compare.lock"
+
+
+def _holder_alive(holder: str) -> bool:
+    """Whether the process named by a lock's ``"<host> <pid>"`` still runs; one on another host counts as alive
+    (this host cannot tell), as does a lock it cannot read."""
+    host, _, pid = holder.strip().rpartition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Hold ``OUT/compare.lock`` while a comparison writes OUT: a second comparison started on the same folder
+    would train the same runs into the same run folders. A lock left by a killed comparison (its process is gone)
+    is taken over; one held by a running comparison raises :class:`ConfigError` before anything is written."""
+    path = out / LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = path.read_text(encoding="utf-8")
+            except FileNotFoundError:  # released between the two calls
+                continue
+            if _holder_alive(holder):
+                host, _, pid = holder.strip().rpartition(" ")
+                raise ConfigError(f"--out: {out} is being written by another comparison (pid {pid or '?'} on "
+                                  f"{host or '?'}); wait for it to end, choose another --out, or delete {path} if "
+                                  "no comparison runs there") from None
+            path.unlink(missing_ok=True)  # left by a comparison that was killed
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        break
+    else:
+        raise ConfigError(f"--out: could not take {path}: another comparison keeps taking it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text(encoding="utf-8") == me:
+                path.unlink()
 
 
 class Progress:
@@ -249,8 +305,16 @@ def execute(setup: Setup, say: Callable[[str], None] = _say, evaluator: Any = No
 
     ``run_env(spec)``: the environment of that run's training process (default: this one's), e.g. to
     switch a plugin on with a folder of the run's own. ``after_run``: see :func:`measure`.
-    KeyboardInterrupt ends the running child, writes compare.json with what finished and propagates."""
+    KeyboardInterrupt ends the running child, writes compare.json with what finished and propagates.
+    One comparison at a time writes a folder (:func:`claim`)."""
     setup.out.mkdir(parents=True, exist_ok=True)
+    with claim(setup.out):
+        return _execute(setup, say, evaluator, run_env, after_run)
+
+
+def _execute(setup: Setup, say: Callable[[str], None], evaluator: Any,
+             run_env: Callable[[RunSpec], dict[str, str]] | None,
+             after_run: Callable[[RunSpec], dict[str, Any]] | None) -> dict[str, Any]:
     if evaluator is None:
         from .evaluate import Evaluators
 
