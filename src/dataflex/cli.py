@@ -222,6 +222,7 @@ def compare(
     quick: bool = typer.Option(False, "--quick", help="A small comparison: 2 seeds, at most 20 steps, one checkpoint per run, at most 50 eval rows per set."),
     test_dataset: Optional[str] = typer.Option(None, "--test-dataset", help="Measure on this registered dataset instead of the config's eval_dataset (which the methods may aim at)."),
     eval_extra: Optional[list[str]] = typer.Option(None, "--eval-extra", help="NAME=DATASET: also measure on this held-out set (metrics NAME:loss, NAME:<metric>); repeatable."),
+    reuse: Optional[list[Path]] = typer.Option(None, "--reuse", help="Another comparison's --out: its finished runs with the same config, parameters and data are taken instead of trained (e.g. a shared baseline); repeatable."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
 ) -> None:
     """Train each method x seed through `dataflex-cli train`, measure them on the eval set, and say which beat the baseline.
@@ -237,7 +238,7 @@ def compare(
         setup = prepare(config, methods, seeds=seeds, budget=budget, metric=metric, out=out, overrides=list(ctx.args),
                         options_column=options_column, eval_every=eval_every, compute=compute, baseline=baseline,
                         baseline_factor=baseline_factor, quick=quick, test_dataset=test_dataset,
-                        eval_extra=list(eval_extra or []))
+                        eval_extra=list(eval_extra or []), reuse=list(reuse or []))
         if html is not None and html.exists() and html.is_dir():
             raise ConfigError(f"--html: '{html}' is a folder; allowed: a file path")
     except (ConfigError, ValueError, FileNotFoundError) as err:

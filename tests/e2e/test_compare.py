@@ -57,6 +57,8 @@ def config_with(tmp_path, train_config):
     (["--methods", "random,loss", "--test-dataset", "demo_add_eval"], {},
      "--test-dataset: row 0 of 'demo_add_eval' is also a row of the methods' eval set 'demo_add_eval'"),
     (["--methods", "random,loss", "--test-dataset", "nope"], {}, "--test-dataset: 'nope' is not registered in "),
+    (["--methods", "random,loss", "--reuse", "nope"], {}, "--reuse: 'nope' is not a folder; allowed: the --out "
+                                                          "folder of another comparison"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, run_cli, config_with, args, keys,
                                                                      message):
@@ -180,6 +182,30 @@ def test_a_finished_run_measured_otherwise_is_measured_again_not_trained_again(c
     assert all("exact" in point["values"] for r in data["runs"] for point in r["curve"])
     assert {r["measure_key"] for r in data["runs"]} == {data["measure_key"]}
     assert data["measure_key"] != compared["data"]["measure_key"]
+
+
+@pytest.mark.e2e
+def test_reuse_takes_another_comparisons_finished_runs_instead_of_training_them(compared, tmp_path, run_cli):
+    """The same comparison into a new folder with --reuse of the finished one: every run is taken (same key), none
+    trains or is measured again, the tables are the same, and the original's files are left as they were."""
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in compared["out"].rglob("*") if p.is_file()}
+    out = tmp_path / "again"
+    args = ["compare", compared["folder"] / "train.yaml", "--methods", E2E_METHODS, "--seeds", "2", "--budget",
+            "both", "--eval-every", "3", "--out", out, "--reuse", compared["out"]]
+    res = run_cli(args, cwd=compared["folder"], timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.stderr.count("taken, not trained") == 6, res.stderr[-3000:]
+    assert "training" not in res.stderr and "measured again" not in res.stderr
+    data = json.loads((out / "compare.json").read_text())
+    strip = [{k: v for k, v in t.items() if k != "notes"} for t in data["tables"]]
+    assert strip == [{k: v for k, v in t.items() if k != "notes"} for t in compared["data"]["tables"]]
+    assert {r["out"] for r in data["runs"]} == {str(out / p.relative_to(compared["out"]))
+                                                for p in map(Path, (r["out"] for r in compared["data"]["runs"]))}
+    assert all(Path(r["taken_from"]).parent.parent == compared["out"] for r in data["runs"])
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in compared["out"].rglob("*") if p.is_file()} == before
+    # the taken runs are this comparison's own now: a rerun without --reuse finds them finished
+    res = run_cli(args[:-2], cwd=compared["folder"], timeout=600)
+    assert res.returncode == 0 and res.stderr.count("finished earlier") == 6, res.stderr[-3000:]
 
 
 @pytest.mark.e2e

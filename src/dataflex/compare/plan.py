@@ -230,6 +230,7 @@ class Setup:
     extra_sets: dict[str, str] = field(default_factory=dict)  # --eval-extra: name -> dataset
     eval_cap: int | None = None  # --quick: rows measured per eval set, at most
     quick: bool = False
+    reuse: list[Path] = field(default_factory=list)  # --reuse: other comparisons' folders with runs to take
 
     def runs_of(self, method: Method, role: str = "main") -> list[RunSpec]:
         """The method's runs in seed order; the baseline's ``long`` runs are its main ones under the compute budget alone."""
@@ -365,7 +366,8 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int | None = None
             metric: str = "loss", out: str | os.PathLike | None = None, overrides: list[str] | None = None,
             options_column: str | None = None, eval_every: int | None = None, compute: str = "seconds",
             baseline: str | None = None, baseline_factor: float = 2.0, quick: bool = False,
-            test_dataset: str | None = None, eval_extra: list[str] | None = None) -> Setup:
+            test_dataset: str | None = None, eval_extra: list[str] | None = None,
+            reuse: list[str | os.PathLike] | None = None) -> Setup:
     """Check everything and plan every run (nothing is written, nothing is loaded).
 
     ``quick``: a small comparison - QUICK_SEEDS seeds unless ``seeds`` is given, at most QUICK_STEPS
@@ -373,7 +375,8 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int | None = None
     end) unless ``eval_every`` is given, and at most QUICK_EVAL_ROWS rows of each eval set measured.
     ``test_dataset``: measure on this registered set instead of the config's ``eval_dataset`` (which the
     methods may aim at). ``eval_extra``: ``NAME=DATASET`` (or ``DATASET``) sets measured as well, reported
-    as metrics ``NAME:loss``, ``NAME:<metric>``."""
+    as metrics ``NAME:loss``, ``NAME:<metric>``. ``reuse``: folders of other comparisons whose finished runs
+    with a run's key are taken instead of trained."""
     if seeds is None:
         seeds = QUICK_SEEDS if quick else 3
     if budget not in BUDGETS:
@@ -447,6 +450,15 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int | None = None
     every = eval_every or max(d for d in range(1, max(1, steps // 4) + 1) if steps % d == 0)
     base_steps = max(steps, math.ceil(steps * baseline_factor / every) * every) if "compute" in budgets else steps
     out = Path(out) if out is not None else Path("compare_out")
+    reused = []
+    for folder in reuse or []:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"--reuse: '{folder}' is not a folder; allowed: the --out folder of another comparison")
+        if folder.resolve() == out.resolve():
+            raise ConfigError(f"--reuse: '{folder}' is this comparison's own --out (its finished runs count without "
+                              "--reuse); allowed: another comparison's folder")
+        reused.append(folder.resolve())
     seed0 = int(cfg.get("seed", 42))
     runs = []
     for m in parsed:
@@ -460,7 +472,7 @@ def prepare(config: str | os.PathLike, methods: str, *, seeds: int | None = None
                 runs.append(RunSpec(m, k, seed0 + k, role, run_steps, run_cfg, comps, folder))
     return Setup(config, cfg, parsed, base, seeds, budgets, metric, compute, steps, base_steps, every,
                  options_column or "options", out, runs, eval_rows, measure_cfg, extra_sets,
-                 QUICK_EVAL_ROWS if quick else None, quick)
+                 QUICK_EVAL_ROWS if quick else None, quick, reused)
 
 
 def overrides_keys(overrides: list[str] | None) -> set[str]:

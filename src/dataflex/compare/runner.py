@@ -327,6 +327,8 @@ def _execute(setup: Setup, say: Callable[[str], None], evaluator: Any,
     keys = _measure_keys(setup)
     key = keys[0]
     needs_work = setup.compute_unit == "work" and "compute" in setup.budgets
+    if setup.reuse:
+        _take_finished(setup, order, keys, needs_work, say)
     for spec in order:
         entry, trained = finished(spec, keys, needs_work)
         if entry is not None:
@@ -360,6 +362,55 @@ def _execute(setup: Setup, say: Callable[[str], None], evaluator: Any,
         data = summarise(setup, entries, failures, start)
         write_json(path, data)
     return data
+
+
+def _finished_runs(folders: list[Path]) -> dict[str, Path]:
+    """run key -> the folder of a finished run under these comparisons' folders (the first found)."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("compare_run.json")):
+            try:
+                entry = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(entry, dict) and entry.get("format") in (1, FORMAT) and isinstance(entry.get("key"), str):
+                found.setdefault(entry["key"], path.parent)
+    return found
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # safe to share: a run trained again is deleted first, its records are replaced whole
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _take_finished(setup: Setup, order: list[RunSpec], keys: tuple[str, ...], needs_work: bool,
+                   say: Callable[[str], None]) -> None:
+    """``--reuse``: a run not finished here whose key (its resolved config, parameters and data content) a finished
+    run of another comparison has is taken from there - its folder linked (or copied) into this run's, its record
+    relabelled as this comparison's - instead of trained. It is then measured here as any finished run is: not at
+    all when its measurement key is this comparison's, from its checkpoints when not."""
+    own = setup.out.resolve()
+    elsewhere = None
+    for spec in order:
+        if finished(spec, keys, needs_work)[1]:
+            continue
+        if elsewhere is None:
+            elsewhere = _finished_runs(setup.reuse)
+        src = next((elsewhere[k] for k in spec.keys if k in elsewhere), None)
+        if src is None or src.resolve() == spec.out.resolve() or own in src.resolve().parents:
+            continue
+        if spec.out.exists():
+            shutil.rmtree(spec.out)  # an unfinished attempt of its own
+        shutil.copytree(src, spec.out, copy_function=_link_or_copy)
+        entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
+        entry.update({"method": spec.method.label, "seed_index": spec.index, "seed": spec.seed, "role": spec.role,
+                      "out": str(spec.out), "config": spec.cfg, "components": spec.components, "taken_from": str(src)})
+        tmp = spec.done_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entry), encoding="utf-8")
+        tmp.replace(spec.done_path)  # a new file: the original's record stays as it was
+        say(f"[compare] {spec.name}: the same run (key {entry['key']}) finished in {src}; taken, not trained")
 
 
 def _start_point(setup: Setup, evaluator: Any, path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
