@@ -589,6 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     options = {"eval_every": every} if every else {}
     if budget != "steps":
         options["compute"] = "work"  # counted work: the verdict does not depend on how loaded the machine is
+    # the same target's other cells: a run with the same key there (the plain runs of the weight and reorder
+    # cells, the static runs of the mix and doremi cells) is taken, not trained again
+    siblings = [c / "compare" for c in sorted(out.parent.glob(f"{args.target}-*"))
+                if c != out and (c / "compare").is_dir()]
+    if siblings:
+        options["reuse"] = siblings
     info = json.loads((out / "data.json").read_text())
     if "test_dataset" in info:
         options["test_dataset"] = info["test_dataset"]  # the selectors see bb_eval_<target>, never these

@@ -582,3 +582,30 @@ def test_bbh_level2_refuses_a_folder_of_cells_as_a_cells_out(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "--out" in err and str(tmp_path / "geometric_shapes-reorder") in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_bbh_level2_takes_the_same_targets_other_cells_runs_through_reuse(tmp_path, monkeypatch):
+    """The weight and reorder cells train the same plain runs (the same key): a cell hands compare the same
+    target's other cells as --reuse, and no other target's."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    import dataflex.assets
+    import dataflex.compare
+
+    seen = []
+
+    def stop(config, methods, **kwargs):
+        seen.append(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataflex.assets, "fetch_locked", lambda name: tmp_path / "model")
+    monkeypatch.setattr(dataflex.compare, "run", stop)
+    for cell in ("boolean_expressions-reorder", "boolean_expressions-mix", "geometric_shapes-reorder"):
+        (tmp_path / cell / "compare").mkdir(parents=True)
+    (tmp_path / "boolean_expressions-select").mkdir()  # no runs yet
+    with pytest.raises(KeyboardInterrupt):
+        bbh_level2.main(["--target", "boolean_expressions", "--family", "weight", "--train", "8", "--test", "4",
+                         "--out", str(tmp_path / "boolean_expressions-weight")])
+    assert seen[0]["reuse"] == [tmp_path / "boolean_expressions-mix" / "compare",
+                                tmp_path / "boolean_expressions-reorder" / "compare"]
