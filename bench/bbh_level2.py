@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -361,6 +362,28 @@ def pick_shares(folder: Path) -> dict:
     return out
 
 
+def order_answers(folder: Path, parts: int = 4) -> dict:
+    """What each ordering put where: {method: [[{answer: rows} per part of the run] per seed]}, the rows every
+    step trained (``compare/<method>/seed-<k>/dataflex/<run>/order.jsonl``, in step order) cut into ``parts``
+    equal parts and counted by their answer (the training file's ``output``). A run without order records
+    (plain) is left out."""
+    info = json.loads((folder / "data" / "dataset_info.json").read_text())
+    rows = json.loads((folder / "data" / info["bbh_train"]["file_name"]).read_text())
+    out: dict[str, list[list[dict[str, int]]]] = {}
+    for method_dir in sorted((folder / "compare").iterdir()):
+        for seed in sorted(d for d in method_dir.glob("seed-*") if d.name[5:].isdigit()):
+            steps = sorted((json.loads(line) for f in seed.glob("dataflex/*/order.jsonl")
+                            for line in f.read_text().splitlines() if line.strip()), key=lambda r: r["step"])
+            trained = [i for r in steps for i in r["indices"]]
+            if not trained:
+                continue
+            size = -(-len(trained) // parts)
+            out.setdefault(method_dir.name, []).append(
+                [dict(sorted(Counter(rows[i]["output"] for i in trained[k:k + size]).items()))
+                 for k in range(0, len(trained), size)])
+    return out
+
+
 def worst_domain_text(domains: dict, baseline: str) -> str:
     """The worst domain's accuracy per method, mean ± 95 % Student-t interval over seeds, and its difference to
     the baseline's worst domain paired by seed (the worst domain may differ between seeds and methods): compare's
@@ -621,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n\nthe selections' picks by task (mean over seeds; the pool is a quarter each):\n" + "\n".join(
             f"  {m:24s} " + "  ".join(f"{t} {sum(s.get(t, 0.0) for s in v) / len(v):.2f}" for t in tasks)
             for m, v in shares.items())
+    if args.family == "reorder" and (out / "compare").is_dir():
+        answers = order_answers(out)
+        (out / "order_answers.json").write_text(json.dumps(answers, indent=1))
+        text += "\n\nthe rows each order trained, by answer, per quarter of the run (seed 0):\n"
+        text += "\n".join(f"  {m:44s} " + " | ".join(" ".join(f"{a}{n}" for a, n in q.items()) for q in v[0])
+                           for m, v in answers.items())
     domains = per_domain(data, out)
     if domains:
         text += "\n\nper domain at the end (mean over seeds):\n" + "\n".join(

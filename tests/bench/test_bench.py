@@ -609,3 +609,24 @@ def test_bbh_level2_takes_the_same_targets_other_cells_runs_through_reuse(tmp_pa
                          "--out", str(tmp_path / "boolean_expressions-weight")])
     assert seen[0]["reuse"] == [tmp_path / "boolean_expressions-mix" / "compare",
                                 tmp_path / "boolean_expressions-reorder" / "compare"]
+
+
+def test_bbh_level2_order_answers_count_each_quarter_of_the_trained_rows_by_answer(tmp_path):
+    """Rows 0-3 answer A, A, B, C; one order trains [3, 0] then [1, 2] (records out of step order on disk), so its
+    halves hold {C, A} and {A, B}; a seed folder that is not a seed and a run without order records are left out."""
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"bbh_train": {"file_name": "train.json"}}))
+    (tmp_path / "data" / "train.json").write_text(json.dumps([{"output": a} for a in "AABC"]))
+    run = tmp_path / "compare" / "dynamic" / "seed-0" / "dataflex" / "r1"
+    run.mkdir(parents=True)
+    (run / "order.jsonl").write_text(json.dumps({"step": 2, "indices": [1, 2]}) + "\n"
+                                     + json.dumps({"step": 1, "indices": [3, 0]}) + "\n")
+    (tmp_path / "compare" / "dynamic" / "seed-0-long" / "dataflex" / "r1").mkdir(parents=True)
+    (tmp_path / "compare" / "plain" / "seed-0").mkdir(parents=True)
+    assert bbh_level2.order_answers(tmp_path, parts=2) == {"dynamic": [[{"A": 1, "C": 1}, {"A": 1, "B": 1}]]}
+    assert bbh_level2.order_answers(tmp_path, parts=4) == {"dynamic": [[{"C": 1}, {"A": 1}, {"A": 1}, {"B": 1}]]}
