@@ -173,6 +173,27 @@ def test_weight_page_quantiles_and_extremes(tmp_path):
     assert re.findall(r"<tr><td>(\d+)</td>", bottom) == ["5", "0"]
 
 
+def test_reorder_page_groups_the_rows_consumed_by_a_column_per_block_of_steps(tmp_path):
+    """Rows alternate task a / b; an order that took only a rows for steps 1-2 and only b rows for steps 3-4 (a loss
+    order on a labelled set does this) shows as all-a then all-b bars, one per step here; a longer run's steps are
+    cut into at most BLOCKS blocks of consecutive steps."""
+    from dataflex.report.modes import reorder
+
+    order = [(1, [0, 2]), (2, [4, 6]), (3, [1, 3]), (4, [5, 7]), (5, [8, 9])]
+    lines = [{"step": st, "epoch": 0, "position": 0, "indices": ix, "scores": [0.1] * len(ix)} for st, ix in order]
+    out = fake_run(tmp_path, mode="reorder", schedule={"warmup_step": 0, "total_steps": 5, "updates": [1]})
+    (out / "dataflex" / "run-1" / "order.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines[::-1]))
+    page = build_page(out, group_by="task")
+    assert '<section id="composition"><h2>Rows consumed by task</h2>' in page
+    assert charts(page)["composition-group"] == 5
+    bars = re.findall(r"<title>(\d+): (\w) (\d+) \(([\d.]+)%\)</title>", page)
+    assert bars == [("1", "a", "2", "100.0"), ("2", "a", "2", "100.0"), ("3", "b", "2", "100.0"),
+                    ("4", "b", "2", "100.0"), ("5", "a", "1", "50.0"), ("5", "b", "1", "50.0")]
+    assert [[ln["step"] for ln in b] for b in reorder.blocks(lines[::-1], most=2)] == [[1, 2, 3], [4, 5]]
+    assert [[ln["step"] for ln in b] for b in reorder.blocks(lines, most=3)] == [[1, 2], [3, 4], [5]]
+    assert '<section id="composition">' not in build_page(out)
+
+
 # --------------------------------------------------------------------------- CLI errors
 def test_cli_errors_name_the_flag_and_write_nothing(tmp_path, run_cli):
     out = fake_run(tmp_path / "a", records=[selection(1, [0, 1])])

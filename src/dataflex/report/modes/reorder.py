@@ -7,13 +7,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ..page import decided_at, section, table
+from ..page import decided_at, group_counts, section, table
 from ..reader import Damage
 from ..rows import Rows, source_of, text_cells
-from ..svg import band_chart, esc, fmt, line_chart, quantile
+from ..svg import band_chart, esc, fmt, line_chart, quantile, stacked_bars
 
 ROW_TEXT = True
-GROUP_BY = False
+GROUP_BY = True
+BLOCKS = 24  # --group-by: the run's steps cut into at most this many blocks of consecutive steps
 
 
 def summary(run: dict[str, Any], lines_in: list[dict[str, Any]], top: int, damaged: Sequence[Damage] = ()) -> list[str]:
@@ -77,6 +78,8 @@ def sections(run: dict[str, Any], lines: list[dict[str, Any]], rows: Rows | None
                             line_chart("pacing", [("competence c(t)", paced)], "optimizer step", "share of rows available",
                                        title="share of the ordered rows a step draws from"),
                             "each paced step draws its rows uniformly from the easiest share c(t)"))
+    if group_by and rows is not None and lines:
+        out.append(_composition(lines, rows, group_by))
     parts = (run.get("data_sources") or {}).get("parts")
     first: list[tuple[int, int, float | None]] = []
     for ln in lines:
@@ -90,6 +93,29 @@ def sections(run: dict[str, Any], lines: list[dict[str, Any]], rows: Rows | None
         out.append(section("consumed", "First and last rows consumed", table(headers, body),
                             f"the first and last {min(top, len(first))} of {len(first)} row-steps"))
     return out
+
+
+def blocks(lines: list[dict[str, Any]], most: int = BLOCKS) -> list[list[dict[str, Any]]]:
+    """The recorded steps in order, cut into at most ``most`` blocks of equally many consecutive steps (the last
+    may be shorter)."""
+    ordered = sorted(lines, key=lambda ln: ln["step"])
+    size = max(1, -(-len(ordered) // most))
+    return [ordered[k:k + size] for k in range(0, len(ordered), size)]
+
+
+def _composition(lines: list[dict[str, Any]], rows: Rows, column: str) -> str:
+    """The rows consumed by a column's value, per block of steps: an order that groups the rows by that column
+    (a loss order on a labelled set groups them by label) shows as blocks of one or two colours."""
+    parts = blocks(lines)
+    names, counts = group_counts([[rows.value(i, column) for ln in block for i in ln.get("indices") or []]
+                                  for block in parts])
+    labels = [f"{b[0]['step']}" if len(b) == 1 else f"{b[0]['step']}-{b[-1]['step']}" for b in parts]
+    chart = stacked_bars("composition-group", labels, names, counts, "optimizer steps",
+                         title=f"rows consumed by {column}, per block of steps")
+    size = len(parts[0])
+    note = (f"{len(lines)} recorded steps in {len(parts)} block(s) of {size} step(s); plain training's shuffled "
+            f"order gives every block about the same mix")
+    return section("composition", f"Rows consumed by {column}", chart, note)
 
 
 def plot(plt: Any, run: dict[str, Any], lines: list[dict[str, Any]]) -> Any:
