@@ -401,7 +401,7 @@ def worst_domain_text(domains: dict, baseline: str) -> str:
 
 
 VERDICT_HEAD = ("| target | family | method | baseline | budget | seeds | accuracy ± 95 % CI | difference ± 95 % CI "
-                "| verdict |\n|---|---|---|---|---|---|---|---|---|\n")
+                "| verdict | answer loss: difference ± 95 % CI | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def verdict_rows(folder: Path) -> list[str]:
@@ -412,16 +412,22 @@ def verdict_rows(folder: Path) -> list[str]:
         tables = json.loads(path.read_text())["tables"]
         if (path.parent / "equal_work.json").exists():
             tables += json.loads((path.parent / "equal_work.json").read_text())["tables"]
+        # the answer's loss (lower is better) beside the accuracy, from the same budget's loss table
+        loss = {(t["budget"], r["method"]): r for t in tables if t["metric"] == "loss" for r in t["rows"]}
         for table in tables:
             if table["metric"] != "choice":
                 continue
             for row in table["rows"]:
                 if row.get("verdict") is None:
                     continue
+                other = loss.get((table["budget"], row["method"]))
+                answer = (f"{other['diff_mean']:+.3f} [{other['diff_lo']:+.3f}, {other['diff_hi']:+.3f}] | "
+                          f"{other['verdict']}" if other is not None and other.get("verdict") is not None
+                          else "- | -")
                 lines.append(f"| {target} | {family} | {row['method']} | {table['baseline']} | {table['budget']} | "
                              f"{row['seeds']} | {row['mean']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}] | "
                              f"{row['diff_mean']:+.3f} [{row['diff_lo']:+.3f}, {row['diff_hi']:+.3f}] | "
-                             f"{row['verdict']} |")
+                             f"{row['verdict']} | {answer} |")
     return lines
 
 
@@ -494,7 +500,9 @@ def write_verdicts(folder: Path) -> str:
     lines = verdict_rows(folder)
     text = ("Level 2 on BBH (SmolLM2-135M-Instruct, LoRA r16): multiple-choice accuracy on held-out questions, "
             "mean ± Student-t 95 % interval over seeds; the difference to the baseline is paired by seed, and the "
-            "verdict is read off its interval alone (`tie`: it contains 0). Made by `python bench/bbh_level2.py "
+            "verdict is read off its interval alone (`tie`: it contains 0); beside it the same for the mean loss "
+            "of the correct answer (lower is better; `-` where the cell has no loss table for that budget). Made by "
+            "`python bench/bbh_level2.py "
             "--verdicts` from the cells' `compare.json`.\n\n" + VERDICT_HEAD + "\n".join(lines) + "\n")
     (folder / "verdicts.md").write_text(text)
     plot_cells(folder, folder / "curves.png")

@@ -630,3 +630,33 @@ def test_bbh_level2_order_answers_count_each_quarter_of_the_trained_rows_by_answ
     (tmp_path / "compare" / "plain" / "seed-0").mkdir(parents=True)
     assert bbh_level2.order_answers(tmp_path, parts=2) == {"dynamic": [[{"A": 1, "C": 1}, {"A": 1, "B": 1}]]}
     assert bbh_level2.order_answers(tmp_path, parts=4) == {"dynamic": [[{"C": 1}, {"A": 1}, {"A": 1}, {"B": 1}]]}
+
+
+def test_bbh_level2_verdict_rows_put_the_answer_loss_beside_the_accuracy(tmp_path):
+    """A cell with a choice and a loss table per budget: each method's row carries both verdicts, its loss from
+    the same budget; the equal-work table (choice only) gets '-' for the loss."""
+    import json
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    import bbh_level2
+
+    def row(method, mean, diff, lo, hi, verdict):
+        return {"method": method, "seeds": 3, "mean": mean, "lo": mean - 0.1, "hi": mean + 0.1, "diff_mean": diff,
+                "diff_lo": lo, "diff_hi": hi, "verdict": verdict}
+
+    base = {"method": "plain", "verdict": None}
+    def table(metric, budget, *dyn):
+        return {"metric": metric, "budget": budget, "baseline": "plain", "rows": [base, row("dyn", *dyn)]}
+
+    tables = [table("choice", "steps", 0.3, -0.07, -0.3, 0.2, "tie"),
+              table("loss", "steps", 0.44, 0.107, 0.068, 0.145, "worse"),
+              table("loss", "compute", 0.5, -0.2, -0.3, -0.1, "better")]
+    cell = tmp_path / "geometric_shapes-reorder"
+    cell.mkdir()
+    (cell / "compare.json").write_text(json.dumps({"tables": tables}))
+    (cell / "equal_work.json").write_text(json.dumps({"tables": [{**tables[0], "budget": "work"}]}))
+    assert bbh_level2.verdict_rows(tmp_path) == [
+        "| geometric_shapes | reorder | dyn | plain | steps | 3 | 0.300 [0.200, 0.400] | -0.070 [-0.300, +0.200] | tie "
+        "| +0.107 [+0.068, +0.145] | worse |",
+        "| geometric_shapes | reorder | dyn | plain | work | 3 | 0.300 [0.200, 0.400] | -0.070 [-0.300, +0.200] | tie "
+        "| - | - |"]
