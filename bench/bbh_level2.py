@@ -341,24 +341,30 @@ def equal_work_table(data: dict, metric: str = "choice") -> dict | None:
             "baseline": baseline, "rows": [base_row, *rows], "notes": notes}
 
 
+def seed_runs(folder: Path):
+    """``(method folder name, seed folder)`` of every run of a cell's comparison, in name order; a baseline's
+    longer runs (``seed-<k>-long``) are left out."""
+    for method_dir in sorted((folder / "compare").iterdir()):
+        for seed in sorted(d for d in method_dir.glob("seed-*") if d.name[5:].isdigit()):
+            yield method_dir.name, seed
+
+
 def pick_shares(folder: Path) -> dict:
     """The select cell's picks by task: {method: [{task: share of its picks} per seed]}, read from each run's
     selection records (``compare/<method>/seed-<k>/dataflex/<run>/step_*.json``, ``kind: selection``) and the
     pool's ``task`` column. Random's warm-up block is not a selection and is not counted."""
     pool = json.loads((folder / "data" / "bb_pool.json").read_text())
     out: dict[str, list[dict[str, float]]] = {}
-    for method_dir in sorted((folder / "compare").iterdir()):
-        seeds = sorted(d for d in method_dir.glob("seed-*") if d.name[5:].isdigit())  # not seed-<k>-long
-        for seed in seeds:
-            counts: dict[str, int] = {}
-            for record in seed.glob("dataflex/*/step_*.json"):
-                entry = json.loads(record.read_text())
-                if entry.get("kind") == "selection":
-                    for i in entry["indices"]:
-                        counts[pool[i]["task"]] = counts.get(pool[i]["task"], 0) + 1
-            total = sum(counts.values())
-            if total:
-                out.setdefault(method_dir.name, []).append({t: n / total for t, n in sorted(counts.items())})
+    for method, seed in seed_runs(folder):
+        counts: dict[str, int] = {}
+        for record in seed.glob("dataflex/*/step_*.json"):
+            entry = json.loads(record.read_text())
+            if entry.get("kind") == "selection":
+                for i in entry["indices"]:
+                    counts[pool[i]["task"]] = counts.get(pool[i]["task"], 0) + 1
+        total = sum(counts.values())
+        if total:
+            out.setdefault(method, []).append({t: n / total for t, n in sorted(counts.items())})
     return out
 
 
@@ -370,17 +376,16 @@ def order_answers(folder: Path, parts: int = 4) -> dict:
     info = json.loads((folder / "data" / "dataset_info.json").read_text())
     rows = json.loads((folder / "data" / info["bbh_train"]["file_name"]).read_text())
     out: dict[str, list[list[dict[str, int]]]] = {}
-    for method_dir in sorted((folder / "compare").iterdir()):
-        for seed in sorted(d for d in method_dir.glob("seed-*") if d.name[5:].isdigit()):
-            steps = sorted((json.loads(line) for f in seed.glob("dataflex/*/order.jsonl")
-                            for line in f.read_text().splitlines() if line.strip()), key=lambda r: r["step"])
-            trained = [i for r in steps for i in r["indices"]]
-            if not trained:
-                continue
-            size = -(-len(trained) // parts)
-            out.setdefault(method_dir.name, []).append(
-                [dict(sorted(Counter(rows[i]["output"] for i in trained[k:k + size]).items()))
-                 for k in range(0, len(trained), size)])
+    for method, seed in seed_runs(folder):
+        steps = sorted((json.loads(line) for f in seed.glob("dataflex/*/order.jsonl")
+                        for line in f.read_text().splitlines() if line.strip()), key=lambda r: r["step"])
+        trained = [i for r in steps for i in r["indices"]]
+        if not trained:
+            continue
+        size = -(-len(trained) // parts)
+        out.setdefault(method, []).append([
+            dict(sorted(Counter(rows[i]["output"] for i in trained[k:k + size]).items()))
+            for k in range(0, len(trained), size)])
     return out
 
 
@@ -401,7 +406,8 @@ def worst_domain_text(domains: dict, baseline: str) -> str:
 
 
 VERDICT_HEAD = ("| target | family | method | baseline | budget | seeds | accuracy ± 95 % CI | difference ± 95 % CI "
-                "| verdict | answer loss: difference ± 95 % CI | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "| verdict | answer loss: difference ± 95 % CI | verdict |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
 
 
 def verdict_rows(folder: Path) -> list[str]:

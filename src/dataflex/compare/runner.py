@@ -327,10 +327,14 @@ def _execute(setup: Setup, say: Callable[[str], None], evaluator: Any,
     keys = _measure_keys(setup)
     key = keys[0]
     needs_work = setup.compute_unit == "work" and "compute" in setup.budgets
-    if setup.reuse:
-        _take_finished(setup, order, keys, needs_work, say)
+    elsewhere: dict[str, Path] | None = None  # --reuse: the other comparisons' finished runs, read once if needed
     for spec in order:
         entry, trained = finished(spec, keys, needs_work)
+        if entry is None and not trained and setup.reuse:
+            if elsewhere is None:
+                elsewhere = _finished_runs(setup.reuse)
+            if _take(setup, spec, elsewhere, say):
+                entry, trained = finished(spec, keys, needs_work)
         if entry is not None:
             entries[str(spec.out)] = entry
             say(f"[compare] {spec.name}: finished earlier (key {spec.key}), skipped")
@@ -385,32 +389,25 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _take_finished(setup: Setup, order: list[RunSpec], keys: tuple[str, ...], needs_work: bool,
-                   say: Callable[[str], None]) -> None:
-    """``--reuse``: a run not finished here whose key (its resolved config, parameters and data content) a finished
-    run of another comparison has is taken from there - its folder linked (or copied) into this run's, its record
-    relabelled as this comparison's - instead of trained. It is then measured here as any finished run is: not at
-    all when its measurement key is this comparison's, from its checkpoints when not."""
-    own = setup.out.resolve()
-    elsewhere = None
-    for spec in order:
-        if finished(spec, keys, needs_work)[1]:
-            continue
-        if elsewhere is None:
-            elsewhere = _finished_runs(setup.reuse)
-        src = next((elsewhere[k] for k in spec.keys if k in elsewhere), None)
-        if src is None or src.resolve() == spec.out.resolve() or own in src.resolve().parents:
-            continue
-        if spec.out.exists():
-            shutil.rmtree(spec.out)  # an unfinished attempt of its own
-        shutil.copytree(src, spec.out, copy_function=_link_or_copy)
-        entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
-        entry.update({"method": spec.method.label, "seed_index": spec.index, "seed": spec.seed, "role": spec.role,
-                      "out": str(spec.out), "config": spec.cfg, "components": spec.components, "taken_from": str(src)})
-        tmp = spec.done_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entry), encoding="utf-8")
-        tmp.replace(spec.done_path)  # a new file: the original's record stays as it was
-        say(f"[compare] {spec.name}: the same run (key {entry['key']}) finished in {src}; taken, not trained")
+def _take(setup: Setup, spec: RunSpec, elsewhere: dict[str, Path], say: Callable[[str], None]) -> bool:
+    """``--reuse``: take a run not finished here from another comparison that finished a run with its key (its
+    resolved config, parameters and data content) - its folder linked (or copied) into this run's, its record
+    relabelled as this comparison's - instead of training it; whether it was taken. It is then measured here as
+    any finished run is: not at all when its measurement key is this comparison's, from its checkpoints when not."""
+    src = next((elsewhere[k] for k in spec.keys if k in elsewhere), None)
+    if src is None or src.resolve() == spec.out.resolve() or setup.out.resolve() in src.resolve().parents:
+        return False
+    if spec.out.exists():
+        shutil.rmtree(spec.out)  # an unfinished attempt of its own
+    shutil.copytree(src, spec.out, copy_function=_link_or_copy)
+    entry = json.loads(spec.done_path.read_text(encoding="utf-8"))
+    entry.update({"method": spec.method.label, "seed_index": spec.index, "seed": spec.seed, "role": spec.role,
+                  "out": str(spec.out), "config": spec.cfg, "components": spec.components, "taken_from": str(src)})
+    tmp = spec.done_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry), encoding="utf-8")
+    tmp.replace(spec.done_path)  # a new file: the original's record stays as it was
+    say(f"[compare] {spec.name}: the same run (key {entry['key']}) finished in {src}; taken, not trained")
+    return True
 
 
 def _start_point(setup: Setup, evaluator: Any, path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
